@@ -1,0 +1,236 @@
+"""The one typed configuration of a training run, filled from flags and an optional config file.
+
+Every field carries its flag's help text. Precedence: dataclass defaults < `--config FILE`
+(YAML or JSON) < flags on the command line. Values are checked here, before any model loads,
+so a typo costs a second, not a model load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from typing import Any, get_args, get_origin, get_type_hints
+
+from dpo.losses import LOSS_TYPES, validate_loss_config
+from dpo.models import DEFAULT_LORA_TARGETS
+from dpo.smollm2 import DEFAULT_MODEL
+
+LR_SCHEDULERS = ("linear", "cosine", "constant")
+OPTIMIZERS = ("adamw_torch", "adamw_8bit")
+DTYPES = ("auto", "float32", "bfloat16")
+LOGPROB_MODES = ("chunked", "full")
+BACKENDS = ("auto", "hf", "unsloth")
+
+
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # What to train on
+    model: str = _opt(DEFAULT_MODEL, "Model: a local folder, a hub name, or the embedded default")
+    dataset: str | None = _opt(None, "Preference data: .jsonl, .jsonl.gz, .json, .parquet, .csv, a folder, or a hub name")
+    dataset_split: str = _opt("train", "Split of a hub dataset")
+    dataset_config: str | None = _opt(None, "Configuration name of a hub dataset")
+    prompt_column: str = _opt("prompt", "Column holding the prompt")
+    chosen_column: str = _opt("chosen", "Column holding the preferred completion")
+    rejected_column: str = _opt("rejected", "Column holding the dispreferred completion")
+    output_dir: str = _opt("runs/dpo", "Where metrics.jsonl, config.json and adapter/ are written")
+    adapter: str | None = _opt(None, "Start from this LoRA adapter folder; its frozen copy is then the reference")
+    # How long
+    max_steps: int = _opt(-1, "Optimizer steps to run (-1: run --num-epochs over the data)")
+    num_epochs: float = _opt(1.0, "Passes over the data when --max-steps is -1")
+    per_device_batch_size: int = _opt(8, "Pairs per micro-batch (TRL: per_device_train_batch_size)")
+    grad_accum: int = _opt(1, "Micro-batches per optimizer step (TRL: gradient_accumulation_steps)")
+    # Optimisation (defaults are TRL DPOConfig's)
+    learning_rate: float = _opt(1e-6, "Peak learning rate (TRL default 1e-6)")
+    lr_scheduler: str = _opt("linear", "Schedule after warmup", choices=LR_SCHEDULERS)
+    warmup_steps: float = _opt(0.0, "Warmup steps; a value below 1 is a fraction of all steps (as TRL)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    adam_beta1: float = _opt(0.9, "AdamW beta1")
+    adam_beta2: float = _opt(0.999, "AdamW beta2")
+    adam_epsilon: float = _opt(1e-8, "AdamW epsilon")
+    optim: str = _opt("adamw_torch", "Optimizer (adamw_8bit needs CUDA and bitsandbytes)", choices=OPTIMIZERS)
+    max_grad_norm: float = _opt(1.0, "Clip the gradient's global norm to this (0 disables clipping)")
+    seed: int = _opt(42, "Seed for LoRA init, data order and dropout")
+    shuffle: bool = _opt(True, "Shuffle pairs each epoch (--no-shuffle keeps file order)")
+    # DPO
+    beta: float = _opt(0.1, "DPO beta: strength of the KL penalty to the reference")
+    loss_type: list[str] = _opt(("sigmoid",), f"One or more of: {', '.join(LOSS_TYPES)}")
+    loss_weights: list[float] | None = _opt(None, "Weight of each --loss-type (default: 1 each)")
+    label_smoothing: float = _opt(0.0, "Label smoothing (robust, exo_pair, aot, aot_unpaired)")
+    reference_free: bool = _opt(False, "Use no reference model (reference log-probs are 0)")
+    max_length: int | None = _opt(1024, "Max tokens of prompt+completion; longer sequences are cut at the end")
+    # Model and memory
+    dtype: str = _opt("auto", "Weights and compute dtype (auto: bfloat16 on CUDA, float32 on CPU)", choices=DTYPES)
+    gradient_checkpointing: bool = _opt(True, "Recompute activations in backward to save memory")
+    logprobs: str = _opt("chunked", "chunked: never build the full [B,T,V] logits; full: plain log_softmax", choices=LOGPROB_MODES)
+    disable_dropout: bool = _opt(True, "Zero every dropout, LoRA's included (as TRL's default)")
+    lora_r: int = _opt(16, "LoRA rank")
+    lora_alpha: int = _opt(16, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = _opt(0.0, "LoRA dropout (inactive while --disable-dropout is on)")
+    lora_targets: list[str] = _opt(DEFAULT_LORA_TARGETS, "Module names that get LoRA adapters")
+    trust_remote_code: bool = _opt(False, "Allow model code from the model folder or hub (off: safer)")
+    device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the flag for every value that cannot work."""
+        def bad(flag: str, why: str):
+            raise ConfigError(f"--{flag.replace('_', '-')}: {why}")
+
+        if self.beta <= 0:
+            bad("beta", f"must be > 0, got {self.beta}")
+        if self.max_length is not None and self.max_length < 2:
+            bad("max_length", f"must be >= 2 (a prompt token and a completion token), got {self.max_length}")
+        if self.per_device_batch_size < 1:
+            bad("per_device_batch_size", f"must be >= 1, got {self.per_device_batch_size}")
+        if self.grad_accum < 1:
+            bad("grad_accum", f"must be >= 1, got {self.grad_accum}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            bad("max_steps", f"must be a positive number of steps or -1, got {self.max_steps}")
+        if self.max_steps == -1 and self.num_epochs <= 0:
+            bad("num_epochs", f"must be > 0, got {self.num_epochs}")
+        if self.learning_rate < 0:
+            bad("learning_rate", f"must be >= 0, got {self.learning_rate}")
+        if self.warmup_steps < 0:
+            bad("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        if self.max_grad_norm < 0:
+            bad("max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
+        if self.lora_r < 1:
+            bad("lora_r", f"must be >= 1, got {self.lora_r}")
+        if not 0 <= self.lora_dropout < 1:
+            bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora_targets:
+            bad("lora_targets", "name at least one module")
+        for name, choices in (("lr_scheduler", LR_SCHEDULERS), ("optim", OPTIMIZERS), ("dtype", DTYPES),
+                              ("logprobs", LOGPROB_MODES)):
+            if getattr(self, name) not in choices:
+                bad(name, f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        try:
+            validate_loss_config(list(self.loss_type), self.loss_weights, self.label_smoothing, self.beta)
+        except ValueError as e:
+            raise ConfigError(f"--loss-type/--loss-weights/--label-smoothing: {e}") from None
+        if self.dataset is not None and _looks_local(self.dataset) and not os.path.exists(self.dataset):
+            bad("dataset", f"no such file or folder: {self.dataset}")
+        if _looks_local(self.model) and not os.path.exists(self.model):
+            bad("model", f"no such folder: {self.model}")
+        if self.adapter is not None and not os.path.isdir(self.adapter):
+            bad("adapter", f"no such adapter folder: {self.adapter}")
+        if self.adapter is not None and self.reference_free:
+            bad("reference_free", "cannot be combined with --adapter (the starting adapter is the reference)")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _looks_local(path: str) -> bool:
+    """A path (not a hub name like 'org/name'): absolute, relative with ./, or with a file suffix."""
+    return path.startswith((".", "/", "~")) or path.endswith((".jsonl", ".gz", ".json", ".parquet", ".csv")) or os.path.exists(path)
+
+
+# --- parsing ----------------------------------------------------------------------------------
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _scalar_type(tp):
+    """The element type behind Optional[...] / list[...]: str, int, float or bool."""
+    args = [a for a in get_args(tp) if a is not type(None)]
+    if get_origin(tp) is list:
+        return args[0]
+    if args:
+        return _scalar_type(args[0])
+    return tp
+
+
+def _parse_optional(kind):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null") else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one clear line, exit code 2, no usage dump
+        self.exit(2, f"dpo: error: {message} (see --help)\n")
+
+
+def build_parser(prog: str = "python -m dpo.train", cls=TrainConfig) -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description="Train a LoRA adapter with Direct Preference Optimization.",
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="YAML or JSON file of options; flags given here win", default=None)
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        tp = hints[f.name]
+        kind = _scalar_type(tp)
+        help_text = f.metadata["help"]
+        if kind is bool:
+            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text + f" (default: {f.default})")
+            continue
+        optional = type(None) in get_args(tp)
+        kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text + f" (default: {f.default})")
+        kw["type"] = _parse_optional(kind) if optional and get_origin(tp) is not list else kind
+        if get_origin(tp) is list or list in (get_origin(a) for a in get_args(tp)):
+            kw["nargs"] = "+"
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        parser.add_argument(_flag(f.name), **kw)
+    return parser
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config: no such file: {path}")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parse error becomes one line naming the file
+        raise ConfigError(f"--config: cannot parse {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of option names to values")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def config_from_args(argv: list[str] | None = None, cls=TrainConfig):
+    """Flags (and --config FILE) -> a validated config. Raises ConfigError on bad values."""
+    args = vars(build_parser(cls=cls).parse_args(argv))
+    file_path = args.pop("config", None)
+    values = read_config_file(file_path) if file_path else {}
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"--config: unknown option(s) {', '.join(unknown)} in {file_path}")
+    values.update(args)  # flags win
+    try:
+        config = cls(**values)
+    except TypeError as e:
+        raise ConfigError(str(e)) from None
+    config.validate()
+    return config
+
+
+def die(message: str, code: int = 2) -> None:
+    print(f"dpo: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def replace(config, **changes):
+    return dataclasses.replace(config, **changes)

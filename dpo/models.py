@@ -1,0 +1,140 @@
+"""Model glue: load a causal LM and its tokenizer, add LoRA, run the reference, compute log-probs.
+
+This is the only module that knows about transformers/peft model structure (and, later, Unsloth).
+The math it calls lives in `dpo.logps`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from dpo import logps as logps_math
+from dpo.data import Batch
+
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+REF_ADAPTER = "ref"
+
+
+def resolve_model_path(name: str) -> str:
+    """`smollm2-135m-instruct` (the embedded default) -> its plain local copy; anything else as given."""
+    from dpo import smollm2
+
+    if name == smollm2.DEFAULT_MODEL:
+        return str(smollm2.plain_copy())
+    return name
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:  # as TRL does: pad with EOS
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name_or_path: str, dtype: torch.dtype, device: str = "cpu", trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    return model.to(device)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every Dropout's p to 0, as TRL's `disable_dropout=True` does (LoRA dropout included)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.0
+    targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+
+
+def add_lora(model, lora: LoraSettings):
+    """A fresh LoRA adapter ("default"); the reference is then the same model with adapters disabled."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.targets),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def load_starting_adapter(model, adapter_dir: str):
+    """Continue training an existing adapter; a frozen copy named "ref" becomes the reference."""
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model, adapter_dir, adapter_name="default", is_trainable=True)
+    peft_model.load_adapter(adapter_dir, adapter_name=REF_ADAPTER, is_trainable=False)
+    peft_model.set_adapter("default")
+    for name, p in peft_model.named_parameters():
+        p.requires_grad_(f".default." in name and "lora_" in name)
+    return peft_model
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def enable_gradient_checkpointing(model) -> None:
+    # Inputs must require grad so that checkpointed blocks see a graph to recompute (frozen embeddings).
+    model.gradient_checkpointing_enable()
+    model.enable_input_require_grads()
+
+
+def _causal_lm(model):
+    """The underlying *ForCausalLM module of a (possibly PEFT-wrapped) model."""
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+@contextlib.contextmanager
+def reference_mode(model):
+    """Run the reference policy: a frozen "ref" adapter where one exists, else adapters disabled."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        yield
+        return
+    if REF_ADAPTER in model.peft_config:
+        previous = model.active_adapter
+        model.base_model.set_adapter(REF_ADAPTER)
+        try:
+            yield
+        finally:
+            model.base_model.set_adapter(previous)
+            for name, p in model.named_parameters():  # set_adapter may flip requires_grad; restore ours
+                p.requires_grad_(".default." in name and "lora_" in name)
+    else:
+        with model.disable_adapter():
+            yield
+
+
+def completion_logps(model, batch: Batch, mode: str = "chunked", chunk_size: int = 256) -> torch.Tensor:
+    """Summed completion log-probs of every row of the batch ([2B] float32), from one forward."""
+    if mode == "full":
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        return logps_math.sequence_logps_from_logits(logits, batch.input_ids, batch.completion_mask)
+    if mode != "chunked":
+        raise ValueError(f"unknown log-prob mode {mode!r}: use 'chunked' or 'full'")
+    lm = _causal_lm(model)
+    backbone = getattr(lm, lm.base_model_prefix)
+    hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+    return logps_math.sequence_logps_from_hidden(
+        hidden, lm.get_output_embeddings(), batch.input_ids, batch.completion_mask, chunk_size
+    )
