@@ -75,6 +75,8 @@ class TrainConfig:
     lora_alpha: int = _opt(16, "LoRA alpha (scale = alpha / r)")
     lora_dropout: float = _opt(0.0, "LoRA dropout (inactive while --disable-dropout is on)")
     lora_targets: list[str] = _opt(DEFAULT_LORA_TARGETS, "Module names that get LoRA adapters")
+    backend: str = _opt("auto", "auto: unsloth where CUDA and unsloth are present, else hf", choices=BACKENDS)
+    load_in_4bit: bool = _opt(False, "Load the base weights in 4-bit NF4 (QLoRA; needs CUDA and bitsandbytes)")
     trust_remote_code: bool = _opt(False, "Allow model code from the model folder or hub (off: safer)")
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
 
@@ -111,7 +113,7 @@ class TrainConfig:
         if not self.lora_targets:
             bad("lora_targets", "name at least one module")
         for name, choices in (("lr_scheduler", LR_SCHEDULERS), ("optim", OPTIMIZERS), ("dtype", DTYPES),
-                              ("logprobs", LOGPROB_MODES)):
+                              ("logprobs", LOGPROB_MODES), ("backend", BACKENDS)):
             if getattr(self, name) not in choices:
                 bad(name, f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         try:

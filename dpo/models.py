@@ -36,13 +36,22 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(name_or_path: str, dtype: torch.dtype, device: str = "cpu", trust_remote_code: bool = False):
+def load_model(name_or_path: str, dtype: torch.dtype, device: str = "cpu", trust_remote_code: bool = False,
+               load_in_4bit: bool = False):
+    """A causal LM from safetensors only (no pickle); 4-bit NF4 through bitsandbytes on CUDA (QLoRA)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-    )
-    return model.to(device)
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
+        )
+        kwargs["device_map"] = {"": device}
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs).to(device)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -84,6 +93,13 @@ def load_starting_adapter(model, adapter_dir: str):
     for name, p in peft_model.named_parameters():
         p.requires_grad_(f".default." in name and "lora_" in name)
     return peft_model
+
+
+def cast_trainable_to_bf16(model) -> None:
+    """QLoRA keeps its adapters in bfloat16 (Dettmers et al. 2023, and TRL does the same for quantized models)."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:
@@ -138,3 +154,50 @@ def completion_logps(model, batch: Batch, mode: str = "chunked", chunk_size: int
     return logps_math.sequence_logps_from_hidden(
         hidden, lm.get_output_embeddings(), batch.input_ids, batch.completion_mask, chunk_size
     )
+
+
+# --- the Unsloth backend (GPU only) -------------------------------------------------------------
+
+
+def unsloth_available() -> bool:
+    import importlib.util
+
+    return torch.cuda.is_available() and importlib.util.find_spec("unsloth") is not None
+
+
+def pick_backend(requested: str) -> str:
+    if requested == "auto":
+        return "unsloth" if unsloth_available() else "hf"
+    if requested == "unsloth" and not unsloth_available():
+        raise RuntimeError(
+            "--backend unsloth needs a CUDA GPU and the unsloth package (pip install -e '.[gpu]')"
+        )
+    return requested
+
+
+def load_unsloth(path: str, *, max_length: int, load_in_4bit: bool, dtype: torch.dtype | None,
+                 lora: LoraSettings, seed: int, adapter: str | None = None):
+    """FastLanguageModel in (optionally) 4-bit, LoRA with Unsloth's gradient checkpointing, ready to train.
+
+    `import unsloth` patches transformers/peft/trl, so it must run before they are first imported:
+    `python -m dpo.train` imports them lazily, after this has run.
+    """
+    import unsloth  # noqa: F401  (must come first; it patches the libraries below)
+    from unsloth import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=path, max_seq_length=max_length, load_in_4bit=load_in_4bit, dtype=dtype
+    )
+    if adapter:
+        model = load_starting_adapter(model, adapter)
+    else:
+        model = FastLanguageModel.get_peft_model(
+            model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.targets),
+            bias="none", use_gradient_checkpointing="unsloth", random_state=seed,
+        )
+    FastLanguageModel.for_training(model)
+    if load_in_4bit:
+        cast_trainable_to_bf16(model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

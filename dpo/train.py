@@ -132,7 +132,8 @@ class Trainer:
             raise ValueError("no training pairs")
         self.model, self.tokenizer, self.cfg, self.pairs, self.ref_model = model, tokenizer, cfg, train_pairs, ref_model
         self.device = device or next(model.parameters()).device
-        self.dtype = next(p for p in model.parameters()).dtype
+        # bf16 runs use autocast on CUDA (LoRA weights stay float32, as PEFT makes them)
+        self.autocast_bf16 = self.device.type == "cuda" and resolve_dtype(cfg.dtype, self.device) == torch.bfloat16
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.total_steps = total_steps(cfg, len(train_pairs))
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -149,8 +150,7 @@ class Trainer:
 
     # -- one micro-batch ---------------------------------------------------------------------
     def _autocast(self):
-        use = self.device.type == "cuda" and self.dtype == torch.bfloat16
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16)
 
     def reference_logps(self, batch) -> torch.Tensor:
         if self.cfg.reference_free:
@@ -222,19 +222,31 @@ def build_model(cfg: TrainConfig, device: torch.device):
     """Base model + LoRA (fresh, or the starting adapter with its frozen reference copy)."""
     path = models.resolve_model_path(cfg.model)
     dtype = resolve_dtype(cfg.dtype, device)
+    if models.pick_backend(cfg.backend) == "unsloth":
+        seed_everything(cfg.seed)
+        lora = models.LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.lora_targets))
+        model, tokenizer = models.load_unsloth(path, max_length=cfg.max_length or 4096, load_in_4bit=cfg.load_in_4bit,
+                                               dtype=dtype, lora=lora, seed=cfg.seed, adapter=cfg.adapter)
+        if cfg.disable_dropout:
+            models.disable_dropout(model)
+        return model, tokenizer
+    if cfg.load_in_4bit and device.type != "cuda":
+        raise ConfigError("--load-in-4bit: needs a CUDA GPU (bitsandbytes NF4)")
     tokenizer = models.load_tokenizer(path, cfg.trust_remote_code)
     seed_everything(cfg.seed)  # LoRA init depends on it, as in TRL
-    model = models.load_model(path, dtype, str(device), cfg.trust_remote_code)
+    model = models.load_model(path, dtype, str(device), cfg.trust_remote_code, cfg.load_in_4bit)
     if cfg.adapter:
         model = models.load_starting_adapter(model, cfg.adapter)
     else:
         model = models.add_lora(model, models.LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                                                            tuple(cfg.lora_targets)))
+    if cfg.load_in_4bit:
+        models.cast_trainable_to_bf16(model)
     if cfg.disable_dropout:
         models.disable_dropout(model)
     if cfg.gradient_checkpointing:
         models.enable_gradient_checkpointing(model)
-    return model.to(device), tokenizer
+    return model if cfg.load_in_4bit else model.to(device), tokenizer
 
 
 class RunWriter:

@@ -88,3 +88,7 @@ def tiny_model(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+
+
+# Writes the GPU equivalence checks to $DPO_GPU_RESULTS at session end (nothing when unset).
+from .gpu_conftest_plugin import pytest_sessionfinish  # noqa: E402,F401

