@@ -42,14 +42,23 @@ def rows(n: int = STEPS * MICRO * ACCUM, seed: int = 0) -> list[dict]:
 
 
 def set_lora_weights(model, seed: int = 1, scale: float = 0.02) -> None:
-    """Identical LoRA A and B in every process and backend (by sorted parameter name), B non-zero."""
+    """Identical trained ("default") LoRA A and B in every process and backend, by sorted parameter
+    name, with B non-zero so that the policy differs from the reference from the first step.
+
+    TRL 1.15, handed a PeftModel (as Unsloth's get_peft_model returns) and no peft_config, treats it as
+    a pretrained adapter and adds a frozen copy named "ref" as its reference. Its B is zeroed here, so
+    that TRL's reference is the base model, which is what our adapter-disabled reference computes.
+    """
     g = torch.Generator().manual_seed(seed)
     params = dict(model.named_parameters())
-    names = sorted(n for n in params if "lora_A" in n or "lora_B" in n)
+    names = sorted(n for n in params if (".lora_A." in n or ".lora_B." in n) and ".default." in n)
     assert names, "no LoRA parameters"
     for n in names:
         p = params[n]
         p.data.copy_((torch.randn(p.shape, generator=g) * scale).to(p.dtype))
+    for n, p in params.items():
+        if ".ref." in n and ".lora_B." in n:
+            p.data.zero_()
 
 
 def make_model(out: str) -> None:
@@ -106,9 +115,16 @@ def unsloth_mode(path: str, out: str) -> None:
     args = DPOConfig(output_dir="/tmp/trl-unsloth", per_device_train_batch_size=MICRO,
                      gradient_accumulation_steps=ACCUM, max_steps=STEPS, learning_rate=LR, lr_scheduler_type="linear",
                      optim="adamw_8bit", beta=0.1, max_length=MAX_LENGTH, logging_steps=1, report_to=[], bf16=True,
-                     seed=0, save_strategy="no", train_sampling_strategy="sequential", dataloader_num_workers=0)
+                     seed=0, save_strategy="no", train_sampling_strategy="sequential", dataloader_num_workers=0,
+                     warmup_steps=0)
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows()), processing_class=tok)
     result["trainer_class"] = type(trainer).__name__
+    # The trainer's set-up copied the adapter into a "ref" adapter (see set_lora_weights): set again.
+    result["trl_ref_adapter"] = any(".ref." in n for n, _ in model.named_parameters())
+    set_lora_weights(model)
+    # Unsloth's config may add warmup of its own; ours follows whatever the trainer will use.
+    warmup = trainer.args.get_warmup_steps(STEPS)
+    result["trl_warmup_steps"] = warmup
 
     # 1. One fixed batch on the same model object: TRL's compute_loss vs ours.
     pairs = our_pairs(tok)[: 2 * MICRO]
@@ -126,7 +142,7 @@ def unsloth_mode(path: str, out: str) -> None:
     model.zero_grad(set_to_none=True)
     trainer._metrics["train"].clear()
 
-    ours = Trainer(model, tok, our_config(), pairs, device=torch.device("cuda"))
+    ours = Trainer(model, tok, our_config(warmup_steps=warmup), pairs, device=torch.device("cuda"))
     model.train()
     loss_out, logps, _ = ours.micro_batch_loss(pairs)
     loss_out.loss.backward()
@@ -155,7 +171,8 @@ def unsloth_mode(path: str, out: str) -> None:
     torch.cuda.empty_cache()
     model, tok = load_unsloth_model(path)
     t0 = time.time()
-    result["ours_history"] = Trainer(model, tok, our_config(), our_pairs(tok), device=torch.device("cuda")).train()
+    result["ours_history"] = Trainer(model, tok, our_config(warmup_steps=warmup), our_pairs(tok),
+                                     device=torch.device("cuda")).train()
     result["ours_seconds"] = time.time() - t0
     with open(out, "w") as f:
         json.dump(result, f, indent=2)

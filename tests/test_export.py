@@ -1,0 +1,425 @@
+"""dpo.export: adapter copy, merged HF model, and GGUF (read back by transformers) from a training run.
+
+The run is built here: a tiny random Llama (hidden 16, 2 query heads sharing 1 KV head, so the GGUF
+Q/K permutation is exercised with GQA) saved with the real SmolLM2 tokenizer, and a LoRA adapter whose
+B matrices are perturbed so the merge changes the logits.
+
+Tolerances, and why:
+- merged float32: the reload equals base+adapter up to float32 rounding (W + s*B@A is rounded once, the
+  unmerged path rounds x@W and x@A@B separately; measured 1.8e-5 at logit range ~11): 1e-4 absolute.
+- merged bfloat16 (reloaded and upcast): bf16 keeps 8 significant bits (relative rounding <= 2^-9 per
+  weight); this toy's RMSNorm-ed residual stream amplifies that to ~3% of the logit range (measured
+  0.32 of 11.6), so 0.1 x range, plus top-1 agreement >= 90%.
+- GGUF: each file is first compared with an *oracle*: the float32 merged model whose weights went
+  through exactly the storage rounding the file applies (f16 rounding, or gguf.quants Q8_0
+  quantize->dequantize, row by row). transformers dequantizes to those same numbers and undoes the Q/K
+  permutation exactly, so the oracle must match to float32 noise (1e-4): this pins tensor names, shapes,
+  permutation (with GQA) and types with no slack. Then against the unrounded merge: f16 within
+  1e-2 x range (measured 2.7e-3), q8_0 within 0.1 x range (measured ~4e-2) -- the library's own
+  verification tolerances (dpo.export.VERIFY_RTOL).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dpo import export
+from dpo.models import LoraSettings, add_lora
+
+from .conftest import build_tiny_llama
+
+PROMPTS = ("The quick brown fox jumps over the lazy dog.", "In 2024, 3 of 7 numbers were prime: 2, 3, 5, 7.")
+
+
+# --------------------------------------------------------------------------------- fixtures
+
+
+def make_run(root: Path, tokenizer, with_tokenizer: bool = True, **overrides) -> Path:
+    """A run directory: base model folder, RUN/config.json naming it, RUN/adapter with a non-trivial LoRA."""
+    base_dir = root / "base"
+    model = build_tiny_llama(len(tokenizer), **overrides)
+    model.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    peft_model = add_lora(model, LoraSettings(r=4, alpha=8))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:  # B starts at zero: make the adapter actually change the model
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    run = root / "run"
+    peft_model.save_pretrained(run / "adapter")
+    if with_tokenizer:
+        tokenizer.save_pretrained(run / "adapter")
+    (run / "config.json").write_text(
+        json.dumps({"model": str(base_dir), "dtype": "float32", "trust_remote_code": False}), encoding="utf-8"
+    )
+    return run
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tok) -> Path:
+    return make_run(tmp_path_factory.mktemp("export"), tok)
+
+
+def base_and_adapter(run: Path):
+    """(base model, base + adapter as an unmerged PeftModel), both float32, from the run's files."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = json.loads((run / "config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32).eval()
+    with_adapter = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32)
+    return base, PeftModel.from_pretrained(with_adapter, str(run / "adapter")).eval()
+
+
+def logits(model, tokenizer) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model(input_ids=torch.tensor([tokenizer.encode(p)])).logits[0].float() for p in PROMPTS]
+
+
+def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def logit_range(a: list[torch.Tensor]) -> float:
+    return max(x.abs().max().item() for x in a)
+
+
+def top1(a, b) -> float:
+    same = sum((x.argmax(-1) == y.argmax(-1)).sum().item() for x, y in zip(a, b))
+    return same / sum(x.shape[0] for x in a)
+
+
+def rounded_like_gguf(model, quantization: str):
+    """The oracle: a copy of `model` with each 2-D weight rounded as the GGUF file stores it."""
+    import copy
+
+    import gguf
+
+    oracle = copy.deepcopy(model)
+    with torch.no_grad():
+        for _, p in oracle.named_parameters():
+            if p.ndim != 2:
+                continue  # norms stay float32
+            w = p.detach().numpy()
+            if quantization == "q8_0" and w.shape[-1] % 32 == 0:
+                q = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
+                w = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0).reshape(w.shape)
+            else:
+                w = w.astype(np.float16).astype(np.float32)
+            p.copy_(torch.from_numpy(np.ascontiguousarray(w)))
+    return oracle
+
+
+# ---------------------------------------------------------------------------------- adapter
+
+
+def test_adapter_export_copies_adapter_and_tokenizer(run_dir, tmp_path, capsys):
+    out = tmp_path / "adapter-out"
+    assert export.main(["--run-dir", str(run_dir), "--format", "adapter", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote adapter" in printed and str(out) in printed
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (run_dir / "adapter" / name).read_bytes()
+    assert not (tmp_path / "adapter-out.tmp").exists()
+
+
+def test_adapter_export_adds_the_base_tokenizer_when_the_adapter_has_none(tmp_path, tok):
+    run = make_run(tmp_path, tok, with_tokenizer=False)
+    out = export.export_adapter(export.open_run(run), tmp_path / "out")
+    assert (out / "tokenizer.json").is_file() and (out / "adapter_model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------------- merged
+
+
+def test_merged_float32_reloads_to_base_plus_adapter(run_dir, tok, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, peft_model = base_and_adapter(run_dir)
+    want = logits(peft_model, tok)
+    assert max_diff(want, logits(base, tok)) > 0.5, "the adapter should change the logits"
+
+    out, _, _ = export.export_merged(export.open_run(run_dir), tmp_path / "merged32", dtype="float32")
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert max_diff(want, logits(reloaded, tok)) < 1e-4
+    assert AutoTokenizer.from_pretrained(out).encode(PROMPTS[1]) == tok.encode(PROMPTS[1])
+    assert not any("lora" in k for k in reloaded.state_dict())
+
+
+def test_merged_bfloat16_via_cli(run_dir, tok, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    assert export.main(["--run-dir", str(run_dir), "--format", "merged", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote merged bfloat16 model" in printed and "verification OK" in printed
+
+    stored = AutoModelForCausalLM.from_pretrained(out)
+    assert stored.dtype == torch.bfloat16  # saved in 16 bits by default
+    reloaded = stored.float().eval()
+    _, peft_model = base_and_adapter(run_dir)
+    want = logits(peft_model, tok)
+    assert max_diff(want, logits(reloaded, tok)) < 0.1 * logit_range(want)
+    assert top1(want, logits(reloaded, tok)) >= 0.9
+
+
+# ------------------------------------------------------------------------------------- gguf
+
+
+@pytest.fixture(scope="module")
+def f16_export(run_dir, tmp_path_factory):
+    """`python -m dpo.export ... --format gguf` (f16, verifying), with the read-back model kept for the tests."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("gguf") / "tiny-f16.gguf"
+    loaded = {}
+    real_load = export.load_gguf
+
+    def keep(path):
+        loaded["value"] = real_load(path)
+        return loaded["value"]
+
+    stdout = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
+        mp.setattr(export, "load_gguf", keep)
+        rc = export.main(["--run-dir", str(run_dir), "--format", "gguf", "--output", str(out)])
+    return rc, stdout.getvalue(), out, loaded.get("value")
+
+
+def test_gguf_f16_cli_writes_and_verifies(f16_export):
+    rc, printed, out, loaded = f16_export
+    assert rc == 0, printed
+    assert out.is_file() and not out.with_name(out.name + ".tmp").exists()
+    assert "wrote GGUF f16" in printed and "tokenizer.ggml.pre=gpt-2" in printed
+    assert "verification OK" in printed and "tokenizer encodes identically" in printed
+    assert loaded is not None
+
+
+def test_gguf_f16_round_trip_through_transformers(f16_export, run_dir, tok):
+    _, _, out, (model, _, _) = f16_export
+    _, peft_model = base_and_adapter(run_dir)
+    merged = peft_model.merge_and_unload().eval()
+    got = logits(model, tok)
+    assert max_diff(logits(rounded_like_gguf(merged, "f16"), tok), got) < 1e-4  # exact up to float32 noise
+    want = logits(merged, tok)
+    assert max_diff(want, got) < export.VERIFY_RTOL["f16"] * logit_range(want)
+    assert top1(want, got) >= 0.95  # near-ties among 49k logits may flip
+
+
+def test_gguf_file_contents(f16_export, tok):
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(f16_export[2]))
+    f = reader.fields
+    assert f["general.architecture"].contents() == "llama"
+    assert f["llama.attention.head_count"].contents() == 2
+    assert f["llama.attention.head_count_kv"].contents() == 1
+    assert f["llama.rope.dimension_count"].contents() == 8
+    assert f["tokenizer.ggml.model"].contents() == "gpt2"
+    assert f["tokenizer.ggml.bos_token_id"].contents() == tok.bos_token_id
+    assert f["tokenizer.ggml.eos_token_id"].contents() == tok.eos_token_id == 2
+    assert f["tokenizer.chat_template"].contents() == tok.chat_template
+    assert len(f["tokenizer.ggml.tokens"].data) == len(tok)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == "F16" and types["blk.0.attn_norm.weight"] == "F32"
+    assert "output.weight" in types  # the tiny model does not tie its embeddings
+
+
+def test_gguf_tokenizer_round_trip(f16_export, tok):
+    _, _, _, (_, loaded_tok, special_ids) = f16_export
+    texts = [
+        "Hello world",
+        "  leading spaces, tabs\tand\nnewlines\n\n",
+        "numbers 1234567 and 3.14159",
+        "Ünïcödé 🦙 中文 — “quotes”",
+        "<|im_start|>user\nHi<|im_end|>\n",
+    ]
+    for text in texts:
+        assert loaded_tok.encode(text) == tok.encode(text), text
+    assert loaded_tok.decode(tok.encode(texts[3])) == texts[3]
+    assert export.tokenizer_differences(tok, loaded_tok) == []
+    assert special_ids == {"bos": 1, "eos": 2, "unk": 0, "pad": 2}
+
+
+def test_gguf_q8_0_round_trip(tmp_path, tok):
+    """Hidden 64 so rows hold whole 32-value Q8_0 blocks (the 16-wide toy would fall back to f16); 4:1 GQA."""
+    from gguf import GGUFReader
+
+    run = make_run(tmp_path, tok, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=1)
+    out, summary, merged, tokenizer = export.export_gguf(export.open_run(run), tmp_path / "tiny-q8_0.gguf", "q8_0")
+    assert summary["tensor_types"] == {"Q8_0": 16, "F32": 5}
+    assert {t.tensor_type.name for t in GGUFReader(str(out)).tensors if t.name.endswith("attn_k.weight")} == {"Q8_0"}
+
+    model, _, _ = export.load_gguf(out, with_tokenizer=False)
+    got = logits(model, tok)
+    assert max_diff(logits(rounded_like_gguf(merged, "q8_0"), tok), got) < 1e-4
+    want = logits(merged, tok)
+    assert max_diff(want, got) < export.VERIFY_RTOL["q8_0"] * logit_range(want)
+    assert top1(want, got) >= 0.9
+
+
+def test_qk_permutation_is_undone_by_transformers_for_gqa():
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    proc = LlamaTensorProcessor(config={"num_attention_heads": 8, "num_key_value_heads": 2})
+    q = np.random.default_rng(0).normal(size=(8 * 6, 20)).astype(np.float32)
+    k = q[: 2 * 6]
+    assert not np.array_equal(export._permute_qk(q, 8), q)
+    assert np.array_equal(proc.process(export._permute_qk(q, 8), "blk.0.attn_q.weight").weights, q)
+    assert np.array_equal(proc.process(export._permute_qk(k, 2), "blk.0.attn_k.weight").weights, k)
+
+
+def test_unsupported_architecture_is_a_clear_error(tok, tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    model = Qwen2ForCausalLM(
+        Qwen2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=1)
+    )
+    with pytest.raises(export.ExportError, match="Llama architecture only.*'qwen2'"):
+        export.write_gguf(model, tok, tmp_path / "x.gguf")
+
+
+# ------------------------------------------------------------------------------ q4_k_m tool
+
+
+def _fake_llama_quantize(bin_dir: Path, body: str) -> None:
+    bin_dir.mkdir()
+    script = bin_dir / "llama-quantize"
+    script.write_text(f"#!{sys.executable}\nimport shutil, sys\n{body}\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+
+
+def test_q4_k_m_without_llama_quantize_says_how_to_get_it(run_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing there
+    out = tmp_path / "x.gguf"
+    rc = export.main(["--run-dir", str(run_dir), "--format", "gguf", "--quantization", "q4_k_m", "--output", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and not out.exists()
+    assert len(err.strip().splitlines()) == 1
+    assert "llama-quantize" in err and "llama.cpp" in err and "PATH" in err
+
+
+def test_q4_k_m_runs_llama_quantize_on_the_f16_file(run_dir, tmp_path, capsys, monkeypatch):
+    # A stand-in that records its arguments and copies the f16 input: checks the plumbing, not llama.cpp.
+    _fake_llama_quantize(
+        tmp_path / "bin",
+        f"open({str(tmp_path / 'args.txt')!r}, 'w').write(' '.join(sys.argv[1:]))\nshutil.copy(sys.argv[1], sys.argv[2])",
+    )
+    monkeypatch.setenv("PATH", str(tmp_path / "bin") + os.pathsep + os.environ["PATH"])
+    out = tmp_path / "m.gguf"
+    args = ["--run-dir", str(run_dir), "--format", "gguf", "--quantization", "q4_k_m", "--output", str(out)]
+    assert export.main(args + ["--no-verify"]) == 0
+    src, dst, kind = (tmp_path / "args.txt").read_text().split()
+    assert kind == "Q4_K_M" and dst == str(out) + ".tmp" and src.endswith("f16.gguf")
+    assert out.read_bytes()[:4] == b"GGUF"
+    assert "wrote GGUF q4_k_m" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["args.txt", "bin", "m.gguf"]  # scratch f16 removed
+
+
+def test_q4_k_m_failure_is_one_line(run_dir, tmp_path, capsys, monkeypatch):
+    _fake_llama_quantize(tmp_path / "bin", "print('boom: bad things', file=sys.stderr)\nsys.exit(3)")
+    monkeypatch.setenv("PATH", str(tmp_path / "bin") + os.pathsep + os.environ["PATH"])
+    out = tmp_path / "m.gguf"
+    rc = export.main(["--run-dir", str(run_dir), "--format", "gguf", "--quantization", "q4_k_m", "--output", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "llama-quantize failed (exit 3): boom: bad things" in err and not out.exists()
+    assert not (tmp_path / "m.gguf.tmp").exists()
+
+
+# ----------------------------------------------------------------------------------- errors
+
+
+def _cli_error(capsys, args) -> str:
+    capsys.readouterr()  # drop what the setup printed
+    rc = export.main(args)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+def test_missing_run_dir(tmp_path, capsys):
+    err = _cli_error(capsys, ["--run-dir", str(tmp_path / "nope"), "--format", "adapter", "--output", str(tmp_path / "o")])
+    assert "run directory not found" in err
+
+
+def test_missing_adapter(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"model": "x"}))
+    err = _cli_error(capsys, ["--run-dir", str(tmp_path / "run"), "--format", "merged", "--output", str(tmp_path / "o")])
+    assert "no adapter" in err
+
+
+def test_missing_config_and_bad_config(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    assert "config.json is missing" in _cli_error(capsys, ["--run-dir", str(run), "--format", "gguf", "--output", "o"])
+    (run / "config.json").write_text("{not json")
+    assert "not valid JSON" in _cli_error(capsys, ["--run-dir", str(run), "--format", "gguf", "--output", "o"])
+
+
+def test_bad_format_and_misplaced_options(run_dir, tmp_path, capsys):
+    assert "invalid choice: 'onnx'" in _cli_error(
+        capsys, ["--run-dir", str(run_dir), "--format", "onnx", "--output", str(tmp_path / "o")]
+    )
+    assert "invalid choice: 'q3'" in _cli_error(
+        capsys, ["--run-dir", str(run_dir), "--format", "gguf", "--quantization", "q3", "--output", "o"]
+    )
+    assert "--quantization applies to --format gguf only" in _cli_error(
+        capsys, ["--run-dir", str(run_dir), "--format", "merged", "--quantization", "f16", "--output", "o"]
+    )
+
+
+def test_existing_output_needs_overwrite(run_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    assert "already exists" in _cli_error(capsys, ["--run-dir", str(run_dir), "--format", "adapter", "--output", str(out)])
+    assert export.main(["--run-dir", str(run_dir), "--format", "adapter", "--output", str(out), "--overwrite"]) == 0
+    assert (out / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
+def test_unreachable_base_model_is_one_line(tmp_path, tok, capsys):
+    run = make_run(tmp_path, tok)
+    shutil.rmtree(tmp_path / "base")
+    err = _cli_error(capsys, ["--run-dir", str(run), "--format", "merged", "--output", str(tmp_path / "o")])
+    assert "base model folder not found" in err
+
+
+def test_unexpected_errors_are_one_line_too(run_dir, tmp_path, capsys, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("something odd\nsecond line")
+
+    monkeypatch.setattr(export, "export_adapter", broken)
+    err = _cli_error(capsys, ["--run-dir", str(run_dir), "--format", "adapter", "--output", str(tmp_path / "o")])
+    assert "unexpected RuntimeError: something odd" in err and "--traceback" in err
+
+
+def test_cli_process_exit_code_and_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpo.export", "--run-dir", str(tmp_path / "missing"), "--format", "gguf", "--output", "x"],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: run directory not found") and "Traceback" not in proc.stderr
