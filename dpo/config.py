@@ -40,6 +40,11 @@ class TrainConfig:
     prompt_column: str = _opt("prompt", "Column holding the prompt")
     chosen_column: str = _opt("chosen", "Column holding the preferred completion")
     rejected_column: str = _opt("rejected", "Column holding the dispreferred completion")
+    implicit_prompt: str = _opt("last_assistant", "Prompt of chosen/rejected-only rows: last_assistant (the last "
+                                "shared '\\n\\nAssistant:') or trl (TRL's common-prefix rule)",
+                                choices=("last_assistant", "trl"))
+    keep_identical: bool = _opt(False, "Keep pairs whose chosen equals rejected (dropped by default: no signal)")
+    max_prompt_length: int | None = _opt(None, "Keep only the last N prompt tokens (ours; TRL has no such option)")
     output_dir: str = _opt("runs/dpo", "Where metrics.jsonl, config.json and adapter/ are written")
     adapter: str | None = _opt(None, "Start from this LoRA adapter folder; its frozen copy is then the reference")
     # How long
@@ -65,6 +70,8 @@ class TrainConfig:
     loss_weights: list[float] | None = _opt(None, "Weight of each --loss-type (default: 1 each)")
     label_smoothing: float = _opt(0.0, "Label smoothing (robust, exo_pair, aot, aot_unpaired)")
     reference_free: bool = _opt(False, "Use no reference model (reference log-probs are 0)")
+    precompute_ref: bool = _opt(False, "Compute the reference log-probs of all pairs once before training")
+    precompute_ref_batch_size: int | None = _opt(None, "Pairs per batch for --precompute-ref (default: 4x the micro-batch)")
     max_length: int | None = _opt(1024, "Max tokens of prompt+completion; longer sequences are cut at the end")
     # Model and memory
     dtype: str = _opt("auto", "Weights and compute dtype (auto: bfloat16 on CUDA, float32 on CPU)", choices=DTYPES)
@@ -92,6 +99,8 @@ class TrainConfig:
             bad("beta", f"must be > 0, got {self.beta}")
         if self.max_length is not None and self.max_length < 2:
             bad("max_length", f"must be >= 2 (a prompt token and a completion token), got {self.max_length}")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            bad("max_prompt_length", f"must be >= 1, got {self.max_prompt_length}")
         if self.per_device_batch_size < 1:
             bad("per_device_batch_size", f"must be >= 1, got {self.per_device_batch_size}")
         if self.grad_accum < 1:

@@ -176,7 +176,7 @@ def pick_backend(requested: str) -> str:
 
 
 def load_unsloth(path: str, *, max_length: int, load_in_4bit: bool, dtype: torch.dtype | None,
-                 lora: LoraSettings, seed: int, adapter: str | None = None):
+                 lora: LoraSettings, seed: int, adapter: str | None = None, gradient_checkpointing: bool = True):
     """FastLanguageModel in (optionally) 4-bit, LoRA with Unsloth's gradient checkpointing, ready to train.
 
     `import unsloth` patches transformers/peft/trl, so it must run before they are first imported:
@@ -193,9 +193,11 @@ def load_unsloth(path: str, *, max_length: int, load_in_4bit: bool, dtype: torch
     else:
         model = FastLanguageModel.get_peft_model(
             model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.targets),
-            bias="none", use_gradient_checkpointing="unsloth", random_state=seed,
+            bias="none", use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
+            random_state=seed,
         )
-    FastLanguageModel.for_training(model)
+    # None keeps the checkpointing get_peft_model set up ("unsloth"); False turns it off.
+    FastLanguageModel.for_training(model, use_gradient_checkpointing=None if gradient_checkpointing else False)
     if load_in_4bit:
         cast_trainable_to_bf16(model)
     if tokenizer.pad_token is None:

@@ -146,6 +146,7 @@ class Trainer:
                                          total_steps=self.total_steps)
         self.step = 0
         self.num_tokens = 0
+        self.ref_cache: torch.Tensor | None = None  # [num_pairs, 2] after precompute_reference()
         self._plan = step_plan(len(train_pairs), cfg)
 
     # -- one micro-batch ---------------------------------------------------------------------
@@ -161,9 +162,32 @@ class Trainer:
             with models.reference_mode(self.model):
                 return models.completion_logps(self.model, batch, self.cfg.logprobs)
 
-    def micro_batch_loss(self, pairs: list[TokenizedPair]):
+    def precompute_reference(self, batch_size: int | None = None) -> None:
+        """Reference log-probs of every pair, once, before training (no_grad, length-sorted batches).
+
+        The reference never changes, so each step then runs only the policy; the batches here can be
+        larger than training's, since nothing is kept for a backward pass.
+        """
+        batch_size = batch_size or self.cfg.precompute_ref_batch_size or 4 * self.cfg.per_device_batch_size
+        # Only the pairs this run will train on (a --max-steps run may see a fraction of the data).
+        plan = step_plan(len(self.pairs), self.cfg)
+        needed = {i for _ in range(self.total_steps) for micro in next(plan)[1] for i in micro}
+        order = sorted(needed, key=lambda i: len(self.pairs[i].prompt_ids)
+                       + max(len(self.pairs[i].chosen_ids), len(self.pairs[i].rejected_ids)))
+        cache = torch.full((len(self.pairs), 2), float("nan"), dtype=torch.float32)
+        self.model.eval()
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = collate([self.pairs[i] for i in idx], self.pad_id, self.cfg.max_length).to(self.device)
+            ref = self.reference_logps(batch).float().cpu()
+            cache[idx, 0], cache[idx, 1] = ref[: len(idx)], ref[len(idx) :]
+        self.ref_cache = cache
+
+    def micro_batch_loss(self, pairs: list[TokenizedPair], ref: torch.Tensor | None = None):
+        """Loss of one micro-batch; `ref` ([2B] reference log-probs) is computed here unless given."""
         batch = collate(pairs, self.pad_id, self.cfg.max_length).to(self.device)
-        ref = self.reference_logps(batch)
+        if ref is None:
+            ref = self.reference_logps(batch)
         with self._autocast():
             policy = models.completion_logps(self.model, batch, self.cfg.logprobs)
         b = batch.num_pairs
@@ -181,7 +205,10 @@ class Trainer:
         _, micro_batches = next(self._plan)
         metrics = StepMetrics()
         for idx in micro_batches:
-            out, logps, batch = self.micro_batch_loss([self.pairs[i] for i in idx])
+            ref = None
+            if self.ref_cache is not None:
+                ref = torch.cat([self.ref_cache[idx, 0], self.ref_cache[idx, 1]]).to(self.device)
+            out, logps, batch = self.micro_batch_loss([self.pairs[i] for i in idx], ref)
             (out.loss / len(micro_batches)).backward()
             metrics.add(batch_metrics(out.loss.detach(), logps, out.chosen_rewards, out.rejected_rewards))
             self.num_tokens += int(batch.attention_mask.sum())
@@ -213,9 +240,10 @@ class Trainer:
 def load_training_pairs(cfg: TrainConfig, tokenizer):
     spec = data_mod.DataSpec(path=cfg.dataset, split=cfg.dataset_split, config=cfg.dataset_config,
                              prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
-                             rejected_column=cfg.rejected_column)
+                             rejected_column=cfg.rejected_column, implicit_prompt=cfg.implicit_prompt)
     rows = data_mod.load_rows(spec)
-    return data_mod.prepare_pairs(tokenizer, rows, cfg.max_length)
+    return data_mod.prepare_pairs(tokenizer, rows, cfg.max_length, cfg.max_prompt_length,
+                                  drop_identical=not cfg.keep_identical)
 
 
 def build_model(cfg: TrainConfig, device: torch.device):
@@ -226,7 +254,8 @@ def build_model(cfg: TrainConfig, device: torch.device):
         seed_everything(cfg.seed)
         lora = models.LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.lora_targets))
         model, tokenizer = models.load_unsloth(path, max_length=cfg.max_length or 4096, load_in_4bit=cfg.load_in_4bit,
-                                               dtype=dtype, lora=lora, seed=cfg.seed, adapter=cfg.adapter)
+                                               dtype=dtype, lora=lora, seed=cfg.seed, adapter=cfg.adapter,
+                                               gradient_checkpointing=cfg.gradient_checkpointing)
         if cfg.disable_dropout:
             models.disable_dropout(model)
         return model, tokenizer
@@ -288,6 +317,8 @@ def run(cfg: TrainConfig) -> dict:
     pairs, report = load_training_pairs(cfg, tokenizer)
     print(report.format())
     trainer = Trainer(model, tokenizer, cfg, pairs, device=device)
+    if cfg.precompute_ref and not cfg.reference_free:
+        trainer.precompute_reference()
     writer.write_json("config.json", cfg.to_dict())
     writer.start_metrics()
     bar = tqdm(total=trainer.total_steps, desc="dpo", unit="step", disable=bool(os.environ.get("TQDM_DISABLE")))

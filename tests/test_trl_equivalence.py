@@ -213,3 +213,26 @@ def test_starting_adapter_is_the_reference_as_in_trl(tokenizer, tmp_path):
     for ours, theirs in zip(history, trl_rows):
         for k in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "grad_norm"):
             assert ours[k] == pytest.approx(theirs[k], rel=1e-4, abs=1e-6), k
+
+
+def test_precomputed_reference_equals_trl_precompute(tokenizer, tmp_path):
+    """--precompute-ref gives the same trajectory as TRL's precompute_ref_log_probs=True."""
+    settings = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3, learning_rate=5e-3,
+                    precompute_ref_log_probs=True, precompute_ref_batch_size=3)
+    with use_cpu_kernel():
+        trainer = trl_trainer(tokenizer, tmp_path, **settings)
+        perturb_lora(trainer.model, seed=4)
+        trainer.train()
+    trl_rows = [r for r in trainer.state.log_history if "rewards/chosen" in r]
+
+    model = our_model(tokenizer)
+    perturb_lora(model, seed=4)
+    cfg = TrainConfig(dataset="x", max_length=MAX_LENGTH, per_device_batch_size=2, grad_accum=2, max_steps=3,
+                      learning_rate=5e-3, shuffle=False, precompute_ref=True, precompute_ref_batch_size=5)
+    ours = Trainer(model, tokenizer, cfg, our_pairs(tokenizer))
+    ours.precompute_reference()
+    assert ours.ref_cache is not None and ours.ref_cache.shape == (len(ROWS), 2)
+    history = ours.train()
+    for a, b in zip(history, trl_rows):
+        for k in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
