@@ -1,0 +1,210 @@
+"""The benchmark harness: each system in its own process, same model, same pairs, same settings.
+
+    python -m benchmarks.run --shape llama3-8b-qlora --runs trl-unsloth:base:2x4 ours-unsloth:precompute+no-ckpt:2x4 \
+        --out benchmarks/results/gpu_throughput.json [--merge] [--deadline-s 540]
+    python -m benchmarks.run --render benchmarks/results/gpu_throughput.json   # table, chart, README section
+
+A run is SYSTEM:VARIANT:MICROxACCUM (variants apply to our systems; see benchmarks/system.py).
+Results are written after every run, so a call that runs out of time keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+H100_BF16_DENSE_PEAK = 989.4e12
+
+
+def matmul_rate() -> float:
+    """Measured bf16 matmul rate (FLOP/s) of this card: 8192^3 products, mean of 10 after 3 warm-ups."""
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (time.perf_counter() - t)
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    out = {}
+    for name in ("torch", "transformers", "trl", "peft", "bitsandbytes", "unsloth", "unsloth_zoo"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def parse_run(spec: str) -> dict:
+    system, variant, batch = spec.split(":")
+    micro, accum = batch.split("x")
+    return {"system": system, "variant": variant, "micro_batch": int(micro), "grad_accum": int(accum)}
+
+
+def key(run: dict) -> tuple:
+    return (run["system"], run.get("variant", "base"), run["shape"], run["micro_batch"], run["grad_accum"])
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {"runs": []}
+
+
+def save(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def measure(args) -> None:
+    import torch
+
+    from benchmarks.workload import SHAPES, make_model
+
+    started = time.time()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = load(out) if args.merge else {"runs": []}
+    cuda = args.device == "cuda"
+    results.update(device=torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores)", versions=versions(),
+                   settings={"max_length": 1024, "beta": 0.1, "lora": "r16 alpha16 q,k,v,o,gate,up,down",
+                             "optim": "adamw_8bit" if cuda else "adamw_torch",
+                             "pairs": "HH helpful-base token lengths",
+                             "steps": args.steps, "warmup_steps_excluded": args.warmup,
+                             "peak_flops": H100_BF16_DENSE_PEAK, "mfu": "8 x N x tokens/s / peak"})
+    if cuda:
+        results["matmul_tflops_measured"] = matmul_rate() / 1e12
+    shape = SHAPES[args.shape]
+    model_dir = Path(args.model_root) / args.shape
+    if not (model_dir / "config.json").is_file():
+        t = time.time()
+        make_model(shape, str(model_dir), device=args.device)
+        print(f"made {args.shape} in {time.time() - t:.0f} s", flush=True)
+    if cuda:
+        torch.cuda.empty_cache()
+    for spec in args.runs:
+        run = parse_run(spec)
+        if time.time() - started > args.deadline_s:
+            print(f"deadline reached: {spec} not run", flush=True)
+            continue
+        run_out = out.parent / f".run-{run['system']}-{run['variant'].replace('+', '_')}-{run['micro_batch']}x{run['grad_accum']}.json"
+        cmd = [sys.executable, "-m", "benchmarks.system", "--system", run["system"], "--variant", run["variant"],
+               "--shape", args.shape, "--model-dir", str(model_dir), "--micro-batch", str(run["micro_batch"]),
+               "--grad-accum", str(run["grad_accum"]), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--out", str(run_out), "--device", args.device]
+        t = time.time()
+        remaining = min(args.run_timeout_s, args.hard_stop_s - (time.time() - started))
+        try:
+            subprocess.run(cmd, cwd=ROOT, timeout=remaining, check=False)
+            res = json.loads(run_out.read_text())
+        except (subprocess.TimeoutExpired, FileNotFoundError) as e:
+            res = {**run, "shape": args.shape, "error": f"{type(e).__name__}"}
+        res["wall_s"] = time.time() - t
+        results["runs"] = [r for r in results["runs"] if key(r) != key(res)] + [res]
+        save(out, results)
+        print(f"{spec}: {json.dumps({k: res.get(k) for k in ('tokens_per_s', 'pairs_per_s', 'e2e_s', 'peak_mem_gib', 'error')})}",
+              flush=True)
+
+
+# --- rendering ---------------------------------------------------------------------------------
+
+
+def label(r: dict) -> str:
+    return r["system"] + ("" if r.get("variant", "base") == "base" else f" +{r['variant']}")
+
+
+def table(results: dict) -> str:
+    rows = ["| shape | system | micro x accum | pairs/s | tokens/s | s/step | e2e s | peak GiB | MFU |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in sorted(results["runs"], key=lambda r: (r["shape"], r["micro_batch"], -(r.get("pairs_per_s") or 0))):
+        if "error" in r:
+            rows.append(f"| {r['shape']} | {label(r)} | {r['micro_batch']} x {r['grad_accum']} | failed: "
+                        f"{r['error'][:60]} | | | | | |")
+            continue
+        rows.append(f"| {r['shape']} | {label(r)} | {r['micro_batch']} x {r['grad_accum']} | {r['pairs_per_s']:.2f} | "
+                    f"{r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | {r['e2e_s']:.0f} | {r['peak_mem_gib']:.2f} | "
+                    f"{100 * r['mfu']:.1f}% |")
+    return "\n".join(rows)
+
+
+def chart(results: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in results["runs"] if "error" not in r]
+    shapes = sorted({r["shape"] for r in runs})
+    fig, axes = plt.subplots(1, max(1, len(shapes)), figsize=(7 * max(1, len(shapes)), 5), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        rs = sorted([r for r in runs if r["shape"] == shape], key=lambda r: (r["micro_batch"], r["pairs_per_s"]))
+        names = [f"{label(r)}\n{r['micro_batch']}x{r['grad_accum']}" for r in rs]
+        colors = ["tab:blue" if r["system"].startswith("ours") else "tab:gray" for r in rs]
+        ax.barh(names, [r["pairs_per_s"] for r in rs], color=colors)
+        for i, r in enumerate(rs):
+            ax.text(r["pairs_per_s"], i, f" {r['pairs_per_s']:.2f} ({r['peak_mem_gib']:.1f} GiB)", va="center",
+                    fontsize=8)
+        ax.set_title(f"{shape}: pairs per second (higher is better)")
+        ax.set_xlabel("pairs/s, steady state; blue = ours, grey = TRL")
+        ax.margins(x=0.35)
+    fig.suptitle(f"DPO training throughput on {results.get('device', '?')}")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def render(path: Path) -> None:
+    results = load(path)
+    md = table(results)
+    path.with_suffix(".md").write_text(md + "\n")
+    chart(results, path.with_suffix(".png"))
+    readme = ROOT / "README.md"
+    start, end = "<!-- gpu-throughput:start -->", "<!-- gpu-throughput:end -->"
+    text = readme.read_text()
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        after = rest.split(end, 1)[1]
+        note = (f"\nMeasured on {results.get('device')}; matmul rate measured on the same card: "
+                f"{results.get('matmul_tflops_measured', 0):.0f} TFLOP/s (bf16). Raw numbers: "
+                f"`{path.relative_to(ROOT)}`.\n\n")
+        readme.write_text(before + start + note + md + f"\n\n![throughput]({path.with_suffix('.png').relative_to(ROOT)})\n" + end + after)
+    print(md)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape")
+    ap.add_argument("--runs", nargs="+", default=[])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_throughput.json"))
+    ap.add_argument("--merge", action="store_true", help="add to the runs already in --out")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--deadline-s", type=float, default=400, help="start no new run after this many seconds")
+    ap.add_argument("--hard-stop-s", type=float, default=560, help="kill a run still going at this many seconds")
+    ap.add_argument("--run-timeout-s", type=float, default=300, help="kill one run after this many seconds")
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu for the CPU benchmark")
+    ap.add_argument("--model-root", default="/tmp/dpo-bench-models")
+    ap.add_argument("--render", metavar="JSON", help="only render the table, chart and README section")
+    args = ap.parse_args()
+    if args.render:
+        render(Path(args.render).resolve())
+    else:
+        measure(args)
+
+
+if __name__ == "__main__":
+    main()

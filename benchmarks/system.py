@@ -1,0 +1,197 @@
+"""One benchmark run: one system, one shape, one micro-batch, in a process of its own (so peak
+memory is its own, and unsloth's patches stay in the processes that import it).
+
+    python -m benchmarks.system --system ours-unsloth --shape llama3-8b-qlora --model-dir DIR \
+        --micro-batch 2 --grad-accum 4 --steps 8 --warmup 2 --out run.json [--variant NAME ...]
+
+Timing: `e2e_s` runs from the start of trainer set-up (tokenization, any reference precompute,
+optimizer) to the end of the last step, model load excluded; `step_s` and `tokens_per_s` average
+the steps after `--warmup` (the first step compiles). Tokens are TRL's count: non-pad tokens of
+prompt+chosen and prompt+rejected rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+SYSTEMS = ("ours-unsloth", "ours-hf", "trl-unsloth", "trl-unsloth-precompute", "trl-hf")
+# Our optimisations, each a row on the table (see README): names -> TrainConfig changes.
+VARIANTS = {
+    "base": {},
+    "precompute": {"precompute_ref": True},
+    "no-ckpt": {"gradient_checkpointing": False},
+    "precompute+no-ckpt": {"precompute_ref": True, "gradient_checkpointing": False},
+}
+LR, BETA, LORA_R, LORA_ALPHA, MAX_LENGTH = 5e-5, 0.1, 16, 16, 1024
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def memory() -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"peak_mem_gib": None, "peak_reserved_gib": None}
+    return {"peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+
+
+def summarise(step_ends: list[float], tokens_after: list[int], setup_start: float, warmup: int, pairs_per_step: int):
+    """Per-step times from the wall-clock ends of each step (after a device sync)."""
+    measured = len(step_ends) - warmup
+    t0 = step_ends[warmup - 1] if warmup > 0 else setup_start
+    span = step_ends[-1] - t0
+    tokens = tokens_after[-1] - (tokens_after[warmup - 1] if warmup > 0 else 0)
+    return {"step_s": span / measured, "tokens_per_s": tokens / span, "pairs_per_s": measured * pairs_per_step / span,
+            "e2e_s": step_ends[-1] - setup_start, "measured_steps": measured, "total_tokens": tokens_after[-1],
+            "first_step_s": step_ends[0] - setup_start}
+
+
+def run_ours(a, rows, out: dict) -> None:
+    if a.system == "ours-unsloth":
+        import unsloth  # noqa: F401  (before transformers/peft)
+    import torch
+
+    from dpo import data as data_mod
+    from dpo.config import TrainConfig
+    from dpo.train import Trainer, build_model
+
+    cfg = TrainConfig(model=a.model_dir, dataset="benchmark", backend="unsloth" if a.system == "ours-unsloth" else "hf",
+                      load_in_4bit=a.load_in_4bit, max_length=MAX_LENGTH, per_device_batch_size=a.micro_batch,
+                      grad_accum=a.grad_accum, max_steps=a.steps, learning_rate=LR, beta=BETA, lora_r=LORA_R,
+                      lora_alpha=LORA_ALPHA, optim="adamw_8bit" if a.device == "cuda" else "adamw_torch",
+                      shuffle=False, dtype="bfloat16" if a.device == "cuda" else "float32", device=a.device,
+                      **VARIANTS[a.variant])
+    t = time.perf_counter()
+    model, tok = build_model(cfg, torch.device(a.device))
+    sync()
+    out["load_s"] = time.perf_counter() - t
+    setup_start = time.perf_counter()
+    plain = [data_mod.PreferenceRow(r["prompt"], r["chosen"], r["rejected"], i) for i, r in enumerate(rows)]
+    pairs = [data_mod.tokenize_row(tok, r) for r in plain]
+    trainer = Trainer(model, tok, cfg, pairs, device=torch.device(a.device))
+    if cfg.precompute_ref:
+        trainer.precompute_reference()
+    ends, tokens = [], []
+
+    def on_step(row):
+        sync()
+        ends.append(time.perf_counter())
+        tokens.append(row["num_tokens"])
+
+    history = trainer.train(on_step)
+    out.update(summarise(ends, tokens, setup_start, a.warmup, a.micro_batch * a.grad_accum))
+    out["final_loss"] = history[-1]["loss"]
+
+
+def run_trl(a, rows, out: dict) -> None:
+    if a.system.startswith("trl-unsloth"):
+        import unsloth  # noqa: F401
+        from unsloth import FastLanguageModel
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    t = time.perf_counter()
+    peft_config = None
+    if a.system.startswith("trl-unsloth"):
+        model, tok = FastLanguageModel.from_pretrained(model_name=a.model_dir, max_seq_length=MAX_LENGTH,
+                                                       load_in_4bit=a.load_in_4bit, dtype=None)
+        model = FastLanguageModel.get_peft_model(model, r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=TARGETS,
+                                                 use_gradient_checkpointing="unsloth", random_state=0)
+    else:
+        from peft import LoraConfig
+        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+        kw = {"dtype": torch.bfloat16 if a.device == "cuda" else torch.float32}
+        if a.load_in_4bit:
+            kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=torch.bfloat16,
+                                                           bnb_4bit_use_double_quant=True)
+            kw["device_map"] = {"": 0}
+        model = AutoModelForCausalLM.from_pretrained(a.model_dir, **kw)
+        if not a.load_in_4bit:
+            model = model.to(a.device)
+        tok = AutoTokenizer.from_pretrained(a.model_dir)
+        peft_config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=TARGETS, task_type="CAUSAL_LM")
+    sync()
+    out["load_s"] = time.perf_counter() - t
+    ends, tokens = [], []
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            sync()
+            ends.append(time.perf_counter())
+
+    setup_start = time.perf_counter()
+    args = DPOConfig(output_dir="/tmp/trl-bench", per_device_train_batch_size=a.micro_batch,
+                     gradient_accumulation_steps=a.grad_accum, max_steps=a.steps, learning_rate=LR, beta=BETA,
+                     max_length=MAX_LENGTH, optim="adamw_8bit" if a.device == "cuda" else "adamw_torch",
+                     bf16=a.device == "cuda", use_cpu=a.device == "cpu", logging_steps=1, report_to=[],
+                     save_strategy="no", train_sampling_strategy="sequential", warmup_steps=0,
+                     precompute_ref_log_probs=a.system == "trl-unsloth-precompute", dataloader_num_workers=0,
+                     disable_tqdm=True)
+    import contextlib
+
+    kernel = contextlib.nullcontext()
+    if a.device == "cpu":  # TRL's log-prob kernel is Triton-only: use the tested pure-torch stand-in
+        from tests.trl_cpu_kernel import use_cpu_kernel
+
+        kernel = use_cpu_kernel()
+    with kernel:
+        trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                             peft_config=peft_config, callbacks=[Timer()])
+        trainer.train()
+    tokens = [int(r["num_tokens"]) for r in trainer.state.log_history if "num_tokens" in r and "loss" in r]
+    out.update(summarise(ends, tokens, setup_start, a.warmup, a.micro_batch * a.grad_accum))
+    out["final_loss"] = [r for r in trainer.state.log_history if "loss" in r][-1]["loss"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--system", choices=SYSTEMS, required=True)
+    ap.add_argument("--variant", choices=tuple(VARIANTS), default="base")
+    ap.add_argument("--shape", required=True)
+    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--micro-batch", type=int, required=True)
+    ap.add_argument("--grad-accum", type=int, required=True)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    from benchmarks.workload import SHAPES, pair_rows
+
+    shape = SHAPES[a.shape]
+    a.load_in_4bit = shape.load_in_4bit and a.device == "cuda"
+    a.model_dir = os.path.abspath(a.model_dir)
+    rows = pair_rows(a.steps * a.micro_batch * a.grad_accum)
+    out = {"system": a.system, "variant": a.variant, "shape": a.shape, "micro_batch": a.micro_batch,
+           "grad_accum": a.grad_accum, "steps": a.steps, "warmup_steps": a.warmup}
+    try:
+        (run_ours if a.system.startswith("ours") else run_trl)(a, rows, out)
+    except Exception as e:  # noqa: BLE001  (recorded as the run's result; the harness goes on)
+        import traceback
+
+        traceback.print_exc()
+        out["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+    out.update(memory())
+    if "tokens_per_s" in out and a.device == "cuda":
+        out["mfu"] = 8 * shape.matmul_params() * out["tokens_per_s"] / 989.4e12
+    with open(a.out, "w") as f:
+        json.dump(out, f, indent=2)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
