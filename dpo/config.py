@@ -19,11 +19,23 @@ from dpo.losses import LOSS_TYPES, validate_loss_config
 from dpo.models import DEFAULT_LORA_TARGETS
 from dpo.smollm2 import DEFAULT_MODEL
 
+ADAPTER_SAFETENSORS = "adapter_model.safetensors"
+
 LR_SCHEDULERS = ("linear", "cosine", "constant")
 OPTIMIZERS = ("adamw_torch", "adamw_8bit")
 DTYPES = ("auto", "float32", "bfloat16")
+# float16 is not offered, on purpose: say why rather than "invalid choice".
+FLOAT16_NAMES = ("float16", "fp16", "half")
+FLOAT16_REFUSAL = ("float16 is not supported: DPO sums the log-probs of every completion token (sums in the "
+                   "hundreds to thousands) and takes differences of such sums, which overflow float16's range "
+                   "(max 65504) or lose the precision the reward margins need; use bfloat16 (same memory, "
+                   "float32's range) or float32")
 LOGPROB_MODES = ("chunked", "full")
 BACKENDS = ("auto", "hf", "unsloth")
+ON_NAN = ("stop", "skip")
+# Keys that say how this invocation starts (fresh, resumed, replacing), not what the run is: they are
+# left out of the config.json a run writes, so that file can be passed back with --config --resume.
+RUN_CONTROL_KEYS = ("resume", "resume_from", "overwrite")
 
 
 def _opt(default, help: str, **kw):
@@ -45,7 +57,7 @@ class TrainConfig:
                                 choices=("last_assistant", "trl"))
     keep_identical: bool = _opt(False, "Keep pairs whose chosen equals rejected (dropped by default: no signal)")
     max_prompt_length: int | None = _opt(None, "Keep only the last N prompt tokens (ours; TRL has no such option)")
-    output_dir: str = _opt("runs/dpo", "Where metrics.jsonl, config.json and adapter/ are written")
+    output_dir: str = _opt("runs/dpo", "Where metrics.jsonl, config.json, checkpoints/ and adapter/ are written")
     adapter: str | None = _opt(None, "Start from this LoRA adapter folder; its frozen copy is then the reference")
     # How long
     max_steps: int = _opt(-1, "Optimizer steps to run (-1: run --num-epochs over the data)")
@@ -74,7 +86,8 @@ class TrainConfig:
     precompute_ref_batch_size: int | None = _opt(None, "Pairs per batch for --precompute-ref (default: 4x the micro-batch)")
     max_length: int | None = _opt(1024, "Max tokens of prompt+completion; longer sequences are cut at the end")
     # Model and memory
-    dtype: str = _opt("auto", "Weights and compute dtype (auto: bfloat16 on CUDA, float32 on CPU)", choices=DTYPES)
+    dtype: str = _opt("auto", "Weights and compute dtype (auto: bfloat16 on CUDA, float32 on CPU; no float16: "
+                      "DPO's log-prob sums overflow its range)", choices=DTYPES)
     gradient_checkpointing: bool = _opt(True, "Recompute activations in backward to save memory")
     logprobs: str = _opt("chunked", "chunked: never build the full [B,T,V] logits; full: plain log_softmax", choices=LOGPROB_MODES)
     disable_dropout: bool = _opt(True, "Zero every dropout, LoRA's included (as TRL's default)")
@@ -86,9 +99,25 @@ class TrainConfig:
     load_in_4bit: bool = _opt(False, "Load the base weights in 4-bit NF4 (QLoRA; needs CUDA and bitsandbytes)")
     trust_remote_code: bool = _opt(False, "Allow model code from the model folder or hub (off: safer)")
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
+    # Checkpoints, resuming, faults
+    save_steps: int = _opt(0, "Write a checkpoint (adapter, optimizer, scheduler, RNG, data position) every N "
+                           "optimizer steps; 0: only at the end")
+    save_total_limit: int = _opt(2, "Keep only the newest K checkpoints (0: keep all)")
+    resume: bool = _opt(False, "Continue the run in --output-dir from its latest checkpoint, exactly as if never "
+                        "interrupted")
+    resume_from: str | None = _opt(None, "Continue from this checkpoint folder (or the latest one of this run "
+                                   "folder); the run goes on in --output-dir")
+    overwrite: bool = _opt(False, "Start over in an --output-dir that holds another run (its checkpoints are "
+                           "deleted)", aliases=("--overwrite-output-dir",))
+    on_nan: str = _opt("stop", "A non-finite loss or gradient norm: stop (naming the step, the rows and the last "
+                       "checkpoint) or skip that optimizer step (no update; counted and reported)", choices=ON_NAN)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+    def run_dict(self) -> dict[str, Any]:
+        """The config that defines the run (to_dict without the start-up keys): what config.json holds."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUN_CONTROL_KEYS}
 
     def validate(self) -> None:
         """Raise ConfigError naming the flag for every value that cannot work."""
@@ -121,8 +150,10 @@ class TrainConfig:
             bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         if not self.lora_targets:
             bad("lora_targets", "name at least one module")
+        if str(self.dtype).lower() in FLOAT16_NAMES:
+            bad("dtype", FLOAT16_REFUSAL)
         for name, choices in (("lr_scheduler", LR_SCHEDULERS), ("optim", OPTIMIZERS), ("dtype", DTYPES),
-                              ("logprobs", LOGPROB_MODES), ("backend", BACKENDS)):
+                              ("logprobs", LOGPROB_MODES), ("backend", BACKENDS), ("on_nan", ON_NAN)):
             if getattr(self, name) not in choices:
                 bad(name, f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         try:
@@ -135,8 +166,20 @@ class TrainConfig:
             bad("model", f"no such folder: {self.model}")
         if self.adapter is not None and not os.path.isdir(self.adapter):
             bad("adapter", f"no such adapter folder: {self.adapter}")
+        if self.adapter is not None and not os.path.isfile(os.path.join(self.adapter, ADAPTER_SAFETENSORS)):
+            bad("adapter", f"{self.adapter} holds no {ADAPTER_SAFETENSORS} (adapters load from safetensors only; "
+                "a pickled adapter_model.bin is refused)")
         if self.adapter is not None and self.reference_free:
             bad("reference_free", "cannot be combined with --adapter (the starting adapter is the reference)")
+        if self.save_steps < 0:
+            bad("save_steps", f"must be >= 0 (0: only at the end), got {self.save_steps}")
+        if self.save_total_limit < 0:
+            bad("save_total_limit", f"must be >= 1, or 0 to keep all, got {self.save_total_limit}")
+        if self.overwrite and (self.resume or self.resume_from):
+            bad("overwrite", "cannot be combined with --resume/--resume-from (one replaces the run, the other "
+                "continues it)")
+        if self.resume_from is not None and not os.path.isdir(self.resume_from):
+            bad("resume_from", f"no such checkpoint folder: {self.resume_from}")
 
 
 class ConfigError(ValueError):
@@ -172,6 +215,12 @@ def _parse_optional(kind):
     return parse
 
 
+def _dtype_name(text: str) -> str:
+    if text.lower() in FLOAT16_NAMES:
+        raise argparse.ArgumentTypeError(FLOAT16_REFUSAL)
+    return text
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one clear line, exit code 2, no usage dump
         self.exit(2, f"dpo: error: {message} (see --help)\n")
@@ -179,15 +228,16 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(prog: str = "python -m dpo.train", cls=TrainConfig) -> argparse.ArgumentParser:
     parser = _Parser(prog=prog, description="Train a LoRA adapter with Direct Preference Optimization.",
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     parser.add_argument("--config", help="YAML or JSON file of options; flags given here win", default=None)
     hints = get_type_hints(cls)
     for f in fields(cls):
         tp = hints[f.name]
         kind = _scalar_type(tp)
         help_text = f.metadata["help"]
+        names = (_flag(f.name), *f.metadata.get("aliases", ()))
         if kind is bool:
-            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text + f" (default: {f.default})")
             continue
         optional = type(None) in get_args(tp)
@@ -197,7 +247,9 @@ def build_parser(prog: str = "python -m dpo.train", cls=TrainConfig) -> argparse
             kw["nargs"] = "+"
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
-        parser.add_argument(_flag(f.name), **kw)
+        if f.name == "dtype":
+            kw["type"] = _dtype_name
+        parser.add_argument(*names, **kw)
     return parser
 
 

@@ -8,26 +8,66 @@ One optimizer step:
         (loss / grad_accum).backward()                          as TRL/HF Trainer scale accumulation
     clip the global grad norm, AdamW step, schedule step
 Metrics carry TRL's names and are the mean over the step's micro-batches, as TRL logs them.
+
+Nothing lost (see dpo.checkpoint for the storage):
+- A checkpoint every --save-steps and at the end: trainable tensors, optimizer, scheduler, RNG
+  states, the step (= the data position: step_plan is deterministic) and the run's config; with
+  --precompute-ref also the reference log-probs (ref_logps.safetensors), so a resume need not
+  recompute them. --resume / --resume-from continue a run exactly as if it had never stopped.
+- SIGINT/SIGTERM: the current optimizer step finishes, a checkpoint is written, and the run exits
+  with 130/143 and the command that resumes it. A second signal stops at once (a checkpoint write
+  in progress is let finish first, so no half-written folder appears).
+- A non-finite loss or gradient norm never reaches the weights: --on-nan stop (exit 3, naming the
+  step, the rows and the checkpoint of the last good step) or --on-nan skip (no update; counted).
+Exit codes of main(): 0 done, 2 refused (bad flags, data, output dir or checkpoint), 3 non-finite
+step, 128+signal when stopped by a signal.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
 import random
+import secrets
+import shlex
+import shutil
+import signal
 import sys
+import threading
 import time
+import warnings
+from array import array
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from dpo import data as data_mod
 from dpo import models
-from dpo.config import ConfigError, TrainConfig, config_from_args, die
+from dpo.checkpoint import (
+    RESUME_LOCKED_KEYS,
+    Checkpoint,
+    CheckpointError,
+    capture_rng,
+    check_output_dir,
+    config_differences,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    restore_rng,
+    restore_trainable_state,
+    save_checkpoint,
+    trainable_state,
+    trim_metrics,
+)
+from dpo.config import ConfigError, TrainConfig, config_from_args
 from dpo.data import TokenizedPair, collate
 from dpo.losses import PreferenceLogps, preference_loss
 from dpo.schedule import build_optimizer, build_scheduler
+from dpo.smollm2 import MissingDefaultModel
 
 METRIC_NAMES = (
     "loss",
@@ -38,6 +78,11 @@ METRIC_NAMES = (
     "logps/chosen",
     "logps/rejected",
 )
+EXIT_REFUSED = 2
+EXIT_NONFINITE = 3
+REF_CACHE_FILE = "ref_logps.safetensors"  # extra checkpoint file: the precomputed reference log-probs
+# Also locked on resume: they change which pairs there are (checkpoint.RESUME_LOCKED_KEYS predates them).
+LOCKED_KEYS = RESUME_LOCKED_KEYS + ("implicit_prompt", "keep_identical", "max_prompt_length")
 
 
 def seed_everything(seed: int) -> None:
@@ -123,6 +168,34 @@ def batch_metrics(loss: torch.Tensor, logps: PreferenceLogps, chosen_rewards, re
     }
 
 
+def nonfinite_rows(loss: torch.Tensor, logps: PreferenceLogps, row_ids: list[int]) -> list[int]:
+    """Row ids of a micro-batch whose loss is not finite: the pairs with a non-finite log-prob, else all."""
+    if torch.isfinite(loss).all():
+        return []
+    four = torch.stack([torch.as_tensor(t).detach().float()
+                        for t in (logps.chosen, logps.rejected, logps.ref_chosen, logps.ref_rejected)])
+    bad = (~torch.isfinite(four)).any(dim=0).tolist()
+    return [r for r, b in zip(row_ids, bad) if b] or list(row_ids)
+
+
+class NonFiniteStep(RuntimeError):
+    """A step's loss or gradient norm is NaN/inf (raised under --on-nan stop, before any update)."""
+
+    def __init__(self, step: int, what: str, row_ids: list[int]):
+        super().__init__(f"non-finite {what} at step {step} (row ids {row_ids})")
+        self.step, self.what, self.row_ids = step, what, row_ids
+
+
+def data_fingerprint(pairs: list[TokenizedPair]) -> dict:
+    """How many pairs and a hash of their token ids: a resume refuses data that changed under the same name."""
+    h = hashlib.sha256()
+    for p in pairs:
+        for ids in ([p.row_id], p.prompt_ids, p.chosen_ids, p.rejected_ids):
+            h.update(array("q", ids).tobytes())
+            h.update(b"|")
+    return {"pairs": len(pairs), "sha256": h.hexdigest()}
+
+
 class Trainer:
     """Our loop. `model` is a PEFT model (LoRA) or a full model with an explicit `ref_model`."""
 
@@ -146,7 +219,10 @@ class Trainer:
                                          total_steps=self.total_steps)
         self.step = 0
         self.num_tokens = 0
+        self.skipped_steps: list[int] = []  # steps dropped for a non-finite loss/grad norm (--on-nan skip)
+        self.rng_at_step_start: dict | None = None  # for a checkpoint of the last good step
         self.ref_cache: torch.Tensor | None = None  # [num_pairs, 2] after precompute_reference()
+        self.data_fingerprint = data_fingerprint(train_pairs)
         self._plan = step_plan(len(train_pairs), cfg)
 
     # -- one micro-batch ---------------------------------------------------------------------
@@ -201,9 +277,16 @@ class Trainer:
 
     # -- one optimizer step -------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
+        """One optimizer step and its metrics row.
+
+        A non-finite loss or gradient norm never reaches the weights: under on_nan="stop" this raises
+        NonFiniteStep with nothing changed but the data position; under "skip" the gradients are
+        dropped, only the schedule advances, and the row says "skipped".
+        """
         self.model.train()
+        self.rng_at_step_start = capture_rng()
         _, micro_batches = next(self._plan)
-        metrics = StepMetrics()
+        metrics, tokens, bad_rows = StepMetrics(), 0, []
         for idx in micro_batches:
             ref = None
             if self.ref_cache is not None:
@@ -211,17 +294,33 @@ class Trainer:
             out, logps, batch = self.micro_batch_loss([self.pairs[i] for i in idx], ref)
             (out.loss / len(micro_batches)).backward()
             metrics.add(batch_metrics(out.loss.detach(), logps, out.chosen_rewards, out.rejected_rewards))
-            self.num_tokens += int(batch.attention_mask.sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(
+            tokens += int(batch.attention_mask.sum())
+            bad_rows += nonfinite_rows(out.loss.detach(), logps, batch.row_ids)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(
             self.params, self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        )
+        ))
         lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (TRL logs the same)
-        self.optimizer.step()
-        self.scheduler.step()
+        problem = "loss" if bad_rows else "gradient norm" if not math.isfinite(grad_norm) else None
+        if problem is None:
+            self.optimizer.step()
+            self.scheduler.step()
+        else:
+            rows = bad_rows or [self.pairs[i].row_id for idx in micro_batches for i in idx]
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.cfg.on_nan == "stop":
+                raise NonFiniteStep(self.step + 1, problem, rows)
+            self.skipped_steps.append(self.step + 1)
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": on purpose here
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        row = {"step": self.step, **metrics.means(), "grad_norm": float(grad_norm), "learning_rate": lr,
+        self.num_tokens += tokens
+        row = {"step": self.step, **metrics.means(), "grad_norm": grad_norm, "learning_rate": lr,
                "num_tokens": self.num_tokens}
+        if problem is not None:  # JSON null, not NaN, for the values that are not numbers
+            row = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in row.items()}
+            row["skipped"] = f"non-finite {problem}"
         return row
 
     def train(self, on_step=None) -> list[dict[str, float]]:
@@ -233,24 +332,59 @@ class Trainer:
                 on_step(row)
         return history
 
+    # -- checkpoint state -----------------------------------------------------------------------
+    def state(self) -> dict:
+        """What trainer_state.json holds: the step (hence the data position) and the counters."""
+        return {"step": self.step, "num_tokens": self.num_tokens, "skipped_steps": list(self.skipped_steps),
+                "total_steps": self.total_steps, "data": self.data_fingerprint}
+
+    def load_state(self, ckpt: Checkpoint) -> None:
+        """Continue from a checkpoint: weights, optimizer, schedule, counters, data position (not RNG)."""
+        saved, now = ckpt.trainer_state.get("data"), self.data_fingerprint
+        if saved is not None and saved != now:
+            raise CheckpointError(
+                f"cannot resume from {ckpt.path}: the training data changed since it was written "
+                f"({saved.get('pairs')} pairs then, {now['pairs']} now; token hash {str(saved.get('sha256'))[:12]} "
+                f"then, {now['sha256'][:12]} now): same --dataset name, other content or tokenizer")
+        restore_trainable_state(self.model, ckpt.adapter_state)
+        self.optimizer.load_state_dict(ckpt.optimizer_state)
+        self.scheduler.load_state_dict(ckpt.scheduler_state)
+        self.step = ckpt.step
+        self.num_tokens = int(ckpt.trainer_state.get("num_tokens", 0))
+        self.skipped_steps = list(ckpt.trainer_state.get("skipped_steps", []))
+        for _ in range(self.step):  # step_plan is deterministic: skip the steps already done
+            next(self._plan)
+
 
 # --- the command line ------------------------------------------------------------------------
 
 
-def load_training_pairs(cfg: TrainConfig, tokenizer):
-    spec = data_mod.DataSpec(path=cfg.dataset, split=cfg.dataset_split, config=cfg.dataset_config,
+def data_spec(cfg: TrainConfig) -> data_mod.DataSpec:
+    return data_mod.DataSpec(path=cfg.dataset, split=cfg.dataset_split, config=cfg.dataset_config,
                              prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
                              rejected_column=cfg.rejected_column, implicit_prompt=cfg.implicit_prompt)
-    rows = data_mod.load_rows(spec)
+
+
+def load_training_pairs(cfg: TrainConfig, tokenizer, rows=None):
+    rows = data_mod.load_rows(data_spec(cfg)) if rows is None else rows
     return data_mod.prepare_pairs(tokenizer, rows, cfg.max_length, cfg.max_prompt_length,
                                   drop_identical=not cfg.keep_identical)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 def build_model(cfg: TrainConfig, device: torch.device):
     """Base model + LoRA (fresh, or the starting adapter with its frozen reference copy)."""
     path = models.resolve_model_path(cfg.model)
     dtype = resolve_dtype(cfg.dtype, device)
-    if models.pick_backend(cfg.backend) == "unsloth":
+    try:
+        backend = models.pick_backend(cfg.backend)
+    except RuntimeError as e:
+        raise ConfigError(str(e)) from None
+    if backend == "unsloth":
         seed_everything(cfg.seed)
         lora = models.LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.lora_targets))
         model, tokenizer = models.load_unsloth(path, max_length=cfg.max_length or 4096, load_in_4bit=cfg.load_in_4bit,
@@ -261,9 +395,12 @@ def build_model(cfg: TrainConfig, device: torch.device):
         return model, tokenizer
     if cfg.load_in_4bit and device.type != "cuda":
         raise ConfigError("--load-in-4bit: needs a CUDA GPU (bitsandbytes NF4)")
-    tokenizer = models.load_tokenizer(path, cfg.trust_remote_code)
-    seed_everything(cfg.seed)  # LoRA init depends on it, as in TRL
-    model = models.load_model(path, dtype, str(device), cfg.trust_remote_code, cfg.load_in_4bit)
+    try:
+        tokenizer = models.load_tokenizer(path, cfg.trust_remote_code)
+        seed_everything(cfg.seed)  # LoRA init depends on it, as in TRL
+        model = models.load_model(path, dtype, str(device), cfg.trust_remote_code, cfg.load_in_4bit)
+    except (OSError, ValueError) as e:  # no such hub model, no model.safetensors, remote code refused, ...
+        raise ConfigError(f"--model: cannot load {path}: {_first_line(e)}") from None
     if cfg.adapter:
         model = models.load_starting_adapter(model, cfg.adapter)
     else:
@@ -276,6 +413,25 @@ def build_model(cfg: TrainConfig, device: torch.device):
     if cfg.gradient_checkpointing:
         models.enable_gradient_checkpointing(model)
     return model if cfg.load_in_4bit else model.to(device), tokenizer
+
+
+def _replace_dir(make, final: Path) -> None:
+    """Build a folder with make(tmp) beside `final`, then swap it in; a crash leaves no half folder there."""
+    tmp = final.with_name(f".tmp-{final.name}-{secrets.token_hex(4)}")
+    old = final.with_name(f".tmp-old-{final.name}-{secrets.token_hex(4)}")
+    try:
+        make(tmp)
+        if final.exists():
+            os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if old.exists():  # the previous folder goes back
+                os.replace(old, final)
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 class RunWriter:
@@ -293,59 +449,395 @@ class RunWriter:
             json.dump(obj, f, indent=2)
         os.replace(tmp, path)
 
-    def start_metrics(self) -> None:
-        open(self.metrics_path, "w").close()
+    def start_metrics(self, resumed: Checkpoint | None = None) -> None:
+        """Empty for a new run; for a resumed one, the rows up to its checkpoint (later ones are redone)."""
+        if resumed is None:
+            open(self.metrics_path, "w").close()
+            return
+        here = Path(self.metrics_path)
+        source = resumed.path.parent.parent / "metrics.jsonl"  # another run folder's, with --resume-from
+        if source.is_file() and not (here.exists() and source.samefile(here)):
+            shutil.copyfile(source, here)
+        trim_metrics(here, resumed.step)
 
     def append_metrics(self, row: dict) -> None:
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
     def save_adapter(self, model, tokenizer) -> str:
-        path = os.path.join(self.dir, "adapter")
-        model.save_pretrained(path, selected_adapters=["default"])
-        tokenizer.save_pretrained(path)
+        path = Path(self.dir) / "adapter"
+
+        def make(tmp: Path) -> None:
+            model.save_pretrained(tmp, selected_adapters=["default"])
+            tokenizer.save_pretrained(tmp)
+
+        try:
+            _replace_dir(make, path)
+        except OSError as e:
+            raise CheckpointError(f"cannot write the adapter to {path}: {e.strerror or e}") from e
+        return str(path)
+
+    def clear_previous_run(self) -> None:
+        """--overwrite: the old adapter/ goes now, so an interrupted new run never sits beside it."""
+        old = Path(self.dir) / "adapter"
+        if old.exists():
+            aside = old.with_name(f".tmp-delete-adapter-{secrets.token_hex(4)}")
+            os.replace(old, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+
+
+# --- resuming --------------------------------------------------------------------------------
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[1])
+
+
+def find_resume_checkpoint(cfg: TrainConfig) -> Path | None:
+    """The checkpoint --resume (latest in --output-dir) or --resume-from (a checkpoint or run folder) names."""
+    if cfg.resume_from is not None:
+        given = Path(cfg.resume_from)
+        if (given / "manifest.json").exists() or given.name.startswith("step-"):
+            return given
+        found = latest_checkpoint(given)
+        if found is None:
+            raise CheckpointError(f"--resume-from: {given} is neither a checkpoint folder nor a run folder "
+                                  f"holding checkpoints")
+        return found
+    if not cfg.resume:
+        return None
+    found = latest_checkpoint(cfg.output_dir)
+    if found is None:
+        if (Path(cfg.output_dir) / "metrics.jsonl").is_file():
+            what_now = "its run stopped before its first checkpoint: start over with --overwrite instead"
+        else:
+            what_now = "run without --resume to start a new run"
+        raise CheckpointError(f"--resume: no checkpoint in {Path(cfg.output_dir) / 'checkpoints'}; nothing to "
+                              f"resume ({what_now})")
+    return found
+
+
+def load_resume_checkpoint(cfg: TrainConfig, run_config: dict) -> Checkpoint | None:
+    """The verified checkpoint to continue from (None: a new run); refuses a changed run config."""
+    path = find_resume_checkpoint(cfg)
+    if path is None:
+        return None
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        earlier = [p for p in list_checkpoints(path.parent.parent) if p != path]
+        hint = f"; an earlier checkpoint may be intact: --resume-from {earlier[-1]}" if earlier else ""
+        raise CheckpointError(f"{e}{hint}") from None
+    differences = config_differences(ckpt.config, run_config, LOCKED_KEYS)
+    if differences:
+        raise CheckpointError(f"cannot resume from {path}: these settings differ from the checkpoint's: "
+                              + "; ".join(differences) + " (use the same flags, or start a new run in "
+                              "another --output-dir)")
+    return ckpt
+
+
+def drop_later_checkpoints(output_dir: str, step: int) -> None:
+    """Resuming from an older checkpoint: the newer ones belong to the branch being redone, and a later
+    --resume (or pruning) must not take them for this run's latest."""
+    for path in list_checkpoints(output_dir):
+        if _step_of(path) > step:
+            print(f"dpo: removing {path} (after the checkpoint resumed from; its steps are redone)")
+            aside = path.with_name(f".tmp-delete-{path.name}-{secrets.token_hex(4)}")
+            os.replace(path, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+
+
+def load_reference_cache(trainer: Trainer, ckpt: Checkpoint) -> None:
+    """The precomputed reference log-probs saved with the checkpoint (verified by its manifest), if any."""
+    path = ckpt.path / REF_CACHE_FILE
+    if not path.is_file():
+        return
+    from safetensors.torch import load_file
+
+    cache = load_file(str(path))["ref_logps"]
+    if cache.shape == (len(trainer.pairs), 2):
+        trainer.ref_cache = cache
+
+
+class Commands:
+    """The command lines the messages print: resume this run, or start it over."""
+
+    START_FLAGS = ("--resume", "--no-resume", "--overwrite", "--no-overwrite", "--overwrite-output-dir",
+                   "--no-overwrite-output-dir")
+
+    def __init__(self, cfg: TrainConfig, argv: list[str] | None):
+        if argv is None:  # run() called from Python: config.json holds the whole run
+            self.args = ["--config", str(Path(cfg.output_dir) / "config.json")]
+        else:
+            args, skip = [], False
+            for a in argv:
+                if skip:
+                    skip = False
+                elif a == "--resume-from":
+                    skip = True
+                elif a not in self.START_FLAGS and not a.startswith("--resume-from="):
+                    args.append(a)
+            self.args = args
+
+    def _line(self, *extra: str) -> str:
+        return shlex.join(["python", "-m", "dpo.train", *self.args, *extra])
+
+    def resume(self, *extra: str) -> str:
+        return self._line("--resume", *extra)
+
+    def restart(self) -> str:
+        return self._line("--overwrite")
+
+
+# --- signals and checkpoints during the loop -------------------------------------------------
+
+
+class StopNow(BaseException):
+    """A second SIGINT/SIGTERM: leave at once (BaseException: no `except Exception` swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class TrainingStopped(Exception):
+    """The run stopped early after saving what it could; str() is the one line to show."""
+
+    def __init__(self, message: str, exit_code: int, checkpoint: Path | None = None):
+        super().__init__(message)
+        self.exit_code, self.checkpoint = exit_code, checkpoint
+
+
+class StopSignals:
+    """SIGINT/SIGTERM during a run: the first lets the current optimizer step finish (the loop then
+    saves and exits); a second stops at once, except inside protected() (a checkpoint or adapter
+    write), which is let finish first. Handlers are installed only in the main thread."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._protected = False
+        self._pending: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received = signum
+            # os.write, not print: the handler may interrupt a write to sys.stderr (tqdm's bar)
+            os.write(2, f"\ndpo: {name} received: finishing the current step, then saving a checkpoint "
+                        f"(send it again to stop at once)\n".encode())
+        elif self._protected:
+            self._pending = signum
+        else:
+            raise StopNow(signum)
+
+    @contextlib.contextmanager
+    def protected(self):
+        self._protected = True
+        try:
+            yield
+        finally:
+            self._protected = False
+        if self._pending is not None:
+            raise StopNow(self._pending)
+
+
+class Checkpointer:
+    """Writes OUTPUT_DIR/checkpoints/step-N (dpo.checkpoint: atomic, verified) and remembers the last one."""
+
+    def __init__(self, cfg: TrainConfig, run_config: dict, signals: StopSignals, commands: Commands):
+        self.cfg, self.run_config, self.signals, self.commands = cfg, run_config, signals, commands
+        self.last: Path | None = latest_checkpoint(cfg.output_dir)
+
+    def due(self, step: int) -> bool:
+        return self.cfg.save_steps > 0 and step % self.cfg.save_steps == 0
+
+    def describe_last(self) -> str:
+        return f"{self.last} (step {_step_of(self.last)})" if self.last else "none (no checkpoint was written yet)"
+
+    def save(self, trainer: Trainer, rng_state: dict | None = None) -> Path:
+        """A checkpoint of the trainer as it is now (rng_state: the generators to store, default: now)."""
+        if self.last is not None and _step_of(self.last) == trainer.step:
+            return self.last
+        extra = None
+        if trainer.ref_cache is not None:
+            cache = trainer.ref_cache
+
+            def write_ref(path: Path) -> None:
+                from safetensors.torch import save_file
+
+                save_file({"ref_logps": cache.contiguous()}, str(path))
+
+            extra = {REF_CACHE_FILE: write_ref}
+        try:
+            with self.signals.protected():
+                path = save_checkpoint(
+                    self.cfg.output_dir, trainer.step, adapter_state=trainable_state(trainer.model),
+                    optimizer_state=trainer.optimizer.state_dict(), scheduler_state=trainer.scheduler.state_dict(),
+                    trainer_state=trainer.state(), config=self.run_config,
+                    rng_state=rng_state if rng_state is not None else capture_rng(),
+                    keep_last=self.cfg.save_total_limit or None, extra_files=extra)
+                self.last = path
+        except CheckpointError as e:
+            if self.last is None:
+                raise CheckpointError(f"{e}; no earlier checkpoint exists") from e
+            raise CheckpointError(f"{e}; the previous checkpoint {self.describe_last()} is intact: fix that "
+                                  f"and resume with: {self.commands.resume()}") from e
         return path
 
 
-def run(cfg: TrainConfig) -> dict:
+def describe_rows(row_ids: list[int], rows, limit: int = 8) -> str:
+    """'3 (data.jsonl line 4), 7 (data.jsonl line 8)': row ids with where they came from."""
+    def one(r: int) -> str:
+        where = rows[r].where if rows is not None and 0 <= r < len(rows) and rows[r].row_id == r else ""
+        return f"{r} ({where})" if where else str(r)
+    shown = ", ".join(one(r) for r in row_ids[:limit])
+    return shown + (f", ... ({len(row_ids)} in all)" if len(row_ids) > limit else "")
+
+
+def train_loop(trainer: Trainer, writer: RunWriter, saver: Checkpointer, signals: StopSignals) -> list[dict]:
+    """Optimizer steps until the last one or a signal; metrics after each, a checkpoint every --save-steps."""
     from tqdm.auto import tqdm
 
+    history = []
+    with tqdm(total=trainer.total_steps, initial=trainer.step, desc="dpo", unit="step",
+              disable=bool(os.environ.get("TQDM_DISABLE"))) as bar:
+        while trainer.step < trainer.total_steps and signals.received is None:
+            row = trainer.train_step()
+            writer.append_metrics(row)
+            history.append(row)
+            bar.update(1)
+            if row.get("skipped"):
+                bar.write(f"dpo: step {row['step']} skipped ({row['skipped']})")
+            else:
+                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
+            if saver.due(trainer.step):
+                saver.save(trainer)
+    return history
+
+
+def run(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
+    """Train as `cfg` says. Returns {"history" (this process's rows), "steps", "adapter_dir", "checkpoint",
+    "seconds", "model", "tokenizer", "skipped_steps"}.
+
+    Raises ConfigError, DataError, CheckpointError or MissingDefaultModel for what it refuses (before a
+    model loads where it can), and TrainingStopped after a signal or a non-finite step (--on-nan stop).
+    `argv` (the command line) only shapes the resume command the messages print.
+    """
     started = time.time()
-    device = resolve_device(cfg.device)
+    run_config = cfg.run_dict()
+    commands = Commands(cfg, argv)
+    check_output_dir(cfg.output_dir, run_config, resume=bool(cfg.resume or cfg.resume_from), overwrite=cfg.overwrite)
+    resumed = load_resume_checkpoint(cfg, run_config)
+    rows = data_mod.load_rows(data_spec(cfg))
+    models.resolve_model_path(cfg.model)  # the default model missing: say so before anything loads
     writer = RunWriter(cfg.output_dir)
+    if cfg.overwrite:
+        writer.clear_previous_run()
+    if resumed is not None:
+        drop_later_checkpoints(cfg.output_dir, resumed.step)
+
+    with StopSignals() as signals:
+        saver = Checkpointer(cfg, run_config, signals, commands)
+        try:
+            result = train_and_save(cfg, run_config, resumed, rows, writer, saver, signals, commands)
+        except StopNow as e:  # a second signal: out at once (a checkpoint write in progress was let finish)
+            raise stopped_at_once(e.signum, saver, commands) from None
+    elapsed = time.time() - started
+    skipped = result["skipped_steps"]
+    note = f" ({len(skipped)} skipped for a non-finite loss or gradient norm: steps {skipped})" if skipped else ""
+    resumed_note = f" (resumed at step {resumed.step})" if resumed is not None else ""
+    print(f"dpo: {result['steps']} steps{resumed_note}{note} in {elapsed:.1f} s; adapter saved to "
+          f"{result['adapter_dir']}; checkpoint {result['checkpoint']}")
+    return {**result, "seconds": elapsed}
+
+
+def train_and_save(cfg: TrainConfig, run_config: dict, resumed: Checkpoint | None, rows, writer: RunWriter,
+                   saver: Checkpointer, signals: StopSignals, commands: Commands) -> dict:
+    """Build (or restore) the trainer, run the loop, then the final checkpoint and adapter/."""
+    device = resolve_device(cfg.device)
     model, tokenizer = build_model(cfg, device)
-    pairs, report = load_training_pairs(cfg, tokenizer)
+    pairs, report = load_training_pairs(cfg, tokenizer, rows)
     print(report.format())
     trainer = Trainer(model, tokenizer, cfg, pairs, device=device)
-    if cfg.precompute_ref and not cfg.reference_free:
+    if resumed is not None:
+        trainer.load_state(resumed)
+        if cfg.precompute_ref and not cfg.reference_free:
+            load_reference_cache(trainer, resumed)
+        print(f"dpo: resuming from {resumed.path} at step {trainer.step} of {trainer.total_steps}")
+    if cfg.precompute_ref and not cfg.reference_free and trainer.ref_cache is None:
         trainer.precompute_reference()
-    writer.write_json("config.json", cfg.to_dict())
-    writer.start_metrics()
-    bar = tqdm(total=trainer.total_steps, desc="dpo", unit="step", disable=bool(os.environ.get("TQDM_DISABLE")))
+    writer.write_json("config.json", run_config)
+    writer.start_metrics(resumed)
+    if resumed is not None:
+        restore_rng(resumed.rng_state)  # last, just before the first step
+    try:
+        history = train_loop(trainer, writer, saver, signals)
+    except NonFiniteStep as e:
+        raise stopped_on_nan(e, trainer, saver, commands, rows) from None
+    if signals.received is not None and trainer.step < trainer.total_steps:
+        path = saver.save(trainer)
+        name = signal.Signals(signals.received).name
+        raise TrainingStopped(f"stopped by {name} after step {trainer.step} of {trainer.total_steps}; "
+                              f"checkpoint {path}. Resume with: {commands.resume()}", 128 + signals.received, path)
+    final = saver.save(trainer)
+    with signals.protected():
+        adapter_dir = writer.save_adapter(model, tokenizer)
+    return {"history": history, "steps": trainer.step, "adapter_dir": adapter_dir, "checkpoint": final, "model": model,
+            "tokenizer": tokenizer, "skipped_steps": list(trainer.skipped_steps)}
 
-    def on_step(row):
-        writer.append_metrics(row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
 
-    history = trainer.train(on_step)
-    bar.close()
-    adapter_dir = writer.save_adapter(model, tokenizer)
-    elapsed = time.time() - started
-    print(f"dpo: {trainer.step} steps in {elapsed:.1f} s; adapter saved to {adapter_dir}")
-    return {"history": history, "adapter_dir": adapter_dir, "seconds": elapsed}
+def stopped_on_nan(e: NonFiniteStep, trainer: Trainer, saver: Checkpointer, commands: Commands,
+                   rows) -> TrainingStopped:
+    """--on-nan stop: keep the last good step (nothing was updated), name the step and the rows."""
+    path = saver.save(trainer, rng_state=trainer.rng_at_step_start)
+    return TrainingStopped(
+        f"error: non-finite {e.what} at step {e.step} (row ids {describe_rows(e.row_ids, rows)}); stopped before "
+        f"updating the weights. Last good checkpoint: {path} (step {trainer.step}). To skip such steps, "
+        f"resume with: {commands.resume('--on-nan', 'skip')}", EXIT_NONFINITE, path)
+
+
+def stopped_at_once(signum: int, saver: Checkpointer, commands: Commands) -> TrainingStopped:
+    name = signal.Signals(signum).name
+    if saver.last is None:
+        return TrainingStopped(f"stopped at once by a second {name}; no checkpoint was written. "
+                               f"Start over with: {commands.restart()}", 128 + signum)
+    return TrainingStopped(f"stopped at once by a second {name}; the last checkpoint is {saver.describe_last()}. "
+                           f"Resume with: {commands.resume()}", 128 + signum, saver.last)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m dpo.train`: 0 done, 2 refused (one line, no traceback), 3 non-finite step, 128+N stopped by
+    signal N (130 SIGINT, 143 SIGTERM) after saving a checkpoint."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         cfg = config_from_args(argv)
         if cfg.dataset is None:
             raise ConfigError("--dataset: required (a preference file or hub dataset name)")
-        run(cfg)
-    except ConfigError as e:
-        die(str(e))
-    except data_mod.DataError as e:
-        die(str(e))
+        run(cfg, argv)
+    except SystemExit as e:  # argparse: --help (0) or a bad flag (2; it printed its one line)
+        return e.code if isinstance(e.code, int) else EXIT_REFUSED
+    except TrainingStopped as e:
+        print(f"dpo: {e}", file=sys.stderr)
+        return e.exit_code
+    except (ConfigError, data_mod.DataError, CheckpointError, MissingDefaultModel) as e:
+        print(f"dpo: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        print("dpo: interrupted before training started; nothing was saved", file=sys.stderr)
+        return 128 + signal.SIGINT
     return 0
 
 
