@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 from dpo import data as data_mod
+from dpo import distributed
 from dpo import models
 from dpo.checkpoint import (
     RESUME_LOCKED_KEYS,
@@ -116,19 +117,20 @@ def steps_per_epoch(num_pairs: int, batch_size: int, grad_accum: int) -> int:
     return max(1, math.ceil(math.ceil(num_pairs / batch_size) / grad_accum))
 
 
-def total_steps(cfg: TrainConfig, num_pairs: int) -> int:
+def total_steps(cfg: TrainConfig, num_pairs: int, world_size: int = 1) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
-    return max(1, math.ceil(cfg.num_epochs * steps_per_epoch(num_pairs, cfg.per_device_batch_size, cfg.grad_accum)))
+    per_step = steps_per_epoch(num_pairs, cfg.per_device_batch_size * world_size, cfg.grad_accum)
+    return max(1, math.ceil(cfg.num_epochs * per_step))
 
 
-def step_plan(num_pairs: int, cfg: TrainConfig):
+def step_plan(num_pairs: int, cfg: TrainConfig, world_size: int = 1):
     """Yield (epoch, [[pair indices of micro-batch] * k]) for each optimizer step, forever.
 
     As HF Trainer: the last micro-batch of an epoch may hold fewer pairs, and the last step of an
     epoch may hold fewer micro-batches (its loss is then divided by that smaller count).
     """
-    b, ga = cfg.per_device_batch_size, cfg.grad_accum
+    b, ga = cfg.per_device_batch_size * world_size, cfg.grad_accum  # a global micro-batch over all ranks
     epoch = 0
     while True:
         order = epoch_order(num_pairs, epoch, cfg.seed, cfg.shuffle)
@@ -200,7 +202,7 @@ class Trainer:
     """Our loop. `model` is a PEFT model (LoRA) or a full model with an explicit `ref_model`."""
 
     def __init__(self, model, tokenizer, cfg: TrainConfig, train_pairs: list[TokenizedPair], ref_model=None,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, dist: distributed.DistInfo = distributed.DistInfo()):
         if not train_pairs:
             raise ValueError("no training pairs")
         self.model, self.tokenizer, self.cfg, self.pairs, self.ref_model = model, tokenizer, cfg, train_pairs, ref_model
@@ -208,7 +210,8 @@ class Trainer:
         # bf16 runs use autocast on CUDA (LoRA weights stay float32, as PEFT makes them)
         self.autocast_bf16 = self.device.type == "cuda" and resolve_dtype(cfg.dtype, self.device) == torch.bfloat16
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.total_steps = total_steps(cfg, len(train_pairs))
+        self.dist = dist  # this rank and the world: each rank trains on its shard of every micro-batch
+        self.total_steps = total_steps(cfg, len(train_pairs), dist.world_size)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters")
@@ -223,7 +226,7 @@ class Trainer:
         self.rng_at_step_start: dict | None = None  # for a checkpoint of the last good step
         self.ref_cache: torch.Tensor | None = None  # [num_pairs, 2] after precompute_reference()
         self.data_fingerprint = data_fingerprint(train_pairs)
-        self._plan = step_plan(len(train_pairs), cfg)
+        self._plan = step_plan(len(train_pairs), cfg, dist.world_size)
 
     # -- one micro-batch ---------------------------------------------------------------------
     def _autocast(self):
@@ -246,8 +249,8 @@ class Trainer:
         """
         batch_size = batch_size or self.cfg.precompute_ref_batch_size or 4 * self.cfg.per_device_batch_size
         # Only the pairs this run will train on (a --max-steps run may see a fraction of the data).
-        plan = step_plan(len(self.pairs), self.cfg)
-        needed = {i for _ in range(self.total_steps) for micro in next(plan)[1] for i in micro}
+        plan = step_plan(len(self.pairs), self.cfg, self.dist.world_size)
+        needed = {i for _ in range(self.total_steps) for micro in next(plan)[1] for i in self._my_shard(micro)}
         order = sorted(needed, key=lambda i: len(self.pairs[i].prompt_ids)
                        + max(len(self.pairs[i].chosen_ids), len(self.pairs[i].rejected_ids)))
         cache = torch.full((len(self.pairs), 2), float("nan"), dtype=torch.float32)
@@ -258,6 +261,9 @@ class Trainer:
             ref = self.reference_logps(batch).float().cpu()
             cache[idx, 0], cache[idx, 1] = ref[: len(idx)], ref[len(idx) :]
         self.ref_cache = cache
+
+    def _my_shard(self, global_micro: list[int]) -> list[int]:
+        return distributed.shard(global_micro, self.dist, self.cfg.per_device_batch_size)
 
     def micro_batch_loss(self, pairs: list[TokenizedPair], ref: torch.Tensor | None = None):
         """Loss of one micro-batch; `ref` ([2B] reference log-probs) is computed here unless given."""
@@ -285,7 +291,8 @@ class Trainer:
         """
         self.model.train()
         self.rng_at_step_start = capture_rng()
-        _, micro_batches = next(self._plan)
+        _, global_micro_batches = next(self._plan)
+        micro_batches = [self._my_shard(m) for m in global_micro_batches]
         metrics, tokens, bad_rows = StepMetrics(), 0, []
         for idx in micro_batches:
             ref = None
@@ -296,16 +303,19 @@ class Trainer:
             metrics.add(batch_metrics(out.loss.detach(), logps, out.chosen_rewards, out.rejected_rewards))
             tokens += int(batch.attention_mask.sum())
             bad_rows += nonfinite_rows(out.loss.detach(), logps, batch.row_ids)
+        # Several ranks: average gradients and metrics over them (equal shards: mean of means is the mean).
+        distributed.average_gradients(self.params, self.dist)
+        metrics, tokens, any_bad = self._gather(metrics, tokens, bad_rows)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(
             self.params, self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
         ))
         lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (TRL logs the same)
-        problem = "loss" if bad_rows else "gradient norm" if not math.isfinite(grad_norm) else None
+        problem = "loss" if any_bad else "gradient norm" if not math.isfinite(grad_norm) else None
         if problem is None:
             self.optimizer.step()
             self.scheduler.step()
         else:
-            rows = bad_rows or [self.pairs[i].row_id for idx in micro_batches for i in idx]
+            rows = bad_rows or [self.pairs[i].row_id for m in global_micro_batches for i in m]
             self.optimizer.zero_grad(set_to_none=True)
             if self.cfg.on_nan == "stop":
                 raise NonFiniteStep(self.step + 1, problem, rows)
@@ -322,6 +332,17 @@ class Trainer:
             row = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in row.items()}
             row["skipped"] = f"non-finite {problem}"
         return row
+
+    def _gather(self, metrics: "StepMetrics", tokens: int, bad_rows: list[int]) -> tuple["StepMetrics", int, bool]:
+        """Metrics of all ranks, as TRL gathers them: means over every pair of the step, summed tokens."""
+        if not self.dist.enabled:
+            return metrics, tokens, bool(bad_rows)
+        keys = sorted(metrics.sums)
+        summed = distributed.sum_across([metrics.sums[k] for k in keys] + [tokens, len(bad_rows)], self.dist,
+                                        self.device)
+        gathered = StepMetrics({k: v / self.dist.world_size for k, v in zip(keys, summed)}, metrics.count)
+        # A non-finite value on any rank stops (or skips) the step on every rank.
+        return gathered, int(summed[-2]), summed[-1] > 0
 
     def train(self, on_step=None) -> list[dict[str, float]]:
         history = []
@@ -435,14 +456,19 @@ def _replace_dir(make, final: Path) -> None:
 
 
 class RunWriter:
-    """Everything a run writes to OUTPUT_DIR: config.json, metrics.jsonl (one line per step), adapter/."""
+    """Everything a run writes to OUTPUT_DIR: config.json, metrics.jsonl (one line per step), adapter/.
 
-    def __init__(self, output_dir: str):
-        self.dir = output_dir
-        os.makedirs(output_dir, exist_ok=True)
+    With several ranks only the main one writes (`enabled`); the others' calls do nothing."""
+
+    def __init__(self, output_dir: str, enabled: bool = True):
+        self.dir, self.enabled = output_dir, enabled
+        if enabled:
+            os.makedirs(output_dir, exist_ok=True)
         self.metrics_path = os.path.join(output_dir, "metrics.jsonl")
 
     def write_json(self, name: str, obj) -> None:
+        if not self.enabled:
+            return
         path = os.path.join(self.dir, name)
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
@@ -451,6 +477,8 @@ class RunWriter:
 
     def start_metrics(self, resumed: Checkpoint | None = None) -> None:
         """Empty for a new run; for a resumed one, the rows up to its checkpoint (later ones are redone)."""
+        if not self.enabled:
+            return
         if resumed is None:
             open(self.metrics_path, "w").close()
             return
@@ -461,11 +489,15 @@ class RunWriter:
         trim_metrics(here, resumed.step)
 
     def append_metrics(self, row: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
     def save_adapter(self, model, tokenizer) -> str:
         path = Path(self.dir) / "adapter"
+        if not self.enabled:
+            return str(path)
 
         def make(tmp: Path) -> None:
             model.save_pretrained(tmp, selected_adapters=["default"])
@@ -657,8 +689,10 @@ class StopSignals:
 class Checkpointer:
     """Writes OUTPUT_DIR/checkpoints/step-N (dpo.checkpoint: atomic, verified) and remembers the last one."""
 
-    def __init__(self, cfg: TrainConfig, run_config: dict, signals: StopSignals, commands: Commands):
+    def __init__(self, cfg: TrainConfig, run_config: dict, signals: StopSignals, commands: Commands,
+                 enabled: bool = True):
         self.cfg, self.run_config, self.signals, self.commands = cfg, run_config, signals, commands
+        self.enabled = enabled  # several ranks: the main one writes, the others only wait for it
         self.last: Path | None = latest_checkpoint(cfg.output_dir)
 
     def due(self, step: int) -> bool:
@@ -670,6 +704,9 @@ class Checkpointer:
     def save(self, trainer: Trainer, rng_state: dict | None = None) -> Path:
         """A checkpoint of the trainer as it is now (rng_state: the generators to store, default: now)."""
         if self.last is not None and _step_of(self.last) == trainer.step:
+            return self.last
+        if not self.enabled:
+            distributed.barrier(trainer.dist)  # resume needs the main rank's checkpoint to be complete
             return self.last
         extra = None
         if trainer.ref_cache is not None:
@@ -695,6 +732,7 @@ class Checkpointer:
                 raise CheckpointError(f"{e}; no earlier checkpoint exists") from e
             raise CheckpointError(f"{e}; the previous checkpoint {self.describe_last()} is intact: fix that "
                                   f"and resume with: {self.commands.resume()}") from e
+        distributed.barrier(trainer.dist)
         return path
 
 
@@ -713,7 +751,7 @@ def train_loop(trainer: Trainer, writer: RunWriter, saver: Checkpointer, signals
 
     history = []
     with tqdm(total=trainer.total_steps, initial=trainer.step, desc="dpo", unit="step",
-              disable=bool(os.environ.get("TQDM_DISABLE"))) as bar:
+              disable=bool(os.environ.get("TQDM_DISABLE")) or not trainer.dist.is_main) as bar:
         while trainer.step < trainer.total_steps and signals.received is None:
             row = trainer.train_step()
             writer.append_metrics(row)
@@ -737,25 +775,33 @@ def run(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
     `argv` (the command line) only shapes the resume command the messages print.
     """
     started = time.time()
+    dist, device = distributed.setup(cfg.device)  # one process, or one rank of torchrun/accelerate launch
     run_config = cfg.run_dict()
     commands = Commands(cfg, argv)
-    check_output_dir(cfg.output_dir, run_config, resume=bool(cfg.resume or cfg.resume_from), overwrite=cfg.overwrite)
+    if dist.is_main:
+        check_output_dir(cfg.output_dir, run_config, resume=bool(cfg.resume or cfg.resume_from),
+                         overwrite=cfg.overwrite)
     resumed = load_resume_checkpoint(cfg, run_config)
     rows = data_mod.load_rows(data_spec(cfg))
     models.resolve_model_path(cfg.model)  # the default model missing: say so before anything loads
-    writer = RunWriter(cfg.output_dir)
-    if cfg.overwrite:
+    writer = RunWriter(cfg.output_dir, enabled=dist.is_main)
+    if cfg.overwrite and dist.is_main:
         writer.clear_previous_run()
-    if resumed is not None:
+    if resumed is not None and dist.is_main:
         drop_later_checkpoints(cfg.output_dir, resumed.step)
+    distributed.barrier(dist)
 
     with StopSignals() as signals:
-        saver = Checkpointer(cfg, run_config, signals, commands)
+        saver = Checkpointer(cfg, run_config, signals, commands, enabled=dist.is_main)
         try:
-            result = train_and_save(cfg, run_config, resumed, rows, writer, saver, signals, commands)
+            result = train_and_save(cfg, run_config, resumed, rows, writer, saver, signals, commands, dist, device)
         except StopNow as e:  # a second signal: out at once (a checkpoint write in progress was let finish)
             raise stopped_at_once(e.signum, saver, commands) from None
+        finally:
+            distributed.teardown(dist)
     elapsed = time.time() - started
+    if not dist.is_main:
+        return {**result, "seconds": elapsed}
     skipped = result["skipped_steps"]
     note = f" ({len(skipped)} skipped for a non-finite loss or gradient norm: steps {skipped})" if skipped else ""
     resumed_note = f" (resumed at step {resumed.step})" if resumed is not None else ""
@@ -765,13 +811,18 @@ def run(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
 
 
 def train_and_save(cfg: TrainConfig, run_config: dict, resumed: Checkpoint | None, rows, writer: RunWriter,
-                   saver: Checkpointer, signals: StopSignals, commands: Commands) -> dict:
+                   saver: Checkpointer, signals: StopSignals, commands: Commands,
+                   dist: distributed.DistInfo = distributed.DistInfo(), device: torch.device | None = None) -> dict:
     """Build (or restore) the trainer, run the loop, then the final checkpoint and adapter/."""
-    device = resolve_device(cfg.device)
+    device = device or resolve_device(cfg.device)
     model, tokenizer = build_model(cfg, device)
     pairs, report = load_training_pairs(cfg, tokenizer, rows)
-    print(report.format())
-    trainer = Trainer(model, tokenizer, cfg, pairs, device=device)
+    if dist.is_main:
+        print(report.format())
+        if dist.enabled:
+            print(f"dpo: {dist.world_size} ranks, {cfg.per_device_batch_size} pairs each per micro-batch "
+                  f"({cfg.per_device_batch_size * dist.world_size * cfg.grad_accum} pairs per optimizer step)")
+    trainer = Trainer(model, tokenizer, cfg, pairs, device=device, dist=dist)
     if resumed is not None:
         trainer.load_state(resumed)
         if cfg.precompute_ref and not cfg.reference_free:
