@@ -79,7 +79,7 @@ class TrainConfig:
     # DPO
     beta: float = _opt(0.1, "DPO beta: strength of the KL penalty to the reference")
     loss_type: list[str] = _opt(("sigmoid",), f"One or more of: {', '.join(LOSS_TYPES)}")
-    loss_weights: list[float] | None = _opt(None, "Weight of each --loss-type (default: 1 each)")
+    loss_weights: list[float] | None = _opt(None, "Weight of each --loss-type (none: 1 each)")
     label_smoothing: float = _opt(0.0, "Label smoothing (robust, exo_pair, aot, aot_unpaired)")
     reference_free: bool = _opt(False, "Use no reference model (reference log-probs are 0)")
     precompute_ref: bool = _opt(False, "Compute the reference log-probs of all pairs once before training")
@@ -194,6 +194,11 @@ def _looks_local(path: str) -> bool:
 # --- parsing ----------------------------------------------------------------------------------
 
 
+def _show(value) -> str:
+    """A default as a user would type it: lists space-separated."""
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -238,10 +243,10 @@ def build_parser(prog: str = "python -m dpo.train", cls=TrainConfig) -> argparse
         names = (_flag(f.name), *f.metadata.get("aliases", ()))
         if kind is bool:
             parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_text + f" (default: {f.default})")
+                                default=argparse.SUPPRESS, help=help_text + f" (default: {_show(f.default)})")
             continue
         optional = type(None) in get_args(tp)
-        kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text + f" (default: {f.default})")
+        kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text + f" (default: {_show(f.default)})")
         kw["type"] = _parse_optional(kind) if optional and get_origin(tp) is not list else kind
         if get_origin(tp) is list or list in (get_origin(a) for a in get_args(tp)):
             kw["nargs"] = "+"
