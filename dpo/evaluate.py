@@ -343,34 +343,35 @@ def generation_report(model, tokenizer, task, prompts: list, max_new_tokens: int
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     started = time.time()
     ids = [prompt_ids(tokenizer, p) for p in prompts]
-    pol_ids = greedy_generate(model, tokenizer, ids, max_new_tokens, batch_size)
-    pol_text = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in pol_ids]
-    pol_rewards = [float(task.reward(p, c)) for p, c in zip(prompts, pol_text)]
+
+    def scored(generator, name: str):
+        """Greedy completions of `generator`, their rewards, and their summaries under `name_` keys."""
+        out_ids = greedy_generate(generator, tokenizer, ids, max_new_tokens, batch_size)
+        text = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in out_ids]
+        rewards = [float(task.reward(p, c)) for p, c in zip(prompts, text)]
+        return out_ids, text, rewards, {
+            f"{name}_completions": text,
+            f"{name}_rewards": rewards,
+            f"{name}_reward_mean": _mean(rewards),
+            f"{name}_positive_share": _mean([float(r > 0) for r in rewards]),
+            f"{name}_negative_share": _mean([float(r < 0) for r in rewards]),
+            f"{name}_tokens_mean": _mean([len(t) for t in out_ids]),
+        }
+
+    pol_ids, _, pol_rewards, pol_summary = scored(model, "policy")
     report: dict[str, Any] = {
         "task": getattr(task, "name", None),
         "num_prompts": len(prompts),
         "max_new_tokens": max_new_tokens,
         "decoding": "greedy",
         "prompts": [_prompt_display(p) for p in prompts],
-        "policy_completions": pol_text,
-        "policy_rewards": pol_rewards,
-        "policy_reward_mean": _mean(pol_rewards),
-        "policy_positive_share": _mean([float(r > 0) for r in pol_rewards]),
-        "policy_negative_share": _mean([float(r < 0) for r in pol_rewards]),
-        "policy_tokens_mean": _mean([len(t) for t in pol_ids]),
+        **pol_summary,
     }
     if ref:
         with _as_reference(model, ref_model) as reference:
-            ref_ids = greedy_generate(reference, tokenizer, ids, max_new_tokens, batch_size)
-        ref_text = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in ref_ids]
-        ref_rewards = [float(task.reward(p, c)) for p, c in zip(prompts, ref_text)]
+            _, _, ref_rewards, ref_summary = scored(reference, "reference")
         report.update({
-            "reference_completions": ref_text,
-            "reference_rewards": ref_rewards,
-            "reference_reward_mean": _mean(ref_rewards),
-            "reference_positive_share": _mean([float(r > 0) for r in ref_rewards]),
-            "reference_negative_share": _mean([float(r < 0) for r in ref_rewards]),
-            "reference_tokens_mean": _mean([len(t) for t in ref_ids]),
+            **ref_summary,
             "policy_beats_reference": _mean([float(a > b) for a, b in zip(pol_rewards, ref_rewards)]),
             "policy_ties_reference": _mean([float(a == b) for a, b in zip(pol_rewards, ref_rewards)]),
             "kl": {**kl_to_reference(model, tokenizer, ids, pol_ids, ref_model=ref_model,
