@@ -6,6 +6,7 @@ tests that need it skip with a clear reason where that package is absent.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -20,6 +21,20 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HH_HELPFUL = SHARED_DATA / "hh-rlhf-helpful-base-test.jsonl.gz"
 HH_HARMLESS = SHARED_DATA / "hh-rlhf-harmless-base-test.jsonl.gz"
 ULTRAFEEDBACK = SHARED_DATA / "ultrafeedback_binarized-train_clean.jsonl"
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread: the same float sums in every run and process (and fast on a shared CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
 
 
 def require_file(path: Path) -> Path:

@@ -13,6 +13,7 @@ import torch
 
 from dpo import models, smollm2, train
 from dpo.config import FLOAT16_REFUSAL, TrainConfig, config_from_args
+from .conftest import write_jsonl
 
 TRL_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                "logps/rejected", "grad_norm", "learning_rate")
@@ -21,18 +22,13 @@ ROWS = [{"prompt": f"Name a colour, number {i}.", "chosen": f" Blue, {i}.", "rej
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def one_thread(single_thread):
+    """Every test here on one thread (conftest.single_thread)."""
 
 
 @pytest.fixture
 def data(tmp_path) -> Path:
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
-    return path
+    return write_jsonl(tmp_path / "pairs.jsonl", ROWS)
 
 
 def flags(model_dir, data, out, *extra) -> list[str]:

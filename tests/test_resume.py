@@ -24,25 +24,20 @@ from safetensors.torch import load_file
 
 from dpo import checkpoint, models, train
 from dpo.checkpoint import load_checkpoint
+from .conftest import write_jsonl
 
 ROWS = [{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f" It is {2 * i}.",
          "rejected": f" Perhaps {3 * i + 1}, I am not sure."} for i in range(14)]
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the same float sums in every run and process (and fast on a shared CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def one_thread(single_thread):
+    """Every test here on one thread (conftest.single_thread)."""
 
 
 @pytest.fixture
 def data(tmp_path) -> Path:
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
-    return path
+    return write_jsonl(tmp_path / "pairs.jsonl", ROWS)
 
 
 def flags(model_dir, data, out, *extra, steps: int = 6) -> list[str]:
