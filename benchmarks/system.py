@@ -19,11 +19,16 @@ import time
 
 SYSTEMS = ("ours-unsloth", "ours-hf", "trl-unsloth", "trl-unsloth-precompute", "trl-hf")
 # Our optimisations, each a row on the table (see README): names -> TrainConfig changes.
+# "lean": the input-embedding table in CPU memory and a 128-token LM-head chunk; "precompute+lean" also
+# runs the reference pass at the training micro-batch, so no pass holds more rows than training does.
+LEAN = {"embeddings_on_cpu": True, "logprob_chunk": 128}
 VARIANTS = {
     "base": {},
     "precompute": {"precompute_ref": True},
     "no-ckpt": {"gradient_checkpointing": False},
     "precompute+no-ckpt": {"precompute_ref": True, "gradient_checkpointing": False},
+    "lean": LEAN,
+    "precompute+lean": {"precompute_ref": True, "precompute_at_micro_batch": True, **LEAN},
 }
 LR, BETA, LORA_R, LORA_ALPHA, MAX_LENGTH = 5e-5, 0.1, 16, 16, 1024
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -62,35 +67,55 @@ def run_ours(a, rows, out: dict) -> None:
     import torch
 
     from dpo import data as data_mod
+    from dpo import distributed
     from dpo.config import TrainConfig
     from dpo.train import Trainer, build_model
 
+    info, device = distributed.setup(a.device)  # one process, or one rank under torchrun
+    variant = dict(VARIANTS[a.variant])
+    if variant.pop("precompute_at_micro_batch", False):
+        variant["precompute_ref_batch_size"] = a.micro_batch
     cfg = TrainConfig(model=a.model_dir, dataset="benchmark", backend="unsloth" if a.system == "ours-unsloth" else "hf",
                       load_in_4bit=a.load_in_4bit, max_length=MAX_LENGTH, per_device_batch_size=a.micro_batch,
                       grad_accum=a.grad_accum, max_steps=a.steps, learning_rate=LR, beta=BETA, lora_r=LORA_R,
                       lora_alpha=LORA_ALPHA, optim="adamw_8bit" if a.device == "cuda" else "adamw_torch",
                       shuffle=False, dtype="bfloat16" if a.device == "cuda" else "float32", device=a.device,
-                      **VARIANTS[a.variant])
+                      **variant)
     t = time.perf_counter()
-    model, tok = build_model(cfg, torch.device(a.device))
+    model, tok = build_model(cfg, device)
     sync()
     out["load_s"] = time.perf_counter() - t
+    out["model_mem_gib"] = torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else None
     setup_start = time.perf_counter()
     plain = [data_mod.PreferenceRow(r["prompt"], r["chosen"], r["rejected"], i) for i, r in enumerate(rows)]
     pairs = [data_mod.tokenize_row(tok, r) for r in plain]
-    trainer = Trainer(model, tok, cfg, pairs, device=torch.device(a.device))
+    trainer = Trainer(model, tok, cfg, pairs, device=device, dist=info)
     if cfg.precompute_ref:
         trainer.precompute_reference()
     ends, tokens = [], []
+    profiler = start_profiler(a, out) if a.profile else None
 
     def on_step(row):
         sync()
         ends.append(time.perf_counter())
         tokens.append(row["num_tokens"])
+        if len(ends) == 1 and device.type == "cuda":  # weights + LoRA + optimizer state, between steps
+            out["after_first_step_mem_gib"] = torch.cuda.memory_allocated() / 2**30
+        if profiler is not None:
+            profiler.step()
 
     history = trainer.train(on_step)
-    out.update(summarise(ends, tokens, setup_start, a.warmup, a.micro_batch * a.grad_accum))
+    out.update(summarise(ends, tokens, setup_start, a.warmup, a.micro_batch * a.grad_accum * info.world_size))
     out["final_loss"] = history[-1]["loss"]
+    out["gpus"] = info.world_size
+    distributed.teardown(info)
+
+
+def start_profiler(a, out: dict):
+    """torch.profiler over the two steps after warm-up: where the GPU time goes, and how much is idle."""
+    from benchmarks import profile
+
+    return profile.StepProfiler(warmup=a.warmup, active=2, out=out)
 
 
 def run_trl(a, rows, out: dict) -> None:
@@ -168,6 +193,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile two steps after warm-up (our systems; see benchmarks/profile.py); summary in --out")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     from benchmarks.workload import SHAPES, pair_rows
@@ -175,7 +202,8 @@ def main() -> None:
     shape = SHAPES[a.shape]
     a.load_in_4bit = shape.load_in_4bit and a.device == "cuda"
     a.model_dir = os.path.abspath(a.model_dir)
-    rows = pair_rows(a.steps * a.micro_batch * a.grad_accum)
+    world = int(os.environ.get("WORLD_SIZE", 1))  # under torchrun every rank builds the same pairs
+    rows = pair_rows(a.steps * a.micro_batch * a.grad_accum * world)
     out = {"system": a.system, "variant": a.variant, "shape": a.shape, "micro_batch": a.micro_batch,
            "grad_accum": a.grad_accum, "steps": a.steps, "warmup_steps": a.warmup}
     try:
@@ -187,7 +215,9 @@ def main() -> None:
         out["error"] = f"{type(e).__name__}: {str(e)[:500]}"
     out.update(memory())
     if "tokens_per_s" in out and a.device == "cuda":
-        out["mfu"] = 8 * shape.matmul_params() * out["tokens_per_s"] / 989.4e12
+        out["mfu"] = 8 * shape.matmul_params() * out["tokens_per_s"] / 989.4e12 / out.get("gpus", 1)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return  # rank 0 writes the run (its own peak memory; the speed counts every rank's tokens)
     with open(a.out, "w") as f:
         json.dump(out, f, indent=2)
     print(json.dumps(out))

@@ -61,7 +61,7 @@ OVERWRITE_FLAG = "--overwrite-output-dir"
 # a different run stitched onto the first. optimizer.load_state_dict() also silently restores the
 # saved lr/betas/eps/weight_decay, so a changed optimizer flag would otherwise be ignored without a
 # word. Hardware and speed choices (device, dtype, backend, load_in_4bit, gradient_checkpointing,
-# logprobs) and output_dir may change.
+# logprobs, logprob_chunk, embeddings_on_cpu) and output_dir may change.
 RESUME_LOCKED_KEYS: tuple[str, ...] = (
     "model",
     "dataset",

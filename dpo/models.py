@@ -141,6 +141,58 @@ def reference_mode(model):
             yield
 
 
+class HostEmbedding(torch.nn.Module):
+    """A frozen input-embedding table kept in CPU memory: ids[...] -> embeddings[..., H] on the ids' device.
+
+    The lookup is a row copy, so the numbers are exactly those of the table on the GPU; only the
+    [B, T, H] result crosses to the device (4 x 1024 x 4096 bf16 = 32 MiB for Llama-3-8B rows), while
+    the table itself (128256 x 4096 bf16 = 0.98 GiB) stays off it. The table is a plain attribute,
+    not a parameter or buffer, so `model.to(device)` leaves it on the host and `model.device` still
+    names the GPU. Its output requires grad under autograd, as `enable_input_require_grads` would
+    make it, so checkpointed blocks above it still get a graph to recompute.
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.table = weight.detach().to("cpu")
+        self.num_embeddings, self.embedding_dim = self.table.shape
+
+    @property
+    def weight(self) -> torch.Tensor:  # read by libraries that check the input embedding (frozen: no grad)
+        return self.table
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = input_ids.to("cpu")
+        pin = input_ids.is_cuda  # a page-locked staging buffer lets the copy to the GPU run asynchronously
+        out = torch.empty((ids.numel(), self.embedding_dim), dtype=self.table.dtype, pin_memory=pin)
+        torch.index_select(self.table, 0, ids.reshape(-1), out=out)
+        out = out.view(*ids.shape, self.embedding_dim).to(input_ids.device, non_blocking=pin)
+        return out.requires_grad_() if torch.is_grad_enabled() else out
+
+
+def embeddings_to_host(model) -> int:
+    """Move the input-embedding table of a (PEFT-wrapped) causal LM to CPU memory; returns bytes freed.
+
+    Refused where the table is trained or tied to the LM head (the head needs it on the GPU).
+    """
+    lm = _causal_lm(model)
+    emb = lm.get_input_embeddings()
+    if isinstance(emb, HostEmbedding):
+        return 0
+    head = lm.get_output_embeddings()
+    if head is not None and head.weight.data_ptr() == emb.weight.data_ptr():
+        raise ValueError("this model ties its input embeddings to the LM head (tie_word_embeddings), so the "
+                         "table must stay on the GPU for the head")
+    if emb.weight.requires_grad:
+        raise ValueError("the input embeddings are being trained, so they must stay on the GPU")
+    freed = emb.weight.numel() * emb.weight.element_size() if emb.weight.is_cuda else 0
+    lm.set_input_embeddings(HostEmbedding(emb.weight))
+    del emb
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return freed
+
+
 def completion_logps(model, batch: Batch, mode: str = "chunked", chunk_size: int = 256) -> torch.Tensor:
     """Summed completion log-probs of every row of the batch ([2B] float32), from one forward."""
     if mode == "full":

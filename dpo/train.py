@@ -238,9 +238,9 @@ class Trainer:
             return torch.zeros(batch.input_ids.shape[0], device=self.device)
         with torch.no_grad(), self._autocast():
             if self.ref_model is not None:
-                return models.completion_logps(self.ref_model, batch, self.cfg.logprobs)
+                return models.completion_logps(self.ref_model, batch, self.cfg.logprobs, self.cfg.logprob_chunk)
             with models.reference_mode(self.model):
-                return models.completion_logps(self.model, batch, self.cfg.logprobs)
+                return models.completion_logps(self.model, batch, self.cfg.logprobs, self.cfg.logprob_chunk)
 
     def precompute_reference(self, batch_size: int | None = None) -> None:
         """Reference log-probs of every pair, once, before training (no_grad, length-sorted batches).
@@ -272,7 +272,7 @@ class Trainer:
         if ref is None:
             ref = self.reference_logps(batch)
         with self._autocast():
-            policy = models.completion_logps(self.model, batch, self.cfg.logprobs)
+            policy = models.completion_logps(self.model, batch, self.cfg.logprobs, self.cfg.logprob_chunk)
         b = batch.num_pairs
         tokens = batch.completion_mask.sum(dim=1)
         logps = PreferenceLogps(chosen=policy[:b], rejected=policy[b:], ref_chosen=ref[:b], ref_rejected=ref[b:],
@@ -420,7 +420,7 @@ def build_model(cfg: TrainConfig, device: torch.device):
                                                gradient_checkpointing=cfg.gradient_checkpointing)
         if cfg.disable_dropout:
             models.disable_dropout(model)
-        return model, tokenizer
+        return _place_embeddings(model, cfg), tokenizer
     if cfg.load_in_4bit and device.type != "cuda":
         raise ConfigError("--load-in-4bit: needs a CUDA GPU (bitsandbytes NF4)")
     try:
@@ -440,7 +440,17 @@ def build_model(cfg: TrainConfig, device: torch.device):
         models.disable_dropout(model)
     if cfg.gradient_checkpointing:
         models.enable_gradient_checkpointing(model)
-    return model if cfg.load_in_4bit else model.to(device), tokenizer
+    return _place_embeddings(model if cfg.load_in_4bit else model.to(device), cfg), tokenizer
+
+
+def _place_embeddings(model, cfg: TrainConfig):
+    """--embeddings-on-cpu: the frozen input-embedding table moves to CPU memory (see models.HostEmbedding)."""
+    if cfg.embeddings_on_cpu:
+        try:
+            models.embeddings_to_host(model)
+        except ValueError as e:
+            raise ConfigError(f"--embeddings-on-cpu: {e}") from None
+    return model
 
 
 def _replace_dir(make, final: Path) -> None:

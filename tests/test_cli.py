@@ -116,6 +116,7 @@ BAD = [
     (["--dtype", "float16"], f"dpo: error: argument --dtype: {FLOAT16_REFUSAL} (see --help)"),
     (["--dtype", "fp16"], f"dpo: error: argument --dtype: {FLOAT16_REFUSAL} (see --help)"),
     (["--save-steps", "-1"], "dpo: error: --save-steps: must be >= 0 (0: only at the end), got -1"),
+    (["--logprob-chunk", "0"], "dpo: error: --logprob-chunk: must be >= 1, got 0"),
     (["--on-nan", "ignore"], "dpo: error: argument --on-nan: invalid choice: 'ignore'"),
     (["--resume-from", "MISSING"], "dpo: error: --resume-from: no such checkpoint folder: "),
     (["--adapter", "PICKLED"], "holds no adapter_model.safetensors (adapters load from safetensors only; a pickled "

@@ -22,47 +22,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from . import gpu_results
+from .conftest import run_gpu_mode
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-ROOT = Path(__file__).resolve().parents[1]
 U = 2.0**-8
-
-
-def _run(*args, timeout=900) -> None:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1", PYTHONUNBUFFERED="1",
-               TQDM_DISABLE="1")
-    env.setdefault("UNSLOTH_COMPILE_LOCATION", "/tmp/unsloth_cache")
-    subprocess.run([sys.executable, "-m", "tests.gpu.runs", *map(str, args)], cwd=ROOT, env=env, check=True,
-                   timeout=timeout)
-
-
-@pytest.fixture(scope="session")
-def tokenizer_dir() -> str:
-    if os.environ.get("DPO_TOKENIZER_DIR"):
-        return os.environ["DPO_TOKENIZER_DIR"]
-    from dpo import smollm2
-
-    try:
-        path = str(smollm2.plain_copy(with_model=False))
-    except smollm2.MissingDefaultModel as e:
-        pytest.skip(f"no tokenizer: set DPO_TOKENIZER_DIR ({e})")
-    os.environ["DPO_TOKENIZER_DIR"] = path
-    return path
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory, tokenizer_dir) -> Path:
-    out = tmp_path_factory.mktemp("gpu-llama")
-    _run("make-model", out)
-    return out
 
 
 def _runs_dir(tmp_path_factory) -> Path:
@@ -75,16 +44,16 @@ def _runs_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def unsloth_run(model_dir, tmp_path_factory) -> dict:
+def unslothrun_gpu_mode(model_dir, tmp_path_factory) -> dict:
     out = _runs_dir(tmp_path_factory) / "unsloth.json"
-    _run("unsloth", model_dir, out)
+    run_gpu_mode("unsloth", model_dir, out)
     return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="session")
-def hf_run(model_dir, tmp_path_factory) -> dict:
+def hfrun_gpu_mode(model_dir, tmp_path_factory) -> dict:
     out = _runs_dir(tmp_path_factory) / "hf.json"
-    _run("hf", model_dir, out)
+    run_gpu_mode("hf", model_dir, out)
     return json.loads(out.read_text())
 
 
@@ -141,7 +110,7 @@ def test_twenty_steps_hf_backend_equals_unsloth(unsloth_run, hf_run):
 
 def test_chunked_logprobs_fit_where_full_logits_do_not(tmp_path_factory):
     out = _runs_dir(tmp_path_factory) / "memory.json"
-    _run("memory", out)
+    run_gpu_mode("memory", out)
     r = json.loads(out.read_text())
     chunked, full = r["chunked"], r["full"]
     # Recorded as: chunked peak (GiB) against the budget between the two peaks; the full path's peak

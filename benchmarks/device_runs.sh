@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The GPU runs behind benchmarks/results/, as sent to a multi-GPU H100 host through the device tool.
+# From the repository root, with .whl/site.tgz (scripts/make_gpu_site.sh) and .whl/tok carried:
+#
+#   bash benchmarks/device_runs.sh single   # 8B rows, one GPU each, 4 at a time (+ a profile)
+#   bash benchmarks/device_runs.sh scaling  # multi_gpu.json: K = 1, 2, 4 for the 1B and 8B shapes
+#   bash benchmarks/device_runs.sh suite    # pytest -m gpu (2 GPUs: the NCCL tests) beside more rows
+#
+# Results go to $OUT (the device tool's folder) or ./device-out. Each single-GPU run gets its own
+# compile caches, so every row's first step (and so its e2e time) compiles from cold, as a user's would.
+set -u
+source scripts/gpu_env.sh
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+OUT=${OUT:-device-out}; mkdir -p "$OUT"
+MODELS=/tmp/dpo-bench-models
+T0=$(date +%s)
+
+models() {
+  for shape in "$@"; do
+    [ -f "$MODELS/$shape/config.json" ] || python -c "from benchmarks.workload import SHAPES, make_model; \
+make_model(SHAPES['$shape'], '$MODELS/$shape')" || echo "could not make $shape"
+  done
+}
+
+# one GPU_ID SYSTEM VARIANT SHAPE MICRO ACCUM [extra args]: a single-GPU run in the background
+one() {
+  local gpu=$1 system=$2 variant=$3 shape=$4 micro=$5 accum=$6; shift 6
+  local name="${shape}_${system}_${variant//+/_}_${micro}x${accum}"
+  local cache=/tmp/cache-$name; rm -rf "$cache"; mkdir -p "$cache"
+  CUDA_VISIBLE_DEVICES=$gpu UNSLOTH_COMPILE_LOCATION=$cache/unsloth TORCHINDUCTOR_CACHE_DIR=$cache/inductor \
+    TRITON_CACHE_DIR=$cache/triton timeout 420 python -m benchmarks.system --system "$system" --variant "$variant" \
+    --shape "$shape" --model-dir "$MODELS/$shape" --micro-batch "$micro" --grad-accum "$accum" --steps 8 --warmup 2 \
+    --out "$OUT/run_$name.json" "$@" > "/tmp/log_$name.txt" 2>&1 &
+}
+
+case "${1:-}" in
+  single)
+    nvidia-smi -L
+    models llama3-8b-qlora
+    one 0 ours-unsloth base llama3-8b-qlora 2 4 --profile
+    one 1 ours-unsloth precompute+lean llama3-8b-qlora 2 4
+    one 2 ours-unsloth lean llama3-8b-qlora 2 4
+    one 3 trl-unsloth base llama3-8b-qlora 2 4
+    wait
+    ;;
+  scaling)
+    models llama3.2-1b-lora llama3-8b-qlora
+    python -m benchmarks.multi_gpu --shapes llama3.2-1b-lora llama3-8b-qlora --gpus 1 2 4 \
+      --out "$OUT/multi_gpu.json" --deadline-s 470 --run-timeout-s 150
+    ;;
+  suite)
+    models llama3.2-1b-lora llama3-8b-qlora
+    one 2 ours-unsloth precompute+no-ckpt llama3-8b-qlora 2 4 --profile
+    one 3 ours-unsloth precompute+lean llama3-8b-qlora 8 1
+    CUDA_VISIBLE_DEVICES=0,1 DPO_TOKENIZER_DIR=$PWD/.whl/tok DPO_GPU_RESULTS=$OUT/gpu_equivalence.json \
+      timeout 500 python -m pytest -m gpu -q -p no:cacheprovider tests/ > "$OUT/gpu_suite.txt" 2>&1
+    wait
+    ;;
+  *) echo "usage: $0 single|scaling|suite"; exit 2 ;;
+esac
+echo "phase ${1} took $(( $(date +%s) - T0 )) s"
+tail -n 3 /tmp/log_*.txt 2>/dev/null | cut -c1-400
+exit 0

@@ -1,0 +1,87 @@
+"""Where our training step spends its time on the GPU: torch.profiler over steady-state steps.
+
+`python -m benchmarks.system ... --profile` adds a `profile` object to the run's JSON:
+    wall_s            wall time of the profiled steps (each ends with a device sync)
+    gpu_busy_s        time during which at least one kernel or copy ran (union of their intervals)
+    gpu_busy_frac     gpu_busy_s / wall_s: the rest is the GPU waiting on Python, launches or the host
+    kernels_per_step  kernel launches per optimizer step
+    families          seconds of kernel time per family (4-bit dequantisation, matmul, attention, ...)
+    top_kernels       the 15 kernels with the most time: [name, seconds, launches]
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+FAMILIES = (  # first match wins; names lower-cased
+    ("4-bit dequantise", ("dequant",)),
+    ("matmul", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "matmul", "wgmma")),
+    ("attention", ("flash", "fmha", "attention", "efficient_attention")),
+    ("copy/memset", ("memcpy", "memset", "copy_kernel")),
+    ("softmax/log-softmax", ("softmax",)),
+    ("fused (Triton)", ("triton",)),
+)
+
+
+def family(name: str) -> str:
+    low = name.lower()
+    for fam, keys in FAMILIES:
+        if any(k in low for k in keys):
+            return fam
+    return "other elementwise/reduction"
+
+
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    """Total length covered by [start, end) intervals."""
+    total, end_so_far = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end <= end_so_far:
+            continue
+        total += end - max(start, end_so_far)
+        end_so_far = end
+    return total
+
+
+class StepProfiler:
+    """Call step() after every optimizer step; profiles `active` steps after `warmup` ones."""
+
+    def __init__(self, warmup: int, active: int, out: dict):
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        self.skip, self.active, self.out, self.calls, self.t0 = max(warmup, 1), active, out, 0, None
+        self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                            schedule=schedule(wait=self.skip - 1, warmup=1, active=active, repeat=1),
+                            on_trace_ready=self._summarise)
+        self.prof.start()
+
+    def step(self) -> None:
+        self.calls += 1
+        if self.calls == self.skip:
+            self.t0 = time.perf_counter()
+        if self.calls == self.skip + self.active:
+            self.wall = time.perf_counter() - self.t0
+        self.prof.step()
+        if self.calls == self.skip + self.active:
+            self.prof.stop()
+
+    def _summarise(self, prof) -> None:
+        from torch.autograd import DeviceType
+
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+        families: dict[str, float] = defaultdict(float)
+        for e in kernels:
+            seconds = (e.time_range.end - e.time_range.start) / 1e6
+            by_name[e.name][0] += seconds
+            by_name[e.name][1] += 1
+            families[family(e.name)] += seconds
+        busy = union_length([(e.time_range.start, e.time_range.end) for e in kernels]) / 1e6
+        wall = getattr(self, "wall", None) or busy
+        top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:15]
+        self.out["profile"] = {
+            "profiled_steps": self.active, "wall_s": wall, "gpu_busy_s": busy, "gpu_busy_frac": busy / wall,
+            "kernel_time_s": sum(v[0] for v in by_name.values()), "kernels_per_step": len(kernels) / self.active,
+            "families": dict(sorted(families.items(), key=lambda kv: -kv[1])),
+            "top_kernels": [[name[:120], v[0], v[1]] for name, v in top],
+        }
