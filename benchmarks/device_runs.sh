@@ -28,7 +28,7 @@ one() {
   local name="${shape}_${system}_${variant//+/_}_${micro}x${accum}"
   local cache=/tmp/cache-$name; rm -rf "$cache"; mkdir -p "$cache"
   CUDA_VISIBLE_DEVICES=$gpu UNSLOTH_COMPILE_LOCATION=$cache/unsloth TORCHINDUCTOR_CACHE_DIR=$cache/inductor \
-    TRITON_CACHE_DIR=$cache/triton timeout 420 python -m benchmarks.system --system "$system" --variant "$variant" \
+    TRITON_CACHE_DIR=$cache/triton timeout 420 taskset -c "${CPUS:-0-$(( $(nproc) - 1 ))}" python -m benchmarks.system --system "$system" --variant "$variant" \
     --shape "$shape" --model-dir "$MODELS/$shape" --micro-batch "$micro" --grad-accum "$accum" --steps 8 --warmup 2 \
     --out "$OUT/run_$name.json" "$@" > "/tmp/log_$name.txt" 2>&1 &
 }
@@ -56,7 +56,32 @@ case "${1:-}" in
       timeout 500 python -m pytest -m gpu -q -p no:cacheprovider tests/ > "$OUT/gpu_suite.txt" 2>&1
     wait
     ;;
-  *) echo "usage: $0 single|scaling|suite"; exit 2 ;;
+  final)
+    # GPUs 0,1 and cores 0-31: the GPU suite. GPUs 2,3 and cores 32-63: 1B scaling at 20 steps, a
+    # profile of 1B on 2 GPUs, then two 8B rows side by side, then 8B scaling if time is left.
+    models llama3.2-1b-lora llama3-8b-qlora
+    CUDA_VISIBLE_DEVICES=0,1 DPO_TOKENIZER_DIR=$PWD/.whl/tok DPO_GPU_RESULTS=$OUT/gpu_equivalence.json \
+      timeout 540 taskset -c 0-31 python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_unsloth.py \
+      tests/test_distributed.py tests/test_memory_options.py > "$OUT/gpu_suite.txt" 2>&1 &
+    suite=$!
+    export CUDA_VISIBLE_DEVICES=2,3
+    taskset -c 32-63 python -m benchmarks.multi_gpu --shapes llama3.2-1b-lora --gpus 1 2 --steps 20 --warmup 4 \
+      --out "$OUT/multi_gpu_1b.json" --run-timeout-s 150
+    taskset -c 32-63 timeout 150 python -m torch.distributed.run --standalone --nproc-per-node 2 -m benchmarks.system \
+      --system ours-unsloth --variant precompute+no-ckpt --shape llama3.2-1b-lora --model-dir $MODELS/llama3.2-1b-lora \
+      --micro-batch 2 --grad-accum 4 --steps 8 --warmup 2 --profile --out "$OUT/profile_1b_k2.json" > /tmp/log_prof.txt 2>&1
+    unset CUDA_VISIBLE_DEVICES
+    CPUS=32-47 one 2 ours-unsloth precompute+lean llama3-8b-qlora 2 4
+    CPUS=48-63 one 3 ours-unsloth precompute llama3-8b-qlora 2 4
+    wait $(jobs -p | grep -v "^$suite$")
+    if [ $(( $(date +%s) - T0 )) -lt 400 ]; then
+      CUDA_VISIBLE_DEVICES=2,3 taskset -c 32-63 python -m benchmarks.multi_gpu --shapes llama3-8b-qlora --gpus 1 2 \
+        --steps 12 --warmup 2 --out "$OUT/multi_gpu_8b.json" --run-timeout-s 120 --deadline-s 60
+    fi
+    wait $suite
+    tail -n 15 "$OUT/gpu_suite.txt"
+    ;;
+  *) echo "usage: $0 single|scaling|suite|final"; exit 2 ;;
 esac
 echo "phase ${1} took $(( $(date +%s) - T0 )) s"
 tail -n 3 /tmp/log_*.txt 2>/dev/null | cut -c1-400

@@ -15,6 +15,7 @@ import time
 from collections import defaultdict
 
 FAMILIES = (  # first match wins; names lower-cased
+    ("communication (NCCL)", ("nccl",)),
     ("4-bit dequantise", ("dequant",)),
     ("matmul", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "matmul", "wgmma")),
     ("attention", ("flash", "fmha", "attention", "efficient_attention")),
@@ -68,7 +69,10 @@ class StepProfiler:
     def _summarise(self, prof) -> None:
         from torch.autograd import DeviceType
 
-        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        # GPU-timeline events, less the profiler's own annotations (ProfilerStep#N, Optimizer.step#...),
+        # which span whole steps and are not work.
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA
+                   and not getattr(e, "is_user_annotation", False) and "#" not in e.name]
         by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
         families: dict[str, float] = defaultdict(float)
         for e in kernels:

@@ -85,17 +85,20 @@ class Batch:
     attention_mask: torch.Tensor  # [2B, T] long
     completion_mask: torch.Tensor  # [2B, T] long: 1 on completion tokens
     row_ids: list[int] = field(default_factory=list)  # [B]
+    host_input_ids: torch.Tensor | None = None  # input_ids in CPU memory (kept by .to): for host-side lookups
 
     @property
     def num_pairs(self) -> int:
         return self.input_ids.shape[0] // 2
 
     def to(self, device) -> "Batch":
+        host = self.input_ids if self.input_ids.device.type == "cpu" else self.host_input_ids
         return Batch(
             self.input_ids.to(device),
             self.attention_mask.to(device),
             self.completion_mask.to(device),
             self.row_ids,
+            host,
         )
 
 

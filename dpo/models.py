@@ -162,11 +162,16 @@ class HostEmbedding(torch.nn.Module):
         return self.table
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        ids = input_ids.to("cpu")
-        pin = input_ids.is_cuda  # a page-locked staging buffer lets the copy to the GPU run asynchronously
-        out = torch.empty((ids.numel(), self.embedding_dim), dtype=self.table.dtype, pin_memory=pin)
-        torch.index_select(self.table, 0, ids.reshape(-1), out=out)
-        out = out.view(*ids.shape, self.embedding_dim).to(input_ids.device, non_blocking=pin)
+        # ids on the GPU must come back to the host first (a device sync); completion_logps avoids it
+        # by handing over the batch's own host copy through lookup().
+        return self.lookup(input_ids.to("cpu"), input_ids.device)
+
+    def lookup(self, host_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Embeddings of CPU-resident ids[...], delivered on `device` without waiting for it."""
+        pin = torch.device(device).type == "cuda"  # a page-locked buffer lets the copy run asynchronously
+        out = torch.empty((host_ids.numel(), self.embedding_dim), dtype=self.table.dtype, pin_memory=pin)
+        torch.index_select(self.table, 0, host_ids.reshape(-1), out=out)
+        out = out.view(*host_ids.shape, self.embedding_dim).to(device, non_blocking=pin)
         return out.requires_grad_() if torch.is_grad_enabled() else out
 
 
@@ -202,7 +207,12 @@ def completion_logps(model, batch: Batch, mode: str = "chunked", chunk_size: int
         raise ValueError(f"unknown log-prob mode {mode!r}: use 'chunked' or 'full'")
     lm = _causal_lm(model)
     backbone = getattr(lm, lm.base_model_prefix)
-    hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+    embedding = lm.get_input_embeddings()
+    if isinstance(embedding, HostEmbedding) and batch.host_input_ids is not None:  # no device sync
+        inputs = {"inputs_embeds": embedding.lookup(batch.host_input_ids, batch.input_ids.device)}
+    else:
+        inputs = {"input_ids": batch.input_ids}
+    hidden = backbone(**inputs, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
     return logps_math.sequence_logps_from_hidden(
         hidden, lm.get_output_embeddings(), batch.input_ids, batch.completion_mask, chunk_size
     )

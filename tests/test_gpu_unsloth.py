@@ -44,14 +44,14 @@ def _runs_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def unslothrun_gpu_mode(model_dir, tmp_path_factory) -> dict:
+def unsloth_run(model_dir, tmp_path_factory) -> dict:
     out = _runs_dir(tmp_path_factory) / "unsloth.json"
     run_gpu_mode("unsloth", model_dir, out)
     return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="session")
-def hfrun_gpu_mode(model_dir, tmp_path_factory) -> dict:
+def hf_run(model_dir, tmp_path_factory) -> dict:
     out = _runs_dir(tmp_path_factory) / "hf.json"
     run_gpu_mode("hf", model_dir, out)
     return json.loads(out.read_text())

@@ -95,3 +95,12 @@ def test_on_cuda_the_table_leaves_the_device_and_the_loss_stays(tiny_llama_dir, 
         for k in METRICS:
             gpu_results.record(f"embeddings-on-cpu/step{a['step']}/{k}", abs(a[k] - b[k]), 1e-5 * abs(a[k]) + 1e-7)
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), (a["step"], k)
+
+
+def test_a_batch_moved_to_the_device_keeps_its_host_ids_for_the_lookup():
+    from dpo.data import Batch
+
+    ids = torch.tensor([[5, 6, 7], [8, 9, 2]])
+    ones = torch.ones_like(ids)
+    moved = Batch(ids, ones, ones, [0]).to("cpu").to("cpu")
+    assert moved.host_input_ids is ids  # a GPU batch hands these to HostEmbedding.lookup: no device sync
