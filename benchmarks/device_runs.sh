@@ -33,6 +33,18 @@ one() {
     --out "$OUT/run_$name.json" "$@" > "/tmp/log_$name.txt" 2>&1 &
 }
 
+# `accelerate launch --multi_gpu` on GPUs 0,1: 2 steps of the hf backend on a small random Llama.
+launch_with_accelerate() {
+  DPO_TOKENIZER_DIR=$PWD/.whl/tok python -m tests.gpu.runs make-model /tmp/acc-model > /dev/null 2>&1 || return 1
+  python -c "import json; print(''.join(json.dumps({'prompt': f'Q{i}: add {i} and {i}?', 'chosen': f' {2*i}.', \
+'rejected': f' {2*i+1}?'}) + '\n' for i in range(16)), end='')" > /tmp/acc.jsonl
+  CUDA_VISIBLE_DEVICES=0,1 DPO_TOKENIZER_DIR=$PWD/.whl/tok timeout 240 accelerate launch --multi_gpu --num_processes 2 \
+    --num_machines 1 --mixed_precision no --dynamo_backend no -m dpo.train --model /tmp/acc-model \
+    --dataset /tmp/acc.jsonl --output-dir /tmp/acc-run --backend hf --device cuda --max-steps 2 \
+    --per-device-batch-size 2 --max-length 64
+  echo "accelerate exit code $?"; cat /tmp/acc-run/metrics.jsonl
+}
+
 case "${1:-}" in
   single)
     nvidia-smi -L
@@ -63,6 +75,8 @@ case "${1:-}" in
     CUDA_VISIBLE_DEVICES=0,1 DPO_TOKENIZER_DIR=$PWD/.whl/tok DPO_GPU_RESULTS=$OUT/gpu_equivalence.json \
       timeout 540 taskset -c 0-31 python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_unsloth.py \
       tests/test_distributed.py tests/test_memory_options.py > "$OUT/gpu_suite.txt" 2>&1 &
+    suite=$!
+    (wait $suite 2>/dev/null; launch_with_accelerate > "$OUT/accelerate.txt" 2>&1) &
     suite=$!
     export CUDA_VISIBLE_DEVICES=2,3
     taskset -c 32-63 python -m benchmarks.multi_gpu --shapes llama3.2-1b-lora --gpus 1 2 --steps 20 --warmup 4 \
