@@ -61,8 +61,11 @@ def measure(args) -> None:
             except (subprocess.TimeoutExpired, FileNotFoundError) as e:
                 res = {"error": type(e).__name__}
             row = {"shape": shape, "gpus": k, **{key: res[key] for key in KEEP if key in res},
-                   "wall_s": time.time() - t}
-            results["runs"] = [r for r in results["runs"] if (r["shape"], r["gpus"]) != (shape, k)] + [row]
+                   "wall_s": time.time() - t, "steps": args.steps, "warmup_steps": args.warmup}
+            if args.pass_name:
+                row["pass"] = args.pass_name
+            same = (row.get("pass"), shape, k)
+            results["runs"] = [r for r in results["runs"] if (r.get("pass"), r["shape"], r["gpus"]) != same] + [row]
             add_efficiency(results)
             save(out, results)
             print(json.dumps(row), flush=True)
@@ -71,25 +74,29 @@ def measure(args) -> None:
 def add_efficiency(results: dict) -> None:
     """efficiency = tokens/s at K over K times tokens/s at 1, per shape (the issue's measure);
     pair_efficiency the same in pairs/s, which does not depend on which pairs each K happened to draw."""
-    one = {r["shape"]: r for r in results["runs"] if r["gpus"] == 1 and "tokens_per_s" in r}
+    def group(r):  # runs are compared within one measuring pass (same host, steps and conditions)
+        return r.get("pass"), r["shape"]
+
+    one = {group(r): r for r in results["runs"] if r["gpus"] == 1 and "tokens_per_s" in r}
     for r in results["runs"]:
-        if "tokens_per_s" in r and r["shape"] in one:
-            r["efficiency"] = r["tokens_per_s"] / (r["gpus"] * one[r["shape"]]["tokens_per_s"])
-            r["pair_efficiency"] = r["pairs_per_s"] / (r["gpus"] * one[r["shape"]]["pairs_per_s"])
+        if "tokens_per_s" in r and group(r) in one:
+            r["efficiency"] = r["tokens_per_s"] / (r["gpus"] * one[group(r)]["tokens_per_s"])
+            r["pair_efficiency"] = r["pairs_per_s"] / (r["gpus"] * one[group(r)]["pairs_per_s"])
 
 
 def table(results: dict) -> str:
-    rows = ["| shape | GPUs | tokens/s | pairs/s | s/step | efficiency (tokens/s) | efficiency (pairs/s) | "
-            "peak GiB (rank 0) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = ["| pass | shape | GPUs | tokens/s | pairs/s | s/step | efficiency (tokens/s) | efficiency (pairs/s) | "
+            "peak GiB (rank 0) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
 
     def pct(r, key):
         return f"{100 * r[key]:.1f}%" if key in r else "n/a"
 
-    for r in sorted(results["runs"], key=lambda r: (r["shape"], r["gpus"])):
+    for r in sorted(results["runs"], key=lambda r: (str(r.get("pass", "")), r["shape"], r["gpus"])):
         if "tokens_per_s" not in r:
-            rows.append(f"| {r['shape']} | {r['gpus']} | failed: {r.get('error', '?')[:60]} | | | | | |")
+            rows.append(f"| {r.get('pass', '')} | {r['shape']} | {r['gpus']} | failed: {r.get('error', '?')[:60]} "
+                        "| | | | | |")
             continue
-        rows.append(f"| {r['shape']} | {r['gpus']} | {r['tokens_per_s']:,.0f} | {r['pairs_per_s']:.2f} | "
+        rows.append(f"| {r.get('pass', '')} | {r['shape']} | {r['gpus']} | {r['tokens_per_s']:,.0f} | {r['pairs_per_s']:.2f} | "
                     f"{r['step_s']:.2f} | {pct(r, 'efficiency')} | {pct(r, 'pair_efficiency')} | "
                     f"{r.get('peak_mem_gib') or float('nan'):.2f} |")
     return "\n".join(rows)
@@ -104,9 +111,11 @@ def render(path: Path) -> None:
     if start in text and end in text:
         s = results.get("settings", {})
         note = (f"\nMeasured on {results.get('device')}: ours-unsloth +{s.get('variant')}, "
-                f"{s.get('micro_batch_per_gpu')} pairs per GPU per micro-batch x {s.get('grad_accum')} micro-batches, "
-                f"{s.get('steps')} steps, the first {s.get('warmup_steps_excluded')} left out. Raw numbers: "
-                f"`{path.relative_to(ROOT)}`.\n\n")
+                f"{s.get('micro_batch_per_gpu')} pairs per GPU per micro-batch x {s.get('grad_accum')} micro-batches. "
+                f"Raw numbers: `{path.relative_to(ROOT)}`.\n\n")
+        for name, p in sorted(results.get("passes", {}).items()):
+            note += f"- pass {name}: {p}\n"
+        note += "\n"
         before, rest = text.split(start, 1)
         readme.write_text(before + start + note + md + "\n" + end + rest.split(end, 1)[1])
     print(md)
@@ -123,6 +132,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "multi_gpu.json"))
     ap.add_argument("--merge", action="store_true")
+    ap.add_argument("--pass-name", help="label these runs as one measuring pass (efficiency is computed within it)")
     ap.add_argument("--deadline-s", type=float, default=480)
     ap.add_argument("--run-timeout-s", type=float, default=240)
     ap.add_argument("--model-root", default="/tmp/dpo-bench-models")

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -125,7 +126,8 @@ def measure(args) -> None:
 
 
 def label(r: dict) -> str:
-    return r["system"] + ("" if r.get("variant", "base") == "base" else f" +{r['variant']}")
+    name = r["system"] + ("" if r.get("variant", "base") == "base" else f" +{r['variant']}")
+    return name + (f" [{r['batch']}]" if r.get("batch") else "")
 
 
 def table(results: dict) -> str:
@@ -162,25 +164,26 @@ def chart(results: dict, png: Path) -> None:
         ax.set_title(f"{shape}: pairs per second (higher is better)")
         ax.set_xlabel("pairs/s, steady state; blue = ours, grey = TRL")
         ax.margins(x=0.35)
-    fig.suptitle(f"DPO training throughput on {results.get('device', '?')}")
+    fig.suptitle(textwrap.fill(f"DPO training throughput on {results.get('device', '?')}", 70), fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 
 
-def render(path: Path) -> None:
+def render(path: Path, section: str = "gpu-throughput") -> None:
     results = load(path)
     md = table(results)
     path.with_suffix(".md").write_text(md + "\n")
     chart(results, path.with_suffix(".png"))
     readme = ROOT / "README.md"
-    start, end = "<!-- gpu-throughput:start -->", "<!-- gpu-throughput:end -->"
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
     text = readme.read_text()
     if start in text and end in text:
         before, rest = text.split(start, 1)
         after = rest.split(end, 1)[1]
-        note = (f"\nMeasured on {results.get('device')}; matmul rate measured on the same card: "
-                f"{results.get('matmul_tflops_measured', 0):.0f} TFLOP/s (bf16). Raw numbers: "
-                f"`{path.relative_to(ROOT)}`.\n\n")
+        note = f"\nMeasured on {results.get('device')}"
+        if results.get("matmul_tflops_measured"):
+            note += f"; matmul rate measured on the same card: {results['matmul_tflops_measured']:.0f} TFLOP/s (bf16)"
+        note += f". Raw numbers: `{path.relative_to(ROOT)}`.{(' ' + results['conditions']) if 'conditions' in results else ''}\n\n"
         readme.write_text(before + start + note + md + f"\n\n![throughput]({path.with_suffix('.png').relative_to(ROOT)})\n" + end + after)
     print(md)
 
@@ -199,9 +202,10 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for the CPU benchmark")
     ap.add_argument("--model-root", default="/tmp/dpo-bench-models")
     ap.add_argument("--render", metavar="JSON", help="only render the table, chart and README section")
+    ap.add_argument("--section", default="gpu-throughput", help="the README section --render replaces")
     args = ap.parse_args()
     if args.render:
-        render(Path(args.render).resolve())
+        render(Path(args.render).resolve(), args.section)
     else:
         measure(args)
 

@@ -67,3 +67,13 @@ def test_a_benchmark_run_under_torchrun_counts_every_ranks_pairs(tmp_path):
     assert res["gpus"] == 2 and res["measured_steps"] == 2
     # 2 ranks x 2 pairs x 2 micro-batches per step: pairs/s is 8 pairs a step over the seconds a step takes
     assert res["pairs_per_s"] == pytest.approx(8 / res["step_s"])
+
+
+def test_efficiency_compares_runs_of_the_same_pass_only():
+    speed = {"step_s": 1.0, "peak_mem_gib": 1.0}
+    results = {"runs": [{"pass": "a", "shape": "s", "gpus": 1, "tokens_per_s": 100.0, "pairs_per_s": 10.0, **speed},
+                        {"pass": "b", "shape": "s", "gpus": 1, "tokens_per_s": 200.0, "pairs_per_s": 20.0, **speed},
+                        {"pass": "b", "shape": "s", "gpus": 2, "tokens_per_s": 360.0, "pairs_per_s": 38.0, **speed}]}
+    multi_gpu.add_efficiency(results)
+    assert results["runs"][2]["efficiency"] == pytest.approx(0.9)  # against pass b's 200, not pass a's 100
+    assert results["runs"][2]["pair_efficiency"] == pytest.approx(0.95)
