@@ -5,6 +5,8 @@
 #   bash benchmarks/device_runs.sh single   # 8B rows, one GPU each, 4 at a time (+ a profile)
 #   bash benchmarks/device_runs.sh scaling  # multi_gpu.json: K = 1, 2, 4 for the 1B and 8B shapes
 #   bash benchmarks/device_runs.sh suite    # pytest -m gpu (2 GPUs: the NCCL tests) beside more rows
+#   bash benchmarks/device_runs.sh final    # the suite again, beside 1B scaling at 20 steps and two 8B rows
+#   bash benchmarks/device_runs.sh rows-1b  # (one GPU) the rows the one-GPU table still lacks; rows-8b too
 #
 # Results go to $OUT (the device tool's folder) or ./device-out. Each single-GPU run gets its own
 # compile caches, so every row's first step (and so its e2e time) compiles from cold, as a user's would.
@@ -95,7 +97,16 @@ case "${1:-}" in
     wait $suite
     tail -n 15 "$OUT/gpu_suite.txt"
     ;;
-  *) echo "usage: $0 single|scaling|suite|final"; exit 2 ;;
+  rows-1b|rows-8b)
+    # Rows still missing from the one-GPU table (issue 6), one at a time on one GPU (nvidia-h100-x1),
+    # each beside a fresh TRL+Unsloth 2x4 baseline; merge $OUT/gpu_throughput.json into the committed one.
+    if [ "$1" = rows-1b ]; then shape=llama3.2-1b-lora; runs="trl-unsloth:base:2x4 ours-unsloth:precompute+no-ckpt:2x4 \
+trl-unsloth-precompute:base:2x4 trl-hf:base:2x4 ours-hf:base:2x4 ours-unsloth:precompute+no-ckpt:8x1 trl-unsloth:base:8x1"
+    else shape=llama3-8b-qlora; runs="trl-unsloth:base:2x4 ours-unsloth:precompute+lean:2x4 ours-unsloth:lean:2x4 \
+ours-hf:base:2x4 ours-unsloth:precompute+lean:8x1 trl-hf:base:8x1"; fi
+    python -m benchmarks.run --shape $shape --runs $runs --out "$OUT/gpu_throughput.json" --deadline-s 480 --hard-stop-s 570
+    ;;
+  *) echo "usage: $0 single|scaling|suite|final|rows-1b|rows-8b"; exit 2 ;;
 esac
 echo "phase ${1} took $(( $(date +%s) - T0 )) s"
 tail -n 3 /tmp/log_*.txt 2>/dev/null | cut -c1-400

@@ -91,7 +91,7 @@ def load_starting_adapter(model, adapter_dir: str):
     peft_model.load_adapter(adapter_dir, adapter_name=REF_ADAPTER, is_trainable=False)
     peft_model.set_adapter("default")
     for name, p in peft_model.named_parameters():
-        p.requires_grad_(f".default." in name and "lora_" in name)
+        p.requires_grad_(".default." in name and "lora_" in name)
     return peft_model
 
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpo import checkpoint, models, train
+from dpo import checkpoint, lifecycle, models, train
 from dpo.checkpoint import load_checkpoint
 from .conftest import write_jsonl
 
@@ -120,7 +120,7 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tiny_llama_dir, data,
     assert [p.name for p in checkpoint.list_checkpoints(out)] == ["step-000003"]
     saved = load_checkpoint(out / "checkpoints" / "step-000003")
     assert saved.trainer_state["step"] == 3 and saved.trainer_state["num_tokens"] == metrics(out)[2]["num_tokens"]
-    assert ((out / "checkpoints" / "step-000003" / train.REF_CACHE_FILE).is_file()) == bool(extra)
+    assert ((out / "checkpoints" / "step-000003" / lifecycle.REF_CACHE_FILE).is_file()) == bool(extra)
     if extra:  # the reference log-probs come from the checkpoint, not a second pass
         monkeypatch.setattr(train.Trainer, "precompute_reference",
                             lambda self, *a: pytest.fail("reference recomputed on resume"))
@@ -184,7 +184,7 @@ def send_signals(monkeypatch, step: int, signum: int, again: str | None = None) 
     """In-process signals. again=None / "save": the first right after optimizer step `step`, a second
     (with "save") inside the checkpoint write that follows. again="step": both at the start of step `step`
     + 1, so the second one arrives while that step runs."""
-    real_step, real_save = train.Trainer.train_step, train.save_checkpoint
+    real_step, real_save = train.Trainer.train_step, lifecycle.save_checkpoint
 
     def train_step(self):
         if again == "step" and self.step == step:
@@ -201,7 +201,7 @@ def send_signals(monkeypatch, step: int, signum: int, again: str | None = None) 
         return real_save(*a, **k)
 
     monkeypatch.setattr(train.Trainer, "train_step", train_step)
-    monkeypatch.setattr(train, "save_checkpoint", save_checkpoint)
+    monkeypatch.setattr(lifecycle, "save_checkpoint", save_checkpoint)
 
 
 def no_hidden_leftovers(out: Path) -> None:
