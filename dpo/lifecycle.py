@@ -302,6 +302,9 @@ class Checkpointer:
         self.cfg, self.run_config, self.signals, self.commands = cfg, run_config, signals, commands
         self.enabled = enabled  # several ranks: the main one writes, the others only wait for it
         self.last: Path | None = latest_checkpoint(cfg.output_dir)
+        # Kept on every rank (only the main one writes): all ranks must agree on whether a save happens,
+        # or the main rank skips the barrier that the others then wait in.
+        self.last_step: int | None = _step_of(self.last) if self.last else None
 
     def due(self, step: int) -> bool:
         return self.cfg.save_steps > 0 and step % self.cfg.save_steps == 0
@@ -311,10 +314,11 @@ class Checkpointer:
 
     def save(self, trainer, rng_state: dict | None = None) -> Path:
         """A checkpoint of the trainer as it is now (rng_state: the generators to store, default: now)."""
-        if self.last is not None and _step_of(self.last) == trainer.step:
+        if self.last_step == trainer.step:
             return self.last
         if not self.enabled:
             distributed.barrier(trainer.dist)  # resume needs the main rank's checkpoint to be complete
+            self.last_step = trainer.step
             return self.last
         extra = None
         if trainer.ref_cache is not None:
@@ -334,7 +338,7 @@ class Checkpointer:
                     trainer_state=trainer.state(), config=self.run_config,
                     rng_state=rng_state if rng_state is not None else capture_rng(),
                     keep_last=self.cfg.save_total_limit or None, extra_files=extra)
-                self.last = path
+                self.last, self.last_step = path, trainer.step
         except CheckpointError as e:
             if self.last is None:
                 raise CheckpointError(f"{e}; no earlier checkpoint exists") from e

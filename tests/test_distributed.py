@@ -72,6 +72,23 @@ def test_two_gloo_ranks_equal_one_process_with_twice_the_batch(tmp_path, tiny_ll
     assert len(list((tmp_path / "k2" / "checkpoints").iterdir())) == 1
 
 
+@pytest.mark.slow
+def test_two_gloo_ranks_resume_exactly_on_the_same_number_of_ranks(tmp_path, tiny_llama_dir):
+    """4 steps straight on 2 ranks, against 2 steps, then --resume-from that step-2 checkpoint on 2 ranks."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    flags = CPU_FLAGS + ["--max-steps", "4", "--save-steps", "2", "--save-total-limit", "0"]
+    straight = _train(_torchrun(2), tmp_path / "straight", data, tiny_llama_dir, batch=1, flags=flags)
+    step2 = tmp_path / "straight" / "checkpoints" / "step-000002"
+    resumed = _train(_torchrun(2), tmp_path / "resumed", data, tiny_llama_dir, batch=1,
+                     flags=flags + ["--resume-from", str(step2)])
+    assert [r["step"] for r in straight] == [1, 2, 3, 4]
+    assert resumed == straight  # metrics.jsonl: steps 1-2 carried over, 3-4 redone bit for bit
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 # --- the same on GPUs (pytest -m gpu, on a machine with 2 or more) ---------------------------------
 # hf backend in float32: the ranks run the same kernels on half the rows, so the tolerance is the CPU
 # test's. Unsloth in 4-bit with bfloat16 compute: each rank pads its own shard, so rows meet kernels of
