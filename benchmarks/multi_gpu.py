@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -56,9 +57,9 @@ def measure(args) -> None:
                    str(args.grad_accum), "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", str(run_out)]
             t = time.time()
             try:
-                subprocess.run(cmd, cwd=ROOT, timeout=args.run_timeout_s, check=False)
+                run_group(cmd, args.run_timeout_s)
                 res = json.loads(run_out.read_text())
-            except (subprocess.TimeoutExpired, FileNotFoundError) as e:
+            except (subprocess.TimeoutExpired, FileNotFoundError, ValueError) as e:
                 res = {"error": type(e).__name__}
             row = {"shape": shape, "gpus": k, **{key: res[key] for key in KEEP if key in res},
                    "wall_s": time.time() - t, "steps": args.steps, "warmup_steps": args.warmup}
@@ -69,6 +70,18 @@ def measure(args) -> None:
             add_efficiency(results)
             save(out, results)
             print(json.dumps(row), flush=True)
+
+
+def run_group(cmd: list[str], timeout: float) -> None:
+    """Run torchrun in a process group of its own; on timeout, kill the whole group, workers included
+    (a worker left behind would hold its GPU through the next run)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
 
 
 def add_efficiency(results: dict) -> None:

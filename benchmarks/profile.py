@@ -4,7 +4,7 @@
     wall_s            wall time of the profiled steps (each ends with a device sync)
     gpu_busy_s        time during which at least one kernel or copy ran (union of their intervals)
     gpu_busy_frac     gpu_busy_s / wall_s: the rest is the GPU waiting on Python, launches or the host
-    kernels_per_step  kernel launches per optimizer step
+    kernels_per_step  GPU operations (kernels, and the few copies and memsets) per optimizer step
     families          seconds of kernel time per family (4-bit dequantisation, matmul, attention, ...)
     top_kernels       the 15 kernels with the most time: [name, seconds, launches]
 """

@@ -87,6 +87,15 @@ def sum_across(values: list[float], info: DistInfo, device: torch.device) -> lis
     return t.tolist()
 
 
+def max_across(values: list[float], info: DistInfo, device: torch.device) -> list[float]:
+    """Element-wise maximum over ranks (flags that every rank must agree on)."""
+    if not info.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

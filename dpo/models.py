@@ -148,14 +148,16 @@ class HostEmbedding(torch.nn.Module):
     [B, T, H] result crosses to the device (4 x 1024 x 4096 bf16 = 32 MiB for Llama-3-8B rows), while
     the table itself (128256 x 4096 bf16 = 0.98 GiB) stays off it. The table is a plain attribute,
     not a parameter or buffer, so `model.to(device)` leaves it on the host and `model.device` still
-    names the GPU. Its output requires grad under autograd, as `enable_input_require_grads` would
-    make it, so checkpointed blocks above it still get a graph to recompute.
+    names the GPU. With gradient checkpointing its output requires grad, as `enable_input_require_grads`
+    makes it, so checkpointed blocks above it still get a graph to recompute. The table is not in the
+    state_dict: export reloads the base model from disk (dpo.export), it never saves this one whole.
     """
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, output_requires_grad: bool = True):
         super().__init__()
         self.table = weight.detach().to("cpu")
         self.num_embeddings, self.embedding_dim = self.table.shape
+        self.output_requires_grad = output_requires_grad
 
     @property
     def weight(self) -> torch.Tensor:  # read by libraries that check the input embedding (frozen: no grad)
@@ -172,18 +174,23 @@ class HostEmbedding(torch.nn.Module):
         out = torch.empty((host_ids.numel(), self.embedding_dim), dtype=self.table.dtype, pin_memory=pin)
         torch.index_select(self.table, 0, host_ids.reshape(-1), out=out)
         out = out.view(*host_ids.shape, self.embedding_dim).to(device, non_blocking=pin)
-        return out.requires_grad_() if torch.is_grad_enabled() else out
+        return out.requires_grad_() if self.output_requires_grad and torch.is_grad_enabled() else out
 
 
-def embeddings_to_host(model) -> int:
+def embeddings_to_host(model, gradient_checkpointing: bool = True) -> int:
     """Move the input-embedding table of a (PEFT-wrapped) causal LM to CPU memory; returns bytes freed.
 
-    Refused where the table is trained or tied to the LM head (the head needs it on the GPU).
+    Refused where the table is trained or tied to the LM head (the head needs it on the GPU), and for
+    embedding modules that do more than a lookup (Gemma's scaled embeddings, say): HostEmbedding only
+    looks rows up, so it would silently drop what they add.
     """
     lm = _causal_lm(model)
     emb = lm.get_input_embeddings()
     if isinstance(emb, HostEmbedding):
         return 0
+    if not isinstance(emb, torch.nn.Embedding) or type(emb).forward is not torch.nn.Embedding.forward:
+        raise ValueError(f"the input embedding is a {type(emb).__name__}, which does more than look rows up; "
+                         "only a plain torch.nn.Embedding can move to CPU memory unchanged")
     head = lm.get_output_embeddings()
     if head is not None and head.weight.data_ptr() == emb.weight.data_ptr():
         raise ValueError("this model ties its input embeddings to the LM head (tie_word_embeddings), so the "
@@ -191,7 +198,7 @@ def embeddings_to_host(model) -> int:
     if emb.weight.requires_grad:
         raise ValueError("the input embeddings are being trained, so they must stay on the GPU")
     freed = emb.weight.numel() * emb.weight.element_size() if emb.weight.is_cuda else 0
-    lm.set_input_embeddings(HostEmbedding(emb.weight))
+    lm.set_input_embeddings(HostEmbedding(emb.weight, output_requires_grad=gradient_checkpointing))
     del emb
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -344,7 +344,7 @@ class Trainer:
     def state(self) -> dict:
         """What trainer_state.json holds: the step (hence the data position) and the counters."""
         return {"step": self.step, "num_tokens": self.num_tokens, "skipped_steps": list(self.skipped_steps),
-                "total_steps": self.total_steps, "data": self.data_fingerprint}
+                "total_steps": self.total_steps, "data": self.data_fingerprint, "world_size": self.dist.world_size}
 
     def load_state(self, ckpt: Checkpoint) -> None:
         """Continue from a checkpoint: weights, optimizer, schedule, counters, data position (not RNG)."""
@@ -354,6 +354,12 @@ class Trainer:
                 f"cannot resume from {ckpt.path}: the training data changed since it was written "
                 f"({saved.get('pairs')} pairs then, {now['pairs']} now; token hash {str(saved.get('sha256'))[:12]} "
                 f"then, {now['sha256'][:12]} now): same --dataset name, other content or tokenizer")
+        ranks = int(ckpt.trainer_state.get("world_size", 1))
+        if ranks != self.dist.world_size:  # the data position is a step of a plan made for that many ranks
+            raise CheckpointError(
+                f"cannot resume from {ckpt.path}: it was written by a run on {ranks} rank(s) and this run has "
+                f"{self.dist.world_size}; resume with the same number of processes (torchrun --nproc-per-node "
+                f"{ranks})")
         restore_trainable_state(self.model, ckpt.adapter_state)
         self.optimizer.load_state_dict(ckpt.optimizer_state)
         self.scheduler.load_state_dict(ckpt.scheduler_state)
@@ -433,7 +439,7 @@ def _place_embeddings(model, cfg: TrainConfig):
     """--embeddings-on-cpu: the frozen input-embedding table moves to CPU memory (see models.HostEmbedding)."""
     if cfg.embeddings_on_cpu:
         try:
-            models.embeddings_to_host(model)
+            models.embeddings_to_host(model, gradient_checkpointing=cfg.gradient_checkpointing)
         except ValueError as e:
             raise ConfigError(f"--embeddings-on-cpu: {e}") from None
     return model
@@ -457,6 +463,17 @@ def cpu_threads(requested: int, ranks: int = 1) -> int:
     return max(1, free // max(1, ranks))
 
 
+def agreed_signal(signals: StopSignals, trainer: Trainer) -> int | None:
+    """The signal that stops the run, the same on every rank: a signal may reach the ranks at different
+    steps, and a rank that left the loop alone would wait in a checkpoint barrier while the others wait
+    in the next step's all-reduce. One tiny all-reduce per step settles it (every rank then stops)."""
+    if trainer.dist.enabled:
+        (agreed,) = distributed.max_across([float(signals.received or 0)], trainer.dist, trainer.device)
+        if agreed and signals.received is None:
+            signals.received = int(agreed)
+    return signals.received
+
+
 def train_loop(trainer: Trainer, writer: RunWriter, saver: Checkpointer, signals: StopSignals,
                held_out: RunEvaluation | None = None) -> list[dict]:
     """Optimizer steps until the last one or a signal; metrics after each, a checkpoint every --save-steps."""
@@ -465,7 +482,7 @@ def train_loop(trainer: Trainer, writer: RunWriter, saver: Checkpointer, signals
     history = []
     with tqdm(total=trainer.total_steps, initial=trainer.step, desc="dpo", unit="step",
               disable=bool(os.environ.get("TQDM_DISABLE")) or not trainer.dist.is_main) as bar:
-        while trainer.step < trainer.total_steps and signals.received is None:
+        while trainer.step < trainer.total_steps and agreed_signal(signals, trainer) is None:
             row = trainer.train_step()
             writer.append_metrics(row)
             history.append(row)

@@ -87,6 +87,36 @@ def test_two_gloo_ranks_resume_exactly_on_the_same_number_of_ranks(tmp_path, tin
     a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # On another number of ranks the data position means other pairs: refused, in one line.
+    cmd = [sys.executable, "-m", "dpo.train", "--model", str(tiny_llama_dir), "--dataset", str(data), "--output-dir",
+           str(tmp_path / "one-rank"), "--per-device-batch-size", "1", "--grad-accum", "2", "--seed", "3", *flags,
+           "--resume-from", str(step2)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "written by a run on 2 rank(s) and this run has 1" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_signal_seen_by_one_rank_stops_every_rank_at_the_same_step(monkeypatch):
+    """Ranks agree on stopping (max over ranks of the signal number) before each step."""
+    from types import SimpleNamespace
+
+    from dpo import distributed, train
+    from dpo.lifecycle import StopSignals
+
+    seen = []
+
+    def max_across(values, info, device):
+        seen.append(values)
+        return [15.0]  # another rank got SIGTERM
+
+    monkeypatch.setattr(distributed, "max_across", max_across)
+    signals = StopSignals()  # this rank got nothing
+    trainer = SimpleNamespace(dist=distributed.DistInfo(rank=1, world_size=2), device=torch.device("cpu"))
+    assert train.agreed_signal(signals, trainer) == 15 and signals.received == 15
+    assert seen == [[0.0]]
+    one = SimpleNamespace(dist=distributed.DistInfo(), device=torch.device("cpu"))
+    assert train.agreed_signal(StopSignals(), one) is None  # one process: no collective at all
+    assert len(seen) == 1
 
 
 # --- the same on GPUs (pytest -m gpu, on a machine with 2 or more) ---------------------------------

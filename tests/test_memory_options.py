@@ -1,6 +1,7 @@
 """Memory options that must not change a number: --embeddings-on-cpu and --logprob-chunk (CPU, tiny Llama).
 
-The GPU suite checks the same on CUDA, where the embedding option actually frees device memory.
+A GPU test (`pytest -m gpu`) checks the same on CUDA, where the embedding option actually frees device
+memory.
 """
 
 from __future__ import annotations
@@ -82,12 +83,14 @@ def test_on_cuda_the_table_leaves_the_device_and_the_loss_stays(tiny_llama_dir, 
             "hf", "--dtype", "float32", "--seed", "1"]
     cfg = config_from_args(argv + ["--output-dir", str(tmp_path / "a")])
     model, _ = train.build_model(cfg, torch.device("cuda"))
-    before = torch.cuda.memory_allocated()
     table = models._causal_lm(model).get_input_embeddings().weight
+    nbytes = table.numel() * table.element_size()
+    del table  # no reference of ours may keep the GPU copy alive
+    before = torch.cuda.memory_allocated()
     freed = models.embeddings_to_host(model)
-    assert freed == table.numel() * table.element_size()
+    assert freed == nbytes
     assert before - torch.cuda.memory_allocated() >= freed  # the table's bytes are off the card
-    del model, table
+    del model
     plain = train.run(config_from_args(argv + ["--output-dir", str(tmp_path / "p")]), argv)["history"]
     lean = train.run(config_from_args(argv + ["--output-dir", str(tmp_path / "l"), "--embeddings-on-cpu"]),
                      argv)["history"]
@@ -95,6 +98,24 @@ def test_on_cuda_the_table_leaves_the_device_and_the_loss_stays(tiny_llama_dir, 
         for k in METRICS:
             gpu_results.record(f"embeddings-on-cpu/step{a['step']}/{k}", abs(a[k] - b[k]), 1e-5 * abs(a[k]) + 1e-7)
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), (a["step"], k)
+
+
+def test_an_embedding_that_does_more_than_a_lookup_is_refused(tiny_model):
+    class Scaled(torch.nn.Embedding):  # as Gemma's: rows times a scale, which a host lookup would drop
+        def forward(self, ids):
+            return super().forward(ids) * 2.0
+
+    plain = tiny_model.get_input_embeddings()
+    scaled = Scaled(plain.num_embeddings, plain.embedding_dim)
+    tiny_model.set_input_embeddings(scaled)
+    with pytest.raises(ValueError, match="Scaled, which does more than look rows up"):
+        models.embeddings_to_host(tiny_model)
+    assert tiny_model.get_input_embeddings() is scaled  # nothing changed
+
+
+def test_without_checkpointing_the_lookup_output_needs_no_grad():
+    host = models.HostEmbedding(torch.randn(10, 4), output_requires_grad=False)
+    assert not host(torch.tensor([[1, 2]])).requires_grad
 
 
 def test_a_batch_moved_to_the_device_keeps_its_host_ids_for_the_lookup():
