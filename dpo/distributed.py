@@ -78,22 +78,22 @@ def average_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
         offset += n
 
 
-def sum_across(values: list[float], info: DistInfo, device: torch.device) -> list[float]:
-    """Element-wise sum over ranks of a list of numbers (metric sums, token counts, flags)."""
+def _all_reduce_values(values: list[float], info: DistInfo, device: torch.device, op) -> list[float]:
     if not info.enabled:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=op)
     return t.tolist()
+
+
+def sum_across(values: list[float], info: DistInfo, device: torch.device) -> list[float]:
+    """Element-wise sum over ranks of a list of numbers (metric sums, token counts, flags)."""
+    return _all_reduce_values(values, info, device, dist.ReduceOp.SUM)
 
 
 def max_across(values: list[float], info: DistInfo, device: torch.device) -> list[float]:
     """Element-wise maximum over ranks (flags that every rank must agree on)."""
-    if not info.enabled:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
+    return _all_reduce_values(values, info, device, dist.ReduceOp.MAX)
 
 
 def barrier(info: DistInfo) -> None:

@@ -64,6 +64,17 @@ def tokenizer(smollm2_tokenizer_dir):
     return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
 
 
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Refusals must come before a model is loaded: loading one fails the test."""
+    from dpo import models
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the refusal")
+    monkeypatch.setattr(models, "load_model", refuse)
+    monkeypatch.setattr(models, "load_tokenizer", refuse)
+
+
 def build_tiny_llama(vocab_size: int, seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpo import models, smollm2, train
+from dpo import smollm2, train
 from dpo.config import FLOAT16_REFUSAL, TrainConfig, config_from_args
 from .conftest import write_jsonl
 
@@ -35,14 +35,6 @@ def flags(model_dir, data, out, *extra) -> list[str]:
     return ["--model", str(model_dir), "--dataset", str(data), "--output-dir", str(out), "--max-steps", "3",
             "--per-device-batch-size", "2", "--learning-rate", "1e-2", "--lora-r", "4", "--max-length", "48",
             "--device", "cpu", *map(str, extra)]
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("a model was loaded before the refusal")
-    monkeypatch.setattr(models, "load_model", refuse)
-    monkeypatch.setattr(models, "load_tokenizer", refuse)
 
 
 def test_a_run_writes_config_metrics_and_an_adapter_that_reloads_to_the_same_logits(tiny_llama_dir, data, tmp_path):

@@ -77,15 +77,6 @@ def one_line_error(capsys, rc: int, expected_rc: int = 2, after_model_load: bool
     return err
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Refusals must come before a model is loaded."""
-    def refuse(*a, **k):
-        raise AssertionError("a model was loaded before the refusal")
-    monkeypatch.setattr(models, "load_model", refuse)
-    monkeypatch.setattr(models, "load_tokenizer", refuse)
-
-
 class Crash(BaseException):
     """A crash no handler sees (as a kill -9 or a power cut would be)."""
 
