@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 from benchmarks.run import ROOT, load, save, versions
+from benchmarks.system import VARIANTS
+from benchmarks.workload import SHAPES
 
 KEEP = ("tokens_per_s", "pairs_per_s", "step_s", "e2e_s", "first_step_s", "peak_mem_gib", "final_loss", "error")
 
@@ -29,7 +31,7 @@ KEEP = ("tokens_per_s", "pairs_per_s", "step_s", "e2e_s", "first_step_s", "peak_
 def measure(args) -> None:
     import torch
 
-    from benchmarks.workload import SHAPES, make_model
+    from benchmarks.workload import make_model
 
     started = time.time()
     out = Path(args.out)
@@ -136,9 +138,9 @@ def render(path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", nargs="+", default=["llama3.2-1b-lora", "llama3-8b-qlora"])
+    ap.add_argument("--shapes", nargs="+", default=["llama3.2-1b-lora", "llama3-8b-qlora"], choices=list(SHAPES))
     ap.add_argument("--gpus", nargs="+", type=int, default=[1, 2, 4])
-    ap.add_argument("--variant", default="precompute+no-ckpt")
+    ap.add_argument("--variant", default="precompute+no-ckpt", choices=list(VARIANTS))
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--grad-accum", type=int, default=4)
     ap.add_argument("--steps", type=int, default=8)

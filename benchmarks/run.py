@@ -19,6 +19,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from benchmarks.workload import SHAPES
+
 ROOT = Path(__file__).resolve().parents[1]
 H100_BF16_DENSE_PEAK = 989.4e12
 
@@ -52,9 +54,21 @@ def versions() -> dict:
 
 
 def parse_run(spec: str) -> dict:
-    system, variant, batch = spec.split(":")
-    micro, accum = batch.split("x")
-    return {"system": system, "variant": variant, "micro_batch": int(micro), "grad_accum": int(accum)}
+    """SYSTEM:VARIANT:MICROxACCUM -> the run's fields; ValueError naming what is wrong."""
+    from benchmarks.system import SYSTEMS, VARIANTS
+
+    try:
+        system, variant, batch = spec.split(":")
+        micro, accum = (int(n) for n in batch.split("x"))
+    except ValueError:
+        raise ValueError(f"{spec!r} is not SYSTEM:VARIANT:MICROxACCUM (e.g. trl-unsloth:base:2x4)") from None
+    if system not in SYSTEMS:
+        raise ValueError(f"{spec!r}: unknown system {system!r} (one of {', '.join(SYSTEMS)})")
+    if variant not in VARIANTS:
+        raise ValueError(f"{spec!r}: unknown variant {variant!r} (one of {', '.join(VARIANTS)})")
+    if micro < 1 or accum < 1:
+        raise ValueError(f"{spec!r}: micro-batch and accumulation must be >= 1")
+    return {"system": system, "variant": variant, "micro_batch": micro, "grad_accum": accum}
 
 
 def key(run: dict) -> tuple:
@@ -75,7 +89,7 @@ def save(path: Path, results: dict) -> None:
 def measure(args) -> None:
     import torch
 
-    from benchmarks.workload import SHAPES, make_model
+    from benchmarks.workload import make_model
 
     started = time.time()
     out = Path(args.out)
@@ -190,7 +204,7 @@ def render(path: Path, section: str = "gpu-throughput") -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape")
+    ap.add_argument("--shape", choices=list(SHAPES))
     ap.add_argument("--runs", nargs="+", default=[])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_throughput.json"))
     ap.add_argument("--merge", action="store_true", help="add to the runs already in --out")
@@ -206,8 +220,15 @@ def main() -> None:
     args = ap.parse_args()
     if args.render:
         render(Path(args.render).resolve(), args.section)
-    else:
-        measure(args)
+        return
+    if not args.shape:
+        ap.error("--shape is needed to measure (or --render JSON to only render)")
+    for spec in args.runs:  # every spec checked before anything is measured
+        try:
+            parse_run(spec)
+        except ValueError as e:
+            ap.error(f"--runs: {e}")
+    measure(args)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ import json
 import os
 import time
 
+from benchmarks.workload import SHAPES, pair_rows
+
 SYSTEMS = ("ours-unsloth", "ours-hf", "trl-unsloth", "trl-unsloth-precompute", "trl-hf")
 # Our optimisations, each a row on the table (see README): names -> TrainConfig changes.
 # "lean": the input-embedding table in CPU memory and a 128-token LM-head chunk; "precompute+lean" also
@@ -186,7 +188,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--system", choices=SYSTEMS, required=True)
     ap.add_argument("--variant", choices=tuple(VARIANTS), default="base")
-    ap.add_argument("--shape", required=True)
+    ap.add_argument("--shape", required=True, choices=list(SHAPES))
     ap.add_argument("--model-dir", required=True)
     ap.add_argument("--micro-batch", type=int, required=True)
     ap.add_argument("--grad-accum", type=int, required=True)
@@ -197,7 +199,6 @@ def main() -> None:
                     help="profile two steps after warm-up (our systems; see benchmarks/profile.py); summary in --out")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    from benchmarks.workload import SHAPES, pair_rows
 
     shape = SHAPES[a.shape]
     a.load_in_4bit = shape.load_in_4bit and a.device == "cuda"

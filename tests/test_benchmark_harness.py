@@ -77,3 +77,17 @@ def test_efficiency_compares_runs_of_the_same_pass_only():
     multi_gpu.add_efficiency(results)
     assert results["runs"][2]["efficiency"] == pytest.approx(0.9)  # against pass b's 200, not pass a's 100
     assert results["runs"][2]["pair_efficiency"] == pytest.approx(0.95)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("foo", "is not SYSTEM:VARIANT:MICROxACCUM"),
+    ("trl-x:base:2x4", "unknown system 'trl-x'"),
+    ("ours-hf:fast:2x4", "unknown variant 'fast'"),
+    ("ours-hf:base:0x4", "must be >= 1"),
+])
+def test_a_bad_run_spec_is_one_line_before_anything_runs(spec, message):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--shape", "tiny", "--runs", spec], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("run.py: error: --runs:") and message in last and "Traceback" not in proc.stderr
