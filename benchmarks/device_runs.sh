@@ -7,6 +7,7 @@
 #   bash benchmarks/device_runs.sh suite    # pytest -m gpu (2 GPUs: the NCCL tests) beside more rows
 #   bash benchmarks/device_runs.sh final    # the suite again, beside 1B scaling at 20 steps and two 8B rows
 #   bash benchmarks/device_runs.sh rows-1b  # (one GPU) the rows the one-GPU table still lacks; rows-8b too
+#   bash benchmarks/device_runs.sh rows-8b-same-card  # (one GPU) 8B lean/fast vs TRL+Unsloth at 2x4 and 8x1
 #
 # Results go to $OUT (the device tool's folder) or ./device-out. Each single-GPU run gets its own
 # compile caches, so every row's first step (and so its e2e time) compiles from cold, as a user's would.
@@ -106,7 +107,13 @@ trl-unsloth-precompute:base:2x4 trl-hf:base:2x4 ours-hf:base:2x4 ours-unsloth:pr
 ours-hf:base:2x4 ours-unsloth:precompute+lean:8x1 trl-hf:base:8x1"; fi
     python -m benchmarks.run --shape $shape --runs $runs --out "$OUT/gpu_throughput.json" --deadline-s 480 --hard-stop-s 570
     ;;
-  *) echo "usage: $0 single|scaling|suite|final|rows-1b|rows-8b"; exit 2 ;;
+  rows-8b-same-card)
+    # (one GPU) ours lean and fast beside TRL+Unsloth at 2x4 and 8x1, all five on one card in one call
+    python -m benchmarks.run --shape llama3-8b-qlora --runs trl-unsloth:base:2x4 trl-unsloth:base:8x1 \
+      ours-unsloth:precompute+lean:8x1 ours-unsloth:precompute+lean:2x4 ours-unsloth:precompute+no-ckpt:2x4 \
+      --out "$OUT/gpu_throughput.json" --deadline-s 470 --hard-stop-s 570
+    ;;
+  *) echo "usage: $0 single|scaling|suite|final|rows-1b|rows-8b|rows-8b-same-card"; exit 2 ;;
 esac
 echo "phase ${1} took $(( $(date +%s) - T0 )) s"
 tail -n 3 /tmp/log_*.txt 2>/dev/null | cut -c1-400

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -86,6 +87,19 @@ def save(path: Path, results: dict) -> None:
     os.replace(tmp, path)
 
 
+COMPILE_CACHE_VARS = ("UNSLOTH_COMPILE_LOCATION", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+
+
+def fresh_compile_caches(env: dict, root: str) -> dict:
+    """`env` with Unsloth's, Inductor's and Triton's compile caches pointed at new empty folders under `root`.
+
+    Every run then compiles from cold, as a user's first run does. Shared caches made a later run's first
+    step (and so its e2e time) tens of seconds shorter than the first run's: run order favoured the later.
+    """
+    base = tempfile.mkdtemp(prefix="caches-", dir=root)
+    return {**env, **{var: os.path.join(base, var.lower()) for var in COMPILE_CACHE_VARS}}
+
+
 def measure(args) -> None:
     import torch
 
@@ -118,17 +132,21 @@ def measure(args) -> None:
             print(f"deadline reached: {spec} not run", flush=True)
             continue
         run_out = out.parent / f".run-{run['system']}-{run['variant'].replace('+', '_')}-{run['micro_batch']}x{run['grad_accum']}.json"
+        run_out.unlink(missing_ok=True)  # a run that writes nothing must not read an older call's result
         cmd = [sys.executable, "-m", "benchmarks.system", "--system", run["system"], "--variant", run["variant"],
                "--shape", args.shape, "--model-dir", str(model_dir), "--micro-batch", str(run["micro_batch"]),
                "--grad-accum", str(run["grad_accum"]), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--out", str(run_out), "--device", args.device]
         t = time.time()
         remaining = min(args.run_timeout_s, args.hard_stop_s - (time.time() - started))
-        try:
-            subprocess.run(cmd, cwd=ROOT, timeout=remaining, check=False)
-            res = json.loads(run_out.read_text())
-        except (subprocess.TimeoutExpired, FileNotFoundError) as e:
-            res = {**run, "shape": args.shape, "error": f"{type(e).__name__}"}
+        with tempfile.TemporaryDirectory(prefix="dpo-bench-") as caches:
+            try:
+                subprocess.run(cmd, cwd=ROOT, timeout=remaining, check=False,
+                               env=fresh_compile_caches(dict(os.environ), caches))
+                res = json.loads(run_out.read_text())
+            except (subprocess.TimeoutExpired, FileNotFoundError) as e:
+                res = {**run, "shape": args.shape, "error": f"{type(e).__name__}"}
+        res["compile_caches"] = "cold"
         res["wall_s"] = time.time() - t
         results["runs"] = [r for r in results["runs"] if key(r) != key(res)] + [res]
         save(out, results)
@@ -144,17 +162,47 @@ def label(r: dict) -> str:
     return name + (f" [{r['batch']}]" if r.get("batch") else "")
 
 
+def baseline(results: dict, r: dict) -> dict | None:
+    """TRL+Unsloth at the same shape and micro-batch, measured in the same batch (same machine, same load)."""
+    for b in results["runs"]:
+        if (b["system"] == "trl-unsloth" and "error" not in b and b["shape"] == r["shape"] and b.get("batch") == r.get("batch")
+                and (b["micro_batch"], b["grad_accum"]) == (r["micro_batch"], r["grad_accum"])):
+            return b
+    return None
+
+
+WARM_MARK = "°"
+
+
+def warm_caches(r: dict) -> bool:
+    """The run's first step found compile caches an earlier run left (or may have): its e2e is too short."""
+    return r.get("compile_caches") not in (None, "cold", "unused")
+
+
 def table(results: dict) -> str:
-    rows = ["| shape | system | micro x accum | pairs/s | tokens/s | s/step | e2e s | peak GiB | MFU |",
-            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    """One row per run; pairs/s and peak memory also as multiples of TRL+Unsloth's in the same batch."""
+    rows = ["| shape | system | micro x accum | pairs/s | tokens/s | s/step | e2e s | peak GiB | MFU | "
+            "x TRL+Unsloth: pairs/s, e2e, peak |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    warm = False
     for r in sorted(results["runs"], key=lambda r: (r["shape"], r["micro_batch"], -(r.get("pairs_per_s") or 0))):
         if "error" in r:
             rows.append(f"| {r['shape']} | {label(r)} | {r['micro_batch']} x {r['grad_accum']} | failed: "
-                        f"{r['error'][:60]} | | | | | |")
+                        f"{r['error'][:60]} | | | | | | |")
             continue
+        mark = WARM_MARK if warm_caches(r) else ""
+        warm |= bool(mark)
+        b = baseline(results, r)
+        vs = "—" if b is None or b is r else (f"{r['pairs_per_s'] / b['pairs_per_s']:.2f}x, {b['e2e_s'] / r['e2e_s']:.2f}x"
+                                             f"{WARM_MARK if mark or warm_caches(b) else ''}, "
+                                             f"{r['peak_mem_gib'] / b['peak_mem_gib']:.2f}x")
         rows.append(f"| {r['shape']} | {label(r)} | {r['micro_batch']} x {r['grad_accum']} | {r['pairs_per_s']:.2f} | "
-                    f"{r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | {r['e2e_s']:.0f} | {r['peak_mem_gib']:.2f} | "
-                    f"{100 * r['mfu']:.1f}% |")
+                    f"{r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | {r['e2e_s']:.0f}{mark} | {r['peak_mem_gib']:.2f} | "
+                    f"{100 * r['mfu']:.1f}% | {vs} |")
+    if warm:
+        rows.append(f"\n{WARM_MARK} this run found compile caches left by an earlier run on the same machine "
+                    "(`compile_caches` in the JSON), so its first step compiled less than a user's first run would: "
+                    "its e2e is too short. Steady-state columns are not affected.")
     return "\n".join(rows)
 
 

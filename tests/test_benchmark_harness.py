@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from benchmarks import multi_gpu, profile
+from benchmarks import multi_gpu, profile, run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,3 +92,53 @@ def test_a_bad_run_spec_is_one_line_before_anything_runs(spec, message):
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("run.py: error: --runs:") and message in last and "Traceback" not in proc.stderr
+
+
+def test_every_run_compiles_from_fresh_empty_caches(tmp_path):
+    env = {"PATH": "/bin", "TRITON_CACHE_DIR": "/shared/triton"}
+    a, b = run.fresh_compile_caches(env, str(tmp_path)), run.fresh_compile_caches(env, str(tmp_path))
+    for var in run.COMPILE_CACHE_VARS:
+        assert a[var] != b[var] and a[var].startswith(str(tmp_path)) and not os.path.exists(a[var])
+    assert a["PATH"] == "/bin" and env["TRITON_CACHE_DIR"] == "/shared/triton"  # the caller's env is untouched
+
+
+def test_measure_gives_each_run_its_own_caches_and_never_reads_an_old_result(tmp_path, monkeypatch):
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / "models" / "tiny" / "config.json").write_text("{}")
+    out = tmp_path / "res" / "gpu.json"
+    out.parent.mkdir()
+    (out.parent / ".run-ours-hf-base-1x1.json").write_text('{"pairs_per_s": 99}')  # left by an older call
+    seen = []
+
+    def fake_run(cmd, env, **kw):
+        seen.append({v: env[v] for v in run.COMPILE_CACHE_VARS})
+        target = Path(cmd[cmd.index("--out") + 1])
+        if "trl-hf" in cmd:  # this one writes its result; the ours-hf one crashes before writing
+            target.write_text(json.dumps({"system": "trl-hf", "variant": "base", "shape": "tiny", "micro_batch": 1,
+                                          "grad_accum": 1, "pairs_per_s": 1.0}))
+
+    monkeypatch.setattr(run.subprocess, "run", fake_run)
+    args = argparse.Namespace(out=str(out), merge=False, device="cpu", steps=2, warmup=1, shape="tiny",
+                              model_root=str(tmp_path / "models"), runs=["trl-hf:base:1x1", "ours-hf:base:1x1"],
+                              deadline_s=100, hard_stop_s=100, run_timeout_s=100)
+    run.measure(args)
+    assert len(seen) == 2 and all(seen[0][v] != seen[1][v] for v in run.COMPILE_CACHE_VARS)
+    runs = json.loads(out.read_text())["runs"]
+    assert runs[0]["pairs_per_s"] == 1.0 and runs[0]["compile_caches"] == "cold"
+    assert runs[1]["error"] == "FileNotFoundError"  # not the 99 pairs/s an older call left behind
+
+
+def test_table_compares_each_run_with_trl_unsloth_of_the_same_batch_and_micro_batch():
+    def r(system, batch, micro, pairs, e2e, peak, caches="cold"):
+        return {"system": system, "variant": "base", "shape": "s", "micro_batch": micro, "grad_accum": 8 // micro,
+                "pairs_per_s": pairs, "tokens_per_s": 1.0, "step_s": 1.0, "e2e_s": e2e, "peak_mem_gib": peak,
+                "mfu": 0.1, "batch": batch, "compile_caches": caches}
+
+    results = {"runs": [r("trl-unsloth", "A", 2, 2.0, 60.0, 8.0), r("trl-unsloth", "B", 2, 4.0, 60.0, 8.0),
+                        r("ours-unsloth", "A", 2, 5.0, 30.0, 4.0, caches="warm"), r("ours-unsloth", "A", 8, 9.0, 10.0, 9.0)]}
+    rows = {line.split("|")[2].strip() + line.split("|")[3]: line for line in run.table(results).splitlines()
+            if line.startswith("| s |")}
+    assert rows["ours-unsloth [A] 2 x 4 "].endswith("| 2.50x, 2.00x°, 0.50x |")  # against A's 2.0, not B's 4.0
+    assert rows["ours-unsloth [A] 8 x 1 "].endswith("| — |")  # no TRL+Unsloth at 8x1 in batch A
+    assert rows["trl-unsloth [A] 2 x 4 "].endswith("| — |")
+    assert "| 30° |" in rows["ours-unsloth [A] 2 x 4 "] and "earlier run on the same machine" in run.table(results)
