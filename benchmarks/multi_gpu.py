@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.run import ROOT, load, save, versions
+from benchmarks.run import ROOT, load, run_group, save, versions
 from benchmarks.system import VARIANTS
 from benchmarks.workload import SHAPES
 
@@ -72,18 +71,6 @@ def measure(args) -> None:
             add_efficiency(results)
             save(out, results)
             print(json.dumps(row), flush=True)
-
-
-def run_group(cmd: list[str], timeout: float) -> None:
-    """Run torchrun in a process group of its own; on timeout, kill the whole group, workers included
-    (a worker left behind would hold its GPU through the next run)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise
 
 
 def add_efficiency(results: dict) -> None:

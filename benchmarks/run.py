@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -73,7 +74,19 @@ def parse_run(spec: str) -> dict:
 
 
 def key(run: dict) -> tuple:
-    return (run["system"], run.get("variant", "base"), run["shape"], run["micro_batch"], run["grad_accum"])
+    return (run["system"], run.get("variant", "base"), run["shape"], run["micro_batch"], run["grad_accum"], run.get("batch"))
+
+
+def run_group(cmd: list[str], timeout: float, env: dict | None = None) -> None:
+    """Run `cmd` in a process group of its own; on timeout, kill the whole group (torchrun's workers, the
+    compiler's workers): one left behind would hold the GPU, or keep writing into a cache being removed."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
 
 
 def load(path: Path) -> dict:
@@ -139,14 +152,12 @@ def measure(args) -> None:
                "--out", str(run_out), "--device", args.device]
         t = time.time()
         remaining = min(args.run_timeout_s, args.hard_stop_s - (time.time() - started))
-        with tempfile.TemporaryDirectory(prefix="dpo-bench-") as caches:
+        with tempfile.TemporaryDirectory(prefix="dpo-bench-", ignore_cleanup_errors=True) as caches:
             try:
-                subprocess.run(cmd, cwd=ROOT, timeout=remaining, check=False,
-                               env=fresh_compile_caches(dict(os.environ), caches))
-                res = json.loads(run_out.read_text())
-            except (subprocess.TimeoutExpired, FileNotFoundError) as e:
+                run_group(cmd, remaining, env=fresh_compile_caches(dict(os.environ), caches))
+                res = {**json.loads(run_out.read_text()), "compile_caches": "cold"}
+            except (subprocess.TimeoutExpired, FileNotFoundError, ValueError) as e:  # ValueError: half-written JSON
                 res = {**run, "shape": args.shape, "error": f"{type(e).__name__}"}
-        res["compile_caches"] = "cold"
         res["wall_s"] = time.time() - t
         results["runs"] = [r for r in results["runs"] if key(r) != key(res)] + [res]
         save(out, results)
@@ -174,6 +185,10 @@ def baseline(results: dict, r: dict) -> dict | None:
 WARM_MARK = "°"
 
 
+def ratio(a: float | None, b: float | None) -> str:
+    return "—" if not a or not b else f"{a / b:.2f}x"
+
+
 def warm_caches(r: dict) -> bool:
     """The run's first step found compile caches an earlier run left (or may have): its e2e is too short."""
     return r.get("compile_caches") not in (None, "cold", "unused")
@@ -193,14 +208,15 @@ def table(results: dict) -> str:
         mark = WARM_MARK if warm_caches(r) else ""
         warm |= bool(mark)
         b = baseline(results, r)
-        vs = "—" if b is None or b is r else (f"{r['pairs_per_s'] / b['pairs_per_s']:.2f}x, {b['e2e_s'] / r['e2e_s']:.2f}x"
-                                             f"{WARM_MARK if mark or warm_caches(b) else ''}, "
-                                             f"{r['peak_mem_gib'] / b['peak_mem_gib']:.2f}x")
+        vs = "—" if b is None or b is r else (f"{ratio(r['pairs_per_s'], b['pairs_per_s'])}, "
+                                             f"{ratio(b['e2e_s'], r['e2e_s'])}{WARM_MARK if mark or warm_caches(b) else ''}, "
+                                             f"{ratio(r['peak_mem_gib'], b['peak_mem_gib'])}")
+        peak = "—" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"  # None on the CPU
+        mfu = "—" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
         rows.append(f"| {r['shape']} | {label(r)} | {r['micro_batch']} x {r['grad_accum']} | {r['pairs_per_s']:.2f} | "
-                    f"{r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | {r['e2e_s']:.0f}{mark} | {r['peak_mem_gib']:.2f} | "
-                    f"{100 * r['mfu']:.1f}% | {vs} |")
+                    f"{r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | {r['e2e_s']:.0f}{mark} | {peak} | {mfu} | {vs} |")
     if warm:
-        rows.append(f"\n{WARM_MARK} this run found compile caches left by an earlier run on the same machine "
+        rows.append(f"\n{WARM_MARK} this run found (or may have found) compile caches left by an earlier run on the same machine "
                     "(`compile_caches` in the JSON), so its first step compiled less than a user's first run would: "
                     "its e2e is too short. Steady-state columns are not affected.")
     return "\n".join(rows)

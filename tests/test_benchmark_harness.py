@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -98,7 +99,8 @@ def test_every_run_compiles_from_fresh_empty_caches(tmp_path):
     env = {"PATH": "/bin", "TRITON_CACHE_DIR": "/shared/triton"}
     a, b = run.fresh_compile_caches(env, str(tmp_path)), run.fresh_compile_caches(env, str(tmp_path))
     for var in run.COMPILE_CACHE_VARS:
-        assert a[var] != b[var] and a[var].startswith(str(tmp_path)) and not os.path.exists(a[var])
+        assert a[var] != b[var] and Path(a[var]).is_relative_to(tmp_path)
+        assert not os.path.exists(a[var]) or not os.listdir(a[var])  # nothing an earlier run compiled
     assert a["PATH"] == "/bin" and env["TRITON_CACHE_DIR"] == "/shared/triton"  # the caller's env is untouched
 
 
@@ -110,35 +112,83 @@ def test_measure_gives_each_run_its_own_caches_and_never_reads_an_old_result(tmp
     (out.parent / ".run-ours-hf-base-1x1.json").write_text('{"pairs_per_s": 99}')  # left by an older call
     seen = []
 
-    def fake_run(cmd, env, **kw):
+    def fake_run_group(cmd, timeout, env):
         seen.append({v: env[v] for v in run.COMPILE_CACHE_VARS})
         target = Path(cmd[cmd.index("--out") + 1])
-        if "trl-hf" in cmd:  # this one writes its result; the ours-hf one crashes before writing
+        if "trl-hf" in cmd:  # writes its result; ours-hf crashes before writing; trl-unsloth leaves half a file
             target.write_text(json.dumps({"system": "trl-hf", "variant": "base", "shape": "tiny", "micro_batch": 1,
                                           "grad_accum": 1, "pairs_per_s": 1.0}))
+        elif "trl-unsloth" in cmd:
+            target.write_text('{"system": "trl-uns')
 
-    monkeypatch.setattr(run.subprocess, "run", fake_run)
+    monkeypatch.setattr(run, "run_group", fake_run_group)
     args = argparse.Namespace(out=str(out), merge=False, device="cpu", steps=2, warmup=1, shape="tiny",
-                              model_root=str(tmp_path / "models"), runs=["trl-hf:base:1x1", "ours-hf:base:1x1"],
+                              model_root=str(tmp_path / "models"),
+                              runs=["trl-hf:base:1x1", "ours-hf:base:1x1", "trl-unsloth:base:1x1"],
                               deadline_s=100, hard_stop_s=100, run_timeout_s=100)
     run.measure(args)
-    assert len(seen) == 2 and all(seen[0][v] != seen[1][v] for v in run.COMPILE_CACHE_VARS)
+    assert len(seen) == 3 and len({s[v] for s in seen for v in run.COMPILE_CACHE_VARS}) == 9
     runs = json.loads(out.read_text())["runs"]
     assert runs[0]["pairs_per_s"] == 1.0 and runs[0]["compile_caches"] == "cold"
     assert runs[1]["error"] == "FileNotFoundError"  # not the 99 pairs/s an older call left behind
+    assert runs[2]["error"] == "JSONDecodeError" and "compile_caches" not in runs[2]
+
+
+def test_run_group_kills_the_whole_group_on_timeout(tmp_path):
+    pid_file = tmp_path / "pid"
+    with pytest.raises(subprocess.TimeoutExpired):
+        run.run_group(["sh", "-c", f"sleep 60 & echo $! > {pid_file}; wait"], timeout=1.0)
+    pid = int(pid_file.read_text())
+    deadline = time.time() + 5
+    while time.time() < deadline:  # the grandchild is gone (or a zombie nobody reaps in a container)
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            break
+        if state == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the child's own child {pid} outlived the timeout")
+
+
+def _row(system, batch, micro, accum, pairs, e2e, peak, caches="cold", **extra):
+    return {"system": system, "variant": "base", "shape": "s", "micro_batch": micro, "grad_accum": accum,
+            "pairs_per_s": pairs, "tokens_per_s": 1.0, "step_s": 1.0, "e2e_s": e2e, "peak_mem_gib": peak,
+            "mfu": 0.1, "batch": batch, "compile_caches": caches, **extra}
+
+
+def _rows(results):
+    return {line.split("|")[2].strip() + line.split("|")[3]: line for line in run.table(results).splitlines()
+            if line.startswith("| s |")}
 
 
 def test_table_compares_each_run_with_trl_unsloth_of_the_same_batch_and_micro_batch():
-    def r(system, batch, micro, pairs, e2e, peak, caches="cold"):
-        return {"system": system, "variant": "base", "shape": "s", "micro_batch": micro, "grad_accum": 8 // micro,
-                "pairs_per_s": pairs, "tokens_per_s": 1.0, "step_s": 1.0, "e2e_s": e2e, "peak_mem_gib": peak,
-                "mfu": 0.1, "batch": batch, "compile_caches": caches}
-
-    results = {"runs": [r("trl-unsloth", "A", 2, 2.0, 60.0, 8.0), r("trl-unsloth", "B", 2, 4.0, 60.0, 8.0),
-                        r("ours-unsloth", "A", 2, 5.0, 30.0, 4.0, caches="warm"), r("ours-unsloth", "A", 8, 9.0, 10.0, 9.0)]}
-    rows = {line.split("|")[2].strip() + line.split("|")[3]: line for line in run.table(results).splitlines()
-            if line.startswith("| s |")}
-    assert rows["ours-unsloth [A] 2 x 4 "].endswith("| 2.50x, 2.00x°, 0.50x |")  # against A's 2.0, not B's 4.0
+    results = {"runs": [_row("trl-unsloth", "B", 2, 4, 4.0, 60.0, 8.0), _row("trl-unsloth", "A", 2, 2, 3.0, 60.0, 8.0),
+                        _row("trl-unsloth", "A", 2, 4, 2.0, 60.0, 8.0),
+                        _row("ours-unsloth", "A", 2, 4, 5.0, 30.0, 4.0, caches="warm"),
+                        _row("ours-unsloth", "A", 8, 1, 9.0, 10.0, 9.0)]}
+    rows = _rows(results)
+    # against A's 2x4 (2.0 pairs/s), not B's 2x4 (4.0) nor A's 2x2 (3.0), though both come first
+    assert rows["ours-unsloth [A] 2 x 4 "].endswith("| 2.50x, 2.00x°, 0.50x |")
     assert rows["ours-unsloth [A] 8 x 1 "].endswith("| — |")  # no TRL+Unsloth at 8x1 in batch A
     assert rows["trl-unsloth [A] 2 x 4 "].endswith("| — |")
     assert "| 30° |" in rows["ours-unsloth [A] 2 x 4 "] and "earlier run on the same machine" in run.table(results)
+
+
+def test_a_failed_baseline_is_no_baseline_and_a_warm_baseline_marks_the_ratio():
+    failed = {"runs": [{**_row("trl-unsloth", "A", 2, 4, 0, 0, 0), "error": "TimeoutExpired"},
+                       _row("ours-unsloth", "A", 2, 4, 5.0, 30.0, 4.0)]}
+    assert _rows(failed)["ours-unsloth [A] 2 x 4 "].endswith("| — |")
+    warm_base = {"runs": [_row("trl-unsloth", "A", 2, 4, 2.0, 60.0, 8.0, caches="warm"),
+                          _row("ours-unsloth", "A", 2, 4, 5.0, 30.0, 4.0)]}
+    assert _rows(warm_base)["ours-unsloth [A] 2 x 4 "].endswith("| 2.50x, 2.00x°, 0.50x |")
+
+
+def test_a_cpu_run_without_peak_memory_renders():
+    cpu = {"runs": [_row("trl-unsloth", None, 2, 4, 2.0, 60.0, None, mfu=None), _row("ours-unsloth", None, 2, 4, 5.0, 30.0, None)]}
+    assert _rows(cpu)["ours-unsloth 2 x 4 "].endswith("| — | 10.0% | 2.50x, 2.00x, — |")
+
+
+def test_runs_of_two_batches_are_two_rows_when_merged():
+    assert run.key(_row("trl-unsloth", "D", 2, 4, 1, 1, 1)) != run.key(_row("trl-unsloth", "E", 2, 4, 1, 1, 1))
