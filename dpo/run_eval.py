@@ -7,6 +7,8 @@ reference, scored by the task's ground-truth reward (dpo.evaluate.HeldOutEval).
 
 from __future__ import annotations
 
+import time
+
 from dpo import data as data_mod
 from dpo import evaluate, tasks
 
@@ -36,24 +38,36 @@ class RunEvaluation:
         wanted = cfg.eval_dataset or tasks.is_builtin(cfg.dataset)
         return cls(cfg, tokenizer) if wanted else None
 
-    def metrics(self, model) -> dict:
-        """TRL-named eval metrics of the policy now (the reference's log-probs are computed once)."""
+    def _reference(self, model) -> evaluate.PairLogps:
+        """The reference's log-probs of the held-out pairs, computed once (the reference never changes)."""
         if self.ref_logps is None:
             self.ref_logps = evaluate.pair_logps(model, self.tokenizer, self.pairs, batch_size=self.batch_size,
                                                  logprobs=self.cfg.logprobs, max_length=self.cfg.max_length,
                                                  reference=True)
-        return evaluate.evaluate_pairs(model, self.tokenizer, self.pairs, beta=self.cfg.beta,
-                                       batch_size=self.batch_size, logprobs=self.cfg.logprobs,
-                                       max_length=self.cfg.max_length, ref_logps=self.ref_logps,
-                                       loss_type=self.cfg.loss_type, loss_weights=self.cfg.loss_weights,
-                                       label_smoothing=self.cfg.label_smoothing)
+        return self.ref_logps
+
+    def _loss_kw(self) -> dict:
+        return dict(beta=self.cfg.beta, batch_size=self.batch_size, loss_type=self.cfg.loss_type,
+                    loss_weights=self.cfg.loss_weights, label_smoothing=self.cfg.label_smoothing)
+
+    def metrics(self, model) -> dict:
+        """TRL-named eval metrics of the policy now."""
+        return evaluate.evaluate_pairs(model, self.tokenizer, self.pairs, logprobs=self.cfg.logprobs,
+                                       max_length=self.cfg.max_length, ref_logps=self._reference(model),
+                                       **self._loss_kw())
 
     def before(self, model) -> dict:
+        """The starting model's metrics: the reference's, scored against itself. Before the first step the
+        policy equals it (a fresh LoRA adds zero; a starting --adapter is its own frozen reference); in a
+        resumed run the policy has moved on, and its reference is still the start (as HeldOutEval.before)."""
         if self.builtin is not None:
             self.before_metrics = self.builtin.before(model)
             self.ref_logps = self.builtin.ref_logps
         else:
-            self.before_metrics = self.metrics(model)
+            started = time.time()
+            ref = self._reference(model)
+            self.before_metrics = {**evaluate.metrics_from_logps(ref, ref, **self._loss_kw()),
+                                   "eval_seconds": round(time.time() - started, 3)}
         return self.before_metrics
 
     def after(self, model) -> dict:

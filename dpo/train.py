@@ -569,7 +569,7 @@ def train_and_save(cfg: TrainConfig, run_config: dict, resumed: Checkpoint | Non
     writer.start_metrics(resumed)
     held_out = RunEvaluation.for_run(cfg, tokenizer) if dist.is_main else None
     if held_out is not None:
-        before = held_out.before(model)  # policy == reference here: a fresh or a starting adapter
+        before = held_out.before(model)  # the starting model (the reference), in a resumed run too
         if resumed is None:
             writer.append_metrics({"step": 0, **before})
     if resumed is not None:

@@ -120,6 +120,27 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tiny_llama_dir, data,
     assert_same_run(straight, out)
 
 
+def test_a_resumed_run_reports_the_starting_model_as_before(tiny_llama_dir, data, tmp_path, monkeypatch):
+    """--eval-dataset: eval.json's "before" (and the step-0 row) is the starting model's also after a resume,
+    as in the uninterrupted run; it must not be the policy the run resumed with."""
+    straight, out = tmp_path / "straight", tmp_path / "resumed"
+    assert train.main(flags(tiny_llama_dir, data, straight, "--eval-dataset", data)) == 0
+    crash_before_step(monkeypatch, 5)
+    with pytest.raises(Crash):
+        train.main(flags(tiny_llama_dir, data, out, "--eval-dataset", data))
+    monkeypatch.undo()
+    assert train.main(flags(tiny_llama_dir, data, out, "--eval-dataset", data, "--resume")) == 0
+
+    def timeless(metrics: dict) -> dict:
+        return {k: v for k, v in metrics.items() if k != "eval_seconds"}
+
+    a, b = (json.loads((o / "eval.json").read_text()) for o in (straight, out))
+    assert timeless(b["before"]) == timeless(a["before"]) and b["before"]["eval_rewards/margins"] == 0.0
+    assert timeless(b["after"]) == timeless(a["after"])  # the resume is exact, so is what it ends with
+    assert [timeless(r) for r in metrics(out) if "eval_loss" in r] == [timeless(r) for r in metrics(straight)
+                                                                     if "eval_loss" in r]
+
+
 def test_resume_from_a_checkpoint_into_another_folder(tiny_llama_dir, data, tmp_path, monkeypatch):
     first = tmp_path / "first"
     crash_before_step(monkeypatch, 5)
