@@ -21,10 +21,9 @@ import textwrap
 import time
 from pathlib import Path
 
-from benchmarks.workload import SHAPES
+from benchmarks.workload import H100_BF16_DENSE_PEAK, SHAPES
 
 ROOT = Path(__file__).resolve().parents[1]
-H100_BF16_DENSE_PEAK = 989.4e12
 
 
 def matmul_rate() -> float:

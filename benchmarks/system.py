@@ -17,7 +17,7 @@ import json
 import os
 import time
 
-from benchmarks.workload import SHAPES, pair_rows
+from benchmarks.workload import H100_BF16_DENSE_PEAK, SHAPES, pair_rows
 
 SYSTEMS = ("ours-unsloth", "ours-hf", "trl-unsloth", "trl-unsloth-precompute", "trl-hf")
 # Our optimisations, each a row on the table (see README): names -> TrainConfig changes.
@@ -216,7 +216,7 @@ def main() -> None:
         out["error"] = f"{type(e).__name__}: {str(e)[:500]}"
     out.update(memory())
     if "tokens_per_s" in out and a.device == "cuda":
-        out["mfu"] = 8 * shape.matmul_params() * out["tokens_per_s"] / 989.4e12 / out.get("gpus", 1)
+        out["mfu"] = 8 * shape.matmul_params() * out["tokens_per_s"] / H100_BF16_DENSE_PEAK / out.get("gpus", 1)
     if int(os.environ.get("RANK", 0)) != 0:
         return  # rank 0 writes the run (its own peak memory; the speed counts every rank's tokens)
     with open(a.out, "w") as f:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+H100_BF16_DENSE_PEAK = 989.4e12  # FLOP/s: the denominator of every MFU in the results
 WORDS = 8000  # word-level vocabulary: ids 4 .. 4+WORDS; the model's vocabulary is larger, which is fine
 
 
