@@ -258,8 +258,10 @@ def render(path: Path, section: str = "gpu-throughput") -> None:
         before, rest = text.split(start, 1)
         after = rest.split(end, 1)[1]
         note = f"\nMeasured on {results.get('device')}"
-        if results.get("matmul_tflops_measured"):
-            note += f"; matmul rate measured on the same card: {results['matmul_tflops_measured']:.0f} TFLOP/s (bf16)"
+        rates = results.get("matmul_tflops_measured_per_call") or [results.get("matmul_tflops_measured")]
+        if all(rates):  # one per call where the runs came from several calls (machines may differ)
+            span = f"{min(rates):.0f}" if len(rates) == 1 else f"{min(rates):.0f} to {max(rates):.0f}"
+            note += f"; matmul rate measured on the same card{'s' if len(rates) > 1 else ''}: {span} TFLOP/s (bf16)"
         note += f". Raw numbers: `{path.relative_to(ROOT)}`.{(' ' + results['conditions']) if 'conditions' in results else ''}\n\n"
         readme.write_text(before + start + note + md + f"\n\n![throughput]({path.with_suffix('.png').relative_to(ROOT)})\n" + end + after)
     print(md)
