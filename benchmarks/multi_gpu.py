@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.run import ROOT, load, run_group, save, versions
+from benchmarks.run import ROOT, load, render_target, run_group, save, versions
 from benchmarks.system import VARIANTS
 from benchmarks.workload import SHAPES
 
@@ -141,7 +141,7 @@ def main() -> None:
     ap.add_argument("--render", metavar="JSON")
     args = ap.parse_args()
     if args.render:
-        render(Path(args.render).resolve())
+        render(render_target(ap, args.render, "multi-gpu"))
     else:
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # the host's rule: no NVLink multicast
         measure(args)

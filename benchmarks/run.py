@@ -267,6 +267,18 @@ def render(path: Path, section: str = "gpu-throughput") -> None:
     print(md)
 
 
+def render_target(ap: argparse.ArgumentParser, results_file: str, section: str) -> Path:
+    """The results file to render into README section `section`; refused in one line (argparse's exit 2)
+    before anything is written, where it is missing (rendering nothing would empty the table) or the
+    README has no such section."""
+    path = Path(results_file).resolve()
+    if not path.is_file():
+        ap.error(f"--render: no such results file: {results_file}")
+    if f"<!-- {section}:start -->" not in (ROOT / "README.md").read_text():
+        ap.error(f"--section: README.md has no '<!-- {section}:start -->' marker to render into")
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=list(SHAPES))
@@ -284,7 +296,7 @@ def main() -> None:
     ap.add_argument("--section", default="gpu-throughput", help="the README section --render replaces")
     args = ap.parse_args()
     if args.render:
-        render(Path(args.render).resolve(), args.section)
+        render(render_target(ap, args.render, args.section), args.section)
         return
     if not args.shape:
         ap.error("--shape is needed to measure (or --render JSON to only render)")

@@ -192,3 +192,16 @@ def test_a_cpu_run_without_peak_memory_renders():
 
 def test_runs_of_two_batches_are_two_rows_when_merged():
     assert run.key(_row("trl-unsloth", "D", 2, 4, 1, 1, 1)) != run.key(_row("trl-unsloth", "E", 2, 4, 1, 1, 1))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["benchmarks.run", "--render", "no/such/results.json"], "--render: no such results file: no/such/results.json"),
+    (["benchmarks.run", "--render", "benchmarks/results/gpu_throughput.json", "--section", "nowhere"],
+     "has no '<!-- nowhere:start -->'"),
+    (["benchmarks.multi_gpu", "--render", "no/such/multi.json"], "--render: no such results file"),
+])
+def test_render_refuses_a_missing_file_or_section_in_one_line_and_leaves_the_readme(args, message):
+    readme = (ROOT / "README.md").read_text()
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
+    assert (ROOT / "README.md").read_text() == readme
