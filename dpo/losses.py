@@ -65,6 +65,7 @@ class LossOutput:
     per_pair: dict[str, Tensor]  # loss type -> [B] unweighted per-pair losses
     chosen_rewards: Tensor  # [B] beta * (chosen - ref_chosen), detached
     rejected_rewards: Tensor  # [B] beta * (rejected - ref_rejected), detached
+    pair_loss: Tensor | None = None  # [B] sum_k weight_k * per_pair[k], detached: its mean is `loss`
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,9 +388,45 @@ def preference_loss(
         )
         loss = loss + per_pair[loss_type].mean() * weight
 
+    pair_loss = sum(per_pair[t].detach() * w for t, w in zip(types, weights))
     return LossOutput(
         loss=loss,  # a tensor: validate_loss_config guarantees at least one term
         per_pair=per_pair,
+        pair_loss=pair_loss,
         chosen_rewards=(beta * chosen_logratios).detach(),
         rejected_rewards=(beta * rejected_logratios).detach(),
     )
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """Every setting of the preference loss, validated once when made; training and evaluation both
+    take this one object (built from the run's config by `LossSettings.from_config`)."""
+
+    beta: float = 0.1
+    loss_type: tuple[str, ...] = ("sigmoid",)
+    loss_weights: tuple[float, ...] | None = None
+    label_smoothing: float = 0.0
+    discopop_tau: float = 0.05
+    reference_free: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "loss_type", tuple(_as_list(self.loss_type)))
+        if self.loss_weights is not None:
+            object.__setattr__(self, "loss_weights", tuple(float(w) for w in self.loss_weights))
+        validate_loss_config(self.loss_type, self.loss_weights, self.label_smoothing, self.beta)
+        if not self.discopop_tau > 0:
+            raise ValueError(f"discopop_tau must be > 0, got {self.discopop_tau}.")
+
+    @classmethod
+    def from_config(cls, cfg) -> "LossSettings":
+        """The loss settings of a run config (any object with these attribute names)."""
+        return cls(beta=cfg.beta, loss_type=tuple(cfg.loss_type), loss_weights=cfg.loss_weights,
+                   label_smoothing=cfg.label_smoothing, discopop_tau=getattr(cfg, "discopop_tau", 0.05),
+                   reference_free=cfg.reference_free)
+
+    def __call__(self, logps: PreferenceLogps) -> LossOutput:
+        """The loss of one batch under these settings (see `preference_loss`)."""
+        return preference_loss(logps, beta=self.beta, loss_types=self.loss_type, loss_weights=self.loss_weights,
+                               label_smoothing=self.label_smoothing, discopop_tau=self.discopop_tau,
+                               reference_free=self.reference_free)
