@@ -20,14 +20,15 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 class Parser(argparse.ArgumentParser):
     """argparse for our commands: `prog: error: ... (see --help)` on one line, exit 2."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, name: str | None = None, **kwargs):
+        self.name = name  # what an error line starts with (default: prog)
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = _NEGATIVE_NUMBER
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.name or self.prog}: error: {message} (see --help)\n")
 
 
 def one_line(error: BaseException | str) -> str:

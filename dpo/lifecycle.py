@@ -17,13 +17,13 @@ import contextlib
 import json
 import os
 import secrets
-import shlex
 import shutil
 import signal
 import threading
 from pathlib import Path
 
 from dpo import distributed
+from dpo.cli import python_command
 from dpo.checkpoint import (
     RESUME_LOCKED_KEYS,
     Checkpoint,
@@ -200,7 +200,9 @@ def load_reference_cache(trainer, ckpt: Checkpoint) -> None:
 
 
 class Commands:
-    """The command lines the messages print: resume this run, or start it over."""
+    """The command lines the messages print: resume this run, or start it over. Each works when copied
+    as is: the interpreter that runs now and this run's --output-dir (the default run's is made up at
+    start, so a bare `--resume` would look in a new folder)."""
 
     START_FLAGS = ("--resume", "--no-resume", "--overwrite", "--no-overwrite", "--overwrite-output-dir",
                    "--no-overwrite-output-dir")
@@ -218,9 +220,11 @@ class Commands:
                 elif a not in self.START_FLAGS and not a.startswith("--resume-from="):
                     args.append(a)
             self.args = args
+        if not any(a == "--output-dir" or a.startswith("--output-dir=") for a in self.args):
+            self.args += ["--output-dir", cfg.output_dir]
 
     def _line(self, *extra: str) -> str:
-        return shlex.join(["python", "-m", "dpo.train", *self.args, *extra])
+        return python_command("dpo.train", [*self.args, *extra])
 
     def resume(self, *extra: str) -> str:
         return self._line("--resume", *extra)
@@ -249,14 +253,16 @@ class TrainingStopped(Exception):
 
 
 class StopSignals:
-    """SIGINT/SIGTERM during a run: the first lets the current optimizer step finish (the loop then
-    saves and exits); a second stops at once, except inside protected() (a checkpoint or adapter
+    """SIGINT/SIGTERM during a run: while `immediate` (set-up, before the first step) the first stops at
+    once; later, the first lets the current optimizer step finish (the loop then saves and exits); a
+    second stops at once, except inside protected() (a checkpoint or adapter
     write), which is let finish first. Handlers are installed only in the main thread."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.received: int | None = None
+        self.immediate = False  # set while there is nothing to save yet: the first signal stops at once
         self._protected = False
         self._pending: int | None = None
         self._previous: dict = {}
@@ -273,6 +279,9 @@ class StopSignals:
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
+        if self.immediate and not self._protected:
+            self.received = signum
+            raise StopNow(signum)
         if self.received is None:
             self.received = signum
             # os.write, not print: the handler may interrupt a write to sys.stderr (tqdm's bar)

@@ -93,6 +93,21 @@ def our_pairs(tokenizer):
             for i, r in enumerate(rows())]
 
 
+def run_ours(path: str, **kw) -> list[dict]:
+    """Our STEPS steps through `dpo.train.run` (what `python -m dpo.train` calls) on rows() as a data file,
+    with the LoRA weights of set_lora_weights; returns the metrics rows."""
+    import tempfile
+
+    from dpo.train import RunHooks, run
+
+    folder = tempfile.mkdtemp(prefix="dpo-gpu-run-")
+    data = os.path.join(folder, "pairs.jsonl")
+    with open(data, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows())
+    cfg = our_config(model=path, dataset=data, output_dir=os.path.join(folder, "run"), lora_targets=TARGETS, **kw)
+    return run(cfg, hooks=RunHooks(model_built=set_lora_weights))["history"]
+
+
 def load_unsloth_model(path: str):
     from dpo import models
 
@@ -108,7 +123,7 @@ def unsloth_mode(path: str, out: str) -> None:
     from trl import DPOConfig, DPOTrainer
 
     from dpo.data import collate
-    from dpo.train import Trainer
+    from dpo.trainer import Trainer
 
     result = {"trainer_class": None}
     model, tok = load_unsloth_model(path)
@@ -169,27 +184,16 @@ def unsloth_mode(path: str, out: str) -> None:
     result["trl_history"] = [r for r in trainer.state.log_history if "rewards/chosen" in r]
     del trainer, model
     torch.cuda.empty_cache()
-    model, tok = load_unsloth_model(path)
     t0 = time.time()
-    result["ours_history"] = Trainer(model, tok, our_config(warmup_steps=warmup), our_pairs(tok),
-                                     device=torch.device("cuda")).train()
+    result["ours_history"] = run_ours(path, backend="unsloth", load_in_4bit=True, warmup_steps=warmup)
     result["ours_seconds"] = time.time() - t0
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
 
 
 def hf_mode(path: str, out: str) -> None:
-    from dpo import models
-    from dpo.train import Trainer
-
-    tok = models.load_tokenizer(path)
-    model = models.load_model(path, torch.bfloat16, "cuda", load_in_4bit=True)
-    model = models.add_lora(model, models.LoraSettings(LORA_R, LORA_ALPHA, 0.0, tuple(TARGETS)))
-    models.cast_trainable_to_bf16(model)
-    models.disable_dropout(model)
-    models.enable_gradient_checkpointing(model)
-    set_lora_weights(model)
-    history = Trainer(model, tok, our_config(backend="hf"), our_pairs(tok), device=torch.device("cuda")).train()
+    """20 steps of ours on the hf backend (bnb 4-bit, bf16), through the same entry point as the CLI."""
+    history = run_ours(path, backend="hf", load_in_4bit=True)
     with open(out, "w") as f:
         json.dump({"ours_hf_history": history}, f, indent=2)
 
@@ -200,7 +204,7 @@ def memory_mode(out: str) -> None:
 
     from dpo import models
     from dpo.data import TokenizedPair
-    from dpo.train import Trainer
+    from dpo.trainer import Trainer
 
     cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
                       num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=False)
