@@ -85,7 +85,6 @@ class Batch:
         )
 
 
-
 # --- tokenization ------------------------------------------------------------------------------
 
 
@@ -168,7 +167,6 @@ def collate(pairs: list[TokenizedPair], pad_token_id: int, max_length: int | Non
         attention_mask[i, : len(ids)] = 1
         completion_mask[i, : len(mask)] = torch.tensor(mask, dtype=torch.long)
     return Batch(input_ids, attention_mask, completion_mask, [p.row_id for p in pairs])
-
 
 
 # --- from rows to kept pairs ----------------------------------------------------------------

@@ -142,7 +142,6 @@ def _sources(rows) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "") or "(rows given in code)"
 
 
-
 def processed_record(result: RowResult) -> dict:
     """One --out line: the texts as split, token counts, and why it was dropped (null when kept)."""
     row, pair = result.row, result.pair

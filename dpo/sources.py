@@ -47,10 +47,8 @@ class PreferenceRow:
         return f"{self.source} {self.location}".strip() or f"row id {self.row_id}"
 
 
-
 def is_conversational(row: PreferenceRow) -> bool:
     return isinstance(row.prompt, list)
-
 
 
 def looks_local(path: str) -> bool:
@@ -113,7 +111,6 @@ class Rows(list):
     """The loaded rows (a plain list of PreferenceRow) plus a description of their format."""
 
     format: str = ""
-
 
 
 def read_records(spec: DataSpec) -> list[Record]:
@@ -251,7 +248,6 @@ def _read_hub(spec: DataSpec) -> list[Record]:
         raise DataError(f"{name}: cannot load ({type(e).__name__}: {e})") from None
     rows = progress(ds, desc=f"reading {spec.path}", unit="row")
     return [(name, f"row {i}", value) for i, value in enumerate(rows, 1)]
-
 
 
 # --- from raw rows to PreferenceRow ------------------------------------------------------------
