@@ -49,11 +49,13 @@ def progress(iterable, *, desc: str, unit: str = "it", total: int | None = None)
     """`iterable`, with a tqdm bar on stderr once the work has run PROGRESS_DELAY_S seconds.
 
     Quick work prints nothing; the bar is drawn only on a terminal (logs, pipes and captured test output
-    stay clean) and is removed when the work ends; TQDM_DISABLE=1 turns it off everywhere.
+    stay clean), only by the first process of a torchrun launch (its RANK is 0), and is removed when the
+    work ends; TQDM_DISABLE=1 turns it off everywhere.
     """
     from tqdm.auto import tqdm
 
-    disable = True if os.environ.get("TQDM_DISABLE") else None  # None: tqdm's "off unless a terminal"
+    quiet = os.environ.get("TQDM_DISABLE") or os.environ.get("RANK", "0") != "0"
+    disable = True if quiet else None  # None: tqdm's "off unless a terminal"
     return tqdm(iterable, desc=desc, unit=unit, total=total, delay=PROGRESS_DELAY_S, leave=False, disable=disable)
 
 

@@ -132,6 +132,7 @@ class Terminal(io.StringIO):
 
 def test_progress_is_silent_off_a_terminal_and_for_quick_work(monkeypatch):
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
     off_terminal = io.StringIO()
     monkeypatch.setattr("sys.stderr", off_terminal)
     monkeypatch.setattr(cli, "PROGRESS_DELAY_S", 0.0)
@@ -146,6 +147,7 @@ def test_progress_is_silent_off_a_terminal_and_for_quick_work(monkeypatch):
 
 def test_progress_shows_a_bar_on_a_terminal_once_work_is_slow(monkeypatch):
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
     terminal = Terminal()
     monkeypatch.setattr("sys.stderr", terminal)
     monkeypatch.setattr(cli, "PROGRESS_DELAY_S", 0.05)
@@ -161,6 +163,11 @@ def test_progress_shows_a_bar_on_a_terminal_once_work_is_slow(monkeypatch):
     quiet = Terminal()
     monkeypatch.setattr("sys.stderr", quiet)
     assert list(cli.progress(slow(), desc="tokenizing", total=3)) == [0, 1, 2] and quiet.getvalue() == ""
+    monkeypatch.delenv("TQDM_DISABLE")
+    monkeypatch.setenv("RANK", "1")  # a second torchrun process: the first one draws the bar
+    assert list(cli.progress(slow(), desc="tokenizing", total=3)) == [0, 1, 2] and quiet.getvalue() == ""
+    monkeypatch.setenv("RANK", "0")
+    assert list(cli.progress(slow(), desc="tokenizing", total=3)) == [0, 1, 2] and "tokenizing" in quiet.getvalue()
 
 
 def test_tokenizing_rows_goes_through_the_progress_bar(monkeypatch, tmp_path):
