@@ -3,11 +3,14 @@
 - Parser: argparse with one-line errors (exit 2, no usage dump), defaults shown in --help, and
   negative numbers accepted as values (`--learning-rate -1e-5` is a value, not an unknown flag).
 - one_line(e): an exception (or text) as a single line, for messages that must never be a traceback.
+- optional(kind): an argparse `type` that also takes "none" (a flag whose default can be switched off).
+- progress(iterable): a tqdm bar for long work that stays silent when the work is quick.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import sys
@@ -29,6 +32,32 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.name or self.prog}: error: {message} (see --help)\n")
+
+
+def optional(kind):
+    """An argparse `type` for a value that may be absent: "none" or "null" (any case) is None, anything
+    else goes through `kind` (argparse's error names `kind`, e.g. "invalid int value")."""
+    def parse(text: str):
+        return None if text.lower() in ("none", "null") else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+PROGRESS_DELAY_S = 3.0  # a bar appears only once the work has taken this long
+
+
+def progress(iterable, *, desc: str, unit: str = "it", total: int | None = None):
+    """`iterable`, with a tqdm bar on stderr once the work has run PROGRESS_DELAY_S seconds.
+
+    Quick work prints nothing; the bar is drawn only on a terminal (logs, pipes and captured test output
+    stay clean), only by the first process of a torchrun launch (its RANK is 0), and is removed when the
+    work ends; TQDM_DISABLE=1 turns it off everywhere.
+    """
+    from tqdm.auto import tqdm
+
+    quiet = os.environ.get("TQDM_DISABLE") or os.environ.get("RANK", "0") != "0"
+    disable = True if quiet else None  # None: tqdm's "off unless a terminal"
+    return tqdm(iterable, desc=desc, unit=unit, total=total, delay=PROGRESS_DELAY_S, leave=False, disable=disable)
 
 
 def one_line(error: BaseException | str) -> str:
