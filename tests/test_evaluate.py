@@ -262,3 +262,78 @@ def test_cli_missing_arguments_is_one_line_exit_2(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--model" in err and len(err.strip().splitlines()) == 1
+
+
+# --- issue 17: what a user of `python -m dpo.evaluate` sees ---------------------------------------
+
+
+def test_cli_scores_the_mean_over_pairs_and_prints_the_rows_dropped(capsys, tiny_llama_dir, tmp_path):
+    """7 pairs in batches of 3 (3, 3, 1) with no adapter: the policy is the reference, so its mean
+    log-probs equal the reference's (a mean of batch means did not); a row whose prompt fills
+    --max-length is dropped, and the count is printed, not only written to the JSON."""
+    long_prompt = "Tell me everything about " + " and ".join(f"topic number {i}" for i in range(60))
+    data = tmp_path / "prefs.jsonl"
+    rows = ROWS + [(long_prompt, " Sure.", " No.")]
+    data.write_text("\n".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) for p, c, r in rows) + "\n")
+    out_json = tmp_path / "eval.json"
+    code, out, err = cli(capsys, "--model", str(tiny_llama_dir), "--dataset", str(data), "--batch-size", "3",
+                         "--max-length", "64", "--output", str(out_json))
+    assert code == 0, err
+    assert "evaluated 7 pairs" in out and "1 of 8 rows dropped" in out
+    metrics = json.loads(out_json.read_text())["metrics"]
+    assert metrics["eval_num_pairs"] == 7
+    assert metrics["eval_logps/chosen"] == pytest.approx(metrics["eval_ref_logps/chosen"], abs=1e-5)
+    assert metrics["eval_logps/rejected"] == pytest.approx(metrics["eval_ref_logps/rejected"], abs=1e-5)
+
+
+def test_cli_help_shows_trainings_defaults_and_device_auto_runs(capsys, tiny_llama_dir, tmp_path):
+    from dpo.config import TrainConfig
+
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--help"])
+    assert e.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    train = TrainConfig(dataset="prefs.jsonl")
+    assert train.device == "auto"
+    for flag, default in (("--device", train.device), ("--max-length", train.max_length),
+                          ("--logprobs", train.logprobs), ("--beta", train.beta),
+                          ("--batch-size", tasks.DEFAULT_EVAL["batch_size"]),
+                          ("--generations", tasks.DEFAULT_EVAL["generations"])):
+        assert f"(default: {default})" in help_text, flag
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) for p, c, r in ROWS) + "\n")
+    out_json = tmp_path / "eval.json"
+    code, out, err = cli(capsys, "--model", str(tiny_llama_dir), "--dataset", str(data), "--device", "auto",
+                         "--output", str(out_json))
+    assert code == 0, err
+    assert json.loads(out_json.read_text())["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    code, _, err = cli(capsys, "--model", str(tiny_llama_dir), "--dataset", str(data), "--device", "tpu9")
+    assert code == 2 and "--device" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_at_a_folder_that_holds_no_model_says_so_in_one_line(capsys, tiny_llama_dir, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, out, err = cli(capsys, "--model", str(empty), "--dataset", "builtin:sentiment")
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1
+    assert f"--model: {empty} holds no model: a model folder needs config.json" in err
+    assert "safetensors" in err and "tokenizer" in err
+
+
+def test_long_evaluation_shows_progress_bars_and_a_quick_one_stays_quiet(capsys, tiny_llama_dir, monkeypatch):
+    from dpo import progress
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    argv = ("--model", str(tiny_llama_dir), "--dataset", "builtin:sentiment", "--eval-size", "4",
+            "--generations", "2", "--max-new-tokens", "2", "--batch-size", "2")
+    code, out, err = cli(capsys, *argv)  # well under progress.DELAY_S
+    assert code == 0
+    assert "eval (" not in err and "generate (" not in err and "KL to reference" not in err
+    monkeypatch.setattr(progress, "DELAY_S", 0.0)  # as if every phase ran longer than the delay
+    code, out, err = cli(capsys, *argv)
+    assert code == 0
+    for phase in ("eval (reference)", "eval (policy)", "generate (policy)", "generate (reference)",
+                  "KL to reference"):
+        assert phase in err, phase
+    assert "eval (" not in out  # bars go to stderr, the results to stdout
