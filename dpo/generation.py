@@ -54,17 +54,20 @@ def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
     stop = _stop_ids(model, tokenizer)
     pad = models.pad_id(tokenizer)
     results: list[list[int]] = []
-    with torch.no_grad(), models.eval_mode(model), progress.bar(len(prompts), desc, "prompt") as bar:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            results.extend(_generate_batch(model, chunk, max_new_tokens, stop, pad))
-            bar.update(len(chunk))
+    batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+    # The bar counts decoding steps (max_new_tokens per batch), so a long batch shows it is moving.
+    with torch.no_grad(), models.eval_mode(model), progress.bar(len(batches) * max_new_tokens, desc, "step") as bar:
+        for chunk in batches:
+            out = _generate_batch(model, chunk, max_new_tokens, stop, pad, on_step=bar.update)
+            results.extend(out)
+            bar.update(max_new_tokens - max(len(t) for t in out))  # the steps an early stop skipped
     return results
 
 
-def _generate_batch(model, prompts: list[list[int]], max_new_tokens: int, stop: set[int], pad: int
-                    ) -> list[list[int]]:
-    """Greedy completions of one batch of prompts, left-padded, with a KV cache."""
+def _generate_batch(model, prompts: list[list[int]], max_new_tokens: int, stop: set[int], pad: int,
+                    on_step=lambda n: None) -> list[list[int]]:
+    """Greedy completions of one batch of prompts, left-padded, with a KV cache; `on_step(1)` after each
+    decoding step."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -86,6 +89,7 @@ def _generate_batch(model, prompts: list[list[int]], max_new_tokens: int, stop: 
             if not done[i]:
                 out_tokens[i].append(t)
                 done[i] = t in stop
+        on_step(1)
         if all(done):
             break
         step_ids = nxt[:, None]
