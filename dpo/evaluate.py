@@ -8,6 +8,7 @@ is the command line. Defaults are training's (`python -m dpo.train`) and the bui
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import sys
@@ -34,11 +35,12 @@ def build_parser() -> cli.Parser:
         description="Evaluate a model (and LoRA adapter) on held-out preference pairs: TRL's eval metrics, "
                     "length-normalised accuracy, and for builtin: tasks greedy generations scored by the task's "
                     "reward and their KL to the reference (the base model).")
-    p.add_argument("--model", required=True, help="a local model folder, a hub name, or smollm2-135m-instruct")
+    # A required option has no default: SUPPRESS keeps "(default: None)" out of its help.
+    p.add_argument("--model", required=True, default=argparse.SUPPRESS, help="a local model folder, a hub name, or smollm2-135m-instruct")
     p.add_argument("--adapter", default=None,
                    help="a LoRA adapter folder (policy = base + adapter; reference = base); None: the policy is "
                         "the base model")
-    p.add_argument("--dataset", required=True,
+    p.add_argument("--dataset", required=True, default=argparse.SUPPRESS,
                    help="a preference file/folder/hub dataset (all its rows are evaluated), or builtin:NAME "
                         "(its held-out split)")
     p.add_argument("--max-length", type=int, default=_TRAIN_DEFAULTS["max_length"],
