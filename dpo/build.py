@@ -14,6 +14,7 @@ from dpo import data as data_mod
 from dpo import models, tasks
 from dpo.cli import first_line
 from dpo.config import ConfigError, TrainConfig
+from dpo.sources import DataSpec, load_rows
 
 
 def seed_everything(seed: int) -> None:
@@ -23,28 +24,16 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
-def data_spec(cfg: TrainConfig) -> data_mod.DataSpec:
-    return data_mod.DataSpec(path=cfg.dataset, split=cfg.dataset_split, config=cfg.dataset_config,
-                             prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
-                             rejected_column=cfg.rejected_column, implicit_prompt=cfg.implicit_prompt)
-
-
 def read_rows(cfg: TrainConfig):
     """The training rows: a built-in task's (`builtin:NAME`), else the file, folder or hub dataset."""
     rows = tasks.load_builtin(cfg.dataset)
-    return rows if rows is not None else data_mod.load_rows(data_spec(cfg))
+    return rows if rows is not None else load_rows(DataSpec.from_config(cfg))
 
 
 def load_training_pairs(cfg: TrainConfig, tokenizer, rows=None):

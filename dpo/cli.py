@@ -43,23 +43,6 @@ def optional(kind):
     return parse
 
 
-PROGRESS_DELAY_S = 3.0  # a bar appears only once the work has taken this long
-
-
-def progress(iterable, *, desc: str, unit: str = "it", total: int | None = None):
-    """`iterable`, with a tqdm bar on stderr once the work has run PROGRESS_DELAY_S seconds.
-
-    Quick work prints nothing; the bar is drawn only on a terminal (logs, pipes and captured test output
-    stay clean), only by the first process of a torchrun launch (its RANK is 0), and is removed when the
-    work ends; TQDM_DISABLE=1 turns it off everywhere.
-    """
-    from tqdm.auto import tqdm
-
-    quiet = os.environ.get("TQDM_DISABLE") or os.environ.get("RANK", "0") != "0"
-    disable = True if quiet else None  # None: tqdm's "off unless a terminal"
-    return tqdm(iterable, desc=desc, unit=unit, total=total, delay=PROGRESS_DELAY_S, leave=False, disable=disable)
-
-
 def one_line(error: BaseException | str) -> str:
     """The text of an error as one line: its non-empty lines joined with ' | ', colours stripped.
 

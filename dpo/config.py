@@ -14,7 +14,10 @@ import textwrap
 from dataclasses import dataclass, field, fields
 from typing import Any, get_args, get_origin, get_type_hints
 
-from dpo.cli import Parser
+from dpo.cli import Parser, optional
+from dpo.data import DEFAULT_MAX_LENGTH
+from dpo.models import model_folder_problem
+from dpo.sources import looks_local
 from dpo.losses import LOSS_TYPES, LossSettings
 from dpo.models import DEFAULT_LORA_TARGETS
 from dpo.smollm2 import DEFAULT_MODEL
@@ -103,7 +106,7 @@ class TrainConfig:
     reference_free: bool = _opt(False, "Use no reference model (reference log-probs are 0)")
     precompute_ref: bool = _opt(False, "Compute the reference log-probs of all pairs once before training")
     precompute_ref_batch_size: int | None = _opt(None, "Pairs per batch for --precompute-ref (default: 4x the micro-batch)")
-    max_length: int | None = _opt(1024, "Max tokens of prompt+completion; longer sequences are cut at the end")
+    max_length: int | None = _opt(DEFAULT_MAX_LENGTH, "Max tokens of prompt+completion; longer sequences are cut at the end")
     # Model and memory
     dtype: str = _opt("auto", "Weights and compute dtype (auto: bfloat16 on CUDA, float32 on CPU; no float16: "
                       "DPO's log-prob sums overflow its range)", choices=DTYPES)
@@ -165,7 +168,7 @@ class TrainConfig:
             bad("eval_steps", f"must be >= 0, got {self.eval_steps}")
         if self.threads < 0:
             bad("threads", f"must be >= 0, got {self.threads}")
-        if self.eval_dataset is not None and _looks_local(self.eval_dataset) and not os.path.exists(self.eval_dataset):
+        if self.eval_dataset is not None and looks_local(self.eval_dataset) and not _exists(self.eval_dataset):
             bad("eval_dataset", f"no such file or folder: {self.eval_dataset}")
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
             bad("max_prompt_length", f"must be >= 1, got {self.max_prompt_length}")
@@ -198,10 +201,12 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 bad(name, f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         self.loss_settings()
-        if self.dataset is not None and _looks_local(self.dataset) and not os.path.exists(self.dataset):
+        if self.dataset is not None and looks_local(self.dataset) and not _exists(self.dataset):
             bad("dataset", f"no such file or folder: {self.dataset}")
-        if _looks_local(self.model) and not os.path.exists(self.model):
+        if looks_local(self.model) and not _exists(self.model):
             bad("model", f"no such folder: {self.model}")
+        if looks_local(self.model) and (problem := model_folder_problem(self.model)) is not None:
+            bad("model", problem)
         if self.adapter is not None and not os.path.isdir(self.adapter):
             bad("adapter", f"no such adapter folder: {self.adapter}")
         if self.adapter is not None and not os.path.isfile(os.path.join(self.adapter, ADAPTER_SAFETENSORS)):
@@ -224,9 +229,8 @@ class ConfigError(ValueError):
     pass
 
 
-def _looks_local(path: str) -> bool:
-    """A path (not a hub name like 'org/name'): absolute, relative with ./, or with a file suffix."""
-    return path.startswith((".", "/", "~")) or path.endswith((".jsonl", ".gz", ".json", ".parquet", ".csv")) or os.path.exists(path)
+def _exists(path: str) -> bool:
+    return os.path.exists(os.path.expanduser(path))
 
 
 # --- parsing ----------------------------------------------------------------------------------
@@ -249,13 +253,6 @@ def _scalar_type(tp):
     if args:
         return _scalar_type(args[0])
     return tp
-
-
-def _parse_optional(kind):
-    def parse(text: str):
-        return None if text.lower() in ("none", "null") else kind(text)
-    parse.__name__ = kind.__name__
-    return parse
 
 
 def _dtype_name(text: str) -> str:
@@ -284,7 +281,7 @@ def build_parser(prog: str = "python -m dpo.train", cls=TrainConfig) -> argparse
             continue
         optional = type(None) in get_args(tp)
         kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text + f" (default: {_show(f.default)})")
-        kw["type"] = _parse_optional(kind) if optional and get_origin(tp) is not list else kind
+        kw["type"] = optional(kind) if optional and get_origin(tp) is not list else kind
         if get_origin(tp) is list or list in (get_origin(a) for a in get_args(tp)):
             kw["nargs"] = "+"
         if "choices" in f.metadata:

@@ -33,7 +33,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from dpo.cli import progress
+from dpo.progress import iterate as progress
 from dpo.prompts import common_prefix_length
 from dpo.report import DataReport, build_report
 from dpo.sources import DataError, PreferenceRow, is_conversational

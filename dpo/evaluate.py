@@ -19,6 +19,7 @@ import torch
 
 from dpo import cli, models, tasks
 from dpo.config import LOGPROB_MODES, TrainConfig
+from dpo.sources import looks_local
 from dpo.losses import LossSettings
 
 PROG = "python -m dpo.evaluate"
@@ -67,8 +68,6 @@ def build_parser() -> cli.Parser:
 
 def check_args(args) -> torch.device:
     """Everything checkable before a model loads, as one-line errors; the device to run on."""
-    from dpo.config import _looks_local
-
     for name, value, low in (("--max-length", args.max_length, 2), ("--batch-size", args.batch_size, 1),
                              ("--generations", args.generations, 0), ("--max-new-tokens", args.max_new_tokens, 1),
                              ("--samples", args.samples, 0), ("--eval-size", args.eval_size, 1)):
@@ -76,7 +75,7 @@ def check_args(args) -> torch.device:
             raise EvalError(f"{name}: must be >= {low}, got {value}")
     if not args.beta > 0:
         raise EvalError(f"--beta: must be > 0, got {args.beta}")
-    if _looks_local(args.model):
+    if looks_local(args.model):
         problem = models.model_folder_problem(args.model)
         if problem is not None:
             raise EvalError(f"--model: {problem}")
@@ -101,7 +100,7 @@ def check_dataset(dataset: str) -> None:
 
     if tasks.is_builtin(dataset):
         tasks.parse_builtin(dataset)
-    elif data_mod.looks_local(dataset) and not os.path.exists(os.path.expanduser(dataset)):
+    elif looks_local(dataset) and not os.path.exists(os.path.expanduser(dataset)):
         raise data_mod.DataError(f"--dataset: no such file or folder: {dataset}")
 
 

@@ -26,7 +26,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from dpo.cli import progress
+from dpo.progress import iterate as progress
 from dpo.prompts import IMPLICIT_PROMPT_RULES, split_implicit
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv", ".csv.gz")

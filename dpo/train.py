@@ -34,9 +34,9 @@ from typing import Callable
 
 import torch
 
-from dpo import data as data_mod
+from dpo.sources import DataError
 from dpo import distributed, models, tasks
-from dpo.build import build_model, cpu_threads, load_training_pairs, read_rows, resolve_device
+from dpo.build import build_model, cpu_threads, load_training_pairs, read_rows
 from dpo.checkpoint import Checkpoint, CheckpointError, check_output_dir, restore_rng
 from dpo.cli import first_line
 from dpo.config import ConfigError, TrainConfig, config_from_args
@@ -52,7 +52,7 @@ from dpo.lifecycle import (
     load_resume_checkpoint,
 )
 from dpo.losses import LossSettings
-from dpo.run_eval import RunEvaluation
+from dpo.evaluation import Evaluation
 from dpo.smollm2 import MissingDefaultModel
 from dpo.trainer import NonFiniteStep, Trainer
 
@@ -206,16 +206,16 @@ class _Session:
         self.writer.start_metrics(self.resumed)
         return trainer, tokenizer
 
-    def evaluate_before(self, tokenizer) -> RunEvaluation | None:
+    def evaluate_before(self, tokenizer) -> Evaluation | None:
         """--eval-dataset: the starting model (the reference) scored, in a resumed run too."""
-        held_out = RunEvaluation.for_run(self.cfg, tokenizer) if self.dist.is_main else None
+        held_out = Evaluation.for_run(self.cfg, tokenizer) if self.dist.is_main else None
         if held_out is not None:
             before = held_out.before(self.trainer.model)
             if self.resumed is None:
                 self.writer.append_metrics({"step": 0, **before})
         return held_out
 
-    def loop(self, held_out: RunEvaluation | None) -> list[dict]:
+    def loop(self, held_out: Evaluation | None) -> list[dict]:
         """Optimizer steps until the last one or a signal; metrics after each, a checkpoint every --save-steps."""
         from tqdm.auto import tqdm
 
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as e:
         print(f"dpo: {e}", file=sys.stderr)
         return e.exit_code
-    except (ConfigError, data_mod.DataError, CheckpointError, MissingDefaultModel) as e:
+    except (ConfigError, DataError, CheckpointError, MissingDefaultModel) as e:
         print(f"dpo: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_REFUSED
     except KeyboardInterrupt:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from dpo import cli, data, data_cli, sources
+from dpo import cli, data, data_cli, progress, sources
 from dpo.sources import DataError, DataSpec, looks_local
 
 
@@ -135,13 +135,13 @@ def test_progress_is_silent_off_a_terminal_and_for_quick_work(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     off_terminal = io.StringIO()
     monkeypatch.setattr("sys.stderr", off_terminal)
-    monkeypatch.setattr(cli, "PROGRESS_DELAY_S", 0.0)
-    assert list(cli.progress(range(3), desc="tokenizing")) == [0, 1, 2]
+    monkeypatch.setattr(progress, "DELAY_S", 0.0)
+    assert list(progress.iterate(range(3), desc="tokenizing")) == [0, 1, 2]
     assert off_terminal.getvalue() == ""
     terminal = Terminal()
     monkeypatch.setattr("sys.stderr", terminal)
-    monkeypatch.setattr(cli, "PROGRESS_DELAY_S", 60.0)
-    assert list(cli.progress(range(3), desc="tokenizing")) == [0, 1, 2]
+    monkeypatch.setattr(progress, "DELAY_S", 60.0)
+    assert list(progress.iterate(range(3), desc="tokenizing")) == [0, 1, 2]
     assert terminal.getvalue() == ""
 
 
@@ -150,24 +150,24 @@ def test_progress_shows_a_bar_on_a_terminal_once_work_is_slow(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     terminal = Terminal()
     monkeypatch.setattr("sys.stderr", terminal)
-    monkeypatch.setattr(cli, "PROGRESS_DELAY_S", 0.05)
+    monkeypatch.setattr(progress, "DELAY_S", 0.05)
 
     def slow():
         for i in range(3):
             time.sleep(0.05)
             yield i
 
-    assert list(cli.progress(slow(), desc="tokenizing", unit="pair", total=3)) == [0, 1, 2]
+    assert list(progress.iterate(slow(), desc="tokenizing", unit="pair", total=3)) == [0, 1, 2]
     assert "tokenizing" in terminal.getvalue() and "pair" in terminal.getvalue()
     monkeypatch.setenv("TQDM_DISABLE", "1")
     quiet = Terminal()
     monkeypatch.setattr("sys.stderr", quiet)
-    assert list(cli.progress(slow(), desc="tokenizing", total=3)) == [0, 1, 2] and quiet.getvalue() == ""
+    assert list(progress.iterate(slow(), desc="tokenizing", total=3)) == [0, 1, 2] and quiet.getvalue() == ""
     monkeypatch.delenv("TQDM_DISABLE")
     monkeypatch.setenv("RANK", "1")  # a second torchrun process: the first one draws the bar
-    assert list(cli.progress(slow(), desc="tokenizing", total=3)) == [0, 1, 2] and quiet.getvalue() == ""
+    assert list(progress.iterate(slow(), desc="tokenizing", total=3)) == [0, 1, 2] and quiet.getvalue() == ""
     monkeypatch.setenv("RANK", "0")
-    assert list(cli.progress(slow(), desc="tokenizing", total=3)) == [0, 1, 2] and "tokenizing" in quiet.getvalue()
+    assert list(progress.iterate(slow(), desc="tokenizing", total=3)) == [0, 1, 2] and "tokenizing" in quiet.getvalue()
 
 
 def test_tokenizing_rows_goes_through_the_progress_bar(monkeypatch, tmp_path):
