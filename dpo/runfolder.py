@@ -447,7 +447,7 @@ class RunWriter:
             getattr(sink, method)(*args)
         except Exception as e:  # noqa: BLE001 - a tracker's failure must not stop the run or lose a row
             self.trackers.remove(sink)
-            print(f"dpo: warning: tracker {sink.name} failed ({one_line(e)}); it gets no more rows "
+            print(f"dpo: warning: tracker {sink.name} failed ({type(e).__name__}: {one_line(e)}); it gets no more rows "
                   f"({self.metrics_path} has every row)", file=sys.stderr)
             try:
                 sink.close()
