@@ -5,7 +5,8 @@
 - StopSignals: the first SIGINT/SIGTERM lets the step finish and saves; a second stops at once.
 - Commands: the command lines the messages print (resume this run, or start it over).
 
-What the run folder holds (RunWriter, the resume rules) is dpo.runfolder's. The loop itself (dpo.train) only calls these; none of them knows the DPO math.
+What the run folder holds (RunWriter, the resume rules) is dpo.runfolder's. The loop itself (dpo.train)
+only calls these; none of them knows the DPO math.
 """
 
 from __future__ import annotations

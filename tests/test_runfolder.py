@@ -89,6 +89,34 @@ def test_a_disk_without_room_for_a_checkpoint_is_refused_before_the_first_step(t
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 4 MiB file system (tmpfs), where the machine lets us mount one."""
+    import os
+    import subprocess
+
+    where = tmp_path / "small-disk"
+    where.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root; test_a_disk_without_room_* simulates the full disk instead")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); test_a_disk_without_room_* simulates it")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+def test_a_real_small_disk_is_refused_before_the_first_step(tiny_llama_dir, data, small_disk, capsys):
+    out = small_disk / "run"
+    rc = train.main(flags(tiny_llama_dir, data, out))
+    err = one_line_error(capsys, rc, after_model_load=True)
+    assert err.startswith(f"dpo: error: not enough disk space for this run in {out}: 4.0 MiB free, about ")
+    assert list(small_disk.iterdir()) == []
+
+
 def test_a_checkpoint_that_cannot_be_written_still_leaves_the_adapter(tiny_llama_dir, data, tmp_path, capsys,
                                                                       monkeypatch):
     monkeypatch.setattr(checkpoint, "_free_bytes", lambda path: 0)  # every checkpoint finds the disk full
