@@ -326,22 +326,34 @@ def trainable_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
-def run_bytes_needed(adapter_bytes: int, tokenizer_bytes: int = 16 * 2**20) -> tuple[int, int]:
+def tokenizer_bytes(tokenizer, fallback: int = 16 * 2**20) -> int:
+    """Bytes the tokenizer's files take in adapter/ (measured by saving it to a temporary folder);
+    `fallback` (SmolLM2's take 3.5 MB, Llama-3's 9 MB) when that cannot be done."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            return sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
+    except Exception:  # noqa: BLE001 - an estimate; the real write reports its own error
+        return fallback
+
+
+def run_bytes_needed(adapter_bytes: int, tokenizer_bytes: int) -> tuple[int, int]:
     """(one checkpoint, the final adapter/ folder) in bytes, for an adapter of `adapter_bytes`.
 
     The checkpoint as save_checkpoint will ask for it: the adapter, AdamW's two moments (each the
-    adapter's size), pickling overhead; adapter/ holds the adapter again plus the tokenizer's files
-    (a generous 16 MiB: SmolLM2's are 3.5 MB, Llama-3's 9 MB)."""
+    adapter's size), pickling overhead; adapter/ holds the adapter again and the tokenizer's files."""
     return expected_checkpoint_bytes(adapter_bytes, 2 * adapter_bytes), int(adapter_bytes * 1.1) + tokenizer_bytes
 
 
-def check_free_space(output_dir: str | os.PathLike, adapter_bytes: int) -> None:
-    """Refuse, before training starts, a disk without room for one checkpoint and the final adapter."""
-    checkpoint, adapter = run_bytes_needed(adapter_bytes)
+def check_free_space(output_dir: str | os.PathLike, adapter_bytes: int, tokenizer_bytes: int) -> None:
+    """Refuse, before training starts, a disk without room for one checkpoint and the final adapter/."""
+    checkpoint, adapter = run_bytes_needed(adapter_bytes, tokenizer_bytes)
     free = free_bytes(output_dir)
     if free < checkpoint + adapter:
         raise CheckpointError(
-            f"not enough disk space for this run in {output_dir}: {_mib(free)} free, about "
+            f"not enough disk space for this run in {output_dir}: {_mib(free)} free, at least "
             f"{_mib(checkpoint + adapter)} needed (a checkpoint of about {_mib(checkpoint)} and the adapter of "
             f"about {_mib(adapter)}); free some space or choose another --output-dir")
 
@@ -400,13 +412,14 @@ class RunWriter:
     def _made(self) -> None:
         os.makedirs(self.dir, exist_ok=True)
 
-    def start(self, run_config: dict, resumed: Checkpoint | None = None, model=None) -> None:
-        """Before the first step: check the disk has room (given the model), write config.json, start
-        metrics.jsonl (see start_metrics) and give each tracker the run config."""
+    def start(self, run_config: dict, resumed: Checkpoint | None = None, model=None, tokenizer=None) -> None:
+        """Before the first step: check the disk has room for a checkpoint and adapter/ (given the model and
+        tokenizer), write config.json, start metrics.jsonl (see start_metrics), give each tracker the config."""
         if not self.enabled:
             return
         if model is not None:
-            check_free_space(self.dir, trainable_bytes(model))
+            size = tokenizer_bytes(tokenizer) if tokenizer is not None else 16 * 2**20
+            check_free_space(self.dir, trainable_bytes(model), size)
         self.write_json(CONFIG_FILE, run_config)
         self.start_metrics(resumed)
         for sink in list(self.trackers):

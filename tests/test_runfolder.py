@@ -84,14 +84,14 @@ def test_a_disk_without_room_for_a_checkpoint_is_refused_before_the_first_step(t
     out = tmp_path / "run"
     rc = train.main(flags(tiny_llama_dir, data, out))
     err = one_line_error(capsys, rc, after_model_load=True)
-    assert err.startswith(f"dpo: error: not enough disk space for this run in {out}: 1.0 MiB free, about ")
+    assert err.startswith(f"dpo: error: not enough disk space for this run in {out}: 1.0 MiB free, at least ")
     assert "needed (a checkpoint of about " in err and err.endswith("choose another --output-dir")
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
 
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A real 4 MiB file system (tmpfs), where the machine lets us mount one."""
+    """A real 2 MiB file system (tmpfs), where the machine lets us mount one."""
     import os
     import subprocess
 
@@ -99,7 +99,7 @@ def small_disk(tmp_path):
     where.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root; test_a_disk_without_room_* simulates the full disk instead")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)], capture_output=True,
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)], capture_output=True,
                           text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); test_a_disk_without_room_* simulates it")
@@ -113,7 +113,7 @@ def test_a_real_small_disk_is_refused_before_the_first_step(tiny_llama_dir, data
     out = small_disk / "run"
     rc = train.main(flags(tiny_llama_dir, data, out))
     err = one_line_error(capsys, rc, after_model_load=True)
-    assert err.startswith(f"dpo: error: not enough disk space for this run in {out}: 4.0 MiB free, about ")
+    assert err.startswith(f"dpo: error: not enough disk space for this run in {out}: 2.0 MiB free, at least ")
     assert list(small_disk.iterdir()) == []
 
 
