@@ -565,8 +565,8 @@ def train_and_save(cfg: TrainConfig, run_config: dict, resumed: Checkpoint | Non
         print(f"dpo: resuming from {resumed.path} at step {trainer.step} of {trainer.total_steps}")
     if cfg.precompute_ref and not cfg.reference_free and trainer.ref_cache is None:
         trainer.precompute_reference()
-    writer.start(run_config, resumed, model=model, tokenizer=tokenizer)  # disk room, config.json, metrics
     held_out = RunEvaluation.for_run(cfg, tokenizer) if dist.is_main else None
+    writer.start(run_config, resumed, model=model, tokenizer=tokenizer)  # disk room, config.json, metrics
     if held_out is not None:
         before = held_out.before(model)  # the starting model (the reference), in a resumed run too
         if resumed is None:

@@ -64,6 +64,15 @@ def test_a_run_refused_for_bad_data_leaves_no_output_folder(tiny_llama_dir, tmp_
     assert not (tmp_path / "deep").exists()
 
 
+def test_a_run_refused_for_bad_held_out_data_leaves_no_output_folder(tiny_llama_dir, data, tmp_path, capsys):
+    bad = write_jsonl(tmp_path / "bad-eval.jsonl", [{"prompt": "Q", "chosen": " A"}])  # no "rejected"
+    out = tmp_path / "run"
+    rc = train.main(flags(tiny_llama_dir, data, out, "--eval-dataset", bad))
+    err = one_line_error(capsys, rc, after_model_load=True)
+    assert "rejected" in err
+    assert not out.exists()
+
+
 def test_a_run_refused_for_bad_data_leaves_an_empty_folder_empty(tiny_llama_dir, tmp_path, capsys, no_model_load):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Q", "chosen": " A"}])
     out = tmp_path / "run"
