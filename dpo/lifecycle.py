@@ -196,7 +196,7 @@ class Checkpointer:
                     keep_last=self.cfg.save_total_limit or None, extra_files=extra)
                 self.last, self.last_step = path, trainer.step
         except CheckpointError as e:
-            self.save_adapter_instead(trainer, e)
+            self.save_adapter_instead(trainer)
             if self.last is None:
                 raise CheckpointError(f"{e}; no earlier checkpoint exists") from e
             raise CheckpointError(f"{e}; the previous checkpoint {self.describe_last()} is intact: fix that "
@@ -204,9 +204,9 @@ class Checkpointer:
         distributed.barrier(trainer.dist)
         return path
 
-    def save_adapter_instead(self, trainer, error: CheckpointError) -> None:
+    def save_adapter_instead(self, trainer) -> None:
         """A checkpoint that cannot be written (a full disk, say): the adapter is a fraction of its size,
-        so save it to OUTPUT_DIR/adapter/ and say where, before the run stops on `error`."""
+        so save it to OUTPUT_DIR/adapter/ and say where, before the run stops on the checkpoint's error."""
         try:
             with self.signals.protected():
                 where = RunWriter(self.cfg.output_dir).save_adapter(trainer.model, trainer.tokenizer)
