@@ -22,6 +22,7 @@ from dpo.losses import LOSS_TYPES, LossSettings
 from dpo.models import DEFAULT_LORA_TARGETS
 from dpo.smollm2 import DEFAULT_MODEL
 from dpo.tasks import DEFAULT_RUN
+from dpo.trackers import TrackerError, parse_report_to
 
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
 
@@ -78,6 +79,8 @@ class TrainConfig:
                                     "built-in task); eval_ metrics go to metrics.jsonl")
     eval_steps: int = _opt(0, "Evaluate on --eval-dataset every N steps (0: before and after training only)")
     threads: int = _opt(0, "CPU threads for torch (0: the cores not busy with other work)")
+    report_to: str = _opt("none", "Also send every metrics row to trackers: a comma list of tensorboard, wandb, "
+                          "mlflow (none: metrics.jsonl only)")
     output_dir: str = _opt("runs/dpo", "Where metrics.jsonl, config.json, checkpoints/ and adapter/ are written")
     adapter: str | None = _opt(None, "Start from this LoRA adapter folder; its frozen copy is then the reference")
     # How long
@@ -166,6 +169,10 @@ class TrainConfig:
             bad("max_length", f"must be >= 2 (a prompt token and a completion token), got {self.max_length}")
         if self.eval_steps < 0:
             bad("eval_steps", f"must be >= 0, got {self.eval_steps}")
+        try:
+            parse_report_to(self.report_to)
+        except TrackerError as e:
+            raise ConfigError(str(e)) from None
         if self.threads < 0:
             bad("threads", f"must be >= 0, got {self.threads}")
         if self.eval_dataset is not None and looks_local(self.eval_dataset) and not _exists(self.eval_dataset):
@@ -279,9 +286,9 @@ def build_parser(prog: str = "python -m dpo.train", cls=TrainConfig) -> argparse
             parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text + f" (default: {_show(f.default)})")
             continue
-        optional = type(None) in get_args(tp)
+        nullable = type(None) in get_args(tp)
         kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text + f" (default: {_show(f.default)})")
-        kw["type"] = optional(kind) if optional and get_origin(tp) is not list else kind
+        kw["type"] = optional(kind) if nullable and get_origin(tp) is not list else kind
         if get_origin(tp) is list or list in (get_origin(a) for a in get_args(tp)):
             kw["nargs"] = "+"
         if "choices" in f.metadata:

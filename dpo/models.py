@@ -151,10 +151,6 @@ def cast_trainable_to_bf16(model) -> None:
             p.data = p.data.to(torch.bfloat16)
 
 
-def trainable_parameters(model) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 def enable_gradient_checkpointing(model) -> None:
     # Inputs must require grad so that checkpointed blocks see a graph to recompute (frozen embeddings).
     model.gradient_checkpointing_enable()

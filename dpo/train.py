@@ -35,22 +35,13 @@ from typing import Callable
 import torch
 
 from dpo.sources import DataError
-from dpo import distributed, models, tasks
+from dpo import distributed, models, tasks, trackers
 from dpo.build import build_model, cpu_threads, load_training_pairs, read_rows
-from dpo.checkpoint import Checkpoint, CheckpointError, check_output_dir, restore_rng
+from dpo.checkpoint import Checkpoint, CheckpointError, restore_rng
 from dpo.cli import first_line
 from dpo.config import ConfigError, TrainConfig, config_from_args
-from dpo.lifecycle import (
-    Checkpointer,
-    Commands,
-    RunWriter,
-    StopNow,
-    StopSignals,
-    TrainingStopped,
-    drop_later_checkpoints,
-    load_reference_cache,
-    load_resume_checkpoint,
-)
+from dpo.lifecycle import Checkpointer, Commands, StopNow, StopSignals, TrainingStopped, load_reference_cache
+from dpo.runfolder import RunWriter, check_output_dir, drop_later_checkpoints, load_resume_checkpoint
 from dpo.losses import LossSettings
 from dpo.evaluation import Evaluation
 from dpo.smollm2 import MissingDefaultModel
@@ -114,7 +105,11 @@ def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None 
     resumed = load_resume_checkpoint(cfg, run_config)
     rows = read_rows(cfg)
     models.resolve_model_path(cfg.model)  # the default model missing: say so before anything loads
-    writer = RunWriter(cfg.output_dir, enabled=dist.is_main)
+    try:  # a tracker whose package is missing: say so now, not after the model loads
+        sinks = trackers.make_sinks(trackers.parse_report_to(cfg.report_to), cfg.output_dir) if dist.is_main else []
+    except trackers.TrackerError as e:
+        raise ConfigError(str(e)) from None
+    writer = RunWriter(cfg.output_dir, enabled=dist.is_main, sinks=sinks)
     if cfg.overwrite and dist.is_main:
         writer.clear_previous_run()
     if resumed is not None and dist.is_main:
@@ -130,6 +125,7 @@ def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None 
             raise stopped_at_once(e.signum, saver, commands, started=session.trainer is not None
                                   and session.trainer.step > (resumed.step if resumed else 0)) from None
         finally:
+            writer.close(session.files)  # the trackers get curves.png (if drawn) and end, however the run ended
             distributed.teardown(dist)
     elapsed = time.time() - started
     if not dist.is_main:
@@ -152,6 +148,7 @@ class _Session:
         self.writer, self.saver, self.signals, self.commands = writer, saver, signals, commands
         self.dist, self.device, self.hooks = dist, device, hooks
         self.trainer: Trainer | None = None
+        self.files: list[str] = []  # what the trackers also keep (curves.png)
 
     def train_and_save(self) -> dict:
         """Build (or restore) the trainer, run the loop, then the final checkpoint and adapter/."""
@@ -179,7 +176,7 @@ class _Session:
             self.writer.write_json("eval.json", held_out.to_dict())
             print(held_out.report())
         if self.dist.is_main:
-            draw_curves(self.writer)
+            self.files += draw_curves(self.writer)
         return {"history": history, "steps": trainer.step, "adapter_dir": adapter_dir, "checkpoint": final,
                 "model": trainer.model, "tokenizer": tokenizer, "skipped_steps": list(trainer.skipped_steps)}
 
@@ -202,13 +199,13 @@ class _Session:
             print(f"dpo: resuming from {self.resumed.path} at step {trainer.step} of {trainer.total_steps}")
         if cfg.precompute_ref and not self.loss.reference_free and trainer.ref_cache is None:
             trainer.precompute_reference()
-        self.writer.write_json("config.json", self.run_config)
-        self.writer.start_metrics(self.resumed)
         return trainer, tokenizer
 
     def evaluate_before(self, tokenizer) -> Evaluation | None:
         """--eval-dataset: the starting model (the reference) scored, in a resumed run too."""
         held_out = Evaluation.for_run(self.cfg, tokenizer) if self.dist.is_main else None
+        # after every read that can refuse (so a refused run leaves no folder): disk room, config.json, metrics
+        self.writer.start(self.run_config, self.resumed, model=self.trainer.model, tokenizer=tokenizer)
         if held_out is not None:
             before = held_out.before(self.trainer.model)
             if self.resumed is None:
@@ -240,15 +237,18 @@ class _Session:
         return history
 
 
-def draw_curves(writer: RunWriter) -> None:
-    """OUTPUT_DIR/curves.png from metrics.jsonl; a plotting failure is reported, never fatal."""
+def draw_curves(writer: RunWriter) -> list[str]:
+    """OUTPUT_DIR/curves.png from metrics.jsonl ([its path], or [] when it could not be drawn: a plotting
+    failure is reported, never fatal)."""
     from dpo.plots import plot_curves
 
     try:
         path = plot_curves(writer.metrics_path, os.path.join(writer.dir, "curves.png"))
-        print(f"dpo: curves: {path}")
     except Exception as e:  # noqa: BLE001  (the run's results are saved already)
         print(f"dpo: warning: could not draw curves.png: {first_line(e)}", file=sys.stderr)
+        return []
+    print(f"dpo: curves: {path}")
+    return [str(path)]
 
 
 def stopped_on_nan(e: NonFiniteStep, trainer: Trainer, saver: Checkpointer, commands: Commands,

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpo import checkpoint, lifecycle, models, train
+from dpo import checkpoint, lifecycle, models, runfolder, train
 from dpo.checkpoint import load_checkpoint
 from dpo.cli import python_command
 from dpo.trainer import epoch_order
@@ -474,7 +474,7 @@ def test_a_full_disk_before_training_is_refused(tiny_llama_dir, data, tmp_path, 
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return open(path, *a, **k)
 
-    monkeypatch.setattr(checkpoint, "open", full_open, raising=False)
+    monkeypatch.setattr(runfolder, "open", full_open, raising=False)
     out = tmp_path / "out"
     rc = train.main(flags(tiny_llama_dir, data, out))
     err = one_line_error(capsys, rc)
