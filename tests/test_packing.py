@@ -166,3 +166,15 @@ def test_model_without_a_known_attention_is_refused():
     model.config._attn_implementation = "some_custom_kernel"
     with pytest.raises(ValueError, match="without --packing"):
         packing.check_model_can_pack(model)
+
+
+def test_packing_self_check_agrees_on_a_model_that_keeps_sequences_apart_and_not_otherwise(monkeypatch):
+    model = build_tiny_llama(VOCAB, seed=4, attn_implementation="sdpa")
+    batch = collate([TokenizedPair([5, 6, 7], [8, 9, 10], [11, 12], 0), TokenizedPair([3, 4], [9, 9], [8], 1)], 0)
+    agrees, diff = packing.packing_agrees(model, batch, rtol=1e-5)
+    assert agrees and diff < 1e-5
+    # a forward that ignores the restarts: every sequence sees the ones before it
+    monkeypatch.setattr(packing, "forward_inputs", lambda packed, impl: {
+        "position_ids": torch.arange(packed.num_tokens)[None], "attention_mask": None, "use_cache": False})
+    agrees, diff = packing.packing_agrees(model, batch, rtol=1e-5)
+    assert not agrees and diff > 1e-3
