@@ -188,6 +188,20 @@ def check_model_can_pack(model) -> str:
     return implementation
 
 
+def use_attention(model, route: AttentionRoute) -> str:
+    """Switch a loaded (possibly PEFT-wrapped) model to the route's attention implementation.
+
+    ValueError (one line) where this model or install cannot (transformers checks the kernel)."""
+    from dpo import models
+
+    lm = models._causal_lm(model)
+    try:
+        lm.set_attn_implementation(route.attn_implementation)
+    except (ValueError, ImportError) as e:
+        raise ValueError(f"attention route {route.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return check_model_can_pack(model)
+
+
 def forward_inputs(packed: PackedBatch, implementation: str) -> dict:
     """Keyword arguments for the backbone's forward: positions and no mask (transformers keeps the
     sequences apart from the restarts in position_ids); flash-attn also gets the varlen offsets."""

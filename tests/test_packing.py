@@ -178,3 +178,9 @@ def test_packing_self_check_agrees_on_a_model_that_keeps_sequences_apart_and_not
         "position_ids": torch.arange(packed.num_tokens)[None], "attention_mask": None, "use_cache": False})
     agrees, diff = packing.packing_agrees(model, batch, rtol=1e-5)
     assert not agrees and diff > 1e-3
+
+
+def test_use_attention_switches_a_loaded_peft_model():
+    model = lora_llama.__wrapped__("eager")  # a fresh one: the cached models stay as they are
+    assert packing.use_attention(model, packing.choose_attention("cpu")) == "sdpa"
+    assert model.get_base_model().config._attn_implementation == "sdpa"
