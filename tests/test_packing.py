@@ -184,3 +184,20 @@ def test_use_attention_switches_a_loaded_peft_model():
     model = lora_llama.__wrapped__("eager")  # a fresh one: the cached models stay as they are
     assert packing.use_attention(model, packing.choose_attention("cpu")) == "sdpa"
     assert model.get_base_model().config._attn_implementation == "sdpa"
+
+
+def test_packing_benchmark_harness_runs_on_cpu(tmp_path):
+    """benchmarks.packing on the tiny shape (CPU): padded and packed rows, packing agrees, fewer tokens packed."""
+    import json
+
+    from benchmarks import packing as bench
+    from benchmarks.workload import SHAPES, make_model
+
+    make_model(SHAPES["tiny"], str(tmp_path / "tiny"), device="cpu")
+    out = tmp_path / "packing.json"
+    bench.main(["--shape", "tiny", "--model-dir", str(tmp_path / "tiny"), "--backend", "hf", "--device", "cpu",
+                "--micro-batches", "2", "--pairs", "4", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["packing"] for r in rows] == [False, True]
+    assert all(r["agrees"] and r["predicted_peak_gib"] > 0 for r in rows)
+    assert rows[1]["tokens_forward"] < rows[0]["tokens_forward"] and rows[1]["route"] == "sdpa"
