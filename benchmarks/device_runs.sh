@@ -123,8 +123,8 @@ ours-hf:base:2x4 ours-unsloth:precompute+lean:8x1 trl-hf:base:8x1"; fi
     tail -n 5 "$OUT/gpu_packing_suite.txt"
     for spec in "llama3-8b-qlora unsloth" "llama3-8b-qlora unsloth --no-ckpt" "llama3-8b-qlora hf" \
                 "llama3.2-1b-lora unsloth --no-ckpt"; do
-      set -- $spec; name="packing_${1}_${2}${3:+_nockpt}"
-      timeout 150 python -m benchmarks.packing --shape "$1" --backend "$2" ${3:-} --model-dir "$MODELS/$1" \
+      read -r shp be flag <<< "$spec"; name="packing_${shp}_${be}${flag:+_nockpt}"
+      timeout 150 python -m benchmarks.packing --shape "$shp" --backend "$be" $flag --model-dir "$MODELS/$shp" \
         --micro-batches 2 8 --out "$OUT/$name.json" > "/tmp/log_$name.txt" 2>&1 || echo "$name failed"
     done
     ;;

@@ -123,13 +123,18 @@ def main(argv=None) -> None:
     for b in a.micro_batches:
         batches = [data.collate(pairs[i:i + b], tok.pad_token_id, system.MAX_LENGTH).to(a.device)
                    for i in range(0, len(pairs), b)]
-        agrees, diff = packing.packing_agrees(model, batches[0])
+        try:
+            agrees, diff = packing.packing_agrees(model, batches[0])
+        except Exception as e:  # noqa: BLE001  (the packed rows below will record the same failure)
+            agrees, diff = None, f"{type(e).__name__}: {str(e)[:200]}"
         for packed in (False, True):
             try:
                 row = measure(model, batches, packed, route_name)
-            except torch.OutOfMemoryError as e:
-                row = {"packing": packed, "error": f"OutOfMemoryError: {str(e)[:200]}"}
-                torch.cuda.empty_cache()
+            except Exception as e:  # noqa: BLE001  (an OOM or a route that fails: recorded, the next row runs)
+                row = {"packing": packed, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                model.zero_grad(set_to_none=True)
+                if a.device == "cuda":
+                    torch.cuda.empty_cache()
             row.update(micro_batch=b, agrees=agrees, max_rel_diff=diff,
                        predicted_peak_gib=predicted_peak(a, b, packed, lengths))
             out["rows"].append(row)
