@@ -4,7 +4,9 @@
     python -m benchmarks.fit_memory --refit    # also the coefficients a fresh fit gives (to paste into FITTED)
 
 Rows: our trainer's runs in benchmarks/results/gpu_throughput*.json (one row per distinct run
-setting; repeated calls measured the same peak). TRL's rows are another program and left out.
+setting; repeated calls measured the same peak), and the padded/packed forward+backward rows of
+benchmarks/packing.py in benchmarks/results/packing_*.json once committed (no optimizer state, no
+reference pass). TRL's rows are another program and left out.
 """
 
 from __future__ import annotations
@@ -73,6 +75,32 @@ def measured_rows(files=FILES) -> list[planmod.MeasuredRow]:
     return rows
 
 
+def micro_step_rows(pattern: str = "packing_*.json") -> list[planmod.MeasuredRow]:
+    """benchmarks/packing.py's rows: the policy's forward+backward over the benchmark pairs, padded or packed."""
+    rows = []
+    for path in sorted(RESULTS.glob(pattern)):
+        data = json.loads(path.read_text())
+        shape = SHAPES[data["shape"]]
+        model = planmod.ModelShape.from_config(shape.config, load_in_4bit=shape.load_in_4bit, lora_r=system.LORA_R)
+        ckpt = "off" if not data["checkpointing"] else OURS[f"ours-{data['backend']}"]
+        lengths = benchmark_lengths(data["pairs"])
+        for run in data["rows"]:
+            if run.get("peak_mem_gib") is None or "error" in run:
+                continue
+            b, packed = run["micro_batch"], run["packing"]
+            micro = [lengths[i:i + b] for i in range(0, len(lengths), b)]
+            train = max(planmod.forward_tokens(m, system.MAX_LENGTH, packed) for m in micro)
+            label = f"{data['shape']} {data['backend']} {'packed' if packed else 'padded'} fwd+bwd {b} pairs, ckpt {ckpt}"
+            rows.append(planmod.MeasuredRow(label, model, planmod.Choice(b, 1, ckpt, packed), train, 0, "none",
+                                            run["peak_mem_gib"]))
+    return rows
+
+
+def all_rows() -> list[planmod.MeasuredRow]:
+    """Every committed measurement the memory model is fitted to."""
+    return measured_rows() + micro_step_rows()
+
+
 def table(model: planmod.MemoryModel, rows: list[planmod.MeasuredRow]) -> str:
     lines = ["| run | tokens (train / ref) | measured GiB | predicted GiB | error |", "| --- | ---: | ---: | ---: | ---: |"]
     for r, predicted, err in planmod.fit_errors(model, rows):
@@ -86,7 +114,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--refit", action="store_true", help="fit afresh and print the coefficients too")
     a = ap.parse_args(argv)
-    rows = measured_rows()
+    rows = all_rows()
     model = planmod.fit(rows) if a.refit else planmod.FITTED
     if a.refit:
         print(model)

@@ -27,7 +27,7 @@ from typing import Iterable
 GIB = 2**30
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4 bits + 8-bit absmax per 64 + fp32 per 256 absmax (double quant)
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-OPTIMIZER_BYTES = {"adamw_8bit": 2, "adamw_torch": 8}
+OPTIMIZER_BYTES = {"adamw_8bit": 2, "adamw_torch": 8, "none": 0}  # none: a measurement with no optimizer
 CHECKPOINTING = ("off", "offload", "recompute")
 
 

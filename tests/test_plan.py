@@ -24,7 +24,7 @@ def shape(name: str, **kw) -> P.ModelShape:
 
 
 def test_fit_is_within_tolerance_on_every_committed_row():
-    rows = fit_memory.measured_rows()
+    rows = fit_memory.all_rows()
     assert len(rows) >= 10
     errors = {r.label: err for r, _, err in P.fit_errors(P.FITTED, rows)}
     assert max(abs(e) for e in errors.values()) <= FIT_TOLERANCE, errors
@@ -32,7 +32,7 @@ def test_fit_is_within_tolerance_on_every_committed_row():
 
 def test_committed_coefficients_are_what_the_rows_give():
     """FITTED is the fit of the committed rows (refit with `python -m benchmarks.fit_memory --refit`)."""
-    fresh = P.fit(fit_memory.measured_rows())
+    fresh = P.fit(fit_memory.all_rows())
     for name in P.MemoryModel.COEFFICIENTS:
         assert getattr(fresh, name) == pytest.approx(getattr(P.FITTED, name), rel=1e-6, abs=1e-9), name
 
@@ -133,3 +133,16 @@ def test_auto_budget_and_lengths_of():
     assert P.auto_budget_gib(10 * P.GIB, margin_gib=1.5) == 8.5
     assert P.lengths_of([TokenizedPair([1, 2], [3], [4, 5, 6])]) == [(2, 1, 3)]
     assert math.isclose(P.auto_budget_gib(0), 0.0)
+
+
+def test_packing_benchmark_rows_are_read_with_their_packed_token_counts(tmp_path, monkeypatch):
+    run = {"micro_batch": 2, "peak_mem_gib": 9.0}
+    data = {"shape": "llama3-8b-qlora", "backend": "unsloth", "checkpointing": True, "pairs": 8,
+            "rows": [dict(run, packing=False), dict(run, packing=True), dict(run, packing=True, error="OOM")]}
+    (tmp_path / "packing_x.json").write_text(json.dumps(data))
+    monkeypatch.setattr(fit_memory, "RESULTS", tmp_path)
+    padded, packed = fit_memory.micro_step_rows()
+    lengths = fit_memory.benchmark_lengths(8)
+    assert padded.train_tokens == max(P.forward_tokens(lengths[i:i + 2], 1024, False) for i in range(0, 8, 2))
+    assert packed.train_tokens == max(P.forward_tokens(lengths[i:i + 2], 1024, True) for i in range(0, 8, 2))
+    assert packed.choice.packing and packed.choice.checkpointing == "offload" and packed.optim == "none"
