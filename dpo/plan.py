@@ -20,6 +20,7 @@ the plan takes the worst micro-batch (the longest pairs together), as shuffling 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Iterable
@@ -98,7 +99,7 @@ class Choice:
 Lengths = list[tuple[int, int, int]]  # (prompt, chosen, rejected) token lengths of each pair
 
 
-def pair_rows(pair: tuple[int, int, int], max_length: int | None) -> tuple[int, int]:
+def row_lengths(pair: tuple[int, int, int], max_length: int | None) -> tuple[int, int]:
     """Token lengths of a pair's two rows (prompt+chosen, prompt+rejected), cut at max_length as collate does."""
     p, c, r = pair
     cap = max_length or math.inf
@@ -107,15 +108,15 @@ def pair_rows(pair: tuple[int, int, int], max_length: int | None) -> tuple[int, 
 
 def forward_tokens(pairs: Lengths, max_length: int | None, packing: bool) -> int:
     """Tokens one forward of these pairs runs: 2B x longest row padded, the sum of lengths packed."""
-    rows = [n for pair in pairs for n in pair_rows(pair, max_length)]
+    rows = [n for pair in pairs for n in row_lengths(pair, max_length)]
     return sum(rows) if packing else len(rows) * max(rows)
 
 
 def worst_tokens(lengths: Lengths, pairs: int, max_length: int | None, packing: bool) -> int:
     """The most tokens any micro-batch of `pairs` pairs can hold: the longest pairs together."""
-    longest = sorted(lengths, key=lambda x: max(pair_rows(x, max_length)), reverse=True)
+    longest = sorted(lengths, key=lambda x: max(row_lengths(x, max_length)), reverse=True)
     if packing:
-        longest = sorted(lengths, key=lambda x: sum(pair_rows(x, max_length)), reverse=True)
+        longest = sorted(lengths, key=lambda x: sum(row_lengths(x, max_length)), reverse=True)
     return forward_tokens(longest[:pairs], max_length, packing)
 
 
@@ -337,14 +338,12 @@ def candidate_choices(pairs_per_step: int, backend: str, packing_available: bool
         if name not in options:
             raise ValueError(f"the plan does not choose {name!r}; it chooses {', '.join(options)}")
         options[name] = [value]
+    names = list(options)
     out = []
-    for b in options["micro_batch"]:
-        for ck in options["checkpointing"]:
-            for pk in options["packing"]:
-                for pre in options["precompute_ref"]:
-                    for chunk in options["logprob_chunk"]:
-                        for emb in options["embeddings_on_cpu"]:
-                            out.append(Choice(b, pairs_per_step // b, ck, pk, pre, b, chunk, emb))
+    for values in itertools.product(*(options[n] for n in names)):
+        v = dict(zip(names, values))
+        out.append(Choice(v["micro_batch"], pairs_per_step // v["micro_batch"], v["checkpointing"], v["packing"],
+                          v["precompute_ref"], v["micro_batch"], v["logprob_chunk"], v["embeddings_on_cpu"]))
     return out
 
 

@@ -59,7 +59,7 @@ def test_shape_counts_llama3_8b_parameters():
 
 def test_token_counts_padded_packed_and_truncated():
     pairs = [(3, 2, 5), (1, 1, 1)]
-    assert P.pair_rows((3, 2, 5), max_length=6) == (5, 6)
+    assert P.row_lengths((3, 2, 5), max_length=6) == (5, 6)
     assert P.forward_tokens(pairs, None, packing=False) == 4 * 8
     assert P.forward_tokens(pairs, None, packing=True) == 5 + 8 + 2 + 2
     assert P.worst_tokens([(1, 1, 1), (9, 1, 1), (2, 2, 2)], 2, None, packing=False) == 4 * 10
