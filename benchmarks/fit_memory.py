@@ -101,13 +101,27 @@ def all_rows() -> list[planmod.MeasuredRow]:
     return measured_rows() + micro_step_rows()
 
 
+def leave_one_out(rows: list[planmod.MeasuredRow]) -> list[float]:
+    """Each row's relative error under a model fitted without it: how well the fit predicts a new setting."""
+    out = []
+    for i, row in enumerate(rows):
+        (_, _, err), = planmod.fit_errors(planmod.fit(rows[:i] + rows[i + 1:]), [row])
+        out.append(err)
+    return out
+
+
 def table(model: planmod.MemoryModel, rows: list[planmod.MeasuredRow]) -> str:
-    lines = ["| run | tokens (train / ref) | measured GiB | predicted GiB | error |", "| --- | ---: | ---: | ---: | ---: |"]
-    for r, predicted, err in planmod.fit_errors(model, rows):
+    lines = ["| run | tokens (train / ref) | measured GiB | predicted GiB | error | left-out error |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    errors = planmod.fit_errors(model, rows)
+    held_out = leave_one_out(rows)
+    for (r, predicted, err), loo in zip(errors, held_out):
         lines.append(f"| {r.label} | {r.train_tokens} / {r.ref_tokens} | {r.peak_gib:.2f} | {predicted:.2f} | "
-                     f"{err:+.1%} |")
-    worst = max(abs(e) for *_, e in planmod.fit_errors(model, rows))
-    return "\n".join(lines + [f"\nworst |error|: {worst:.1%} over {len(rows)} rows"])
+                     f"{err:+.1%} | {loo:+.1%} |")
+    worst = max(abs(e) for *_, e in errors)
+    lines.append(f"\nworst |error|: {worst:.1%} over {len(rows)} rows; left out of the fit: "
+                 f"{max(abs(e) for e in held_out):.1%}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
