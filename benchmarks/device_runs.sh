@@ -128,7 +128,16 @@ ours-hf:base:2x4 ours-unsloth:precompute+lean:8x1 trl-hf:base:8x1"; fi
         --micro-batches 2 8 --out "$OUT/$name.json" > "/tmp/log_$name.txt" 2>&1 || echo "$name failed"
     done
     ;;
-  *) echo "usage: $0 single|scaling|suite|final|rows-1b|rows-8b|rows-8b-same-card|packing"; exit 2 ;;
+  h200-a|h200-b)
+    # (one H200) rows through dpo.train.run, each with fresh compile caches, one at a time; TRL+Unsloth 2x4 in
+    # each call, so every row has its baseline in its own batch. a: the unplanned row of before (ours-unsloth
+    # base, no speed flags) and the planned default (ours-cli); b: the planned runs under a memory budget.
+    if [ "$1" = h200-a ]; then runs="trl-unsloth:base:2x4 ours-unsloth:base:2x4 ours-cli:base:2x4"
+    else runs="trl-unsloth:base:2x4 ours-cli:base:2x4:6.71 ours-cli:base:2x4:16"; fi
+    python -m benchmarks.run --shape llama3-8b-qlora --runs $runs --out "$OUT/gpu_throughput_h200.json" \
+      --batch "$1 $(date -u +%FT%H:%M)" --deadline-s 470 --hard-stop-s 560 --run-timeout-s 200
+    ;;
+  *) echo "usage: $0 single|scaling|suite|final|rows-1b|rows-8b|rows-8b-same-card|packing|h200-a|h200-b"; exit 2 ;;
 esac
 echo "phase ${1} took $(( $(date +%s) - T0 )) s"
 tail -n 3 /tmp/log_*.txt 2>/dev/null | cut -c1-400

@@ -19,7 +19,7 @@ import time
 
 from benchmarks.workload import H100_BF16_DENSE_PEAK, SHAPES, pair_rows
 
-SYSTEMS = ("ours-unsloth", "ours-hf", "trl-unsloth", "trl-unsloth-precompute", "trl-hf")
+SYSTEMS = ("ours-cli", "ours-unsloth", "ours-hf", "trl-unsloth", "trl-unsloth-precompute", "trl-hf")
 # Our optimisations, each a row on the table (see README): names -> TrainConfig changes.
 # "lean": the input-embedding table in CPU memory and a 128-token LM-head chunk; "precompute+lean" also
 # runs the reference pass at the training micro-batch, so no pass holds more rows than training does.
@@ -66,8 +66,8 @@ def summarise(step_ends: list[float], tokens_after: list[int], setup_start: floa
 def run_ours(a, rows, out: dict) -> None:
     """Ours through `dpo.train.run`, the function `python -m dpo.train` calls: the rows as a data file, a
     run folder of its own; hooks only read the clock (after the model is built, after each step)."""
-    if a.system == "ours-unsloth":
-        import unsloth  # noqa: F401  (before transformers/peft)
+    if a.system in ("ours-unsloth", "ours-cli"):
+        import unsloth  # noqa: F401  (before transformers/peft; ours-cli's backend auto picks it on CUDA)
     import tempfile
 
     import torch
@@ -82,8 +82,12 @@ def run_ours(a, rows, out: dict) -> None:
     data = os.path.join(folder, "pairs.jsonl")
     with open(data, "w", encoding="utf-8") as f:
         f.writelines(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for r in rows)
-    cfg = TrainConfig(model=a.model_dir, dataset=data, output_dir=os.path.join(folder, "run"),
-                      backend="unsloth" if a.system == "ours-unsloth" else "hf",
+    # ours-cli: what `python -m dpo.train` does with no speed flags (the backend and the plan its own);
+    # ours-unsloth / ours-hf: that backend, unplanned, with the variant's flags.
+    backend = {"ours-cli": "auto", "ours-unsloth": "unsloth", "ours-hf": "hf"}[a.system]
+    budget = (a.memory_budget or "auto") if a.system == "ours-cli" else "none"
+    cfg = TrainConfig(model=a.model_dir, dataset=data, output_dir=os.path.join(folder, "run"), backend=backend,
+                      memory_budget=budget,
                       load_in_4bit=a.load_in_4bit, max_length=MAX_LENGTH, per_device_batch_size=a.micro_batch,
                       grad_accum=a.grad_accum, max_steps=a.steps, learning_rate=LR, beta=BETA, lora_r=LORA_R,
                       lora_alpha=LORA_ALPHA, optim="adamw_8bit" if a.device == "cuda" else "adamw_torch",
@@ -115,6 +119,10 @@ def run_ours(a, rows, out: dict) -> None:
     out["final_loss"] = result["history"][-1]["loss"]
     out["gpus"] = world
     out["entry_point"] = "dpo.train.run"
+    out["memory_budget_gib"] = float(a.memory_budget) if a.memory_budget not in (None, "auto", "none") else None
+    planned = result["config"]
+    out["ran_as"] = {k: planned[k] for k in ("backend", "per_device_batch_size", "grad_accum", "gradient_checkpointing",
+                                             "packing", "precompute_ref", "logprob_chunk", "embeddings_on_cpu")}
 
 
 def start_profiler(a, out: dict):
@@ -201,6 +209,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--profile", action="store_true",
                     help="profile two steps after warm-up (our systems; see benchmarks/profile.py); summary in --out")
+    ap.add_argument("--memory-budget", default=None,
+                    help="ours-cli: dpo.train's --memory-budget (GiB, auto or none; default auto)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
 

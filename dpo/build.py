@@ -101,3 +101,59 @@ def cpu_threads(requested: int, ranks: int = 1) -> int:
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // max(1, ranks))
+
+
+# --- the plan (GPU runs): micro-batch, checkpointing, packing, ... chosen for the card ---------------
+
+# TrainConfig fields the plan sets; a resumed run takes them from its checkpoint instead of planning again.
+PLANNED_FIELDS = ("per_device_batch_size", "grad_accum", "gradient_checkpointing", "packing", "precompute_ref",
+                  "precompute_ref_batch_size", "logprob_chunk", "embeddings_on_cpu")
+
+
+def user_fixed_choices(cfg: TrainConfig) -> dict:
+    """The plan's choices the user fixed: settings given other than their default (a flag at its default
+    leaves the choice to the plan; --memory-budget none turns planning off)."""
+    default = TrainConfig()
+    fixed = {}
+    if cfg.gradient_checkpointing != default.gradient_checkpointing:
+        fixed["checkpointing"] = "off"
+    for name in ("packing", "logprob_chunk", "embeddings_on_cpu", "precompute_ref"):
+        if getattr(cfg, name) != getattr(default, name):
+            fixed[name] = getattr(cfg, name)
+    return fixed
+
+
+def plan_run(cfg: TrainConfig, rows, device: torch.device, reference_free: bool):
+    """(cfg with the plan's settings, the Plan) on a CUDA device with --memory-budget other than none;
+    (cfg, None) otherwise. Raises ConfigError when no setting fits the budget."""
+    import dataclasses
+
+    from dpo import plan as plan_mod
+
+    if device.type != "cuda" or cfg.memory_budget == "none":
+        return cfg, None
+    from transformers import AutoConfig
+
+    path = models.resolve_model_path(cfg.model)
+    tokenizer = models.load_tokenizer(path, cfg.trust_remote_code)
+    pairs, _ = load_training_pairs(cfg, tokenizer, rows)
+    shape = plan_mod.ModelShape.from_config(AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code),
+                                            load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r,
+                                            lora_targets=cfg.lora_targets)
+    budget = (plan_mod.auto_budget_gib(torch.cuda.mem_get_info(device)[0]) if cfg.memory_budget == "auto"
+              else float(cfg.memory_budget))
+    try:
+        chosen = plan_mod.plan(shape, plan_mod.lengths_of(pairs), budget,
+                               pairs_per_step=cfg.per_device_batch_size * cfg.grad_accum, max_length=cfg.max_length,
+                               backend=models.pick_backend(cfg.backend), optim=cfg.optim,
+                               precompute=not reference_free, fixed=user_fixed_choices(cfg))
+    except ValueError as e:  # DoesNotFit: one line with the numbers
+        raise ConfigError(f"--memory-budget: {e}") from None
+    return dataclasses.replace(cfg, **chosen.config_changes()), chosen
+
+
+def planned_as_before(cfg: TrainConfig, checkpoint_config: dict) -> TrainConfig:
+    """A resumed run keeps the settings its plan chose (the card's free memory may differ now)."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, **{k: checkpoint_config[k] for k in PLANNED_FIELDS if k in checkpoint_config})

@@ -53,7 +53,8 @@ DEFAULT_RUN_HELP = (f"With no --dataset: the built-in default run, --dataset {DE
                     + _as_flags({k: v for k, v in DEFAULT_RUN.items() if k != "dataset"}))
 # Keys that say how this invocation starts (fresh, resumed, replacing), not what the run is: they are
 # left out of the config.json a run writes, so that file can be passed back with --config --resume.
-RUN_CONTROL_KEYS = ("resume", "resume_from", "overwrite")
+RUN_CONTROL_KEYS = ("resume", "resume_from", "overwrite", "plan")
+ATTENTION_ROUTES = ("auto", "flash_varlen", "flex", "sdpa", "eager")
 
 
 def _opt(default, help: str, **kw):
@@ -114,6 +115,16 @@ class TrainConfig:
     dtype: str = _opt("auto", "Weights and compute dtype (auto: bfloat16 on CUDA, float32 on CPU; no float16: "
                       "DPO's log-prob sums overflow its range)", choices=DTYPES)
     gradient_checkpointing: bool = _opt(True, "Recompute activations in backward to save memory")
+    packing: bool = _opt(False, "Pack each micro-batch's sequences into one row: no pad tokens, positions restart per "
+                         "sequence, attention never crosses sequences (checked on the first micro-batch; padded if "
+                         "the model's forward cannot keep them apart)")
+    attention: str = _opt("auto", "Attention kernel for --packing on the hf backend (auto: flash-attn varlen, else "
+                          "FlexAttention, else sdpa)", choices=ATTENTION_ROUTES)
+    memory_budget: str = _opt("auto", "GPU memory the run may use, in GiB, for the planner that picks micro-batch, "
+                              "checkpointing, packing, reference precompute, LM-head chunk and embedding placement "
+                              "(auto: the card's free memory less 1 GiB; none: no plan). Flags set to other than their "
+                              "default win over the plan. CPU runs are never planned")
+    plan: bool = _opt(False, "Print the plan for this run (see --memory-budget) and exit")
     logprobs: str = _opt("chunked", "chunked: never build the full [B,T,V] logits; full: plain log_softmax", choices=LOGPROB_MODES)
     logprob_chunk: int = _opt(256, "Tokens per LM-head chunk of --logprobs chunked (smaller: less memory, more "
                               "launches)")
@@ -173,6 +184,13 @@ class TrainConfig:
             parse_report_to(self.report_to)
         except TrackerError as e:
             raise ConfigError(str(e)) from None
+        if self.memory_budget not in ("auto", "none"):
+            try:
+                budget = float(self.memory_budget)
+            except ValueError:
+                budget = float("nan")
+            if not budget > 0:
+                bad("memory_budget", f"must be a number of GiB > 0, auto or none, got {self.memory_budget!r}")
         if self.threads < 0:
             bad("threads", f"must be >= 0, got {self.threads}")
         if self.eval_dataset is not None and looks_local(self.eval_dataset) and not _exists(self.eval_dataset):
@@ -204,7 +222,7 @@ class TrainConfig:
         if str(self.dtype).lower() in FLOAT16_NAMES:
             bad("dtype", FLOAT16_REFUSAL)
         for name, choices in (("lr_scheduler", LR_SCHEDULERS), ("optim", OPTIMIZERS), ("dtype", DTYPES),
-                              ("logprobs", LOGPROB_MODES), ("backend", BACKENDS), ("on_nan", ON_NAN)):
+                              ("logprobs", LOGPROB_MODES), ("attention", ATTENTION_ROUTES), ("backend", BACKENDS), ("on_nan", ON_NAN)):
             if getattr(self, name) not in choices:
                 bad(name, f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         self.loss_settings()

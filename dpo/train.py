@@ -36,7 +36,7 @@ import torch
 
 from dpo.sources import DataError
 from dpo import distributed, models, tasks, trackers
-from dpo.build import build_model, cpu_threads, load_training_pairs, read_rows
+from dpo.build import build_model, cpu_threads, load_training_pairs, plan_run, planned_as_before, read_rows
 from dpo.checkpoint import Checkpoint, CheckpointError, restore_rng
 from dpo.cli import first_line
 from dpo.config import ConfigError, TrainConfig, config_from_args
@@ -58,6 +58,19 @@ class RunHooks:
 
     model_built: Callable[[torch.nn.Module], None] | None = None  # the model with its LoRA, before training
     step_done: Callable[[dict], None] | None = None  # after each optimizer step, with its metrics row
+
+
+def resumed_plan(cfg: TrainConfig) -> TrainConfig:
+    """The plan's settings of the checkpoint this run resumes (not planned again: free memory may differ)."""
+    import json
+
+    from dpo.runfolder import find_resume_checkpoint
+
+    path = find_resume_checkpoint(cfg)
+    saved = path / "config.json" if path is not None else None
+    if saved is None or not saved.is_file():
+        return cfg  # load_resume_checkpoint says what is wrong
+    return planned_as_before(cfg, json.loads(saved.read_text()))
 
 
 def describe_rows(row_ids: list[int], rows, limit: int = 8) -> str:
@@ -82,7 +95,7 @@ def agreed_signal(signals: StopSignals, trainer: Trainer) -> int | None:
 
 def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None = None) -> dict:
     """Train as `cfg` says. Returns {"history" (this process's rows), "steps", "adapter_dir", "checkpoint",
-    "seconds", "model", "tokenizer", "skipped_steps"}.
+    "seconds", "model", "tokenizer", "skipped_steps", "config" (the run's config as planned: config.json)}.
 
     Raises ConfigError, DataError, CheckpointError or MissingDefaultModel for what it refuses (before a
     model loads where it can), and TrainingStopped after a signal or a non-finite step (--on-nan stop).
@@ -102,9 +115,21 @@ def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None 
     if dist.is_main:
         check_output_dir(cfg.output_dir, run_config, resume=bool(cfg.resume or cfg.resume_from),
                          overwrite=cfg.overwrite)
+    if (cfg.resume or cfg.resume_from) and cfg.memory_budget != "none" and device.type == "cuda":
+        cfg = resumed_plan(cfg)
+        run_config = cfg.run_dict()
     resumed = load_resume_checkpoint(cfg, run_config)
     rows = read_rows(cfg)
     models.resolve_model_path(cfg.model)  # the default model missing: say so before anything loads
+    if resumed is None:
+        cfg, chosen = plan_run(cfg, rows, device, loss.reference_free)
+        run_config = cfg.run_dict()
+        if chosen is not None and dist.is_main:
+            print(chosen.format())
+    if cfg.plan:  # --plan: show it and stop, writing nothing
+        if device.type != "cuda" or cfg.memory_budget == "none":
+            print("dpo: no plan: CPU runs and --memory-budget none run as configured")
+        return {"plan_only": True, "config": cfg}
     try:  # a tracker whose package is missing: say so now, not after the model loads
         sinks = trackers.make_sinks(trackers.parse_report_to(cfg.report_to), cfg.output_dir) if dist.is_main else []
     except trackers.TrackerError as e:
@@ -178,7 +203,8 @@ class _Session:
         if self.dist.is_main:
             self.files += draw_curves(self.writer)
         return {"history": history, "steps": trainer.step, "adapter_dir": adapter_dir, "checkpoint": final,
-                "model": trainer.model, "tokenizer": tokenizer, "skipped_steps": list(trainer.skipped_steps)}
+                "model": trainer.model, "tokenizer": tokenizer, "skipped_steps": list(trainer.skipped_steps),
+                "config": self.run_config}
 
     def build_trainer(self):
         cfg, dist = self.cfg, self.dist
@@ -192,6 +218,8 @@ class _Session:
                 print(f"dpo: {dist.world_size} ranks, {cfg.per_device_batch_size} pairs each per micro-batch "
                       f"({cfg.per_device_batch_size * dist.world_size * cfg.grad_accum} pairs per optimizer step)")
         trainer = self.trainer = Trainer(model, tokenizer, cfg, pairs, device=self.device, dist=dist, loss=self.loss)
+        if cfg.packing:
+            trainer.start_packing()
         if self.resumed is not None:
             trainer.load_state(self.resumed)
             if cfg.precompute_ref and not self.loss.reference_free:

@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dpo import distributed, models
+from dpo import distributed, models, packing
 from dpo.build import resolve_dtype
+from dpo.cli import first_line
 from dpo.checkpoint import Checkpoint, CheckpointError, capture_rng, restore_trainable_state
 from dpo.config import TrainConfig
-from dpo.data import TokenizedPair, collate
+from dpo.data import Batch, TokenizedPair, collate
 from dpo.losses import LossSettings, PreferenceLogps
 from dpo.metrics import batch_row
 from dpo.schedule import build_optimizer, build_scheduler
@@ -146,19 +147,48 @@ class Trainer:
         self.ref_cache: torch.Tensor | None = None  # [num_pairs, 2] after precompute_reference()
         self.data_fingerprint = data_fingerprint(train_pairs)
         self._plan = step_plan(len(train_pairs), cfg, dist.world_size)
+        self.packing = False  # set by start_packing() (--packing), after its self-check
 
     # -- one micro-batch ---------------------------------------------------------------------
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16)
 
-    def reference_logps(self, batch) -> torch.Tensor:
+    def completion_logps(self, model, batch: Batch) -> torch.Tensor:
+        """[2B] summed completion log-probs of a collated batch (in CPU memory): padded, or packed into one
+        row when packing is on (the same numbers to rounding: dpo.packing)."""
+        if self.packing:
+            packed = packing.pack_batch(batch).to(self.device)
+            return packing.packed_completion_logps(model, packed, self.cfg.logprobs, self.cfg.logprob_chunk)
+        return models.completion_logps(model, batch.to(self.device), self.cfg.logprobs, self.cfg.logprob_chunk)
+
+    def reference_logps(self, batch: Batch) -> torch.Tensor:
         if self.loss.reference_free:
             return torch.zeros(batch.input_ids.shape[0], device=self.device)
         with torch.no_grad(), self._autocast():
             if self.ref_model is not None:
-                return models.completion_logps(self.ref_model, batch, self.cfg.logprobs, self.cfg.logprob_chunk)
+                return self.completion_logps(self.ref_model, batch)
             with models.reference_mode(self.model):
-                return models.completion_logps(self.model, batch, self.cfg.logprobs, self.cfg.logprob_chunk)
+                return self.completion_logps(self.model, batch)
+
+    def start_packing(self) -> None:
+        """--packing: the attention route (hf backend; Unsloth patches its own), then a self-check on the
+        first micro-batch: a model whose forward lets packed sequences see each other runs padded."""
+        if models.pick_backend(self.cfg.backend) == "hf":
+            route = packing.choose_attention(self.device.type, requested=self.cfg.attention)
+            packing.use_attention(self.model, route)
+        _, first = next(step_plan(len(self.pairs), self.cfg, self.dist.world_size))
+        batch = collate([self.pairs[i] for i in self._my_shard(first[0])], self.pad_id, self.cfg.max_length)
+        try:
+            with self._autocast():
+                agrees, diff = packing.packing_agrees(self.model, batch.to(self.device), self.cfg.logprobs,
+                                                      self.cfg.logprob_chunk)
+            why = f"this model's forward lets packed sequences see each other (log-probs differ by {diff:.2e} " \
+                  "relative from the padded path)"
+        except Exception as e:  # noqa: BLE001  (a patched forward that cannot take packed input: run padded)
+            agrees, why = False, f"a packed forward failed: {first_line(e)}"
+        if not agrees:
+            print(f"dpo: warning: packing is off: {why}; running padded")
+        self.packing = agrees
 
     def precompute_reference(self, batch_size: int | None = None) -> None:
         """Reference log-probs of every pair, once, before training (no_grad, length-sorted batches).
@@ -176,7 +206,7 @@ class Trainer:
         self.model.eval()
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch = collate([self.pairs[i] for i in idx], self.pad_id, self.cfg.max_length).to(self.device)
+            batch = collate([self.pairs[i] for i in idx], self.pad_id, self.cfg.max_length)
             ref = self.reference_logps(batch).float().cpu()
             cache[idx, 0], cache[idx, 1] = ref[: len(idx)], ref[len(idx) :]
         self.ref_cache = cache
@@ -186,13 +216,13 @@ class Trainer:
 
     def micro_batch_loss(self, pairs: list[TokenizedPair], ref: torch.Tensor | None = None):
         """Loss of one micro-batch; `ref` ([2B] reference log-probs) is computed here unless given."""
-        batch = collate(pairs, self.pad_id, self.cfg.max_length).to(self.device)
+        batch = collate(pairs, self.pad_id, self.cfg.max_length)  # in CPU memory (packing reads it there)
         if ref is None:
             ref = self.reference_logps(batch)
         with self._autocast():
-            policy = models.completion_logps(self.model, batch, self.cfg.logprobs, self.cfg.logprob_chunk)
+            policy = self.completion_logps(self.model, batch)
         b = batch.num_pairs
-        tokens = batch.completion_mask.sum(dim=1)
+        tokens = batch.completion_mask.sum(dim=1).to(self.device)
         logps = PreferenceLogps(chosen=policy[:b], rejected=policy[b:], ref_chosen=ref[:b], ref_rejected=ref[b:],
                                 chosen_tokens=tokens[:b], rejected_tokens=tokens[b:])
         return self.loss(logps), logps, batch

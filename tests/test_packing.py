@@ -201,3 +201,63 @@ def test_packing_benchmark_harness_runs_on_cpu(tmp_path):
     assert [r["packing"] for r in rows] == [False, True]
     assert all(r["agrees"] and r["predicted_peak_gib"] > 0 for r in rows)
     assert rows[1]["tokens_forward"] < rows[0]["tokens_forward"] and rows[1]["route"] == "sdpa"
+
+
+# --- through the entry point python -m dpo.train calls ---------------------------------------------
+
+
+def test_a_packed_run_follows_the_padded_runs_trajectory(tiny_llama_dir, tmp_path):
+    """--packing through dpo.train.run: 3 steps of grad accumulation 2 equal the padded run's rows
+    (float32, CPU), and the self-check left packing on."""
+    from dpo.config import TrainConfig
+    from dpo.train import run
+
+    from .conftest import write_jsonl
+
+    rows = [{"prompt": "Q " * (i % 5 + 1) + "?", "chosen": " yes" * (i % 3 + 1), "rejected": " no" * (i % 4 + 1)}
+            for i in range(12)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+
+    def trajectory(name, **kw):
+        cfg = TrainConfig(model=str(tiny_llama_dir), dataset=str(data), output_dir=str(tmp_path / name), max_steps=3,
+                          per_device_batch_size=2, grad_accum=2, learning_rate=5e-3, lora_r=4, max_length=32,
+                          device="cpu", dtype="float32", shuffle=False, **kw)
+        return run(cfg)["history"]
+
+    padded, packed = trajectory("padded"), trajectory("packed", packing=True)
+    for a, b in zip(padded, packed, strict=True):
+        for k in ("loss", "rewards/chosen", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), k
+        assert b["num_tokens"] == a["num_tokens"]
+    assert padded[0]["loss"] != padded[-1]["loss"]
+
+
+def test_plan_on_the_cpu_says_there_is_none_and_writes_nothing(tiny_llama_dir, tmp_path, capsys):
+    from dpo import train
+
+    from .conftest import write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q?", "chosen": " a", "rejected": " b"}])
+    out = tmp_path / "run"
+    assert train.main(["--model", str(tiny_llama_dir), "--dataset", str(data), "--output-dir", str(out),
+                       "--device", "cpu", "--plan"]) == 0
+    assert "dpo: no plan: CPU runs and --memory-budget none run as configured" in capsys.readouterr().out
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "lots"])
+def test_a_memory_budget_that_is_not_a_positive_number_is_refused_in_one_line(value, capsys, no_model_load):
+    from dpo import train
+
+    assert train.main(["--dataset", "x.jsonl", "--memory-budget", value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"dpo: error: --memory-budget: must be a number of GiB > 0, auto or none, got {value!r}"
+
+
+def test_flags_set_away_from_their_default_fix_the_plans_choices():
+    from dpo.build import user_fixed_choices
+    from dpo.config import TrainConfig
+
+    assert user_fixed_choices(TrainConfig()) == {}
+    assert user_fixed_choices(TrainConfig(gradient_checkpointing=False, packing=True, logprob_chunk=128)) == {
+        "checkpointing": "off", "packing": True, "logprob_chunk": 128}
