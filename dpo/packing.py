@@ -136,8 +136,9 @@ def choose_attention(device_type: str, has_flash_attn: bool | None = None, has_f
                      requested: str = "auto") -> AttentionRoute:
     """The fastest installed route that keeps packed sequences apart, or the one asked for.
 
-    CUDA: flash-attn's varlen kernel (no mask at all) > FlexAttention with a document mask
-    (sparse blocks) > sdpa with a dense [N, N] block-diagonal mask. CPU: sdpa with that mask.
+    CUDA: flash-attn's varlen kernel (no mask at all) > sdpa with a block-diagonal causal mask. CPU: sdpa.
+    FlexAttention (a document mask) only when asked for: on the H200 with torch 2.11 its kernel did not
+    compile for a 4-bit Llama (Inductor: "NoValidChoicesError"), while sdpa and eager equalled the padded path.
     """
     has_flash_attn = _installed("flash_attn") if has_flash_attn is None else has_flash_attn
     has_flex = _has_flex() if has_flex is None else has_flex
@@ -145,10 +146,7 @@ def choose_attention(device_type: str, has_flash_attn: bool | None = None, has_f
         return _requested_route(requested, device_type, has_flash_attn, has_flex)
     if device_type == "cuda" and has_flash_attn:
         return AttentionRoute("flash_varlen", "flash_attention_2", "flash-attn installed: varlen kernel, no mask")
-    if device_type == "cuda" and has_flex:
-        return AttentionRoute("flex", "flex_attention",
-                              "no flash-attn; FlexAttention with a document mask (sparse: skips cross-sequence blocks)")
-    why = "on CPU" if device_type != "cuda" else "no flash-attn and no FlexAttention in this torch"
+    why = "on CPU" if device_type != "cuda" else "no flash-attn"
     return AttentionRoute("sdpa", "sdpa", f"{why}: sdpa with a dense block-diagonal causal mask")
 
 

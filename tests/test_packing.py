@@ -135,7 +135,7 @@ def test_host_embedding_path_equals_device_path():
 
 @pytest.mark.parametrize("device, flash, flex, route", [
     ("cuda", True, True, "flash_varlen"),
-    ("cuda", False, True, "flex"),
+    ("cuda", False, True, "sdpa"),  # FlexAttention only when asked for (it did not compile on the H200)
     ("cuda", False, False, "sdpa"),
     ("cpu", True, True, "sdpa"),
 ])
