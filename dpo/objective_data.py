@@ -14,6 +14,7 @@ side keeps its own prompt ids (they may differ by the merged token).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,11 +179,31 @@ def split_sided(
     return SidedPair(*out, row_id=row_id)
 
 
+def _common_text_prefix(a: str, b: str) -> str:
+    return a[: common_prefix_length(a, b)]
+
+
+def render_chat_pair(tokenizer, row: PreferenceRow) -> PreferenceRow:
+    """A conversational pair as text, the way TRL's maybe_apply_chat_template renders it for CPO/ORPO:
+    the prompt with the generation prompt (or continuing a final assistant message), cut to what it
+    shares with each rendered prompt+reply; each reply is the rest of its rendered prompt+reply."""
+    if not isinstance(row.prompt, list):
+        return row
+    last = row.prompt[-1].get("role")
+    if last not in ("user", "tool", "assistant"):
+        raise DataError(f"{row.where}: the prompt's last message has role {last!r}; expected user, tool or assistant")
+    prompt = tokenizer.apply_chat_template(row.prompt, tokenize=False, add_generation_prompt=last != "assistant",
+                                           continue_final_message=last == "assistant")
+    chosen = tokenizer.apply_chat_template(row.prompt + row.chosen, tokenize=False)
+    rejected = tokenizer.apply_chat_template(row.prompt + row.rejected, tokenize=False)
+    prompt = _common_text_prefix(_common_text_prefix(prompt, chosen), rejected)
+    return dataclasses.replace(row, prompt=prompt, chosen=chosen[len(prompt):], rejected=rejected[len(prompt):])
+
+
 def tokenize_sided(tokenizer, row: PreferenceRow, max_length: int) -> SidedPair:
-    """One text pair tokenized as TRL 1.15's CPOTrainer and ORPOTrainer do (conversational rows must be
-    rendered to text with the chat template first, as TRL's maybe_apply_chat_template does)."""
-    if not all(isinstance(x, str) for x in (row.prompt, row.chosen, row.rejected)):
-        raise DataError(f"{row.where}: CPO/ORPO rows must be text here (render conversations first)")
+    """One pair tokenized as TRL 1.15's CPOTrainer and ORPOTrainer do (a conversational pair is rendered
+    to text with the chat template first, as there)."""
+    row = render_chat_pair(tokenizer, row)
 
     def ids(text: str) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])

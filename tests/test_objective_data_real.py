@@ -74,3 +74,22 @@ def test_cpo_orpo_tokenization_equals_trl_tokenize_row(tok, hh_rows, max_length)
                 cut += len(prompt) + len(answer) == max_length
     if max_length == 128:
         assert cut > 0, "no row reached max_length: the truncation rule went untested"
+
+
+def test_conversational_pairs_render_as_trl_apply_chat_template(tok):
+    from trl.data_utils import maybe_apply_chat_template
+
+    from dpo.data import PreferenceRow
+    from dpo.objective_data import render_chat_pair
+
+    user = [{"role": "user", "content": "Name a colour."}]
+    prefilled = user + [{"role": "assistant", "content": "Sure:"}]
+    cases = [
+        (user, [{"role": "assistant", "content": "Blue."}], [{"role": "assistant", "content": "A car."}]),
+        (prefilled, [{"role": "assistant", "content": " red"}], [{"role": "assistant", "content": " no"}]),
+    ]
+    for prompt, chosen, rejected in cases:
+        theirs = maybe_apply_chat_template({"prompt": prompt, "chosen": chosen, "rejected": rejected}, tok)
+        ours = render_chat_pair(tok, PreferenceRow(prompt, chosen, rejected))
+        assert (ours.prompt, ours.chosen, ours.rejected) == (theirs["prompt"], theirs["chosen"], theirs["rejected"])
+        assert ours.chosen  # a non-trivial reply survived the split
