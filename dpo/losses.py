@@ -18,7 +18,7 @@ and reports TRL's implicit rewards, beta * logratio (detached).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -476,14 +476,19 @@ def chosen_nll(chosen_logps: Tensor, chosen_tokens: Tensor) -> Tensor:
     return -chosen_logps.sum() / chosen_tokens.sum().to(chosen_logps.dtype)
 
 
-def kto_kl_estimate(kl_logps: Tensor, ref_kl_logps: Tensor) -> Tensor:
+def kto_kl_estimate(
+    kl_logps: Tensor, ref_kl_logps: Tensor, average_over_ranks: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     """KTO's reference point z0 (Ethayarajh et al. 2024, Eq. 6), as TRL 1.15 estimates it.  [N], [N] -> scalar
 
     z0 = max(0, mean_i (log pi(y'_i|x_i) - log pi_ref(y'_i|x_i))) over mismatched pairs (x_i, y'_i),
-    detached. Under data parallelism TRL averages the per-rank means before the clamp: all-reduce the
-    unclamped mean first (`kto_kl_estimate(...)` on the gathered values gives the same).
+    detached. Under data parallelism TRL averages the per-rank means before the clamp: pass
+    `average_over_ranks` (e.g. an all-reduce mean), applied to this rank's unclamped mean.
     """
-    return (kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+    mean = (kl_logps - ref_kl_logps).mean().detach()
+    if average_over_ranks is not None:
+        mean = average_over_ranks(mean)
+    return mean.clamp(min=0)
 
 
 def kto_loss(
@@ -529,7 +534,8 @@ def _validate_objective(s: "LossSettings") -> None:
     types, obj = s.loss_type, s.objective
     named = [t for t in types if t in OBJECTIVES]
     if named and len(types) > 1:
-        raise ValueError(f"the {named[0]} objective stands alone; give --loss-type {named[0]} without other loss types.")
+        raise ValueError(
+            f"the {named[0]} objective stands alone; give --loss-type {named[0]} without other loss types.")
     if obj != "dpo":
         if s.loss_weights is not None:
             raise ValueError(f"loss weights apply to mixes of DPO loss types, not to the {obj} objective.")
@@ -541,7 +547,8 @@ def _validate_objective(s: "LossSettings") -> None:
             raise ValueError(f"beta must be > 0, got {s.beta}.")
     smoothing_ok = obj in ("simpo", "cpo") and 0 <= s.label_smoothing < 0.5
     if obj in ("simpo", "cpo", "orpo", "kto") and not (smoothing_ok or s.label_smoothing == 0):
-        raise ValueError(f"{obj} takes label_smoothing in [0, 0.5) (simpo, cpo) or 0 (orpo, kto); got {s.label_smoothing}.")
+        raise ValueError(
+            f"{obj} takes label_smoothing in [0, 0.5) (simpo, cpo) or 0 (orpo, kto); got {s.label_smoothing}.")
     if not math.isfinite(s.simpo_gamma):
         raise ValueError(f"simpo_gamma must be a finite number, got {s.simpo_gamma}.")
     if s.cpo_alpha is not None and obj not in ("simpo", "cpo"):
@@ -554,7 +561,8 @@ def _validate_objective(s: "LossSettings") -> None:
     if s.ld_alpha is not None and not 0 <= s.ld_alpha <= 1:
         raise ValueError(f"ld_alpha must be in [0, 1] (1 = plain DPO), got {s.ld_alpha}.")
     if s.use_weighting and any(t in ("aot", "aot_unpaired") for t in types):
-        raise ValueError("use_weighting (WPO) cannot be combined with aot or aot_unpaired: they sort pairs across the batch.")
+        raise ValueError(
+            "use_weighting (WPO) cannot be combined with aot or aot_unpaired: they sort pairs across the batch.")
 
 
 @dataclass(frozen=True)
@@ -688,10 +696,8 @@ def _reference_free_output(settings: LossSettings, logps: PreferenceLogps, nll: 
             raise ValueError(f"the {obj} loss needs the chosen NLL of the batch (nll=chosen_nll(...)).")
         # ORPO: TRL adds the NLL unweighted (nll - mean(beta*ratio)); multiplying by 1.0 would be exact anyway.
         loss = nll + loss if obj == "orpo" else loss + weight * nll
-    if obj in ("simpo", "cpo"):
-        extra["nll_loss"] = (nll if nll is not None else torch.zeros((), device=c.device)).detach()
-    else:
-        extra["nll_loss"] = nll.detach()
+    # TRL logs nll_loss 0 when cpo_alpha is 0 (it skips the NLL); ORPO always has it (checked above).
+    extra["nll_loss"] = (nll if nll is not None else torch.zeros((), device=c.device)).detach()
     return LossOutput(
         loss=loss,
         per_pair={obj: per_pair},

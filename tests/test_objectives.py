@@ -308,3 +308,10 @@ def test_cpo_tokenization_adds_bos_and_eos_and_cuts_only_the_completion():
     assert (merged.rejected_prompt_ids, merged.rejected_ids) == ([5, 6], [9, 2])  # EOS already there
     with pytest.raises(DataError, match="beyond their last token"):
         split_sided([5, 6, 7, 8], [5, 60, 70, 8, 9], [5, 6, 7, 8, 9], bos_token_id=None, eos_token_id=2, max_length=10)
+
+
+def test_kto_kl_estimate_averages_over_ranks_before_the_clamp():
+    # Two ranks with means +3 and -1: TRL's estimate is max(0, (3 - 1) / 2) = 1, not (3 + 0) / 2.
+    other_rank_mean = torch.tensor(-1.0, dtype=torch.float64)
+    got = kto_kl_estimate(t(3.0), t(0.0), average_over_ranks=lambda m: (m + other_rank_mean) / 2)
+    assert got.item() == 1.0
