@@ -289,13 +289,13 @@ def test_qk_permutation_is_undone_by_transformers_for_gqa():
 
 
 def test_unsupported_architecture_is_a_clear_error(tok, tmp_path):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Phi3Config, Phi3ForCausalLM
 
-    model = Qwen2ForCausalLM(
-        Qwen2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                    num_attention_heads=2, num_key_value_heads=1)
+    model = Phi3ForCausalLM(
+        Phi3Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                   num_attention_heads=2, num_key_value_heads=1, pad_token_id=2)
     )
-    with pytest.raises(export.ExportError, match="Llama architecture only.*'qwen2'"):
+    with pytest.raises(export.ExportError, match="GGUF export supports llama, mistral, qwen2, qwen3; this model is 'phi3'"):
         export.write_gguf(model, tok, tmp_path / "x.gguf")
 
 
@@ -309,7 +309,15 @@ def _fake_llama_quantize(bin_dir: Path, body: str) -> None:
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
 
 
-def test_q4_k_m_without_llama_quantize_says_how_to_get_it(run_dir, tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def no_llama_cpp(monkeypatch):
+    """As on a machine without the `gguf` extra (its bindings win over a llama-quantize on PATH)."""
+    from dpo import llamacpp
+
+    monkeypatch.setattr(llamacpp, "bindings", lambda: None)
+
+
+def test_q4_k_m_without_llama_quantize_says_how_to_get_it(run_dir, tmp_path, capsys, monkeypatch, no_llama_cpp):
     monkeypatch.setenv("PATH", str(tmp_path))  # nothing there
     out = tmp_path / "x.gguf"
     rc = export.main(["--run-dir", str(run_dir), "--format", "gguf", "--quantization", "q4_k_m", "--output", str(out)])
@@ -317,9 +325,10 @@ def test_q4_k_m_without_llama_quantize_says_how_to_get_it(run_dir, tmp_path, cap
     assert rc == 2 and not out.exists()
     assert len(err.strip().splitlines()) == 1
     assert "llama-quantize" in err and "llama.cpp" in err and "PATH" in err
+    assert "pip install -e '.[gguf]'" in err  # the extra that brings llama.cpp
 
 
-def test_q4_k_m_runs_llama_quantize_on_the_f16_file(run_dir, tmp_path, capsys, monkeypatch):
+def test_q4_k_m_runs_llama_quantize_on_the_f16_file(run_dir, tmp_path, capsys, monkeypatch, no_llama_cpp):
     # A stand-in that records its arguments and copies the f16 input: checks the plumbing, not llama.cpp.
     _fake_llama_quantize(
         tmp_path / "bin",
@@ -336,7 +345,7 @@ def test_q4_k_m_runs_llama_quantize_on_the_f16_file(run_dir, tmp_path, capsys, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["args.txt", "bin", "m.gguf"]  # scratch f16 removed
 
 
-def test_q4_k_m_failure_is_one_line(run_dir, tmp_path, capsys, monkeypatch):
+def test_q4_k_m_failure_is_one_line(run_dir, tmp_path, capsys, monkeypatch, no_llama_cpp):
     _fake_llama_quantize(tmp_path / "bin", "print('boom: bad things', file=sys.stderr)\nsys.exit(3)")
     monkeypatch.setenv("PATH", str(tmp_path / "bin") + os.pathsep + os.environ["PATH"])
     out = tmp_path / "m.gguf"
