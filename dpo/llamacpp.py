@@ -68,10 +68,13 @@ class LlamaCppModel:
         llama_cpp = bindings()
         if llama_cpp is None:
             raise LlamaCppError(f"running a GGUF file in llama.cpp needs {EXTRA_HINT}")
+        # One token per decode (n_batch=1): llama-cpp-python 0.3.36's batched CPU path segfaults on quantized
+        # files (q8_0, q4_0 and every k-quant) on this project's AVX-512/AMX machine, in Llama.eval of a
+        # prompt; one token at a time takes the matrix-vector path that generation runs, and works.
         try:
             with _quiet_stderr():
-                self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
-                                           n_threads=threads or (os.cpu_count() or 1), seed=0)
+                self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=1, logits_all=True,
+                                           verbose=False, n_threads=threads or (os.cpu_count() or 1), seed=0)
         except (ValueError, RuntimeError) as e:
             raise LlamaCppError(f"llama.cpp could not load {path}: {str(e).strip().splitlines()[0]}") from None
         self.n_ctx = n_ctx
