@@ -626,9 +626,9 @@ def build_parser() -> Parser:
         prog="python -m dpo.export",
         description="Export a training run as its LoRA adapter, a merged HF model, or a GGUF file.",
     )
-    p.add_argument("--run-dir", required=True, help="the training run directory (config.json, adapter/)")
-    p.add_argument("--format", required=True, choices=FORMATS, help="adapter | merged | gguf")
-    p.add_argument("--output", required=True, help="folder (adapter, merged) or .gguf file (gguf; a folder works too)")
+    p.add_argument("--run-dir", required=True, default=argparse.SUPPRESS, help="the training run directory (config.json, adapter/)")
+    p.add_argument("--format", required=True, choices=FORMATS, default=argparse.SUPPRESS, help="adapter | merged | gguf")
+    p.add_argument("--output", required=True, default=argparse.SUPPRESS, help="folder (adapter, merged) or .gguf file (gguf; a folder works too)")
     p.add_argument("--quantization", choices=QUANTIZATIONS, default=argparse.SUPPRESS,
                    help=f"gguf only; f16 when not given ({', '.join(K_QUANTS)} are made by llama.cpp: the gguf extra)")
     p.add_argument("--dtype", choices=MERGED_DTYPES, default=argparse.SUPPRESS,
