@@ -121,3 +121,29 @@ def write_model_card(folder: Path, run_dir: Path, kind: str, how_to_load: str, c
     path = Path(folder) / "README.md"
     write_text_atomic(path, model_card(run_dir, kind, how_to_load, commands))
     return path
+
+
+def adapter_loading(base: str, folder) -> str:
+    """Python that loads an adapter folder onto its base model."""
+    return (f"from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f"base = AutoModelForCausalLM.from_pretrained({base!r})\n"
+            f"model = PeftModel.from_pretrained(base, {str(folder)!r})\n"
+            f"tokenizer = AutoTokenizer.from_pretrained({str(folder)!r})")
+
+
+def merged_loading(folder) -> str:
+    """Python that loads a merged model folder."""
+    return (f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f"model = AutoModelForCausalLM.from_pretrained({str(folder)!r})\n"
+            f"tokenizer = AutoTokenizer.from_pretrained({str(folder)!r})")
+
+
+def write_run_card(run_dir) -> Path:
+    """The card of a finished run's own adapter (RUN/adapter/README.md), for training to call at its end,
+    after eval.json is written (it replaces the blank template PEFT's save_pretrained leaves there)."""
+    from dpo.cli import python_command
+
+    run_dir = Path(run_dir)
+    base = base_model_name(str(read_run(run_dir)["config"].get("model", "unknown")))
+    command = python_command("dpo.train", ["--config", str(run_dir / "config.json")])
+    return write_model_card(run_dir / "adapter", run_dir, "adapter", adapter_loading(base, run_dir / "adapter"), [command])

@@ -283,7 +283,8 @@ def export_adapter(run: Run, out, overwrite: bool = False, commands: list[str] |
         if not _has_tokenizer(tmp):
             load_run_tokenizer(run).save_pretrained(tmp)
         _portable_base_name(run, tmp / "adapter_config.json")
-        card.write_model_card(tmp, run.dir, "adapter", _adapter_loading(run, out), commands or [])
+        loading = card.adapter_loading(card.base_model_name(str(run.config["model"])), out)
+        card.write_model_card(tmp, run.dir, "adapter", loading, commands or [])
         _move_into_place(tmp, out)
     finally:
         _remove(tmp)
@@ -297,20 +298,6 @@ def _portable_base_name(run: Run, adapter_config: Path) -> None:
     cfg = json.loads(adapter_config.read_text(encoding="utf-8"))
     cfg["base_model_name_or_path"] = card.DEFAULT_MODEL_HUB_NAME
     write_json_atomic(adapter_config, cfg)
-
-
-def _adapter_loading(run: Run, out: Path) -> str:
-    base = card.base_model_name(str(run.config["model"]))
-    return (f"from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            f"base = AutoModelForCausalLM.from_pretrained({base!r})\n"
-            f"model = PeftModel.from_pretrained(base, {str(out)!r})\n"
-            f"tokenizer = AutoTokenizer.from_pretrained({str(out)!r})")
-
-
-def _merged_loading(out: Path) -> str:
-    return (f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            f"model = AutoModelForCausalLM.from_pretrained({str(out)!r})\n"
-            f"tokenizer = AutoTokenizer.from_pretrained({str(out)!r})")
 
 
 # ------------------------------------------------------------------------------------- merged
@@ -333,7 +320,7 @@ def export_merged(run: Run, out, dtype: str = "bfloat16", overwrite: bool = Fals
         to_save.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         del to_save
-        card.write_model_card(tmp, run.dir, "merged", _merged_loading(out), commands or [])
+        card.write_model_card(tmp, run.dir, "merged", card.merged_loading(out), commands or [])
         _move_into_place(tmp, out)
     finally:
         _remove(tmp)

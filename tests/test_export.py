@@ -555,3 +555,15 @@ def test_an_oserror_while_writing_names_the_path_and_cause(run_dir, tmp_path, ca
     monkeypatch.setattr(export.shutil, "copytree", full)
     err = _cli_error(capsys, ["--run-dir", str(run_dir), "--format", "adapter", "--output", str(tmp_path / "o")])
     assert f"could not write the export to {tmp_path / 'o.tmp' / 'adapter_model.safetensors'}: No space left on device" in err
+
+
+def test_a_finished_run_gets_its_own_adapter_card(tmp_path, tok):
+    from dpo import card
+
+    run = make_run(tmp_path, tok)
+    (run / "eval.json").write_text(json.dumps({"num_pairs": 8, "before": {"eval_loss": 0.693}, "after": {"eval_loss": 0.5}}))
+    path = card.write_run_card(run)
+    text = path.read_text()
+    assert path == run / "adapter" / "README.md"
+    assert "| eval_loss | 0.693 | 0.5 |" in text and f"--config {run / 'config.json'}" in text
+    assert f"PeftModel.from_pretrained(base, {str(run / 'adapter')!r})" in text
