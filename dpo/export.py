@@ -126,7 +126,7 @@ class Verification:
 
     def line(self) -> str:
         verdict = "OK" if self.ok else "FAILED"
-        tol = "not judged for 4-bit" if self.tolerance is None else f"tolerance {self.tolerance:.3g}"
+        tol = "not judged below 8 bits" if self.tolerance is None else f"tolerance {self.tolerance:.3g}"
         tok = "" if self.tokenizer_ok is None else (
             "; tokenizer encodes identically" if self.tokenizer_ok else "; tokenizer MISMATCH"
         )
