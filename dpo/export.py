@@ -64,10 +64,11 @@ LLAMA_QUANTIZE_HINT = (
 # nats), so for them the numbers are reported, not judged (None): loading and the tokenizer still are,
 # and so is whether the adapter is in the file (see Verification.adapter_visible).
 VERIFY_RTOL = {"f32": 1e-5, "f16": 1e-2, "q8_0": 0.1, "q4_0": None, "q4_k_m": None, "q5_k_m": None, "q6_k": None}
-# In llama.cpp the same file is computed by other kernels (ggml's CPU matmuls convert activations to the
-# weight type's dot-product format: f16 for f16 weights, q8 blocks for quantized ones), so its f32/f16
-# bounds are those of the storage plus that activation rounding. Measured: see LLAMACPP_MEASURED in the README.
-LLAMACPP_RTOL = {"f32": 1e-3, "f16": 2e-2, "q8_0": 0.1, "q4_0": None, "q4_k_m": None, "q5_k_m": None, "q6_k": None}
+# In llama.cpp the same file is computed by other kernels, with K and V in an f16 cache by default (so an
+# f32 file sees f16 rounding too) and, for f16 weights, activations rounded to f16 in the matmuls. Measured
+# (tiny models / the default run's SmolLM2 export): f32 2e-4 to 6.5e-4 / -, f16 <= 3.3e-3 / 2.3e-3,
+# q8_0 - / 6.2e-2 (tests/test_export_llamacpp.py, README "Export").
+LLAMACPP_RTOL = {"f32": 1e-2, "f16": 2e-2, "q8_0": 0.1, "q4_0": None, "q4_k_m": None, "q5_k_m": None, "q6_k": None}
 MERGED_RTOL = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 0.1}
 
 VERIFY_TEXTS = (
