@@ -6,7 +6,7 @@ DPOTrainer with the same settings, evaluated before and after on the same held-o
 Train rows: the first 90% of the file; held out: the first `--held-out` rows of the last 10%.
 Both systems see the same pairs in the same order (TRL: sequential sampling; ours: --no-shuffle),
 start from the same model with a fresh LoRA (B = 0, so policy == reference at step 0), and are
-evaluated by the same function (dpo.evaluate.evaluate_pairs), TRL's adapter included. Each system
+evaluated by the same function (dpo.evaluation.evaluate_pairs), TRL's adapter included. Each system
 also reports its own steady-state speed (s/step, pairs/s): the CPU benchmark.
 """
 
@@ -43,9 +43,10 @@ def base_model():
 
 
 def evaluate(model, tok, pairs, ref_logps=None):
-    from dpo.evaluate import evaluate_pairs
+    from dpo.evaluation import evaluate_pairs
+    from dpo.losses import LossSettings
 
-    return evaluate_pairs(model, tok, pairs, beta=SETTINGS["beta"], batch_size=8,
+    return evaluate_pairs(model, tok, pairs, loss=LossSettings(beta=SETTINGS["beta"]), batch_size=8,
                           max_length=SETTINGS["max_length"], ref_logps=ref_logps)
 
 

@@ -8,6 +8,7 @@
 #   bash benchmarks/device_runs.sh final    # the suite again, beside 1B scaling at 20 steps and two 8B rows
 #   bash benchmarks/device_runs.sh rows-1b  # (one GPU) the rows the one-GPU table still lacks; rows-8b too
 #   bash benchmarks/device_runs.sh rows-8b-same-card  # (one GPU) 8B lean/fast vs TRL+Unsloth at 2x4 and 8x1
+#   bash benchmarks/device_runs.sh packing  # (one GPU) padded vs packed micro-batches + the GPU packing tests
 #
 # Results go to $OUT (the device tool's folder) or ./device-out. Each single-GPU run gets its own
 # compile caches, so every row's first step (and so its e2e time) compiles from cold, as a user's would.
@@ -113,7 +114,30 @@ ours-hf:base:2x4 ours-unsloth:precompute+lean:8x1 trl-hf:base:8x1"; fi
       ours-unsloth:precompute+lean:8x1 ours-unsloth:precompute+lean:2x4 ours-unsloth:precompute+no-ckpt:2x4 \
       --out "$OUT/gpu_throughput.json" --deadline-s 470 --hard-stop-s 570
     ;;
-  *) echo "usage: $0 single|scaling|suite|final|rows-1b|rows-8b|rows-8b-same-card"; exit 2 ;;
+  packing)
+    # (one GPU, about 8 min) packed == padded on the GPU (tests/test_gpu_packing.py), then forward+backward
+    # time and peak, padded vs packed, over the 64 benchmark pairs, beside the planner's predicted peak.
+    models llama3.2-1b-lora llama3-8b-qlora
+    DPO_TOKENIZER_DIR=$PWD/.whl/tok DPO_GPU_RESULTS=$OUT/gpu_equivalence_packing.json timeout 240 \
+      python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_packing.py > "$OUT/gpu_packing_suite.txt" 2>&1
+    tail -n 5 "$OUT/gpu_packing_suite.txt"
+    for spec in "llama3-8b-qlora unsloth" "llama3-8b-qlora unsloth --no-ckpt" "llama3-8b-qlora hf" \
+                "llama3.2-1b-lora unsloth --no-ckpt"; do
+      read -r shp be flag <<< "$spec"; name="packing_${shp}_${be}${flag:+_nockpt}"
+      timeout 150 python -m benchmarks.packing --shape "$shp" --backend "$be" $flag --model-dir "$MODELS/$shp" \
+        --micro-batches 2 8 --out "$OUT/$name.json" > "/tmp/log_$name.txt" 2>&1 || echo "$name failed"
+    done
+    ;;
+  h200-a|h200-b)
+    # (one H200) rows through dpo.train.run, each with fresh compile caches, one at a time; TRL+Unsloth 2x4 in
+    # each call, so every row has its baseline in its own batch. a: the unplanned row of before (ours-unsloth
+    # base, no speed flags) and the planned default (ours-cli); b: the planned runs under a memory budget.
+    if [ "$1" = h200-a ]; then runs="trl-unsloth:base:2x4 ours-unsloth:base:2x4 ours-cli:base:2x4"
+    else runs="trl-unsloth:base:2x4 ours-cli:base:2x4:6.71 ours-cli:base:2x4:16"; fi
+    python -m benchmarks.run --shape llama3-8b-qlora --runs $runs --out "$OUT/gpu_throughput_h200.json" \
+      --batch "$1 $(date -u +%FT%H:%M)" --deadline-s 470 --hard-stop-s 560 --run-timeout-s 200
+    ;;
+  *) echo "usage: $0 single|scaling|suite|final|rows-1b|rows-8b|rows-8b-same-card|packing|h200-a|h200-b"; exit 2 ;;
 esac
 echo "phase ${1} took $(( $(date +%s) - T0 )) s"
 tail -n 3 /tmp/log_*.txt 2>/dev/null | cut -c1-400

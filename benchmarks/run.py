@@ -55,25 +55,32 @@ def versions() -> dict:
 
 
 def parse_run(spec: str) -> dict:
-    """SYSTEM:VARIANT:MICROxACCUM -> the run's fields; ValueError naming what is wrong."""
+    """SYSTEM:VARIANT:MICROxACCUM[:BUDGET] -> the run's fields; ValueError naming what is wrong.
+    BUDGET (ours-cli only): dpo.train's --memory-budget in GiB (default: auto)."""
     from benchmarks.system import SYSTEMS, VARIANTS
 
     try:
-        system, variant, batch = spec.split(":")
+        system, variant, batch, *budget = spec.split(":")
         micro, accum = (int(n) for n in batch.split("x"))
+        budget = float(budget[0]) if budget else None
     except ValueError:
-        raise ValueError(f"{spec!r} is not SYSTEM:VARIANT:MICROxACCUM (e.g. trl-unsloth:base:2x4)") from None
+        raise ValueError(f"{spec!r} is not SYSTEM:VARIANT:MICROxACCUM[:BUDGET_GIB] (e.g. trl-unsloth:base:2x4, "
+                         f"ours-cli:base:2x4:16)") from None
+    if budget is not None and system != "ours-cli":
+        raise ValueError(f"{spec!r}: a memory budget is for ours-cli (python -m dpo.train's --memory-budget)")
     if system not in SYSTEMS:
         raise ValueError(f"{spec!r}: unknown system {system!r} (one of {', '.join(SYSTEMS)})")
     if variant not in VARIANTS:
         raise ValueError(f"{spec!r}: unknown variant {variant!r} (one of {', '.join(VARIANTS)})")
     if micro < 1 or accum < 1:
         raise ValueError(f"{spec!r}: micro-batch and accumulation must be >= 1")
-    return {"system": system, "variant": variant, "micro_batch": micro, "grad_accum": accum}
+    return {"system": system, "variant": variant, "micro_batch": micro, "grad_accum": accum,
+            "memory_budget_gib": budget}
 
 
 def key(run: dict) -> tuple:
-    return (run["system"], run.get("variant", "base"), run["shape"], run["micro_batch"], run["grad_accum"], run.get("batch"))
+    return (run["system"], run.get("variant", "base"), run["shape"], run["micro_batch"], run["grad_accum"], run.get("batch"),
+            run.get("memory_budget_gib"))
 
 
 def run_group(cmd: list[str], timeout: float, env: dict | None = None) -> None:
@@ -149,14 +156,19 @@ def measure(args) -> None:
                "--shape", args.shape, "--model-dir", str(model_dir), "--micro-batch", str(run["micro_batch"]),
                "--grad-accum", str(run["grad_accum"]), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--out", str(run_out), "--device", args.device]
+        if run["memory_budget_gib"] is not None:
+            cmd += ["--memory-budget", str(run["memory_budget_gib"])]
+            run_out = run_out.with_name(f"{run_out.stem}-{run['memory_budget_gib']}gib.json")
+            run_out.unlink(missing_ok=True)
+            cmd[cmd.index("--out") + 1] = str(run_out)
         t = time.time()
         remaining = min(args.run_timeout_s, args.hard_stop_s - (time.time() - started))
         with tempfile.TemporaryDirectory(prefix="dpo-bench-", ignore_cleanup_errors=True) as caches:
             try:
                 run_group(cmd, remaining, env=fresh_compile_caches(dict(os.environ), caches))
-                res = {**json.loads(run_out.read_text()), "compile_caches": "cold"}
+                res = {**json.loads(run_out.read_text()), "compile_caches": "cold", "batch": getattr(args, "batch", None)}
             except (subprocess.TimeoutExpired, FileNotFoundError, ValueError) as e:  # ValueError: half-written JSON
-                res = {**run, "shape": args.shape, "error": f"{type(e).__name__}"}
+                res = {**run, "shape": args.shape, "error": f"{type(e).__name__}", "batch": getattr(args, "batch", None)}
         res["wall_s"] = time.time() - t
         results["runs"] = [r for r in results["runs"] if key(r) != key(res)] + [res]
         save(out, results)
@@ -285,6 +297,7 @@ def main() -> None:
     ap.add_argument("--runs", nargs="+", default=[])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_throughput.json"))
     ap.add_argument("--merge", action="store_true", help="add to the runs already in --out")
+    ap.add_argument("--batch", default=None, help="a name every row of this call carries (compare within a batch)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--deadline-s", type=float, default=400, help="start no new run after this many seconds")

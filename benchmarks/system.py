@@ -19,7 +19,7 @@ import time
 
 from benchmarks.workload import H100_BF16_DENSE_PEAK, SHAPES, pair_rows
 
-SYSTEMS = ("ours-unsloth", "ours-hf", "trl-unsloth", "trl-unsloth-precompute", "trl-hf")
+SYSTEMS = ("ours-cli", "ours-unsloth", "ours-hf", "trl-unsloth", "trl-unsloth-precompute", "trl-hf")
 # Our optimisations, each a row on the table (see README): names -> TrainConfig changes.
 # "lean": the input-embedding table in CPU memory and a 128-token LM-head chunk; "precompute+lean" also
 # runs the reference pass at the training micro-batch, so no pass holds more rows than training does.
@@ -64,53 +64,65 @@ def summarise(step_ends: list[float], tokens_after: list[int], setup_start: floa
 
 
 def run_ours(a, rows, out: dict) -> None:
-    if a.system == "ours-unsloth":
-        import unsloth  # noqa: F401  (before transformers/peft)
+    """Ours through `dpo.train.run`, the function `python -m dpo.train` calls: the rows as a data file, a
+    run folder of its own; hooks only read the clock (after the model is built, after each step)."""
+    if a.system in ("ours-unsloth", "ours-cli"):
+        import unsloth  # noqa: F401  (before transformers/peft; ours-cli's backend auto picks it on CUDA)
+    import tempfile
+
     import torch
 
-    from dpo import data as data_mod
-    from dpo import distributed
     from dpo.config import TrainConfig
-    from dpo.train import Trainer, build_model
+    from dpo.train import RunHooks, run
 
-    info, device = distributed.setup(a.device)  # one process, or one rank under torchrun
     variant = dict(VARIANTS[a.variant])
     if variant.pop("precompute_at_micro_batch", False):
         variant["precompute_ref_batch_size"] = a.micro_batch
-    cfg = TrainConfig(model=a.model_dir, dataset="benchmark", backend="unsloth" if a.system == "ours-unsloth" else "hf",
+    folder = tempfile.mkdtemp(prefix="dpo-bench-")
+    data = os.path.join(folder, "pairs.jsonl")
+    with open(data, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for r in rows)
+    # ours-cli: what `python -m dpo.train` does with no speed flags (the backend and the plan its own);
+    # ours-unsloth / ours-hf: that backend, unplanned, with the variant's flags.
+    backend = {"ours-cli": "auto", "ours-unsloth": "unsloth", "ours-hf": "hf"}[a.system]
+    budget = (a.memory_budget or "auto") if a.system == "ours-cli" else "none"
+    cfg = TrainConfig(model=a.model_dir, dataset=data, output_dir=os.path.join(folder, "run"), backend=backend,
+                      memory_budget=budget,
                       load_in_4bit=a.load_in_4bit, max_length=MAX_LENGTH, per_device_batch_size=a.micro_batch,
                       grad_accum=a.grad_accum, max_steps=a.steps, learning_rate=LR, beta=BETA, lora_r=LORA_R,
                       lora_alpha=LORA_ALPHA, optim="adamw_8bit" if a.device == "cuda" else "adamw_torch",
                       shuffle=False, dtype="bfloat16" if a.device == "cuda" else "float32", device=a.device,
                       **variant)
+    cuda = a.device.startswith("cuda") and torch.cuda.is_available()
     t = time.perf_counter()
-    model, tok = build_model(cfg, device)
-    sync()
-    out["load_s"] = time.perf_counter() - t
-    out["model_mem_gib"] = torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else None
-    setup_start = time.perf_counter()
-    plain = [data_mod.PreferenceRow(r["prompt"], r["chosen"], r["rejected"], i) for i, r in enumerate(rows)]
-    pairs = [data_mod.tokenize_row(tok, r) for r in plain]
-    trainer = Trainer(model, tok, cfg, pairs, device=device, dist=info)
-    if cfg.precompute_ref:
-        trainer.precompute_reference()
-    ends, tokens = [], []
+    ends, tokens, marks = [], [], {}
     profiler = start_profiler(a, out) if a.profile else None
 
-    def on_step(row):
+    def model_built(model):
+        sync()
+        marks["setup_start"] = time.perf_counter()
+        out["load_s"] = marks["setup_start"] - t
+        out["model_mem_gib"] = torch.cuda.memory_allocated() / 2**30 if cuda else None
+
+    def step_done(row):
         sync()
         ends.append(time.perf_counter())
         tokens.append(row["num_tokens"])
-        if len(ends) == 1 and device.type == "cuda":  # weights + LoRA + optimizer state, between steps
+        if len(ends) == 1 and cuda:  # weights + LoRA + optimizer state, between steps
             out["after_first_step_mem_gib"] = torch.cuda.memory_allocated() / 2**30
         if profiler is not None:
             profiler.step()
 
-    history = trainer.train(on_step)
-    out.update(summarise(ends, tokens, setup_start, a.warmup, a.micro_batch * a.grad_accum * info.world_size))
-    out["final_loss"] = history[-1]["loss"]
-    out["gpus"] = info.world_size
-    distributed.teardown(info)
+    result = run(cfg, hooks=RunHooks(model_built=model_built, step_done=step_done))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    out.update(summarise(ends, tokens, marks["setup_start"], a.warmup, a.micro_batch * a.grad_accum * world))
+    out["final_loss"] = result["history"][-1]["loss"]
+    out["gpus"] = world
+    out["entry_point"] = "dpo.train.run"
+    out["memory_budget_gib"] = float(a.memory_budget) if a.memory_budget not in (None, "auto", "none") else None
+    planned = result["config"]
+    out["ran_as"] = {k: planned[k] for k in ("backend", "per_device_batch_size", "grad_accum", "gradient_checkpointing",
+                                             "packing", "precompute_ref", "logprob_chunk", "embeddings_on_cpu")}
 
 
 def start_profiler(a, out: dict):
@@ -197,6 +209,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--profile", action="store_true",
                     help="profile two steps after warm-up (our systems; see benchmarks/profile.py); summary in --out")
+    ap.add_argument("--memory-budget", default=None,
+                    help="ours-cli: dpo.train's --memory-budget (GiB, auto or none; default auto)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
 

@@ -30,12 +30,14 @@ import shutil
 import sys
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from dpo.files import remove_tree
 
 CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_FILE = "adapter.safetensors"
@@ -51,54 +53,6 @@ MANIFEST_FORMAT = 1
 # Hidden names: list_checkpoints never sees them, and a save removes the stale ones a crash left.
 TMP_PREFIX = ".tmp-"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-# Flag names quoted in check_output_dir's messages (the command line owns the real flags).
-RESUME_FLAG = "--resume"
-OVERWRITE_FLAG = "--overwrite-output-dir"
-
-# Config keys that must be equal when a run is resumed: each changes the data order, the loss,
-# the adapter's shape or the optimizer/schedule, so a "resumed" run with a different value would be
-# a different run stitched onto the first. optimizer.load_state_dict() also silently restores the
-# saved lr/betas/eps/weight_decay, so a changed optimizer flag would otherwise be ignored without a
-# word. Hardware and speed choices (device, dtype, backend, load_in_4bit, gradient_checkpointing,
-# logprobs, logprob_chunk, embeddings_on_cpu) and output_dir may change.
-RESUME_LOCKED_KEYS: tuple[str, ...] = (
-    "model",
-    "dataset",
-    "dataset_split",
-    "dataset_config",
-    "prompt_column",
-    "chosen_column",
-    "rejected_column",
-    "loss_type",
-    "loss_weights",
-    "beta",
-    "label_smoothing",
-    "reference_free",
-    "max_length",
-    "per_device_batch_size",
-    "grad_accum",
-    "seed",
-    "shuffle",
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "lora_targets",
-    "disable_dropout",
-    "adapter",
-    "optim",
-    "lr_scheduler",
-    "learning_rate",
-    "warmup_steps",
-    "weight_decay",
-    "adam_beta1",
-    "adam_beta2",
-    "adam_epsilon",
-    "max_grad_norm",
-    "max_steps",
-    "num_epochs",
-)
-
 
 class CheckpointError(RuntimeError):
     """A checkpoint or output folder that cannot be written, read or trusted; the message names the path."""
@@ -307,17 +261,6 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def _remove_tree(path: Path) -> None:
-    """Take a folder out of the real namespace with one rename, then delete it at leisure.
-
-    A crash halfway through rmtree then leaves a hidden .tmp- folder (removed by the next save), never
-    a half-deleted checkpoint under a real name.
-    """
-    aside = path.parent / f"{TMP_PREFIX}delete-{path.name}-{secrets.token_hex(4)}"
-    os.replace(path, aside)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
 def _remove_stale_tmp(checkpoints: Path, keep: Path | None = None) -> None:
     """Remove what crashed saves and deletions left behind (one writer per output dir is assumed)."""
     for entry in checkpoints.iterdir():
@@ -334,6 +277,13 @@ def _check_extra_name(name: str) -> None:
     if p.is_absolute() or ".." in p.parts or len(p.parts) != 1 or name in REQUIRED_FILES + (MANIFEST_FILE,) \
             or name.startswith(TMP_PREFIX):
         raise ValueError(f"extra_files: {name!r} must be a plain new name inside the checkpoint folder")
+
+
+def expected_checkpoint_bytes(adapter_bytes: int, state_bytes: int, n_extra_files: int = 0,
+                              json_bytes: int = 0) -> int:
+    """The room save_checkpoint asks for: tensors, pickling overhead (~10%), the JSON files, and for
+    every extra writer (e.g. a PEFT adapter/ folder) about the adapter's size again, plus 1 MiB."""
+    return int((adapter_bytes * (1 + n_extra_files) + state_bytes) * 1.1 + json_bytes + 2**20)
 
 
 def save_checkpoint(
@@ -362,46 +312,22 @@ def save_checkpoint(
     any failure (a writer's exception too) removes the temporary folder and leaves every earlier
     checkpoint as it was. Call it from one process only (rank 0): it removes stale .tmp- folders.
     """
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    if keep_last is not None and keep_last < 1:
-        raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
-    extra_files = dict(extra_files or {})
-    for name in extra_files:
-        _check_extra_name(name)
-    if trainer_state.get("step", step) != step:
-        raise ValueError(f"trainer_state['step'] is {trainer_state['step']} but the checkpoint is for step {step}")
-    trainer_state = {**trainer_state, "step": step}
-
+    extra_files, trainer_state = _check_arguments(step, keep_last, extra_files, trainer_state)
     checkpoints = Path(output_dir) / CHECKPOINTS_DIR
     final = checkpoints / checkpoint_dir_name(step)
-
     # Checked before anything touches the disk: a state that cannot be saved loses nothing yet.
-    adapter_bytes = _check_plain(dict(adapter_state), "adapter_state")
-    if not all(isinstance(t, torch.Tensor) for t in adapter_state.values()):
-        raise CheckpointError(f"cannot save {final}: adapter_state must map names to tensors")
-    state_bytes = sum(_check_plain(obj, name) for name, obj in
-                      (("optimizer_state", optimizer_state), ("scheduler_state", scheduler_state),
-                       ("rng_state", rng_state)))
-    json_files = {TRAINER_STATE_FILE: _json_bytes(trainer_state, "trainer_state"),
-                  CONFIG_FILE: _json_bytes(config, "config")}
-
+    expected, json_files = _check_states(final, adapter_state, optimizer_state, scheduler_state, rng_state,
+                                         trainer_state, config, len(extra_files))
     tmp: Path | None = None
     try:
         checkpoints.mkdir(parents=True, exist_ok=True)
         _remove_stale_tmp(checkpoints)
         tmp = checkpoints / f"{TMP_PREFIX}{final.name}-{os.getpid()}-{secrets.token_hex(4)}"
         tmp.mkdir()  # os.mkdir honours the umask (mkdtemp would make it private to this user)
-
-        # Room for the whole new checkpoint: tensors, pickling overhead (~10%), the JSON files, and
-        # for every extra writer (e.g. a PEFT adapter/ folder) about the adapter's size again.
-        expected = (adapter_bytes * (1 + len(extra_files)) + state_bytes) * 1.1 \
-            + sum(map(len, json_files.values())) + 2**20
         free = _free_bytes(checkpoints)
         if free < expected:
             raise CheckpointError(f"cannot write checkpoint {final}: not enough disk space "
                                   f"({_mib(free)} free, about {_mib(expected)} needed)")
-
         _write_adapter(tmp / ADAPTER_FILE, adapter_state, step)
         _write_torch(tmp / OPTIMIZER_FILE, optimizer_state)
         _write_torch(tmp / SCHEDULER_FILE, scheduler_state)
@@ -410,34 +336,9 @@ def save_checkpoint(
             _write_bytes(tmp / name, data)
         for name, writer in extra_files.items():
             writer(tmp / name)
-
-        files = {}
-        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            if path.parent != tmp:  # the writers' files have not been fsync'd by us
-                _fsync_file(path)
-            files[path.relative_to(tmp).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-        for folder in sorted({p.parent for p in tmp.rglob("*") if p.is_file()}, key=lambda p: -len(p.parts)):
-            _fsync_dir(folder)
-        manifest = {"format": MANIFEST_FORMAT, "step": step, "files": files}
-        _write_bytes(tmp / MANIFEST_FILE, _json_bytes(manifest, "manifest"))
-        _fsync_dir(tmp)
-
-        aside = None
-        if final.exists():
-            # Re-saving a step (resumed from an older checkpoint): os.replace cannot replace a
-            # non-empty folder, so the old one steps aside, and comes back if the rename fails.
-            aside = checkpoints / f"{TMP_PREFIX}old-{final.name}-{secrets.token_hex(4)}"
-            os.replace(final, aside)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if aside is not None:
-                os.replace(aside, final)
-            raise
+        _write_manifest(tmp, step)
+        _move_into_place(tmp, final)
         tmp = None
-        _fsync_dir(checkpoints)
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
     except OSError as e:
         where = f" (at {e.filename})" if e.filename and str(e.filename) != str(final) else ""
         raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}{where}") from e
@@ -450,6 +351,72 @@ def save_checkpoint(
     return final
 
 
+def _check_arguments(step: int, keep_last: int | None, extra_files: dict | None,
+                     trainer_state: dict) -> tuple[dict, dict]:
+    """Raise ValueError for arguments no checkpoint can have; return (extra_files, trainer_state with step)."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+    extra_files = dict(extra_files or {})
+    for name in extra_files:
+        _check_extra_name(name)
+    if trainer_state.get("step", step) != step:
+        raise ValueError(f"trainer_state['step'] is {trainer_state['step']} but the checkpoint is for step {step}")
+    return extra_files, {**trainer_state, "step": step}
+
+
+def _check_states(final: Path, adapter_state: dict, optimizer_state: dict, scheduler_state: dict, rng_state: dict,
+                  trainer_state: dict, config: dict, n_extra_files: int) -> tuple[int, dict[str, bytes]]:
+    """Raise CheckpointError unless every state can be saved and loaded back; return (the bytes the
+    checkpoint will need, the JSON files' contents by name)."""
+    adapter_bytes = _check_plain(dict(adapter_state), "adapter_state")
+    if not all(isinstance(t, torch.Tensor) for t in adapter_state.values()):
+        raise CheckpointError(f"cannot save {final}: adapter_state must map names to tensors")
+    state_bytes = sum(_check_plain(obj, name) for name, obj in
+                      (("optimizer_state", optimizer_state), ("scheduler_state", scheduler_state),
+                       ("rng_state", rng_state)))
+    json_files = {TRAINER_STATE_FILE: _json_bytes(trainer_state, "trainer_state"),
+                  CONFIG_FILE: _json_bytes(config, "config")}
+    expected = expected_checkpoint_bytes(adapter_bytes, state_bytes, n_extra_files,
+                                         sum(map(len, json_files.values())))
+    return expected, json_files
+
+
+def _write_manifest(tmp: Path, step: int) -> None:
+    """fsync what the writers wrote, then manifest.json (every file's size and sha256), written last."""
+    files = {}
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        if path.parent != tmp:  # the writers' files have not been fsync'd by us
+            _fsync_file(path)
+        files[path.relative_to(tmp).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    for folder in sorted({p.parent for p in tmp.rglob("*") if p.is_file()}, key=lambda p: -len(p.parts)):
+        _fsync_dir(folder)
+    manifest = {"format": MANIFEST_FORMAT, "step": step, "files": files}
+    _write_bytes(tmp / MANIFEST_FILE, _json_bytes(manifest, "manifest"))
+    _fsync_dir(tmp)
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename the finished folder to its real name with one os.replace, durable once this returns."""
+    checkpoints = final.parent
+    aside = None
+    if final.exists():
+        # Re-saving a step (resumed from an older checkpoint): os.replace cannot replace a
+        # non-empty folder, so the old one steps aside, and comes back if the rename fails.
+        aside = checkpoints / f"{TMP_PREFIX}old-{final.name}-{secrets.token_hex(4)}"
+        os.replace(final, aside)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if aside is not None:
+            os.replace(aside, final)
+        raise
+    _fsync_dir(checkpoints)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
 def _prune(output_dir: Path, keep_last: int, just_written: Path) -> None:
     """Delete the oldest complete checkpoints until keep_last remain, never `just_written`.
 
@@ -459,7 +426,7 @@ def _prune(output_dir: Path, keep_last: int, just_written: Path) -> None:
     others = [p for p in list_checkpoints(output_dir) if p != just_written]
     for old in others[: max(0, len(others) + 1 - keep_last)]:
         try:
-            _remove_tree(old)
+            remove_tree(old)
         except OSError as e:
             warnings.warn(f"could not remove old checkpoint {old}: {e.strerror or e}")
 
@@ -584,142 +551,23 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     )
 
 
-# --- resuming safely ---------------------------------------------------------------------------
-
-_ABSENT = object()
-
-
-def _normalise(value: Any) -> Any:
-    """Tuples as lists (JSON has no tuples): ("sigmoid",) in memory equals ["sigmoid"] from config.json."""
-    if isinstance(value, (list, tuple)):
-        return [_normalise(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _normalise(v) for k, v in value.items()}
-    return value
+# Run-folder rules moved to dpo.runfolder; these names still import from here (train.py, older code).
+_MOVED_TO_RUNFOLDER = ("RESUME_LOCKED_KEYS", "check_output_dir", "config_differences", "trim_metrics")
 
 
-def _show(value: Any) -> str:
-    if value is _ABSENT:
-        return "(absent)"
-    try:
-        return json.dumps(_normalise(value))
-    except (TypeError, ValueError):
-        return repr(value)
+def __getattr__(name: str):
+    if name in _MOVED_TO_RUNFOLDER:
+        from dpo import runfolder  # here, not at the top: runfolder imports this module
 
-
-def config_differences(saved: dict, current: dict, keys: Iterable[str] = RESUME_LOCKED_KEYS) -> list[str]:
-    """["beta: 0.1 -> 0.2", ...]: each of `keys` whose value differs between saved and current config."""
-    out = []
-    for key in keys:
-        a, b = saved.get(key, _ABSENT), current.get(key, _ABSENT)
-        if (a is _ABSENT) != (b is _ABSENT) or _normalise(a) != _normalise(b):
-            out.append(f"{key}: {_show(a)} -> {_show(b)}")
-    return out
-
-
-def _run_artifacts(out: Path) -> list[str]:
-    """What in `out` shows that a run already wrote there."""
-    found = []
-    metrics = out / "metrics.jsonl"
-    if metrics.is_file() and metrics.stat().st_size > 0:
-        found.append("metrics.jsonl")
-    n = len(list_checkpoints(out))
-    if n:
-        found.append(f"{n} checkpoint(s)")
-    if (out / "adapter").exists():
-        found.append("adapter/")
-    return found
-
-
-def check_output_dir(output_dir: str | os.PathLike, config: dict, *, resume: bool, overwrite: bool) -> None:
-    """Refuse an output folder that would mix two runs or cannot be written; call it before loading a model.
-
-    - It holds another run (a config.json differing in RESUME_LOCKED_KEYS, or metrics.jsonl rows,
-      checkpoints or a final adapter/): refused unless `overwrite` or `resume`.
-    - `resume` with a config.json that differs in RESUME_LOCKED_KEYS: refused, listing the changes.
-    - `overwrite`: the old run's checkpoints/ folder is removed here, so a later resume can never
-      pick up a checkpoint of the run that was replaced (config.json, metrics.jsonl and adapter/ are
-      rewritten by the new run).
-    - The folder is created if needed and a probe file written and removed, so a read-only or
-      missing-permission folder fails now, naming the path, not after the first training step.
-    """
-    out = Path(output_dir)
-    if resume and overwrite:
-        raise CheckpointError(f"output dir {out}: {RESUME_FLAG} and {OVERWRITE_FLAG} contradict each other; "
-                              "pass one of them")
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"output dir {out} is a file, not a folder")
-    if out.is_dir():
-        saved_config_path = out / CONFIG_FILE
-        differences: list[str] = []
-        if saved_config_path.is_file():
-            try:
-                saved = json.loads(saved_config_path.read_text(encoding="utf-8"))
-                differences = config_differences(saved, config, RESUME_LOCKED_KEYS)
-            except (ValueError, UnicodeDecodeError):
-                differences = [f"its {CONFIG_FILE} cannot be read"]
-        artifacts = _run_artifacts(out)
-        if resume and differences:
-            raise CheckpointError(f"cannot resume the run in {out}: these settings differ from its {CONFIG_FILE}: "
-                                  + "; ".join(differences))
-        if not resume and not overwrite and (differences or artifacts):
-            what = "; ".join(artifacts + ([f"a different {CONFIG_FILE} ({'; '.join(differences)})"]
-                                          if differences else []))
-            raise CheckpointError(f"output dir {out} already holds another run ({what}); pass {RESUME_FLAG} to "
-                                  f"continue it, {OVERWRITE_FLAG} to replace it, or choose another folder")
-        if overwrite and (out / CHECKPOINTS_DIR).exists():
-            try:
-                _remove_tree(out / CHECKPOINTS_DIR)
-            except OSError as e:
-                raise CheckpointError(f"cannot remove the old checkpoints in {out / CHECKPOINTS_DIR}: "
-                                      f"{e.strerror or e}") from e
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CheckpointError(f"cannot create output dir {out}: {e.strerror or e}") from e
-    probe = out / f"{TMP_PREFIX}write-probe-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        with open(probe, "wb") as f:
-            f.write(b"probe")
-        probe.unlink()
-    except OSError as e:
-        raise CheckpointError(f"output dir {out} is not writable: {e.strerror or e}") from e
-
-
-def trim_metrics(metrics_path: str | os.PathLike, step: int) -> int:
-    """Keep only metrics.jsonl rows with "step" <= `step` (the steps a resume will not redo); return how many.
-
-    Rows after the checkpoint are dropped because the resumed run writes them again, and so is a
-    torn last line from a crash mid-write. Rewritten through a temporary file and os.replace.
-    """
-    path = Path(metrics_path)
-    if not path.is_file():
-        return 0
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) and row["step"] <= step:
-            kept.append(line)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{secrets.token_hex(4)}")
-    try:
-        _write_bytes(tmp, "".join(line + "\n" for line in kept).encode("utf-8"))
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot rewrite {path}: {e.strerror or e}") from e
-    return len(kept)
+        return getattr(runfolder, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
-    "RESUME_LOCKED_KEYS",
     "Checkpoint",
     "CheckpointError",
     "capture_rng",
-    "check_output_dir",
-    "config_differences",
+    "expected_checkpoint_bytes",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
@@ -727,6 +575,5 @@ __all__ = [
     "restore_trainable_state",
     "save_checkpoint",
     "trainable_state",
-    "trim_metrics",
     "verify_checkpoint",
 ]

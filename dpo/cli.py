@@ -3,11 +3,14 @@
 - Parser: argparse with one-line errors (exit 2, no usage dump), defaults shown in --help, and
   negative numbers accepted as values (`--learning-rate -1e-5` is a value, not an unknown flag).
 - one_line(e): an exception (or text) as a single line, for messages that must never be a traceback.
+- optional(kind): an argparse `type` that also takes "none" (a flag whose default can be switched off).
+- progress(iterable): a tqdm bar for long work that stays silent when the work is quick.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import sys
@@ -20,14 +23,24 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 class Parser(argparse.ArgumentParser):
     """argparse for our commands: `prog: error: ... (see --help)` on one line, exit 2."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, name: str | None = None, **kwargs):
+        self.name = name  # what an error line starts with (default: prog)
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = _NEGATIVE_NUMBER
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.name or self.prog}: error: {message} (see --help)\n")
+
+
+def optional(kind):
+    """An argparse `type` for a value that may be absent: "none" or "null" (any case) is None, anything
+    else goes through `kind` (argparse's error names `kind`, e.g. "invalid int value")."""
+    def parse(text: str):
+        return None if text.lower() in ("none", "null") else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def one_line(error: BaseException | str) -> str:

@@ -8,16 +8,21 @@ so a typo costs a second, not a model load.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
-import sys
+import textwrap
 from dataclasses import dataclass, field, fields
 from typing import Any, get_args, get_origin, get_type_hints
 
-from dpo.losses import LOSS_TYPES, validate_loss_config
+from dpo.cli import Parser, optional
+from dpo.data import DEFAULT_MAX_LENGTH
+from dpo.models import model_folder_problem
+from dpo.sources import looks_local
+from dpo.losses import LOSS_TYPES, LossSettings
 from dpo.models import DEFAULT_LORA_TARGETS
 from dpo.smollm2 import DEFAULT_MODEL
+from dpo.tasks import DEFAULT_RUN
+from dpo.trackers import TrackerError, parse_report_to
 
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
 
@@ -33,9 +38,23 @@ FLOAT16_REFUSAL = ("float16 is not supported: DPO sums the log-probs of every co
 LOGPROB_MODES = ("chunked", "full")
 BACKENDS = ("auto", "hf", "unsloth")
 ON_NAN = ("stop", "skip")
+
+
+def _as_flags(settings: dict) -> str:
+    """{"max_steps": 8, "shuffle": False} -> "--max-steps 8 --no-shuffle": settings as a user types them."""
+    def one(k, v):
+        flag = k.replace("_", "-")
+        return (f"--{flag}" if v else f"--no-{flag}") if isinstance(v, bool) else f"--{flag} {v}"
+    return " ".join(one(k, v) for k, v in settings.items())
+
+
+DEFAULT_RUN_HELP = (f"With no --dataset: the built-in default run, --dataset {DEFAULT_RUN['dataset']} with these "
+                    "settings in place of the defaults above (flags given still win): "
+                    + _as_flags({k: v for k, v in DEFAULT_RUN.items() if k != "dataset"}))
 # Keys that say how this invocation starts (fresh, resumed, replacing), not what the run is: they are
 # left out of the config.json a run writes, so that file can be passed back with --config --resume.
-RUN_CONTROL_KEYS = ("resume", "resume_from", "overwrite")
+RUN_CONTROL_KEYS = ("resume", "resume_from", "overwrite", "plan")
+ATTENTION_ROUTES = ("auto", "flash_varlen", "flex", "sdpa", "eager")
 
 
 def _opt(default, help: str, **kw):
@@ -61,6 +80,8 @@ class TrainConfig:
                                     "built-in task); eval_ metrics go to metrics.jsonl")
     eval_steps: int = _opt(0, "Evaluate on --eval-dataset every N steps (0: before and after training only)")
     threads: int = _opt(0, "CPU threads for torch (0: the cores not busy with other work)")
+    report_to: str = _opt("none", "Also send every metrics row to trackers: a comma list of tensorboard, wandb, "
+                          "mlflow (none: metrics.jsonl only)")
     output_dir: str = _opt("runs/dpo", "Where metrics.jsonl, config.json, checkpoints/ and adapter/ are written")
     adapter: str | None = _opt(None, "Start from this LoRA adapter folder; its frozen copy is then the reference")
     # How long
@@ -85,14 +106,25 @@ class TrainConfig:
     loss_type: list[str] = _opt(("sigmoid",), f"One or more of: {', '.join(LOSS_TYPES)}")
     loss_weights: list[float] | None = _opt(None, "Weight of each --loss-type (none: 1 each)")
     label_smoothing: float = _opt(0.0, "Label smoothing (robust, exo_pair, aot, aot_unpaired)")
+    discopop_tau: float = _opt(0.05, "Temperature of the discopop loss type")
     reference_free: bool = _opt(False, "Use no reference model (reference log-probs are 0)")
     precompute_ref: bool = _opt(False, "Compute the reference log-probs of all pairs once before training")
     precompute_ref_batch_size: int | None = _opt(None, "Pairs per batch for --precompute-ref (default: 4x the micro-batch)")
-    max_length: int | None = _opt(1024, "Max tokens of prompt+completion; longer sequences are cut at the end")
+    max_length: int | None = _opt(DEFAULT_MAX_LENGTH, "Max tokens of prompt+completion; longer sequences are cut at the end")
     # Model and memory
     dtype: str = _opt("auto", "Weights and compute dtype (auto: bfloat16 on CUDA, float32 on CPU; no float16: "
                       "DPO's log-prob sums overflow its range)", choices=DTYPES)
     gradient_checkpointing: bool = _opt(True, "Recompute activations in backward to save memory")
+    packing: bool = _opt(False, "Pack each micro-batch's sequences into one row: no pad tokens, positions restart per "
+                         "sequence, attention never crosses sequences (checked on the first micro-batch; padded if "
+                         "the model's forward cannot keep them apart)")
+    attention: str = _opt("auto", "Attention kernel for --packing on the hf backend (auto: flash-attn varlen, else "
+                          "FlexAttention, else sdpa)", choices=ATTENTION_ROUTES)
+    memory_budget: str = _opt("auto", "GPU memory the run may use, in GiB, for the planner that picks micro-batch, "
+                              "checkpointing, packing, reference precompute, LM-head chunk and embedding placement "
+                              "(auto: the card's free memory less 1 GiB; none: no plan). Flags set to other than their "
+                              "default win over the plan. CPU runs are never planned")
+    plan: bool = _opt(False, "Print the plan for this run (see --memory-budget) and exit")
     logprobs: str = _opt("chunked", "chunked: never build the full [B,T,V] logits; full: plain log_softmax", choices=LOGPROB_MODES)
     logprob_chunk: int = _opt(256, "Tokens per LM-head chunk of --logprobs chunked (smaller: less memory, more "
                               "launches)")
@@ -128,20 +160,40 @@ class TrainConfig:
         """The config that defines the run (to_dict without the start-up keys): what config.json holds."""
         return {k: v for k, v in self.to_dict().items() if k not in RUN_CONTROL_KEYS}
 
+    def loss_settings(self) -> LossSettings:
+        """The loss settings of this run as one validated object (training and evaluation take it)."""
+        try:
+            return LossSettings.from_config(self)
+        except ValueError as e:
+            raise ConfigError(f"--loss-type/--loss-weights/--label-smoothing: {e}") from None
+
     def validate(self) -> None:
         """Raise ConfigError naming the flag for every value that cannot work."""
         def bad(flag: str, why: str):
             raise ConfigError(f"--{flag.replace('_', '-')}: {why}")
 
-        if self.beta <= 0:
+        if not self.beta > 0:  # also NaN
             bad("beta", f"must be > 0, got {self.beta}")
+        if not self.discopop_tau > 0:
+            bad("discopop_tau", f"must be > 0, got {self.discopop_tau}")
         if self.max_length is not None and self.max_length < 2:
             bad("max_length", f"must be >= 2 (a prompt token and a completion token), got {self.max_length}")
         if self.eval_steps < 0:
             bad("eval_steps", f"must be >= 0, got {self.eval_steps}")
+        try:
+            parse_report_to(self.report_to)
+        except TrackerError as e:
+            raise ConfigError(str(e)) from None
+        if self.memory_budget not in ("auto", "none"):
+            try:
+                budget = float(self.memory_budget)
+            except ValueError:
+                budget = float("nan")
+            if not budget > 0:
+                bad("memory_budget", f"must be a number of GiB > 0, auto or none, got {self.memory_budget!r}")
         if self.threads < 0:
             bad("threads", f"must be >= 0, got {self.threads}")
-        if self.eval_dataset is not None and _looks_local(self.eval_dataset) and not os.path.exists(self.eval_dataset):
+        if self.eval_dataset is not None and looks_local(self.eval_dataset) and not _exists(self.eval_dataset):
             bad("eval_dataset", f"no such file or folder: {self.eval_dataset}")
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
             bad("max_prompt_length", f"must be >= 1, got {self.max_prompt_length}")
@@ -170,17 +222,16 @@ class TrainConfig:
         if str(self.dtype).lower() in FLOAT16_NAMES:
             bad("dtype", FLOAT16_REFUSAL)
         for name, choices in (("lr_scheduler", LR_SCHEDULERS), ("optim", OPTIMIZERS), ("dtype", DTYPES),
-                              ("logprobs", LOGPROB_MODES), ("backend", BACKENDS), ("on_nan", ON_NAN)):
+                              ("logprobs", LOGPROB_MODES), ("attention", ATTENTION_ROUTES), ("backend", BACKENDS), ("on_nan", ON_NAN)):
             if getattr(self, name) not in choices:
                 bad(name, f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
-        try:
-            validate_loss_config(list(self.loss_type), self.loss_weights, self.label_smoothing, self.beta)
-        except ValueError as e:
-            raise ConfigError(f"--loss-type/--loss-weights/--label-smoothing: {e}") from None
-        if self.dataset is not None and _looks_local(self.dataset) and not os.path.exists(self.dataset):
+        self.loss_settings()
+        if self.dataset is not None and looks_local(self.dataset) and not _exists(self.dataset):
             bad("dataset", f"no such file or folder: {self.dataset}")
-        if _looks_local(self.model) and not os.path.exists(self.model):
+        if looks_local(self.model) and not _exists(self.model):
             bad("model", f"no such folder: {self.model}")
+        if looks_local(self.model) and (problem := model_folder_problem(self.model)) is not None:
+            bad("model", problem)
         if self.adapter is not None and not os.path.isdir(self.adapter):
             bad("adapter", f"no such adapter folder: {self.adapter}")
         if self.adapter is not None and not os.path.isfile(os.path.join(self.adapter, ADAPTER_SAFETENSORS)):
@@ -203,9 +254,8 @@ class ConfigError(ValueError):
     pass
 
 
-def _looks_local(path: str) -> bool:
-    """A path (not a hub name like 'org/name'): absolute, relative with ./, or with a file suffix."""
-    return path.startswith((".", "/", "~")) or path.endswith((".jsonl", ".gz", ".json", ".parquet", ".csv")) or os.path.exists(path)
+def _exists(path: str) -> bool:
+    return os.path.exists(os.path.expanduser(path))
 
 
 # --- parsing ----------------------------------------------------------------------------------
@@ -230,27 +280,19 @@ def _scalar_type(tp):
     return tp
 
 
-def _parse_optional(kind):
-    def parse(text: str):
-        return None if text.lower() in ("none", "null") else kind(text)
-    parse.__name__ = kind.__name__
-    return parse
-
-
 def _dtype_name(text: str) -> str:
     if text.lower() in FLOAT16_NAMES:
         raise argparse.ArgumentTypeError(FLOAT16_REFUSAL)
     return text
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one clear line, exit code 2, no usage dump
-        self.exit(2, f"dpo: error: {message} (see --help)\n")
+class _HelpFormat(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help, and the epilog as written (argparse would break flags at their hyphens)."""
 
 
 def build_parser(prog: str = "python -m dpo.train", cls=TrainConfig) -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description="Train a LoRA adapter with Direct Preference Optimization.",
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    parser = Parser(prog=prog, name="dpo", description="Train a LoRA adapter with Direct Preference Optimization.",
+                    epilog=textwrap.fill(DEFAULT_RUN_HELP, 100, break_on_hyphens=False), formatter_class=_HelpFormat)
     parser.add_argument("--config", help="YAML or JSON file of options; flags given here win", default=None)
     hints = get_type_hints(cls)
     for f in fields(cls):
@@ -262,9 +304,9 @@ def build_parser(prog: str = "python -m dpo.train", cls=TrainConfig) -> argparse
             parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text + f" (default: {_show(f.default)})")
             continue
-        optional = type(None) in get_args(tp)
+        nullable = type(None) in get_args(tp)
         kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text + f" (default: {_show(f.default)})")
-        kw["type"] = _parse_optional(kind) if optional and get_origin(tp) is not list else kind
+        kw["type"] = optional(kind) if nullable and get_origin(tp) is not list else kind
         if get_origin(tp) is list or list in (get_origin(a) for a in get_args(tp)):
             kw["nargs"] = "+"
         if "choices" in f.metadata:
@@ -306,7 +348,9 @@ def config_from_args(argv: list[str] | None = None, cls=TrainConfig, base: dict 
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"--config: unknown option(s) {', '.join(unknown)} in {file_path}")
-    values.update(args)  # flags win
+    hints = get_type_hints(cls)
+    values = {k: coerce(k, v, hints[k], file_path) for k, v in values.items()}
+    values.update(args)  # flags win (argparse has converted them)
     try:
         config = cls(**values)
     except TypeError as e:
@@ -315,10 +359,53 @@ def config_from_args(argv: list[str] | None = None, cls=TrainConfig, base: dict 
     return config
 
 
-def die(message: str, code: int = 2) -> None:
-    print(f"dpo: error: {message}", file=sys.stderr)
-    raise SystemExit(code)
+# --- config-file values to the field's type ----------------------------------------------------
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
-def replace(config, **changes):
-    return dataclasses.replace(config, **changes)
+def coerce(key: str, value: Any, tp, source: str | None = None) -> Any:
+    """A config-file value as the field's type where that is unambiguous: "5e-6" (PyYAML reads 5e-6 as a
+    string) -> 5e-06, "0.1" -> 0.1, "no" -> False, "ipo" for a list field -> ["ipo"]. Otherwise a
+    ConfigError naming the key, the value and the type wanted."""
+    args = [a for a in get_args(tp) if a is not type(None)]
+    if type(None) in get_args(tp) and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+        return None
+    if get_origin(tp) is list or any(get_origin(a) is list for a in args):
+        (item,) = get_args(tp if get_origin(tp) is list else next(a for a in args if get_origin(a) is list))
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        return [_scalar(key, v, item, source) for v in items]
+    return _scalar(key, value, args[0] if args else tp, source)
+
+
+def _scalar(key: str, value: Any, kind, source: str | None) -> Any:
+    converted = _convert(value, kind)
+    if converted is _REFUSED:
+        where = f" in {source}" if source else ""
+        wanted = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}.get(kind, kind.__name__)
+        raise ConfigError(f"--config: {key}: {value!r} is not {wanted}{where}")
+    return converted
+
+
+_REFUSED = object()
+
+
+def _convert(value: Any, kind) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower() if isinstance(value, (str, int)) else None
+        return True if text in _TRUE else False if text in _FALSE else _REFUSED
+    if isinstance(value, bool) or isinstance(value, (list, tuple, dict)):
+        return _REFUSED  # True is not a number, a list is not a scalar
+    if kind is str:
+        return str(value) if isinstance(value, (str, int, float)) else _REFUSED
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return _REFUSED
+    if kind is float:
+        return number
+    if kind is int:
+        return int(number) if number.is_integer() else _REFUSED
+    return value

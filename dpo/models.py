@@ -7,6 +7,7 @@ The math it calls lives in `dpo.logps`.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,54 @@ def resolve_model_path(name: str) -> str:
     if name == smollm2.DEFAULT_MODEL:
         return str(smollm2.plain_copy())
     return name
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> the GPU when CUDA is available, else the CPU; `cpu`, `cuda`, `cuda:N` as torch names them.
+
+    ValueError (one line) for a name torch does not know or a GPU this machine lacks."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: CUDA is not available on this machine (use auto or cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+# What a loadable model folder holds (weights as safetensors only: this project loads no pickles).
+MODEL_FOLDER_NEEDS = "config.json, the weights as *.safetensors and the tokenizer (tokenizer.json or tokenizer_config.json)"
+
+
+def model_folder_problem(path: str) -> str | None:
+    """Why the local folder `path` cannot be loaded as a model, as one line; None when it looks like one."""
+    folder = os.path.expanduser(path)
+    if not os.path.exists(folder):
+        return f"no such model folder: {path}"
+    if not os.path.isdir(folder):
+        return f"{path} is a file, not a model folder (a model folder holds {MODEL_FOLDER_NEEDS})"
+    names = set(os.listdir(folder))
+    if "adapter_config.json" in names and "config.json" not in names:
+        return (f"{path} holds a LoRA adapter, not a model: pass it as --adapter, with its base model as --model")
+    missing = [what for what, present in (
+        ("config.json", "config.json" in names),
+        ("weights (*.safetensors)", any(n.endswith(".safetensors") for n in names)),
+        ("a tokenizer (tokenizer.json or tokenizer_config.json)", bool(names & {"tokenizer.json", "tokenizer_config.json"})),
+    ) if not present]
+    if len(missing) == 3:
+        return f"{path} holds no model: a model folder needs {MODEL_FOLDER_NEEDS}"
+    if missing:
+        return f"{path} is not a complete model folder: it lacks {' and '.join(missing)}"
+    return None
+
+
+def pad_id(tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else EOS (as TRL pads)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
@@ -102,10 +151,6 @@ def cast_trainable_to_bf16(model) -> None:
             p.data = p.data.to(torch.bfloat16)
 
 
-def trainable_parameters(model) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 def enable_gradient_checkpointing(model) -> None:
     # Inputs must require grad so that checkpointed blocks see a graph to recompute (frozen embeddings).
     model.gradient_checkpointing_enable()
@@ -139,6 +184,29 @@ def reference_mode(model):
     else:
         with model.disable_adapter():
             yield
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """The model in eval mode (no dropout) inside the block; its train/eval mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def as_reference(model, ref_model=None):
+    """Yield the module that computes the reference: `ref_model` (in eval mode) when given, else `model`
+    in `reference_mode` (the frozen start adapter, or adapters off)."""
+    if ref_model is not None:
+        with eval_mode(ref_model):
+            yield ref_model
+    else:
+        with reference_mode(model):
+            yield model
 
 
 class HostEmbedding(torch.nn.Module):

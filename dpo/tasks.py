@@ -55,7 +55,7 @@ DEFAULT_RUN = {
     "max_length": 128,
     "gradient_checkpointing": False,
 }
-# ... and its held-out evaluation (dpo.evaluate.HeldOutEval arguments).
+# ... and its held-out evaluation (dpo.evaluation.Evaluation, GenerationSettings).
 DEFAULT_EVAL = {
     "n_pairs": 48,
     "batch_size": 16,

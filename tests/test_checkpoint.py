@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from dpo import checkpoint as ckpt
+from dpo import runfolder
 from dpo.checkpoint import (
     RESUME_LOCKED_KEYS,
     CheckpointError,
@@ -418,6 +419,7 @@ def _deny_under(monkeypatch, folder: Path):
 
     monkeypatch.setattr(ckpt.os, "mkdir", mkdir)
     monkeypatch.setattr(ckpt, "open", fake_open, raising=False)
+    monkeypatch.setattr(runfolder, "open", fake_open, raising=False)  # check_output_dir's write probe
 
 
 def test_unwritable_checkpoint_folder_gives_a_checkpoint_error(tmp_path, monkeypatch):
@@ -575,7 +577,7 @@ def test_resume_locked_keys_are_config_fields():
 
 def test_check_output_dir_accepts_a_new_or_empty_or_same_config_folder(tmp_path):
     check_output_dir(tmp_path / "a" / "b", CONFIG, resume=False, overwrite=False)
-    assert (tmp_path / "a" / "b").is_dir() and list((tmp_path / "a" / "b").iterdir()) == []  # probe removed
+    assert not (tmp_path / "a").exists()  # probed and left as found: a refused run leaves no folder
     same = tmp_path / "same"
     same.mkdir()
     (same / "config.json").write_text(json.dumps({**CONFIG, "device": "cpu"}))  # a crash before step 1

@@ -1,16 +1,19 @@
-"""dpo.evaluate on a tiny random Llama: metrics equal a direct computation, generation report, CLI errors."""
+"""dpo.evaluation, dpo.generation and the `python -m dpo.evaluate` CLI on a tiny random Llama: metrics equal a
+direct computation (each a mean over pairs), generation report, CLI errors."""
 
 from __future__ import annotations
 
 import json
 import math
+import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dpo import evaluate, models, tasks
+from dpo import evaluate, evaluation, generation, models, scoring, tasks
 from dpo.data import PreferenceRow, tokenize_row
+from dpo.losses import LossSettings
 
 from .conftest import build_tiny_llama
 
@@ -24,6 +27,7 @@ ROWS = [
     ("Write a haiku about rain.", "\nSoft rain on the roof\nwhispers", "\nRain."),
 ]
 BETA = 0.1
+LOSS = LossSettings(beta=BETA)
 
 
 @pytest.fixture
@@ -51,28 +55,26 @@ def direct_logp(model, prompt_ids, completion_ids) -> float:
     return float(per_token[len(prompt_ids) - 1 :].sum())
 
 
-def direct_metrics(model, pairs, batch_size):
+def direct_metrics(model, pairs):
+    """Every eval metric from a direct computation: each the mean over all pairs (as TRL's eval set mean)."""
     rows = []
     for p in pairs:
         pc, pr = direct_logp(model, p.prompt_ids, p.chosen_ids), direct_logp(model, p.prompt_ids, p.rejected_ids)
         with model.disable_adapter():
             rc, rr = direct_logp(model, p.prompt_ids, p.chosen_ids), direct_logp(model, p.prompt_ids, p.rejected_ids)
         rows.append((pc, pr, rc, rr, len(p.chosen_ids), len(p.rejected_ids)))
-    sums = {}
-    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-    for b in batches:
-        vals = {
-            "eval_loss": sum(math.log1p(math.exp(-BETA * ((pc - rc) - (pr - rr)))) for pc, pr, rc, rr, *_ in b),
-            "eval_rewards/chosen": sum(BETA * (pc - rc) for pc, pr, rc, rr, *_ in b),
-            "eval_rewards/rejected": sum(BETA * (pr - rr) for pc, pr, rc, rr, *_ in b),
-            "eval_rewards/accuracies": sum(float(pc - rc > pr - rr) for pc, pr, rc, rr, *_ in b),
-            "eval_rewards/margins": sum(BETA * ((pc - rc) - (pr - rr)) for pc, pr, rc, rr, *_ in b),
-            "eval_logps/chosen": sum(r[0] for r in b),
-            "eval_logps/rejected": sum(r[1] for r in b),
-        }
-        for k, v in vals.items():
-            sums[k] = sums.get(k, 0.0) + v / len(b)
-    out = {k: v / len(batches) for k, v in sums.items()}
+    n = len(rows)
+    out = {
+        "eval_loss": sum(math.log1p(math.exp(-BETA * ((pc - rc) - (pr - rr)))) for pc, pr, rc, rr, *_ in rows) / n,
+        "eval_rewards/chosen": sum(BETA * (pc - rc) for pc, pr, rc, rr, *_ in rows) / n,
+        "eval_rewards/rejected": sum(BETA * (pr - rr) for pc, pr, rc, rr, *_ in rows) / n,
+        "eval_rewards/accuracies": sum(float(pc - rc > pr - rr) for pc, pr, rc, rr, *_ in rows) / n,
+        "eval_rewards/margins": sum(BETA * ((pc - rc) - (pr - rr)) for pc, pr, rc, rr, *_ in rows) / n,
+        "eval_logps/chosen": sum(r[0] for r in rows) / n,
+        "eval_logps/rejected": sum(r[1] for r in rows) / n,
+        "eval_ref_logps/chosen": sum(r[2] for r in rows) / n,
+        "eval_ref_logps/rejected": sum(r[3] for r in rows) / n,
+    }
     out["eval_length_normalised_accuracy"] = sum(pc / nc > pr / nr for pc, pr, _, _, nc, nr in rows) / len(rows)
     out["eval_ref_length_normalised_accuracy"] = sum(rc / nc > rr / nr for _, _, rc, rr, nc, nr in rows) / len(rows)
     return out
@@ -81,59 +83,60 @@ def direct_metrics(model, pairs, batch_size):
 @pytest.mark.parametrize("logprobs", ["chunked", "full"])
 def test_metrics_equal_a_direct_computation(tokenizer, pairs, logprobs):
     model = lora_model(tokenizer, perturb=True)
-    got = evaluate.evaluate_pairs(model, tokenizer, pairs, beta=BETA, batch_size=3, logprobs=logprobs)
-    want = direct_metrics(model, pairs, batch_size=3)  # 7 pairs: batches of 3, 3, 1 (mean of batch means)
+    got = evaluation.evaluate_pairs(model, tokenizer, pairs, loss=LOSS, batch_size=3, logprobs=logprobs)
+    # 7 pairs in batches of 3, 3, 1: a mean of batch means would weigh the last pair 3 times (issue 17, item 6)
+    want = direct_metrics(model, pairs)
     for key, value in want.items():
         assert got[key] == pytest.approx(value, abs=1e-4), key
     assert got["eval_num_pairs"] == len(pairs)
-    assert set(evaluate.METRIC_NAMES) <= set(got)
+    assert set(evaluation.METRIC_NAMES) <= set(got)
 
 
 def test_policy_equal_to_reference_gives_trivial_implicit_metrics(tokenizer, pairs):
     model = lora_model(tokenizer, perturb=False)  # fresh LoRA: B = 0, so policy == reference exactly
-    got = evaluate.evaluate_pairs(model, tokenizer, pairs, beta=BETA, batch_size=4)
+    got = evaluation.evaluate_pairs(model, tokenizer, pairs, loss=LOSS, batch_size=4)
     assert got["eval_rewards/accuracies"] == 0.0
     assert got["eval_rewards/margins"] == 0.0
     assert got["eval_rewards/chosen"] == 0.0 == got["eval_rewards/rejected"]
     assert got["eval_loss"] == pytest.approx(math.log(2), abs=1e-7)
     assert got["eval_length_normalised_accuracy"] == got["eval_ref_length_normalised_accuracy"]
     # and the same numbers come from the reference's log-probs alone (no policy pass)
-    ref = evaluate.pair_logps(model, tokenizer, pairs, batch_size=4, reference=True)
-    again = evaluate.metrics_from_logps(ref, ref, beta=BETA, batch_size=4)
-    for key in evaluate.METRIC_NAMES + ("eval_length_normalised_accuracy",):
+    ref = evaluation.pair_logps(model, tokenizer, pairs, batch_size=4, reference=True)
+    again = scoring.eval_metrics(ref, ref, LOSS, batch_size=4)
+    for key in evaluation.METRIC_NAMES + ("eval_length_normalised_accuracy",):
         assert again[key] == pytest.approx(got[key], abs=1e-6), key
 
 
 def test_cached_reference_and_separate_ref_model(tokenizer, pairs):
     model = lora_model(tokenizer, perturb=True)
-    plain = evaluate.evaluate_pairs(model, tokenizer, pairs, beta=BETA, batch_size=2)
-    ref = evaluate.pair_logps(model, tokenizer, pairs, batch_size=5, reference=True)
-    cached = evaluate.evaluate_pairs(model, tokenizer, pairs, beta=BETA, batch_size=2, ref_logps=ref)
+    plain = evaluation.evaluate_pairs(model, tokenizer, pairs, loss=LOSS, batch_size=2)
+    ref = evaluation.pair_logps(model, tokenizer, pairs, batch_size=5, reference=True)
+    cached = evaluation.evaluate_pairs(model, tokenizer, pairs, loss=LOSS, batch_size=2, ref_logps=ref)
     # a full model as the policy, the base (same init) as an explicit reference model
     merged = lora_model(tokenizer, perturb=True).merge_and_unload()
     base = build_tiny_llama(len(tokenizer))
-    explicit = evaluate.evaluate_pairs(merged, tokenizer, pairs, beta=BETA, batch_size=2, ref_model=base)
-    for key in evaluate.METRIC_NAMES:
+    explicit = evaluation.evaluate_pairs(merged, tokenizer, pairs, loss=LOSS, batch_size=2, ref_model=base)
+    for key in evaluation.METRIC_NAMES:
         assert cached[key] == pytest.approx(plain[key], abs=1e-5), key
         assert explicit[key] == pytest.approx(plain[key], abs=1e-4), key
     with pytest.raises(ValueError, match="pairs"):
-        evaluate.evaluate_pairs(model, tokenizer, pairs[:3], beta=BETA, batch_size=2, ref_logps=ref)
+        evaluation.evaluate_pairs(model, tokenizer, pairs[:3], loss=LOSS, batch_size=2, ref_logps=ref)
 
 
 def test_training_mode_is_restored(tokenizer, pairs):
     model = lora_model(tokenizer, perturb=True)
     model.train()
-    evaluate.evaluate_pairs(model, tokenizer, pairs[:2], beta=BETA, batch_size=2)
+    evaluation.evaluate_pairs(model, tokenizer, pairs[:2], loss=LOSS, batch_size=2)
     assert model.training
     assert any(p.requires_grad for p in model.parameters())
 
 
 def test_batched_greedy_generation_equals_one_at_a_time(tokenizer):
     model = lora_model(tokenizer, perturb=True)
-    prompts = [evaluate.prompt_ids(tokenizer, r["prompt"]) for r in tasks.builtin_task().eval_rows(4)]
+    prompts = [generation.prompt_ids(tokenizer, r["prompt"]) for r in tasks.builtin_task().eval_rows(4)]
     prompts.append(prompts[0][-7:])  # a much shorter prompt: left padding in the batch
-    batched = evaluate.greedy_generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=5)
-    alone = [evaluate.greedy_generate(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
+    batched = generation.greedy_generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=5)
+    alone = [generation.greedy_generate(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
     assert batched == alone
     hf = model.generate(input_ids=torch.tensor([prompts[1]]), max_new_tokens=6, do_sample=False)
     assert hf[0, len(prompts[1]):].tolist() == alone[1]
@@ -143,7 +146,7 @@ def test_generation_report_shape(tokenizer):
     task = tasks.builtin_task()
     prompts = [r["prompt"] for r in task.eval_rows(3)]
     model = lora_model(tokenizer, perturb=True)
-    rep = evaluate.generation_report(model, tokenizer, task, prompts, max_new_tokens=5)
+    rep = generation.generation_report(model, tokenizer, task, prompts, max_new_tokens=5)
     for key in ("policy_completions", "policy_rewards", "reference_completions", "reference_rewards", "prompts"):
         assert len(rep[key]) == 3, key
     assert rep["prompts"][0] == prompts[0][0]["content"]
@@ -153,15 +156,15 @@ def test_generation_report_shape(tokenizer):
     assert kl["kl_tokens"] > 0 and kl["kl_per_token"] > 0 and "definition" in kl
     assert 0 <= rep["policy_beats_reference"] <= 1
     json.dumps(rep)  # serialisable
-    assert "prompt:" in evaluate.format_samples(rep, 2)
-    no_ref = evaluate.generation_report(model, tokenizer, task, prompts[:2], max_new_tokens=3, ref=False)
+    assert "prompt:" in generation.format_samples(rep, 2)
+    no_ref = generation.generation_report(model, tokenizer, task, prompts[:2], max_new_tokens=3, ref=False)
     assert "reference_completions" not in no_ref and "kl" not in no_ref
 
 
 def test_generation_report_of_an_untrained_adapter_matches_the_reference(tokenizer):
     task = tasks.builtin_task()
     model = lora_model(tokenizer, perturb=False)
-    rep = evaluate.generation_report(model, tokenizer, task, [r["prompt"] for r in task.eval_rows(2)], 4)
+    rep = generation.generation_report(model, tokenizer, task, [r["prompt"] for r in task.eval_rows(2)], 4)
     assert rep["policy_completions"] == rep["reference_completions"]
     assert rep["kl"]["kl_per_token"] == pytest.approx(0.0, abs=1e-6)
     assert rep["kl"]["logratio_per_sequence"] == pytest.approx(0.0, abs=1e-5)
@@ -170,7 +173,7 @@ def test_generation_report_of_an_untrained_adapter_matches_the_reference(tokeniz
 def test_before_after_table():
     before = {"eval_length_normalised_accuracy": 0.5, "eval_rewards/accuracies": 0.0, "eval_loss": 0.6931}
     after = {"eval_length_normalised_accuracy": 0.8, "eval_rewards/accuracies": 1.0, "eval_loss": 0.3}
-    text = evaluate.format_before_after(before, after)
+    text = evaluation.format_before_after(before, after)
     assert "+30.0pt" in text and "before" in text
 
 
@@ -231,13 +234,15 @@ def test_cli_on_a_preference_file(capsys, tiny_llama_dir, tmp_path):
 
 
 def test_held_out_eval_before_and_after(tokenizer):
-    assert evaluate.HeldOutEval.for_dataset("prefs.jsonl", tokenizer, max_length=128, beta=BETA) is None
+    no_eval = types.SimpleNamespace(eval_dataset=None, dataset="prefs.jsonl")
+    assert evaluation.Evaluation.for_run(no_eval, tokenizer) is None  # a file to train on, nothing held out
     model = lora_model(tokenizer, perturb=False)
-    held_out = evaluate.HeldOutEval.for_dataset("builtin:sentiment", tokenizer, max_length=128, beta=BETA,
-                                                n_pairs=5, batch_size=2, generations=2, max_new_tokens=3)
+    held_out = evaluation.Evaluation.of_dataset("builtin:sentiment", tokenizer, loss=LOSS, max_length=128,
+                                                eval_size=5, batch_size=2,
+                                                generation_settings=evaluation.GenerationSettings(2, 3))
     before = held_out.before(model)
-    direct = evaluate.evaluate_pairs(model, tokenizer, held_out.pairs, beta=BETA, batch_size=2, max_length=128)
-    for key in evaluate.METRIC_NAMES + ("eval_length_normalised_accuracy",):
+    direct = evaluation.evaluate_pairs(model, tokenizer, held_out.pairs, loss=LOSS, batch_size=2, max_length=128)
+    for key in evaluation.METRIC_NAMES + ("eval_length_normalised_accuracy",):
         assert before[key] == pytest.approx(direct[key], abs=1e-6), key
     with torch.no_grad():  # "training": move the adapter
         for name, p in model.named_parameters():
@@ -246,7 +251,7 @@ def test_held_out_eval_before_and_after(tokenizer):
     after = held_out.after(model)
     assert after["eval_rewards/margins"] != 0.0
     assert after["eval_ref_length_normalised_accuracy"] == before["eval_length_normalised_accuracy"]
-    text = held_out.format()
+    text = held_out.report()
     assert "before" in text and "generation reward" in text and "prompt:" in text
     json.dumps(held_out.to_dict())
 
@@ -257,3 +262,79 @@ def test_cli_missing_arguments_is_one_line_exit_2(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--model" in err and len(err.strip().splitlines()) == 1
+
+
+# --- issue 17: what a user of `python -m dpo.evaluate` sees ---------------------------------------
+
+
+def test_cli_scores_the_mean_over_pairs_and_prints_the_rows_dropped(capsys, tiny_llama_dir, tmp_path):
+    """7 pairs in batches of 3 (3, 3, 1) with no adapter: the policy is the reference, so its mean
+    log-probs equal the reference's (a mean of batch means did not); a row whose prompt fills
+    --max-length is dropped, and the count is printed, not only written to the JSON."""
+    long_prompt = "Tell me everything about " + " and ".join(f"topic number {i}" for i in range(60))
+    data = tmp_path / "prefs.jsonl"
+    rows = ROWS + [(long_prompt, " Sure.", " No.")]
+    data.write_text("\n".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) for p, c, r in rows) + "\n")
+    out_json = tmp_path / "eval.json"
+    code, out, err = cli(capsys, "--model", str(tiny_llama_dir), "--dataset", str(data), "--batch-size", "3",
+                         "--max-length", "64", "--output", str(out_json))
+    assert code == 0, err
+    assert "evaluated 7 pairs" in out and "1 of 8 rows dropped" in out
+    metrics = json.loads(out_json.read_text())["metrics"]
+    assert metrics["eval_num_pairs"] == 7
+    assert metrics["eval_logps/chosen"] == pytest.approx(metrics["eval_ref_logps/chosen"], abs=1e-5)
+    assert metrics["eval_logps/rejected"] == pytest.approx(metrics["eval_ref_logps/rejected"], abs=1e-5)
+
+
+def test_cli_help_shows_trainings_defaults_and_device_auto_runs(capsys, tiny_llama_dir, tmp_path):
+    from dpo.config import TrainConfig
+
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--help"])
+    assert e.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    train = TrainConfig(dataset="prefs.jsonl")
+    assert train.device == "auto"
+    for flag, default in (("--device", train.device), ("--max-length", train.max_length),
+                          ("--logprobs", train.logprobs), ("--beta", train.beta),
+                          ("--batch-size", tasks.DEFAULT_EVAL["batch_size"]),
+                          ("--generations", tasks.DEFAULT_EVAL["generations"])):
+        assert f"(default: {default})" in help_text, flag
+    assert help_text.count("(default: None)") == 3  # --adapter, --eval-size, --output; not the required ones
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) for p, c, r in ROWS) + "\n")
+    out_json = tmp_path / "eval.json"
+    code, out, err = cli(capsys, "--model", str(tiny_llama_dir), "--dataset", str(data), "--device", "auto",
+                         "--output", str(out_json))
+    assert code == 0, err
+    assert json.loads(out_json.read_text())["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    code, _, err = cli(capsys, "--model", str(tiny_llama_dir), "--dataset", str(data), "--device", "tpu9")
+    assert code == 2 and "--device" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_at_a_folder_that_holds_no_model_says_so_in_one_line(capsys, tiny_llama_dir, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, out, err = cli(capsys, "--model", str(empty), "--dataset", "builtin:sentiment")
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1
+    assert f"--model: {empty} holds no model: a model folder needs config.json" in err
+    assert "safetensors" in err and "tokenizer" in err
+
+
+def test_long_evaluation_shows_progress_bars_and_a_quick_one_stays_quiet(capsys, tiny_llama_dir, monkeypatch):
+    from dpo import progress
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    argv = ("--model", str(tiny_llama_dir), "--dataset", "builtin:sentiment", "--eval-size", "4",
+            "--generations", "2", "--max-new-tokens", "2", "--batch-size", "2")
+    code, out, err = cli(capsys, *argv)  # well under progress.DELAY_S
+    assert code == 0
+    assert "eval (" not in err and "generate (" not in err and "KL to reference" not in err
+    monkeypatch.setattr(progress, "DELAY_S", 0.0)  # as if every phase ran longer than the delay
+    code, out, err = cli(capsys, *argv)
+    assert code == 0
+    for phase in ("eval (reference)", "eval (policy)", "generate (policy)", "generate (reference)",
+                  "KL to reference"):
+        assert phase in err, phase
+    assert "eval (" not in out  # bars go to stderr, the results to stdout

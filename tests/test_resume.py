@@ -22,9 +22,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpo import checkpoint, lifecycle, models, train
+from dpo import checkpoint, lifecycle, models, runfolder, train
 from dpo.checkpoint import load_checkpoint
+from dpo.cli import python_command
+from dpo.trainer import epoch_order
 from .conftest import write_jsonl
+
+# The command the messages print to run training again: this interpreter, as the user ran it.
+TRAIN = python_command("dpo.train", [])
 
 ROWS = [{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f" It is {2 * i}.",
          "rejected": f" Perhaps {3 * i + 1}, I am not sure."} for i in range(14)]
@@ -180,12 +185,12 @@ def test_sigterm_saves_a_checkpoint_and_the_printed_command_resumes_exactly(tiny
     assert 2 <= stopped_at < 12
     ckpt = out / "checkpoints" / f"step-{stopped_at:06d}"
     assert last == (f"dpo: stopped by SIGTERM after step {stopped_at} of 12; checkpoint {ckpt}. "
-                    f"Resume with: python -m dpo.train {shlex.join(args)} --resume")
+                    f"Resume with: {TRAIN} {shlex.join(args)} --resume")
     assert load_checkpoint(ckpt).step == stopped_at
     assert not (out / "adapter").exists()
 
     command = shlex.split(last.split("Resume with: ", 1)[1])
-    assert command[:3] == ["python", "-m", "dpo.train"]
+    assert os.path.samefile(command[0], sys.executable) and command[1:3] == ["-m", "dpo.train"]
     assert train.main(command[3:]) == 0
     straight = tmp_path / "straight"
     assert train.main(flags(tiny_llama_dir, data, straight, steps=12)) == 0
@@ -242,7 +247,7 @@ def test_a_second_signal_during_the_save_lets_the_save_finish_then_stops(tiny_ll
     assert rc == 143
     ckpt = out / "checkpoints" / "step-000002"
     assert err.startswith(f"dpo: stopped at once by a second SIGTERM; the last checkpoint is {ckpt} "
-                          "(step 2). Resume with: python -m dpo.train ")
+                          f"(step 2). Resume with: {TRAIN} ")
     assert load_checkpoint(ckpt).step == 2  # complete and verified
     no_hidden_leftovers(out)
 
@@ -304,7 +309,7 @@ def poison_step(monkeypatch, step: int, what: str) -> None:
 
 
 def first_row_of_step(step: int, cfg_seed: int = 42) -> int:
-    order = train.epoch_order(len(ROWS), 0, cfg_seed, True)
+    order = epoch_order(len(ROWS), 0, cfg_seed, True)
     return order[(step - 1) * 4]  # 4 pairs per step; the first pair of the first micro-batch
 
 
@@ -318,9 +323,9 @@ def test_a_non_finite_step_stops_naming_step_rows_and_last_good_checkpoint(tiny_
     ckpt = out / "checkpoints" / "step-000001"
     row = first_row_of_step(2)
     rows = (f"{row} ({data} line {row + 1})" if what == "loss"
-            else ", ".join(f"{r} ({data} line {r + 1})" for r in train.epoch_order(len(ROWS), 0, 42, True)[4:8]))
+            else ", ".join(f"{r} ({data} line {r + 1})" for r in epoch_order(len(ROWS), 0, 42, True)[4:8]))
     assert err == (f"dpo: error: non-finite {what} at step 2 (row ids {rows}); stopped before updating the weights. "
-                   f"Last good checkpoint: {ckpt} (step 1). To skip such steps, resume with: python -m dpo.train "
+                   f"Last good checkpoint: {ckpt} (step 1). To skip such steps, resume with: {TRAIN} "
                    f"{shlex.join(flags(tiny_llama_dir, data, out))} --resume --on-nan skip")
     assert [r["step"] for r in metrics(out)] == [1]
     assert not (out / "adapter").exists()
@@ -469,7 +474,7 @@ def test_a_full_disk_before_training_is_refused(tiny_llama_dir, data, tmp_path, 
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return open(path, *a, **k)
 
-    monkeypatch.setattr(checkpoint, "open", full_open, raising=False)
+    monkeypatch.setattr(runfolder, "open", full_open, raising=False)
     out = tmp_path / "out"
     rc = train.main(flags(tiny_llama_dir, data, out))
     err = one_line_error(capsys, rc)
@@ -493,7 +498,7 @@ def test_a_full_disk_at_a_save_names_the_path_and_keeps_the_previous_checkpoint(
     assert err.startswith(f"dpo: error: cannot write checkpoint {out / 'checkpoints' / 'step-000006'}: not enough "
                           "disk space (0.0 MiB free, about ")
     assert err.endswith(f"needed); the previous checkpoint {previous} (step 3) is intact: fix that and resume with: "
-                        f"python -m dpo.train {shlex.join(flags(tiny_llama_dir, data, out))} --resume")
+                        f"{TRAIN} {shlex.join(flags(tiny_llama_dir, data, out))} --resume")
     assert [p.name for p in checkpoint.list_checkpoints(out)] == ["step-000003"]
     no_hidden_leftovers(out)
     assert load_checkpoint(previous).step == 3

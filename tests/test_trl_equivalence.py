@@ -10,13 +10,17 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from dpo import models
+from dpo.checkpoint import latest_checkpoint
 from dpo.config import TrainConfig
 from dpo.data import PreferenceRow, collate, tokenize_row
-from dpo.train import Trainer, seed_everything
+from dpo.build import seed_everything
+from dpo.train import RunHooks, run
+from dpo.trainer import Trainer
 
-from .conftest import build_tiny_llama
+from .conftest import build_tiny_llama, write_jsonl
 from .trl_cpu_kernel import use_cpu_kernel
 
 ROWS = [
@@ -74,6 +78,17 @@ def our_model(tokenizer, gradient_checkpointing=True):
 
 def our_pairs(tokenizer):
     return [tokenize_row(tokenizer, PreferenceRow(r["prompt"], r["chosen"], r["rejected"], i)) for i, r in enumerate(ROWS)]
+
+
+def run_ours(model_dir, tmp_path, lora_seed: int | None = None, **settings) -> list[dict]:
+    """Our run through the entry point `python -m dpo.train` calls, on ROWS as a file; `lora_seed`: the
+    LoRA weights perturb_lora gives TRL's model too."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
+    cfg = TrainConfig(model=str(model_dir), dataset=str(data), output_dir=str(tmp_path / "ours"), device="cpu",
+                      dtype="float32", max_length=MAX_LENGTH, lora_r=LORA.r, lora_alpha=LORA.alpha,
+                      lora_dropout=LORA.dropout, lora_targets=list(LORA.targets), shuffle=False, **settings)
+    hooks = RunHooks(model_built=None if lora_seed is None else lambda model: perturb_lora(model, lora_seed))
+    return run(cfg, hooks=hooks)["history"]
 
 
 def max_diff(a, b) -> float:
@@ -140,7 +155,7 @@ def test_one_batch_equals_trl_compute_loss(tokenizer, tmp_path, logprobs, record
         assert d <= tol, f"{name}: max abs diff {d:.3e} > {tol:.3e}"
 
 
-def test_trajectory_equals_trl_log_history(tokenizer, tmp_path, record_property):
+def test_trajectory_equals_trl_log_history(tokenizer, tiny_llama_dir, tmp_path, record_property):
     """5 optimizer steps, grad accumulation 2, in-order data, same LoRA init, AdamW and schedule."""
     settings = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=5, learning_rate=5e-3,
                     lr_scheduler_type="linear", warmup_steps=1, max_grad_norm=1.0, weight_decay=0.0)
@@ -151,11 +166,8 @@ def test_trajectory_equals_trl_log_history(tokenizer, tmp_path, record_property)
     trl_rows = [r for r in trainer.state.log_history if "rewards/chosen" in r]
     assert len(trl_rows) == 5
 
-    model = our_model(tokenizer)
-    perturb_lora(model, seed=2)
-    cfg = TrainConfig(dataset="x", max_length=MAX_LENGTH, per_device_batch_size=2, grad_accum=2, max_steps=5,
-                      learning_rate=5e-3, lr_scheduler="linear", warmup_steps=1, max_grad_norm=1.0, shuffle=False)
-    history = Trainer(model, tokenizer, cfg, our_pairs(tokenizer)).train()
+    history = run_ours(tiny_llama_dir, tmp_path, lora_seed=2, per_device_batch_size=2, grad_accum=2, max_steps=5,
+                       learning_rate=5e-3, lr_scheduler="linear", warmup_steps=1, max_grad_norm=1.0)
 
     keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
             "logps/chosen", "logps/rejected", "grad_norm", "learning_rate")
@@ -173,7 +185,7 @@ def test_trajectory_equals_trl_log_history(tokenizer, tmp_path, record_property)
         assert d <= 1e-4, f"{k}: max relative diff {d:.3e} > 1e-4"
 
 
-def test_starting_adapter_is_the_reference_as_in_trl(tokenizer, tmp_path):
+def test_starting_adapter_is_the_reference_as_in_trl(tokenizer, tiny_llama_dir, tmp_path):
     """From a saved adapter, the reference is that adapter frozen (TRL: a PeftModel with ref_model=None)."""
     from datasets import Dataset
     from peft import PeftModel
@@ -195,12 +207,13 @@ def test_starting_adapter_is_the_reference_as_in_trl(tokenizer, tmp_path):
         trainer.train()
     trl_rows = [r for r in trainer.state.log_history if "rewards/chosen" in r]
 
-    model = models.load_starting_adapter(build_tiny_llama(len(tokenizer)), str(tmp_path / "start"))
-    models.disable_dropout(model)
-    models.enable_gradient_checkpointing(model)
-    cfg = TrainConfig(dataset="x", max_length=MAX_LENGTH, per_device_batch_size=4, max_steps=2,
+    built = []
+    data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
+    cfg = TrainConfig(model=str(tiny_llama_dir), dataset=str(data), output_dir=str(tmp_path / "ours"), device="cpu",
+                      dtype="float32", max_length=MAX_LENGTH, per_device_batch_size=4, max_steps=2,
                       learning_rate=5e-3, shuffle=False, adapter=str(tmp_path / "start"))
-    history = Trainer(model, tokenizer, cfg, our_pairs(tokenizer)).train()
+    history = run(cfg, hooks=RunHooks(model_built=built.append))["history"]
+    (model,) = built
     # Step 1: policy == reference, so every reward is exactly 0 (the adapter-off base would not give 0).
     assert history[0]["rewards/chosen"] == 0.0 and history[0]["rewards/rejected"] == 0.0
     assert abs(history[1]["rewards/margins"]) > 1e-4  # and then it moves
@@ -215,7 +228,7 @@ def test_starting_adapter_is_the_reference_as_in_trl(tokenizer, tmp_path):
             assert ours[k] == pytest.approx(theirs[k], rel=1e-4, abs=1e-6), k
 
 
-def test_precomputed_reference_equals_trl_precompute(tokenizer, tmp_path):
+def test_precomputed_reference_equals_trl_precompute(tokenizer, tiny_llama_dir, tmp_path):
     """--precompute-ref gives the same trajectory as TRL's precompute_ref_log_probs=True."""
     settings = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3, learning_rate=5e-3,
                     precompute_ref_log_probs=True, precompute_ref_batch_size=3)
@@ -225,14 +238,10 @@ def test_precomputed_reference_equals_trl_precompute(tokenizer, tmp_path):
         trainer.train()
     trl_rows = [r for r in trainer.state.log_history if "rewards/chosen" in r]
 
-    model = our_model(tokenizer)
-    perturb_lora(model, seed=4)
-    cfg = TrainConfig(dataset="x", max_length=MAX_LENGTH, per_device_batch_size=2, grad_accum=2, max_steps=3,
-                      learning_rate=5e-3, shuffle=False, precompute_ref=True, precompute_ref_batch_size=5)
-    ours = Trainer(model, tokenizer, cfg, our_pairs(tokenizer))
-    ours.precompute_reference()
-    assert ours.ref_cache is not None and ours.ref_cache.shape == (len(ROWS), 2)
-    history = ours.train()
+    history = run_ours(tiny_llama_dir, tmp_path, lora_seed=4, per_device_batch_size=2, grad_accum=2, max_steps=3,
+                       learning_rate=5e-3, precompute_ref=True, precompute_ref_batch_size=5)
+    ref_cache = load_file(str(latest_checkpoint(tmp_path / "ours") / "ref_logps.safetensors"))["ref_logps"]
+    assert ref_cache.shape == (len(ROWS), 2)
     for a, b in zip(history, trl_rows):
         for k in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "grad_norm"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k

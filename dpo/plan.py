@@ -1,0 +1,428 @@
+"""A memory and throughput plan for one GPU: micro-batch, grad-accum, checkpointing, packing.
+
+The pairs per optimizer step stay what the user asked (micro_batch x grad_accum), so every plan
+makes the same update up to float rounding; the plan only chooses how a step is cut and run.
+
+Memory model (bytes; every coefficient `c_*` fitted by benchmarks/fit_memory.py on measured peaks):
+
+    peak = weights + lora_state + overhead + max(train pass, reference pass)
+    weights     = L (2h^2 + 2h kv + 3h i) x (0.516 B in NF4 | 2 B in bf16) + embedding + LM head (bf16)
+    lora_state  = LoRA params x (4 B weight + 4 B grad + optimizer: 2 B adamw_8bit | 8 B adamw_torch)
+    train pass  = activations(mode, T) + c_head x chunk x V x 4 B
+        off        c_full  x T x L x (h + i) x 2 B      (every layer's activations kept for backward)
+        offload    c_layer x T x (h + i) x 2 B          (Unsloth: layer inputs offloaded, one layer live)
+        recompute  c_saved x T x L x h x 2 B + c_layer x T x (h + i) x 2 B   (inputs kept on the card)
+    reference   = c_ref x T_ref x (h + i) x 2 B + c_head x chunk x V x 4 B    (no_grad: one layer live)
+
+T is the tokens the forward runs: rows x longest row when padded, the sum of lengths when packed;
+the plan takes the worst micro-batch (the longest pairs together), as shuffling can make one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field, replace
+from typing import Iterable
+
+GIB = 2**30
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4 bits + 8-bit absmax per 64 + fp32 per 256 absmax (double quant)
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+OPTIMIZER_BYTES = {"adamw_8bit": 2, "adamw_torch": 8, "none": 0}  # none: a measurement with no optimizer
+CHECKPOINTING = ("off", "offload", "recompute")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied_embeddings: bool
+    load_in_4bit: bool
+    lora_r: int
+    lora_targets: tuple[str, ...] = ALL_TARGETS
+
+    @classmethod
+    def from_config(cls, config, *, load_in_4bit: bool, lora_r: int, lora_targets: Iterable[str] = ALL_TARGETS):
+        """From a transformers config or its dict (Llama-style names)."""
+        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        heads = get("num_attention_heads")
+        return cls(layers=get("num_hidden_layers"), hidden=get("hidden_size"), intermediate=get("intermediate_size"),
+                   heads=heads, kv_heads=get("num_key_value_heads") or heads, vocab=get("vocab_size"),
+                   tied_embeddings=bool(get("tie_word_embeddings", False)), load_in_4bit=load_in_4bit,
+                   lora_r=lora_r, lora_targets=tuple(lora_targets))
+
+    def _projections(self) -> dict[str, tuple[int, int]]:
+        h, kv = self.hidden, self.kv_heads * (self.hidden // self.heads)
+        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                "gate_proj": (h, self.intermediate), "up_proj": (h, self.intermediate),
+                "down_proj": (self.intermediate, h)}
+
+    def layer_params(self) -> int:
+        return sum(i * o for i, o in self._projections().values())
+
+    def params(self) -> int:
+        """All parameters: the layers' projections, the embedding and (untied) LM head; norms left out."""
+        return self.layers * self.layer_params() + self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+
+    def lora_params(self) -> int:
+        return self.layers * self.lora_r * sum(i + o for n, (i, o) in self._projections().items()
+                                               if n in self.lora_targets)
+
+    def weights_bytes(self, embeddings_on_cpu: bool = False) -> float:
+        table = self.vocab * self.hidden * 2
+        embedding = 0 if embeddings_on_cpu and not self.tied_embeddings else table
+        head = 0 if self.tied_embeddings else table
+        per_param = NF4_BYTES if self.load_in_4bit else 2
+        return self.layers * self.layer_params() * per_param + embedding + head + self.lora_params() * 4
+
+
+@dataclass(frozen=True)
+class Choice:
+    """How a step is run: what the plan chooses (and what a measured row was run with)."""
+
+    micro_batch: int
+    grad_accum: int
+    checkpointing: str = "offload"  # one of CHECKPOINTING
+    packing: bool = False
+    precompute_ref: bool = False
+    ref_batch: int | None = None  # pairs per reference batch (live reference: the micro-batch)
+    logprob_chunk: int = 256
+    embeddings_on_cpu: bool = False
+
+
+# --- tokens per micro-batch ---------------------------------------------------------------------
+
+Lengths = list[tuple[int, int, int]]  # (prompt, chosen, rejected) token lengths of each pair
+
+
+def row_lengths(pair: tuple[int, int, int], max_length: int | None) -> tuple[int, int]:
+    """Token lengths of a pair's two rows (prompt+chosen, prompt+rejected), cut at max_length as collate does."""
+    p, c, r = pair
+    cap = max_length or math.inf
+    return int(min(p + c, cap)), int(min(p + r, cap))
+
+
+def forward_tokens(pairs: Lengths, max_length: int | None, packing: bool) -> int:
+    """Tokens one forward of these pairs runs: 2B x longest row padded, the sum of lengths packed."""
+    rows = [n for pair in pairs for n in row_lengths(pair, max_length)]
+    return sum(rows) if packing else len(rows) * max(rows)
+
+
+def worst_tokens(lengths: Lengths, pairs: int, max_length: int | None, packing: bool) -> int:
+    """The most tokens any micro-batch of `pairs` pairs can hold: the longest pairs together."""
+    longest = sorted(lengths, key=lambda x: max(row_lengths(x, max_length)), reverse=True)
+    if packing:
+        longest = sorted(lengths, key=lambda x: sum(row_lengths(x, max_length)), reverse=True)
+    return forward_tokens(longest[:pairs], max_length, packing)
+
+
+# --- the memory model ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    c_full: float
+    c_layer: float
+    c_saved: float
+    c_ref: float
+    c_head: float
+    overhead_gib: float
+
+    COEFFICIENTS = ("c_full", "c_layer", "c_saved", "c_ref", "c_head", "overhead_gib")
+
+    def features(self, shape: ModelShape, choice: Choice, train_tokens: int, ref_tokens: int) -> tuple[list, list]:
+        """Byte counts that multiply each coefficient, for the train pass and the reference pass."""
+        layer = (shape.hidden + shape.intermediate) * 2
+        head = choice.logprob_chunk * shape.vocab * 4
+        train = {"c_head": head, "overhead_gib": GIB}
+        if choice.checkpointing == "off":
+            train["c_full"] = train_tokens * shape.layers * layer
+        else:
+            train["c_layer"] = train_tokens * layer
+        if choice.checkpointing == "recompute":
+            train["c_saved"] = train_tokens * shape.layers * shape.hidden * 2
+        ref = {"c_ref": ref_tokens * layer, "c_head": head, "overhead_gib": GIB}
+        return ([train.get(k, 0.0) for k in self.COEFFICIENTS], [ref.get(k, 0.0) for k in self.COEFFICIENTS])
+
+    def peak(self, shape: ModelShape, choice: Choice, train_tokens: int, ref_tokens: int,
+             optim: str = "adamw_8bit") -> "Breakdown":
+        coeffs = [getattr(self, k) for k in self.COEFFICIENTS]
+        train_f, ref_f = self.features(shape, choice, train_tokens, ref_tokens)
+        fixed = fixed_bytes(shape, choice, optim)
+        train = sum(c * f for c, f in zip(coeffs, train_f))
+        ref = sum(c * f for c, f in zip(coeffs, ref_f))
+        return Breakdown(fixed / GIB, train / GIB, ref / GIB)
+
+
+def fixed_bytes(shape: ModelShape, choice: Choice, optim: str) -> float:
+    """Weights (LoRA included) plus LoRA gradients and optimizer state: there at every peak."""
+    return shape.weights_bytes(choice.embeddings_on_cpu) + shape.lora_params() * (4 + OPTIMIZER_BYTES[optim])
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    fixed_gib: float  # weights, LoRA, its gradients and optimizer state
+    train_gib: float  # the training pass's activations and LM-head chunk, with the overhead
+    ref_gib: float  # the reference pass's, with the overhead
+
+    @property
+    def peak_gib(self) -> float:
+        return self.fixed_gib + max(self.train_gib, self.ref_gib)
+
+
+# Fitted by `python -m benchmarks.fit_memory` on the measured rows (H100, see its table);
+# tests/test_plan.py re-fits and checks these stay what the rows give.
+FITTED = MemoryModel(c_full=3.3682954651897967, c_layer=7.097836722756159, c_saved=0.8954572691189933,
+                     c_ref=2.7739996779220397, c_head=1.1503813126151625, overhead_gib=0.0)
+
+
+# --- fitting the coefficients to measured peaks ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MeasuredRow:
+    label: str
+    shape: ModelShape
+    choice: Choice
+    train_tokens: int  # the largest training forward of the run
+    ref_tokens: int  # the largest reference forward of the run
+    optim: str
+    peak_gib: float  # torch.cuda.max_memory_allocated
+
+
+def fit(rows: list[MeasuredRow], rounds: int = 20) -> MemoryModel:
+    """Least squares on relative error, coefficients >= 0.
+
+    The peak is fixed + max(train, reference): which pass holds a row's peak depends on the
+    coefficients, so the fit alternates: assign each row its larger pass, solve, repeat.
+    """
+    import numpy as np
+
+    model = MemoryModel(*([1.0] * len(MemoryModel.COEFFICIENTS)))
+    for _ in range(rounds):
+        a, b = [], []
+        for r in rows:
+            train_f, ref_f = model.features(r.shape, r.choice, r.train_tokens, r.ref_tokens)
+            bd = model.peak(r.shape, r.choice, r.train_tokens, r.ref_tokens, r.optim)
+            f = train_f if bd.train_gib >= bd.ref_gib else ref_f
+            a.append([x / GIB / r.peak_gib for x in f])
+            b.append((r.peak_gib - fixed_bytes(r.shape, r.choice, r.optim) / GIB) / r.peak_gib)
+        coeffs = _nonnegative_lstsq(np.array(a), np.array(b))
+        new = MemoryModel(*map(float, coeffs))
+        if new == model:
+            break
+        model = new
+    return model
+
+
+def _nonnegative_lstsq(a, b):
+    """min |a x - b| with x >= 0, by dropping the most negative coefficient until none is left."""
+    import numpy as np
+
+    active = np.ones(a.shape[1], dtype=bool)
+    while True:
+        x = np.zeros(a.shape[1])
+        x[active] = np.linalg.lstsq(a[:, active], b, rcond=None)[0]
+        if (x >= 0).all():
+            return x
+        active[np.argmin(x)] = False
+
+
+def fit_errors(model: MemoryModel, rows: list[MeasuredRow]) -> list[tuple[MeasuredRow, float, float]]:
+    """(row, predicted peak GiB, relative error) for each measured row."""
+    out = []
+    for r in rows:
+        predicted = model.peak(r.shape, r.choice, r.train_tokens, r.ref_tokens, r.optim).peak_gib
+        out.append((r, predicted, (predicted - r.peak_gib) / r.peak_gib))
+    return out
+
+
+# --- the plan -----------------------------------------------------------------------------------
+
+# Step-time estimate, to rank settings that fit (not fitted; from the H100 rows of benchmarks/results:
+# about 10 ms of host-bound launches per layer per micro-batch, ~400 TFLOP/s achieved in matmuls).
+LAUNCH_S_PER_LAYER = 0.010
+ACHIEVED_FLOPS = 4.0e14
+
+
+class DoesNotFit(ValueError):
+    """No setting fits the budget (the message is one line a user reads)."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    choice: Choice
+    breakdown: Breakdown
+    step_s: float  # estimated seconds per optimizer step
+
+    @property
+    def peak_gib(self) -> float:
+        return self.breakdown.peak_gib
+
+
+@dataclass
+class Plan:
+    chosen: Candidate
+    budget_gib: float
+    limit_gib: float  # the budget less the headroom: what a predicted peak must stay under
+    pairs_per_step: int
+    reasons: list[str]
+    considered: list[Candidate] = field(default_factory=list)
+
+    @property
+    def choice(self) -> Choice:
+        return self.chosen.choice
+
+    def config_changes(self) -> dict:
+        """TrainConfig field updates that run this plan (`packing` is the field the lead adds)."""
+        c = self.choice
+        changes = {"per_device_batch_size": c.micro_batch, "grad_accum": c.grad_accum,
+                   "gradient_checkpointing": c.checkpointing != "off", "packing": c.packing,
+                   "precompute_ref": c.precompute_ref, "logprob_chunk": c.logprob_chunk,
+                   "embeddings_on_cpu": c.embeddings_on_cpu}
+        if c.precompute_ref:
+            changes["precompute_ref_batch_size"] = c.ref_batch
+        return changes
+
+    def format(self) -> str:
+        c, b = self.choice, self.chosen.breakdown
+        lines = [f"plan: {c.micro_batch} x {c.grad_accum} (micro-batch x grad-accum = {self.pairs_per_step} pairs "
+                 f"per step), checkpointing {c.checkpointing}, packing {'on' if c.packing else 'off'}, reference "
+                 f"{'precomputed' if c.precompute_ref else 'live'}, LM-head chunk {c.logprob_chunk}, embeddings on "
+                 f"{'CPU' if c.embeddings_on_cpu else 'GPU'}",
+                 f"predicted peak {b.peak_gib:.2f} GiB (weights+LoRA+optimizer {b.fixed_gib:.2f}, training pass "
+                 f"{b.train_gib:.2f}, reference pass {b.ref_gib:.2f}) of a {self.budget_gib:.2f} GiB budget "
+                 f"(limit {self.limit_gib:.2f} GiB with headroom); estimated {self.chosen.step_s:.2f} s per step"]
+        lines += [f"  why: {r}" for r in self.reasons]
+        lines.append("| micro x accum | checkpointing | packing | peak GiB | fits | est. s/step |")
+        lines.append("| --- | --- | --- | ---: | --- | ---: |")
+        for k in sorted(self.considered, key=lambda k: (-k.choice.micro_batch, k.step_s)):
+            mark = " (chosen)" if k is self.chosen else ""
+            lines.append(f"| {k.choice.micro_batch} x {k.choice.grad_accum}{mark} | {k.choice.checkpointing} | "
+                         f"{'on' if k.choice.packing else 'off'} | {k.peak_gib:.2f} | "
+                         f"{'yes' if k.peak_gib <= self.limit_gib else 'no'} | {k.step_s:.2f} |")
+        return "\n".join(lines)
+
+
+def step_seconds(shape: ModelShape, choice: Choice, lengths: Lengths, max_length: int | None) -> float:
+    """A rough step time: launches per micro-batch plus matmul FLOPs (forward, backward, any recompute
+    and a live reference forward) over the tokens a step runs (the mean micro-batch, in data order)."""
+    b = choice.micro_batch
+    chunks = [lengths[i:i + b] for i in range(0, len(lengths) - b + 1, b)] or [lengths]
+    tokens = sum(forward_tokens(m, max_length, choice.packing) for m in chunks) / len(chunks)
+    passes = 3 + (choice.checkpointing != "off") + (not choice.precompute_ref)
+    flops = 2 * shape.params() * passes * tokens * choice.grad_accum
+    launches = LAUNCH_S_PER_LAYER * shape.layers * choice.grad_accum
+    # tie-breakers: more LM-head chunks are more launches; host embeddings a copy per micro-batch
+    extras = choice.grad_accum * (0.002 * (256 / choice.logprob_chunk) + 0.005 * choice.embeddings_on_cpu)
+    return launches + flops / ACHIEVED_FLOPS + extras
+
+
+def candidate_choices(pairs_per_step: int, backend: str, packing_available: bool, precompute: bool,
+                      tied_embeddings: bool, fixed: dict) -> list[Choice]:
+    """Every setting the plan may pick, with the user's own flags (`fixed`, Choice fields) kept."""
+    ckpt = "offload" if backend == "unsloth" else "recompute"
+    options = {
+        "micro_batch": [b for b in range(pairs_per_step, 0, -1) if pairs_per_step % b == 0],
+        "checkpointing": ["off", ckpt],
+        "packing": [True, False] if packing_available else [False],
+        "precompute_ref": [precompute],
+        "logprob_chunk": [256, 128],
+        "embeddings_on_cpu": [False] if tied_embeddings else [False, True],
+    }
+    for name, value in fixed.items():
+        if name not in options:
+            raise ValueError(f"the plan does not choose {name!r}; it chooses {', '.join(options)}")
+        options[name] = [value]
+    names = list(options)
+    out = []
+    for values in itertools.product(*(options[n] for n in names)):
+        v = dict(zip(names, values))
+        out.append(Choice(v["micro_batch"], pairs_per_step // v["micro_batch"], v["checkpointing"], v["packing"],
+                          v["precompute_ref"], v["micro_batch"], v["logprob_chunk"], v["embeddings_on_cpu"]))
+    return out
+
+
+def evaluate(shape: ModelShape, choice: Choice, lengths: Lengths, max_length: int | None, optim: str,
+             model: MemoryModel) -> Candidate:
+    """Predicted peak (worst micro-batch) and estimated step time of one setting."""
+    train = worst_tokens(lengths, choice.micro_batch, max_length, choice.packing)
+    ref = worst_tokens(lengths, choice.ref_batch or choice.micro_batch, max_length, choice.packing)
+    return Candidate(choice, model.peak(shape, choice, train, ref, optim),
+                     step_seconds(shape, choice, lengths, max_length))
+
+
+def plan(shape: ModelShape, lengths: Lengths, budget_gib: float, *, pairs_per_step: int, max_length: int | None,
+         backend: str = "unsloth", optim: str = "adamw_8bit", packing_available: bool = True,
+         precompute: bool = True, fixed: dict | None = None, headroom: float = 0.1,
+         model: MemoryModel = FITTED) -> Plan:
+    """The largest micro-batch whose predicted peak stays under budget x (1 - headroom), then the
+    fastest setting at that micro-batch. More budget never gives a smaller micro-batch.
+
+    lengths: (prompt, chosen, rejected) tokens of the pairs; fixed: Choice fields the user set
+    (flags win over the plan); precompute: whether the reference may be precomputed (not when
+    the run is reference-free or the user turned it off).
+    """
+    if not lengths:
+        raise ValueError("the plan needs the token lengths of at least one pair")
+    if budget_gib <= 0:
+        raise ValueError(f"--memory-budget must be > 0 GiB, got {budget_gib:g}")
+    fixed = dict(fixed or {})
+    limit = budget_gib * (1 - headroom)
+    considered = [evaluate(shape, c, lengths, max_length, optim, model) for c in
+                  candidate_choices(pairs_per_step, backend, packing_available, precompute, shape.tied_embeddings,
+                                    fixed)]
+    fitting = [k for k in considered if k.peak_gib <= limit]
+    if not fitting:
+        least = min(considered, key=lambda k: k.peak_gib)
+        raise DoesNotFit(f"no setting fits {budget_gib:.2f} GiB (limit {limit:.2f} GiB after {headroom:.0%} headroom): "
+                         f"the smallest, micro-batch {least.choice.micro_batch} with checkpointing "
+                         f"{least.choice.checkpointing}, needs {least.peak_gib:.2f} GiB")
+    largest = max(k.choice.micro_batch for k in fitting)
+    chosen = min((k for k in fitting if k.choice.micro_batch == largest), key=lambda k: k.step_s)
+    return Plan(chosen, budget_gib, limit, pairs_per_step, reasons(chosen, considered, limit, fixed), considered)
+
+
+def reasons(chosen: Candidate, considered: list[Candidate], limit: float, fixed: dict) -> list[str]:
+    """One line per choice: why this and not the alternative."""
+    c = chosen.choice
+    out = [f"{name} = {value!r}: given on the command line" for name, value in fixed.items()]
+
+    def alternative(**changes) -> Candidate | None:
+        want = replace(c, **changes)
+        return next((k for k in considered if k.choice == want), None)
+
+    bigger = [k for k in considered if k.choice.micro_batch > c.micro_batch]
+    if "micro_batch" not in fixed:
+        if bigger:
+            least = min(bigger, key=lambda k: k.peak_gib)
+            out.append(f"micro-batch {c.micro_batch}: the largest that fits; {least.choice.micro_batch} would need "
+                       f"{least.peak_gib:.2f} GiB at the least (limit {limit:.2f})")
+        else:
+            out.append(f"micro-batch {c.micro_batch}: the whole step in one micro-batch (fewest launches)")
+    other = alternative(checkpointing="off") if c.checkpointing != "off" else None
+    if c.checkpointing == "off":
+        out.append("checkpointing off: it fits, and no layer is recomputed in backward")
+    elif other is not None:
+        out.append(f"checkpointing {c.checkpointing}: off would need {other.peak_gib:.2f} GiB")
+    unpacked = alternative(packing=False) if c.packing else None
+    if unpacked is not None:
+        out.append(f"packing on: {unpacked.step_s:.2f} -> {chosen.step_s:.2f} s per step estimated (no pad tokens), "
+                   f"peak {unpacked.peak_gib:.2f} -> {chosen.peak_gib:.2f} GiB")
+    if c.precompute_ref:
+        out.append(f"reference precomputed at {c.ref_batch} pairs per batch: no reference forward in each step")
+    return out
+
+
+def auto_budget_gib(free_bytes: int, margin_gib: float = 1.0) -> float:
+    """--memory-budget auto: the card's free memory (torch.cuda.mem_get_info()[0]) less a margin."""
+    return max(free_bytes / GIB - margin_gib, 0.0)
+
+
+def lengths_of(pairs) -> Lengths:
+    """(prompt, chosen, rejected) token lengths of tokenized pairs (dpo.data.TokenizedPair)."""
+    return [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]

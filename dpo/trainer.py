@@ -1,0 +1,320 @@
+"""The DPO trainer: one optimizer step, written out, and the plan of which pairs each step takes.
+
+One optimizer step:
+    for each of grad_accum micro-batches of B pairs:
+        policy logps[2B]     = completion_logps(model, [chosen rows; rejected rows])   (one forward)
+        reference logps[2B]  = the same under no_grad with the adapter off (or the frozen start adapter)
+        loss                 = LossSettings(...)(logps)         mean over the B pairs
+        (loss / grad_accum).backward()                          as TRL/HF Trainer scale accumulation
+    clip the global grad norm, AdamW step, schedule step
+Metrics carry TRL's names (dpo.metrics) and are the mean over the step's micro-batches, as TRL logs them.
+A non-finite loss or gradient norm never reaches the weights (`on_nan`: stop raises NonFiniteStep, skip
+drops the update and marks the row).
+
+The loop that calls `train_step` until the end (with checkpoints, signals, evaluation and the run
+folder) is `dpo.train.run`: the one loop the CLI, the benchmarks and the tests drive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from array import array
+from dataclasses import dataclass, field
+
+import torch
+
+from dpo import distributed, models, packing
+from dpo.build import resolve_dtype
+from dpo.cli import first_line
+from dpo.checkpoint import Checkpoint, CheckpointError, capture_rng, restore_trainable_state
+from dpo.config import TrainConfig
+from dpo.data import Batch, TokenizedPair, collate
+from dpo.losses import LossSettings, PreferenceLogps
+from dpo.metrics import batch_row
+from dpo.schedule import build_optimizer, build_scheduler
+
+
+def epoch_order(num_pairs: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
+    """Indices of the pairs for one epoch: a seeded permutation (different each epoch) or file order."""
+    if not shuffle:
+        return list(range(num_pairs))
+    g = torch.Generator().manual_seed(seed + epoch)
+    return torch.randperm(num_pairs, generator=g).tolist()
+
+
+def steps_per_epoch(num_pairs: int, batch_size: int, grad_accum: int) -> int:
+    return max(1, math.ceil(math.ceil(num_pairs / batch_size) / grad_accum))
+
+
+def total_steps(cfg: TrainConfig, num_pairs: int, world_size: int = 1) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    per_step = steps_per_epoch(num_pairs, cfg.per_device_batch_size * world_size, cfg.grad_accum)
+    return max(1, math.ceil(cfg.num_epochs * per_step))
+
+
+def step_plan(num_pairs: int, cfg: TrainConfig, world_size: int = 1):
+    """Yield (epoch, [[pair indices of micro-batch] * k]) for each optimizer step, forever.
+
+    As HF Trainer: the last micro-batch of an epoch may hold fewer pairs, and the last step of an
+    epoch may hold fewer micro-batches (its loss is then divided by that smaller count).
+    """
+    b, ga = cfg.per_device_batch_size * world_size, cfg.grad_accum  # a global micro-batch over all ranks
+    epoch = 0
+    while True:
+        order = epoch_order(num_pairs, epoch, cfg.seed, cfg.shuffle)
+        micro = [order[i : i + b] for i in range(0, num_pairs, b)]
+        n_steps = steps_per_epoch(num_pairs, b, ga)
+        for s in range(n_steps):
+            yield epoch, micro[s * ga : (s + 1) * ga]
+        epoch += 1
+
+
+@dataclass
+class StepMetrics:
+    """Running sums over one optimizer step's micro-batches."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    count: int = 0
+
+    def add(self, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: v / self.count for k, v in self.sums.items()}
+
+
+def nonfinite_rows(loss: torch.Tensor, logps: PreferenceLogps, row_ids: list[int]) -> list[int]:
+    """Row ids of a micro-batch whose loss is not finite: the pairs with a non-finite log-prob, else all."""
+    if torch.isfinite(loss).all():
+        return []
+    four = torch.stack([torch.as_tensor(t).detach().float()
+                        for t in (logps.chosen, logps.rejected, logps.ref_chosen, logps.ref_rejected)])
+    bad = (~torch.isfinite(four)).any(dim=0).tolist()
+    return [r for r, b in zip(row_ids, bad) if b] or list(row_ids)
+
+
+class NonFiniteStep(RuntimeError):
+    """A step's loss or gradient norm is NaN/inf (raised under --on-nan stop, before any update)."""
+
+    def __init__(self, step: int, what: str, row_ids: list[int]):
+        super().__init__(f"non-finite {what} at step {step} (row ids {row_ids})")
+        self.step, self.what, self.row_ids = step, what, row_ids
+
+
+def data_fingerprint(pairs: list[TokenizedPair]) -> dict:
+    """How many pairs and a hash of their token ids: a resume refuses data that changed under the same name."""
+    h = hashlib.sha256()
+    for p in pairs:
+        for ids in ([p.row_id], p.prompt_ids, p.chosen_ids, p.rejected_ids):
+            h.update(array("q", ids).tobytes())
+            h.update(b"|")
+    return {"pairs": len(pairs), "sha256": h.hexdigest()}
+
+
+class Trainer:
+    """Our loop. `model` is a PEFT model (LoRA) or a full model with an explicit `ref_model`."""
+
+    def __init__(self, model, tokenizer, cfg: TrainConfig, train_pairs: list[TokenizedPair], ref_model=None,
+                 device: torch.device | None = None, dist: distributed.DistInfo = distributed.DistInfo(),
+                 loss: LossSettings | None = None):
+        if not train_pairs:
+            raise ValueError("no training pairs")
+        self.model, self.tokenizer, self.cfg, self.pairs, self.ref_model = model, tokenizer, cfg, train_pairs, ref_model
+        self.loss = loss if loss is not None else LossSettings.from_config(cfg)
+        self.device = device or next(model.parameters()).device
+        # bf16 runs use autocast on CUDA (LoRA weights stay float32, as PEFT makes them)
+        self.autocast_bf16 = self.device.type == "cuda" and resolve_dtype(cfg.dtype, self.device) == torch.bfloat16
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.dist = dist  # this rank and the world: each rank trains on its shard of every micro-batch
+        self.total_steps = total_steps(cfg, len(train_pairs), dist.world_size)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("the model has no trainable parameters")
+        self.params = [p for _, p in named]
+        self.optimizer = build_optimizer(named, name=cfg.optim, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                         betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+        self.scheduler = build_scheduler(self.optimizer, kind=cfg.lr_scheduler, warmup=cfg.warmup_steps,
+                                         total_steps=self.total_steps)
+        self.step = 0
+        self.num_tokens = 0
+        self.skipped_steps: list[int] = []  # steps dropped for a non-finite loss/grad norm (--on-nan skip)
+        self.rng_at_step_start: dict | None = None  # for a checkpoint of the last good step
+        self.ref_cache: torch.Tensor | None = None  # [num_pairs, 2] after precompute_reference()
+        self.data_fingerprint = data_fingerprint(train_pairs)
+        self._plan = step_plan(len(train_pairs), cfg, dist.world_size)
+        self.packing = False  # set by start_packing() (--packing), after its self-check
+
+    # -- one micro-batch ---------------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16)
+
+    def completion_logps(self, model, batch: Batch) -> torch.Tensor:
+        """[2B] summed completion log-probs of a collated batch (in CPU memory): padded, or packed into one
+        row when packing is on (the same numbers to rounding: dpo.packing)."""
+        if self.packing:
+            packed = packing.pack_batch(batch).to(self.device)
+            return packing.packed_completion_logps(model, packed, self.cfg.logprobs, self.cfg.logprob_chunk)
+        return models.completion_logps(model, batch.to(self.device), self.cfg.logprobs, self.cfg.logprob_chunk)
+
+    def reference_logps(self, batch: Batch) -> torch.Tensor:
+        if self.loss.reference_free:
+            return torch.zeros(batch.input_ids.shape[0], device=self.device)
+        with torch.no_grad(), self._autocast():
+            if self.ref_model is not None:
+                return self.completion_logps(self.ref_model, batch)
+            with models.reference_mode(self.model):
+                return self.completion_logps(self.model, batch)
+
+    def start_packing(self) -> None:
+        """--packing: the attention route (hf backend; Unsloth patches its own), then a self-check on the
+        first micro-batch: a model whose forward lets packed sequences see each other runs padded."""
+        if models.pick_backend(self.cfg.backend) == "hf":
+            route = packing.choose_attention(self.device.type, requested=self.cfg.attention)
+            packing.use_attention(self.model, route)
+        _, first = next(step_plan(len(self.pairs), self.cfg, self.dist.world_size))
+        batch = collate([self.pairs[i] for i in self._my_shard(first[0])], self.pad_id, self.cfg.max_length)
+        try:
+            with self._autocast():
+                agrees, diff = packing.packing_agrees(self.model, batch.to(self.device), self.cfg.logprobs,
+                                                      self.cfg.logprob_chunk)
+            why = f"this model's forward lets packed sequences see each other (log-probs differ by {diff:.2e} " \
+                  "relative from the padded path)"
+        except Exception as e:  # noqa: BLE001  (a patched forward that cannot take packed input: run padded)
+            agrees, why = False, f"a packed forward failed: {first_line(e)}"
+        if not agrees:
+            print(f"dpo: warning: packing is off: {why}; running padded")
+        self.packing = agrees
+
+    def precompute_reference(self, batch_size: int | None = None) -> None:
+        """Reference log-probs of every pair, once, before training (no_grad, length-sorted batches).
+
+        The reference never changes, so each step then runs only the policy; the batches here can be
+        larger than training's, since nothing is kept for a backward pass.
+        """
+        batch_size = batch_size or self.cfg.precompute_ref_batch_size or 4 * self.cfg.per_device_batch_size
+        # Only the pairs this run will train on (a --max-steps run may see a fraction of the data).
+        plan = step_plan(len(self.pairs), self.cfg, self.dist.world_size)
+        needed = {i for _ in range(self.total_steps) for micro in next(plan)[1] for i in self._my_shard(micro)}
+        order = sorted(needed, key=lambda i: len(self.pairs[i].prompt_ids)
+                       + max(len(self.pairs[i].chosen_ids), len(self.pairs[i].rejected_ids)))
+        cache = torch.full((len(self.pairs), 2), float("nan"), dtype=torch.float32)
+        self.model.eval()
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = collate([self.pairs[i] for i in idx], self.pad_id, self.cfg.max_length)
+            ref = self.reference_logps(batch).float().cpu()
+            cache[idx, 0], cache[idx, 1] = ref[: len(idx)], ref[len(idx) :]
+        self.ref_cache = cache
+
+    def _my_shard(self, global_micro: list[int]) -> list[int]:
+        return distributed.shard(global_micro, self.dist, self.cfg.per_device_batch_size)
+
+    def micro_batch_loss(self, pairs: list[TokenizedPair], ref: torch.Tensor | None = None):
+        """Loss of one micro-batch; `ref` ([2B] reference log-probs) is computed here unless given."""
+        batch = collate(pairs, self.pad_id, self.cfg.max_length)  # in CPU memory (packing reads it there)
+        if ref is None:
+            ref = self.reference_logps(batch)
+        with self._autocast():
+            policy = self.completion_logps(self.model, batch)
+        b = batch.num_pairs
+        tokens = batch.completion_mask.sum(dim=1).to(self.device)
+        logps = PreferenceLogps(chosen=policy[:b], rejected=policy[b:], ref_chosen=ref[:b], ref_rejected=ref[b:],
+                                chosen_tokens=tokens[:b], rejected_tokens=tokens[b:])
+        return self.loss(logps), logps, batch
+
+    # -- one optimizer step -------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step and its metrics row.
+
+        A non-finite loss or gradient norm never reaches the weights: under on_nan="stop" this raises
+        NonFiniteStep with nothing changed but the data position; under "skip" the gradients are
+        dropped, only the schedule advances, and the row says "skipped".
+        """
+        self.model.train()
+        self.rng_at_step_start = capture_rng()
+        _, global_micro_batches = next(self._plan)
+        micro_batches = [self._my_shard(m) for m in global_micro_batches]
+        metrics, tokens, bad_rows = StepMetrics(), 0, []
+        for idx in micro_batches:
+            ref = None
+            if self.ref_cache is not None:
+                ref = torch.cat([self.ref_cache[idx, 0], self.ref_cache[idx, 1]]).to(self.device)
+            out, logps, batch = self.micro_batch_loss([self.pairs[i] for i in idx], ref)
+            (out.loss / len(micro_batches)).backward()
+            metrics.add(batch_row(out, logps))
+            tokens += int(batch.attention_mask.sum())
+            bad_rows += nonfinite_rows(out.loss.detach(), logps, batch.row_ids)
+        # Several ranks: average gradients and metrics over them (equal shards: mean of means is the mean).
+        distributed.average_gradients(self.params, self.dist)
+        metrics, tokens, any_bad = self._gather(metrics, tokens, bad_rows)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(
+            self.params, self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        ))
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (TRL logs the same)
+        problem = "loss" if any_bad else "gradient norm" if not math.isfinite(grad_norm) else None
+        if problem is None:
+            self.optimizer.step()
+            self.scheduler.step()
+        else:
+            rows = bad_rows or [self.pairs[i].row_id for m in global_micro_batches for i in m]
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.cfg.on_nan == "stop":
+                raise NonFiniteStep(self.step + 1, problem, rows)
+            self.skipped_steps.append(self.step + 1)
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": on purpose here
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.num_tokens += tokens
+        row = {"step": self.step, **metrics.means(), "grad_norm": grad_norm, "learning_rate": lr,
+               "num_tokens": self.num_tokens}
+        if problem is not None:  # JSON null, not NaN, for the values that are not numbers
+            row = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in row.items()}
+            row["skipped"] = f"non-finite {problem}"
+        return row
+
+    def _gather(self, metrics: "StepMetrics", tokens: int, bad_rows: list[int]) -> tuple["StepMetrics", int, bool]:
+        """Metrics of all ranks, as TRL gathers them: means over every pair of the step, summed tokens."""
+        if not self.dist.enabled:
+            return metrics, tokens, bool(bad_rows)
+        keys = sorted(metrics.sums)
+        summed = distributed.sum_across([metrics.sums[k] for k in keys] + [tokens, len(bad_rows)], self.dist,
+                                        self.device)
+        gathered = StepMetrics({k: v / self.dist.world_size for k, v in zip(keys, summed)}, metrics.count)
+        # A non-finite value on any rank stops (or skips) the step on every rank.
+        return gathered, int(summed[-2]), summed[-1] > 0
+
+    # -- checkpoint state -----------------------------------------------------------------------
+    def state(self) -> dict:
+        """What trainer_state.json holds: the step (hence the data position) and the counters."""
+        return {"step": self.step, "num_tokens": self.num_tokens, "skipped_steps": list(self.skipped_steps),
+                "total_steps": self.total_steps, "data": self.data_fingerprint, "world_size": self.dist.world_size}
+
+    def load_state(self, ckpt: Checkpoint) -> None:
+        """Continue from a checkpoint: weights, optimizer, schedule, counters, data position (not RNG)."""
+        saved, now = ckpt.trainer_state.get("data"), self.data_fingerprint
+        if saved is not None and saved != now:
+            raise CheckpointError(
+                f"cannot resume from {ckpt.path}: the training data changed since it was written "
+                f"({saved.get('pairs')} pairs then, {now['pairs']} now; token hash {str(saved.get('sha256'))[:12]} "
+                f"then, {now['sha256'][:12]} now): same --dataset name, other content or tokenizer")
+        ranks = int(ckpt.trainer_state.get("world_size", 1))
+        if ranks != self.dist.world_size:  # the data position is a step of a plan made for that many ranks
+            raise CheckpointError(
+                f"cannot resume from {ckpt.path}: it was written by a run on {ranks} rank(s) and this run has "
+                f"{self.dist.world_size}; resume with the same number of processes (torchrun --nproc-per-node "
+                f"{ranks})")
+        restore_trainable_state(self.model, ckpt.adapter_state)
+        self.optimizer.load_state_dict(ckpt.optimizer_state)
+        self.scheduler.load_state_dict(ckpt.scheduler_state)
+        self.step = ckpt.step
+        self.num_tokens = int(ckpt.trainer_state.get("num_tokens", 0))
+        self.skipped_steps = list(ckpt.trainer_state.get("skipped_steps", []))
+        for _ in range(self.step):  # step_plan is deterministic: skip the steps already done
+            next(self._plan)
