@@ -42,6 +42,7 @@ from dpo.cli import Parser, first_line, python_command
 from dpo.files import write_json_atomic
 from dpo.gguf_file import K_QUANTS, QUANTIZATIONS, ExportError, write_gguf  # noqa: F401 (re-exported)
 from dpo.gguf_file import _permute_qk  # noqa: F401 (tests reach it here)
+from dpo.sources import looks_local
 
 FORMATS = ("adapter", "merged", "gguf")
 MERGED_DTYPES = ("bfloat16", "float16", "float32")
@@ -194,9 +195,7 @@ def base_model(run: Run):
 
     from dpo.models import load_model
 
-    # A hub id is "name" or "org/name"; anything else (absolute, ./relative, deeper) is a local folder.
-    looks_local = run.base.startswith(("/", ".", "~")) or run.base.count("/") > 1
-    if looks_local and not Path(run.base).expanduser().is_dir():
+    if looks_local(run.base) and not Path(run.base).expanduser().is_dir():
         raise ExportError(f"base model folder not found: {run.base} (the \"model\" in {run.dir / 'config.json'})")
     try:
         return load_model(run.base, dtype=torch.float32, trust_remote_code=run.trust_remote_code).eval()
