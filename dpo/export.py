@@ -37,8 +37,14 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dpo import card, llamacpp
+from dpo.cli import Parser, first_line, python_command
+from dpo.files import write_json_atomic
+from dpo.gguf_file import K_QUANTS, QUANTIZATIONS, ExportError, write_gguf  # noqa: F401 (re-exported)
+from dpo.gguf_file import _permute_qk  # noqa: F401 (tests reach it here)
+from dpo.sources import looks_local
+
 FORMATS = ("adapter", "merged", "gguf")
-QUANTIZATIONS = ("f16", "f32", "q8_0", "q4_0", "q4_k_m")
 MERGED_DTYPES = ("bfloat16", "float16", "float32")
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -56,8 +62,14 @@ LLAMA_QUANTIZE_HINT = (
 # (tiny test Llama / SmolLM2-135M + random LoRA): f32 0 / -, f16 2.7e-3 / 1.3e-3, q8_0 4.3e-2 / 3.9e-2,
 # bf16 merged 2.8e-2 / -. A wrong Q/K permutation or a swapped tensor gives differences of the order of
 # the range itself. 4-bit types lose real accuracy on small models (SmolLM2-135M q4_0: mean KL 0.2-1.2
-# nats), so for them the numbers are reported, not judged (None): loading and the tokenizer still are.
-VERIFY_RTOL = {"f32": 1e-5, "f16": 1e-2, "q8_0": 0.1, "q4_0": None, "q4_k_m": None}
+# nats), so for them the numbers are reported, not judged (None): loading and the tokenizer still are,
+# and so is whether the adapter is in the file (see Verification.adapter_visible).
+VERIFY_RTOL = {"f32": 1e-5, "f16": 1e-2, "q8_0": 0.1, "q4_0": None, "q4_k_m": None, "q5_k_m": None, "q6_k": None}
+# In llama.cpp the same file is computed by other kernels, with K and V in an f16 cache by default (so an
+# f32 file sees f16 rounding too) and, for f16 weights, activations rounded to f16 in the matmuls. Measured
+# (tiny models / the default run's SmolLM2 export): f32 2e-4 to 6.5e-4 / -, f16 <= 3.3e-3 / 2.3e-3,
+# q8_0 - / 6.2e-2 (tests/test_export_llamacpp.py, README "Export").
+LLAMACPP_RTOL = {"f32": 1e-2, "f16": 2e-2, "q8_0": 0.1, "q4_0": None, "q4_k_m": None, "q5_k_m": None, "q6_k": None}
 MERGED_RTOL = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 0.1}
 
 VERIFY_TEXTS = (
@@ -70,10 +82,8 @@ VERIFY_CHAT = (
     {"role": "user", "content": "What is the capital of France?"},
     {"role": "assistant", "content": "Paris."},
 )
-
-
-class ExportError(Exception):
-    """A problem the user can fix; printed as one line."""
+GENERATION_PROMPT = ({"role": "user", "content": "Write one sentence about a restaurant you liked."},)
+GENERATION_TOKENS = 24
 
 
 @dataclass
@@ -98,24 +108,38 @@ class Verification:
     top1_agreement: float
     mean_kl: float
     tokenizer_ok: bool | None = None
+    # Is the adapter in the file? RMS logit distance of the export to the merged model and to the bare
+    # base model; the export must be nearer the merged one (None: not checked).
+    to_merged: float | None = None
+    to_base: float | None = None
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def adapter_visible(self) -> bool | None:
+        if self.to_merged is None or self.to_base is None:
+            return None
+        return self.to_merged < self.to_base
 
     @property
     def ok(self) -> bool:
         finite = self.max_abs_diff == self.max_abs_diff and self.max_abs_diff != float("inf")
         within = self.tolerance is None or self.max_abs_diff <= self.tolerance
-        return finite and within and self.tokenizer_ok is not False
+        return finite and within and self.tokenizer_ok is not False and self.adapter_visible is not False
 
     def line(self) -> str:
         verdict = "OK" if self.ok else "FAILED"
-        tol = "not judged for 4-bit" if self.tolerance is None else f"tolerance {self.tolerance:.3g}"
+        tol = "not judged below 8 bits" if self.tolerance is None else f"tolerance {self.tolerance:.3g}"
         tok = "" if self.tokenizer_ok is None else (
             "; tokenizer encodes identically" if self.tokenizer_ok else "; tokenizer MISMATCH"
+        )
+        adapter = "" if self.adapter_visible is None else (
+            f"; adapter {'in the file' if self.adapter_visible else 'NOT visible'}: RMS logit distance "
+            f"{self.to_merged:.3g} to the merged model, {self.to_base:.3g} to the base"
         )
         return (
             f"verification {verdict}: {self.what}: max |logit diff| {self.max_abs_diff:.3g} "
             f"(logit range {self.logit_scale:.3g}, {tol}), top-1 agreement {self.top1_agreement:.1%}, "
-            f"mean KL {self.mean_kl:.2g} nats{tok}"
+            f"mean KL {self.mean_kl:.2g} nats{tok}{adapter}"
         )
 
 
@@ -162,28 +186,32 @@ def load_run_tokenizer(run: Run):
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=run.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ExportError(f"could not load the tokenizer from {source}: {_first_line(e)}") from None
+        raise ExportError(f"could not load the tokenizer from {source}: {first_line(e)}") from None
+
+
+def base_model(run: Run):
+    """The run's base model in float32, eval mode (no adapter)."""
+    import torch
+
+    from dpo.models import load_model
+
+    if looks_local(run.base) and not Path(run.base).expanduser().is_dir():
+        raise ExportError(f"base model folder not found: {run.base} (the \"model\" in {run.dir / 'config.json'})")
+    try:
+        return load_model(run.base, dtype=torch.float32, trust_remote_code=run.trust_remote_code).eval()
+    except (OSError, ValueError) as e:
+        raise ExportError(f"could not load the base model {run.base!r}: {first_line(e)}") from None
 
 
 def merged_model(run: Run):
     """Base model in float32 with the run's adapter merged in (a plain transformers model, eval mode)."""
-    import torch
     from peft import PeftModel
 
-    from dpo.models import load_model
-
-    # A hub id is "name" or "org/name"; anything else (absolute, ./relative, deeper) is a local folder.
-    looks_local = run.base.startswith(("/", ".", "~")) or run.base.count("/") > 1
-    if looks_local and not Path(run.base).expanduser().is_dir():
-        raise ExportError(f"base model folder not found: {run.base} (the \"model\" in {run.dir / 'config.json'})")
-    try:
-        base = load_model(run.base, dtype=torch.float32, trust_remote_code=run.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ExportError(f"could not load the base model {run.base!r}: {_first_line(e)}") from None
+    base = base_model(run)
     try:
         peft_model = PeftModel.from_pretrained(base, str(run.adapter_dir))
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise ExportError(f"could not apply the adapter {run.adapter_dir} to {run.base!r}: {_first_line(e)}") from None
+        raise ExportError(f"could not apply the adapter {run.adapter_dir} to {run.base!r}: {first_line(e)}") from None
     model = peft_model.merge_and_unload()
     model.eval()
     return model
@@ -192,17 +220,18 @@ def merged_model(run: Run):
 # ------------------------------------------------------------------------------------ outputs
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
-
-
 def _prepare_output(out: Path, overwrite: bool) -> Path:
+    """The temporary path to build `out` in, once we know it can be written (before any model loads)."""
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    _remove(tmp)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        _remove(tmp)
+        tmp.touch()  # a probe: a read-only place is refused now, not after minutes of merging
+        tmp.unlink()
+    except OSError as e:
+        raise ExportError(f"cannot write the export to {e.filename or out}: {e.strerror or first_line(e)}") from None
     return tmp
 
 
@@ -245,23 +274,37 @@ def _size(n: int) -> str:
 # ------------------------------------------------------------------------------------ adapter
 
 
-def export_adapter(run: Run, out, overwrite: bool = False) -> Path:
+def export_adapter(run: Run, out, overwrite: bool = False, commands: list[str] | None = None) -> Path:
+    """The adapter folder with the tokenizer, a base model name that loads anywhere, and a model card."""
     out = Path(out)
     tmp = _prepare_output(out, overwrite)
     try:
         shutil.copytree(run.adapter_dir, tmp)
         if not _has_tokenizer(tmp):
             load_run_tokenizer(run).save_pretrained(tmp)
+        _portable_base_name(run, tmp / "adapter_config.json")
+        loading = card.adapter_loading(card.base_model_name(str(run.config["model"])), out)
+        card.write_model_card(tmp, run.dir, "adapter", loading, commands or [])
         _move_into_place(tmp, out)
     finally:
         _remove(tmp)
     return out
 
 
+def _portable_base_name(run: Run, adapter_config: Path) -> None:
+    """The embedded default model is a local dequantised copy; name its hub model so the adapter loads anywhere."""
+    if run.config.get("model") != card.DEFAULT_MODEL or not adapter_config.is_file():
+        return
+    cfg = json.loads(adapter_config.read_text(encoding="utf-8"))
+    cfg["base_model_name_or_path"] = card.DEFAULT_MODEL_HUB_NAME
+    write_json_atomic(adapter_config, cfg)
+
+
 # ------------------------------------------------------------------------------------- merged
 
 
-def export_merged(run: Run, out, dtype: str = "bfloat16", overwrite: bool = False, model=None, tokenizer=None):
+def export_merged(run: Run, out, dtype: str = "bfloat16", overwrite: bool = False, model=None, tokenizer=None,
+                  commands: list[str] | None = None):
     """Save the merged model in `dtype`; returns (path, float32 merged model, tokenizer)."""
     import torch
 
@@ -277,6 +320,7 @@ def export_merged(run: Run, out, dtype: str = "bfloat16", overwrite: bool = Fals
         to_save.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         del to_save
+        card.write_model_card(tmp, run.dir, "merged", card.merged_loading(out), commands or [])
         _move_into_place(tmp, out)
     finally:
         _remove(tmp)
@@ -305,261 +349,96 @@ def _verify_prompts(tokenizer) -> list[list[int]]:
     return [p for p in prompts if p]
 
 
-def compare_logits(reference, candidate, tokenizer, rtol: float | None, what: str) -> Verification:
-    """Both models on the verification prompts: max |logit diff|, top-1 agreement, mean KL(ref || cand)."""
+def prompt_logits(model, prompts: list[list[int]]) -> list:
+    """[len(ids), vocab] float32 logits of a torch model for each prompt."""
     import torch
 
-    diff, scale, agree, total, kl_sum = 0.0, 0.0, 0, 0, 0.0
     with torch.no_grad():
-        for ids in _verify_prompts(tokenizer):
-            x = torch.tensor([ids])
-            a = reference(input_ids=x).logits.float()[0]
-            b = candidate(input_ids=x).logits.float()[0]
-            diff = max(diff, (a - b).abs().max().item())
-            scale = max(scale, a.abs().max().item())
-            agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
-            total += a.shape[0]
-            la, lb = a.log_softmax(-1), b.log_softmax(-1)
-            kl_sum += (la.exp() * (la - lb)).sum().item()
-    tolerance = None if rtol is None else rtol * max(1.0, scale)
-    return Verification(what, diff, scale, tolerance, agree / max(total, 1), kl_sum / max(total, 1))
+        return [model(input_ids=torch.tensor([ids])).logits.float()[0] for ids in prompts]
 
 
-def _tokenizer_json(tokenizer) -> dict:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise ExportError("GGUF export needs a fast (tokenizers-backed) tokenizer")
-    return json.loads(backend.to_str())
-
-
-def _pre_tokenizer_name(tok_json: dict) -> tuple[str, str | None]:
-    """llama.cpp's `tokenizer.ggml.pre` for this byte-level BPE's pre-tokenizer, with a note when guessed.
-
-    llama.cpp itself identifies pre-tokenizers by hashing the token ids of a probe text; we instead
-    read the tokenizers pre-tokenizer config, which is what the training-time tokenization did."""
-    pre = tok_json.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    kinds = [p.get("type") for p in parts]
-    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt-2", None  # the GPT-2 regex, as tokenizers' ByteLevel(use_regex=True)
-    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
-        return "smollm", None  # single digits, then the GPT-2 regex (SmolLM/SmolLM2 upstream)
-    llama3 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-    if kinds == ["Split", "ByteLevel"] and parts[0].get("pattern", {}).get("Regex") == llama3:
-        return "llama-bpe", None
-    return "default", (
-        f"pre-tokenizer {kinds} not recognised; wrote tokenizer.ggml.pre='default', so llama.cpp may split "
-        "text slightly differently from transformers"
+def compare_logits(reference, candidate, tokenizer, rtol: float | None, what: str, base=None) -> Verification:
+    """Both models on the verification prompts: max |logit diff|, top-1 agreement, mean KL(ref || cand);
+    with `base` (the model before the adapter), also whether the candidate is nearer the reference."""
+    prompts = _verify_prompts(tokenizer)
+    return compare_logit_lists(
+        prompt_logits(reference, prompts), prompt_logits(candidate, prompts), rtol, what,
+        None if base is None else prompt_logits(base, prompts),
     )
 
 
-def gguf_vocab(tokenizer, vocab_size: int) -> dict:
-    """Tokens, token types, merges and special ids of a byte-level BPE tokenizer, as GGUF wants them."""
-    import gguf
-
-    tok_json = _tokenizer_json(tokenizer)
-    model = tok_json.get("model", {})
-    if model.get("type") != "BPE" or not any(
-        p.get("type") == "ByteLevel"
-        for p in ([tok_json.get("pre_tokenizer") or {}] + (tok_json.get("pre_tokenizer") or {}).get("pretokenizers", []))
-    ):
-        raise ExportError(
-            "GGUF export supports byte-level BPE tokenizers only (GPT-2 style, as SmolLM2 and Llama 3 use); "
-            f"this one is {model.get('type')!r} with pre-tokenizer {(tok_json.get('pre_tokenizer') or {}).get('type')!r}"
-        )
-    vocab = tokenizer.get_vocab()
-    if len(vocab) and max(vocab.values()) >= vocab_size:
-        raise ExportError(
-            f"the tokenizer has ids up to {max(vocab.values())} but the model has only {vocab_size} embeddings"
-        )
-    reverse = {i: t for t, i in vocab.items()}
-    added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in reverse:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif i in added:
-            tokens.append(added[i].content)
-            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(reverse[i])
-            types.append(gguf.TokenType.NORMAL)
-    merges = []
-    for m in model.get("merges", []):
-        pair = m.split(" ") if isinstance(m, str) else list(m)
-        if len(pair) != 2 or any(" " in p for p in pair):
-            raise ExportError(f"BPE merge {m!r} cannot be written to GGUF (a token contains a space)")
-        merges.append(f"{pair[0]} {pair[1]}")
-    pre, note = _pre_tokenizer_name(tok_json)
-
-    probe = tokenizer.encode("a", add_special_tokens=False)
-    with_special = tokenizer.encode("a", add_special_tokens=True)
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    add_bos = len(with_special) > len(probe) and bos is not None and with_special[0] == bos
-    add_eos = len(with_special) > len(probe) and eos is not None and with_special[-1] == eos
-    specials = {
-        "bos": bos,
-        "eos": eos,
-        "unk": tokenizer.unk_token_id,
-        "pad": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
-    }
-    template = getattr(tokenizer, "chat_template", None)
-    return {
-        "tokens": tokens,
-        "types": types,
-        "merges": merges,
-        "pre": pre,
-        "note": note,
-        "special_ids": {k: v for k, v in specials.items() if v is not None},
-        "add_bos": add_bos,
-        "add_eos": add_eos,
-        "chat_template": template if isinstance(template, str) else None,
-    }
-
-
-def _permute_qk(w, n_head: int):
-    """HF's rotate-half RoPE layout -> llama.cpp's interleaved pairs, per head (n_head = KV heads for K)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _tensor_type(gguf_name: str, shape: tuple[int, ...], quantization: str):
-    """Storage type of one tensor, as llama.cpp's converter chooses: norms and 1-D tensors in F32;
-    rows that are not a whole number of quant blocks fall back to F16."""
-    import gguf
-
-    T = gguf.GGMLQuantizationType
-    if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or quantization == "f32":
-        return T.F32
-    if quantization in ("f16", "q4_k_m"):  # q4_k_m: llama-quantize requantizes our f16 file
-        return T.F16
-    if quantization == "q8_0":
-        qtype = T.Q8_0
-    elif gguf_name in ("token_embd.weight", "output.weight"):
-        qtype = T.Q8_0  # q4_0: keep the embedding/output matrix at 8 bits (llama-quantize keeps it higher too)
-    else:
-        qtype = T.Q4_0
-    block = gguf.GGML_QUANT_SIZES[qtype][0]
-    return qtype if shape[-1] % block == 0 else T.F16
-
-
-FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0", "q4_k_m": "MOSTLY_F16"}
-
-
-def _rope_theta(config) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    if isinstance(params, dict) and "rope_theta" in params:
-        return float(params["rope_theta"])
-    return float(getattr(config, "rope_theta", 10000.0))
-
-
-def _rope_scaling(config):
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    kind = params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
-    if kind in (None, "default"):
-        return None
-    if kind == "linear":
-        return float(params["factor"])
-    raise ExportError(f"GGUF export does not handle rope scaling {kind!r} (only none or linear)")
-
-
-def write_gguf(model, tokenizer, path, quantization: str = "f16", name: str = "model") -> dict:
-    """Write `model` (a float32 LlamaForCausalLM) and `tokenizer` to the GGUF file `path`.
-
-    Returns a summary: the tensor-type counts and any notes."""
-    import gguf
-    import numpy as np
+def compare_logit_lists(reference: list, candidate: list, rtol: float | None, what: str, base: list | None = None):
+    """compare_logits on logits already computed (torch tensors or numpy arrays, one per prompt)."""
     import torch
 
-    if quantization not in QUANTIZATIONS:
-        raise ExportError(f"unknown --quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)}")
-    config = model.config
-    if getattr(config, "model_type", None) != "llama":
-        raise ExportError(
-            f"GGUF export supports the Llama architecture only; this model is {getattr(config, 'model_type', '?')!r} "
-            f"({', '.join(getattr(config, 'architectures', None) or [])}). Use --format merged instead."
-        )
-    n_head = config.num_attention_heads
-    n_kv = getattr(config, "num_key_value_heads", None) or n_head
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
-    vocab = gguf_vocab(tokenizer, config.vocab_size)
-    linear_factor = _rope_scaling(config)
-
-    writer = gguf.GGUFWriter(path=str(path), arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(name)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // n_head:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(_rope_theta(config))
-    if linear_factor is not None:
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(linear_factor)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[quantization]))
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(vocab["pre"])
-    writer.add_token_list(vocab["tokens"])
-    writer.add_token_types(vocab["types"])
-    writer.add_token_merges(vocab["merges"])
-    for kind, token_id in vocab["special_ids"].items():
-        getattr(writer, f"add_{kind}_token_id")(token_id)
-    writer.add_add_bos_token(vocab["add_bos"])
-    writer.add_add_eos_token(vocab["add_eos"])
-    writer.add_add_space_prefix(False)
-    if vocab["chat_template"]:
-        writer.add_chat_template(vocab["chat_template"])
-
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    counts: dict[str, int] = {}
-    for hf_name, tensor in model.state_dict().items():
-        if tied and hf_name == "lm_head.weight":
-            continue  # llama.cpp reuses token_embd when output.weight is absent
-        if hf_name.endswith("rotary_emb.inv_freq"):
-            continue
-        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise ExportError(f"no GGUF name for tensor {hf_name!r}: this Llama variant is not supported")
-        data = tensor.detach().to(torch.float32).cpu().numpy()
-        if gguf_name.startswith("blk.") and ".attn_q." in gguf_name:
-            data = _permute_qk(data, n_head)
-        elif gguf_name.startswith("blk.") and ".attn_k." in gguf_name:
-            data = _permute_qk(data, n_kv)
-        qtype = _tensor_type(gguf_name, data.shape, quantization)
-        if qtype == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(gguf_name, np.ascontiguousarray(data, dtype=np.float32))
-        elif qtype == gguf.GGMLQuantizationType.F16:
-            writer.add_tensor(gguf_name, np.ascontiguousarray(data, dtype=np.float16))
-        else:
-            writer.add_tensor(gguf_name, gguf.quants.quantize(np.ascontiguousarray(data), qtype), raw_dtype=qtype)
-        counts[qtype.name] = counts.get(qtype.name, 0) + 1
-
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return {"tensor_types": counts, "notes": [vocab["note"]] if vocab["note"] else [], "pre": vocab["pre"]}
+    diff, scale, agree, total, kl_sum, sq_merged, sq_base = 0.0, 0.0, 0, 0, 0.0, 0.0, 0.0
+    for i, (a, b) in enumerate(zip(reference, candidate)):
+        a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
+        diff = max(diff, (a - b).abs().max().item())
+        scale = max(scale, a.abs().max().item())
+        agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
+        total += a.shape[0]
+        la, lb = a.log_softmax(-1), b.log_softmax(-1)
+        kl_sum += (la.exp() * (la - lb)).sum().item()
+        sq_merged += (a - b).pow(2).mean(-1).sum().item()
+        if base is not None:
+            sq_base += (torch.as_tensor(base[i]).float() - b).pow(2).mean(-1).sum().item()
+    n = max(total, 1)
+    tolerance = None if rtol is None else rtol * max(1.0, scale)
+    v = Verification(what, diff, scale, tolerance, agree / n, kl_sum / n)
+    if base is not None:
+        v.to_merged, v.to_base = (sq_merged / n) ** 0.5, (sq_base / n) ** 0.5
+    return v
 
 
 def check_quantization_tool(quantization: str) -> str | None:
-    """Path of llama-quantize when the quantization needs it; a clear error when it is missing."""
-    if quantization != "q4_k_m":
+    """How a k-quant will be made: "llama_cpp" (the `gguf` extra's bindings, preferred), the path of a
+    `llama-quantize` on PATH, or None when the quantization needs neither; one clear line when neither is there."""
+    if quantization not in K_QUANTS:
         return None
+    if llamacpp.bindings() is not None:
+        return "llama_cpp"
     tool = shutil.which(LLAMA_QUANTIZE)
     if tool is None:
-        raise ExportError(f"--quantization q4_k_m needs llama.cpp's `{LLAMA_QUANTIZE}` on PATH: {LLAMA_QUANTIZE_HINT}")
+        raise ExportError(
+            f"--quantization {quantization} needs llama.cpp: {llamacpp.EXTRA_HINT}; or its `{LLAMA_QUANTIZE}` "
+            f"on PATH: {LLAMA_QUANTIZE_HINT}"
+        )
     return tool
+
+
+def _llama_quantize(tool: str, src: Path, dst: Path, quantization: str) -> None:
+    if tool == "llama_cpp":
+        try:
+            llamacpp.quantize(src, dst, quantization)
+        except llamacpp.LlamaCppError as e:
+            raise ExportError(str(e)) from None
+        return
+    proc = subprocess.run([tool, str(src), str(dst), quantization.upper()], capture_output=True, text=True)
+    if proc.returncode != 0 or not dst.is_file():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ExportError(f"{LLAMA_QUANTIZE} failed (exit {proc.returncode}): {tail[0]}")
+
+
+def tensor_types(path: Path) -> dict[str, int]:
+    """How many tensors of each storage type the GGUF file holds (read from its header)."""
+    import gguf
+
+    counts: dict[str, int] = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return counts
+
+
+def _k_quant_note(quantization: str, types: dict[str, int]) -> str | None:
+    """llama.cpp stores a matrix whose rows are not a multiple of 256 values in a legacy type instead."""
+    k_types = sum(n for t, n in types.items() if t.endswith("_K"))
+    fallback = {t: n for t, n in types.items() if not t.endswith("_K") and t not in ("F32",)}
+    if not fallback:
+        return None
+    kinds = ", ".join(f"{n} {t}" for t, n in fallback.items())
+    return (f"{quantization}: llama.cpp stored {kinds} matrices outside the k-quant types ({k_types} in them): "
+            "k-quants need rows that are multiples of 256 values, so it falls back for the others")
 
 
 def export_gguf(run: Run, out, quantization: str = "f16", overwrite: bool = False, model=None, tokenizer=None):
@@ -579,12 +458,11 @@ def export_gguf(run: Run, out, quantization: str = "f16", overwrite: bool = Fals
         else:
             with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
                 f16 = Path(scratch) / "f16.gguf"
-                summary = write_gguf(model, tokenizer, f16, "q4_k_m", name=run.name)
-                proc = subprocess.run([tool, str(f16), str(tmp), "Q4_K_M"], capture_output=True, text=True)
-                if proc.returncode != 0 or not tmp.is_file():
-                    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-                    raise ExportError(f"{LLAMA_QUANTIZE} failed (exit {proc.returncode}): {tail[0]}")
-                summary["tensor_types"] = {"Q4_K_M mix by llama-quantize from F16": summary["tensor_types"].get("F16", 0)}
+                summary = write_gguf(model, tokenizer, f16, quantization, name=run.name)
+                _llama_quantize(tool, f16, tmp, quantization)
+            summary["tensor_types"] = tensor_types(tmp)
+            note = _k_quant_note(quantization, summary["tensor_types"])
+            summary["notes"] += [note] if note else []
         _move_into_place(tmp, out)
     finally:
         _remove(tmp)
@@ -660,9 +538,11 @@ def tokenizer_differences(reference, candidate) -> list[str]:
     return problems
 
 
-def verify_gguf(path: Path, reference, tokenizer, quantization: str) -> Verification:
+def verify_gguf(path: Path, reference, tokenizer, quantization: str, base=None) -> Verification:
+    """The file read back by transformers against the float32 merge (and, with `base`, the adapter check)."""
     loaded, loaded_tok, written = load_gguf(path)
-    v = compare_logits(reference, loaded, tokenizer, VERIFY_RTOL[quantization], f"GGUF {quantization} via transformers vs float32 merge")
+    v = compare_logits(reference, loaded, tokenizer, VERIFY_RTOL[quantization],
+                       f"GGUF {quantization} via transformers vs float32 merge", base=base)
     problems = tokenizer_differences(tokenizer, loaded_tok)
     expected = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "unk": tokenizer.unk_token_id}
     for kind, token_id in expected.items():
@@ -673,67 +553,147 @@ def verify_gguf(path: Path, reference, tokenizer, quantization: str) -> Verifica
     return v
 
 
+def verify_gguf_in_llamacpp(path: Path, reference, tokenizer, quantization: str, base=None) -> Verification:
+    """The file run by llama.cpp itself on the verification prompts (our token ids, so the weights are
+    compared), its tokenizer against ours, and a greedy generation printed beside the merged model's."""
+    prompts = _verify_prompts(tokenizer)
+    try:
+        llm = llamacpp.LlamaCppModel(path, n_ctx=max(512, max(map(len, prompts)) + GENERATION_TOKENS + 64))
+        got = [llm.logits(ids) for ids in prompts]
+        v = compare_logit_lists(prompt_logits(reference, prompts), got, LLAMACPP_RTOL[quantization],
+                                f"GGUF {quantization} in llama.cpp vs float32 merge",
+                                None if base is None else prompt_logits(base, prompts))
+        problems = llamacpp_tokenizer_differences(llm, tokenizer)
+        v.tokenizer_ok = not problems
+        v.notes.extend(problems)
+        v.notes.extend(_generations(llm, reference, tokenizer))
+        llm.close()
+    except llamacpp.LlamaCppError as e:
+        raise ExportError(str(e)) from None
+    return v
+
+
+def llamacpp_tokenizer_differences(llm, tokenizer) -> list[str]:
+    """Texts that llama.cpp's tokenizer (from the file) splits differently from the run's tokenizer."""
+    problems = []
+    for text in VERIFY_TEXTS:
+        for add_special in (False, True):
+            ours = tokenizer.encode(text, add_special_tokens=add_special)
+            theirs = llm.tokenize(text, add_special)
+            if ours != theirs:
+                problems.append(f"llama.cpp tokenizes {text[:30]!r} (special={add_special}) as {theirs[:8]}..., "
+                                f"transformers as {ours[:8]}...")
+    return problems
+
+
+def _generations(llm, reference, tokenizer) -> list[str]:
+    """Greedy continuations of one chat prompt by llama.cpp and by the merged model, side by side."""
+    import torch
+
+    if getattr(tokenizer, "chat_template", None):
+        ids = list(tokenizer.apply_chat_template(list(GENERATION_PROMPT), tokenize=True, add_generation_prompt=True,
+                                                 return_dict=False))
+    else:
+        ids = tokenizer.encode(GENERATION_PROMPT[0]["content"])
+    eos = tokenizer.eos_token_id
+    theirs = llm.greedy(ids, GENERATION_TOKENS, eos_id=eos)
+    with torch.no_grad():
+        out = reference.generate(torch.tensor([ids]), max_new_tokens=GENERATION_TOKENS, do_sample=False,
+                                 eos_token_id=eos, pad_token_id=eos if eos is not None else 0)
+    ours = [t for t in out[0, len(ids):].tolist() if t != eos]
+    return [f"generation, llama.cpp:    {tokenizer.decode(theirs)!r}",
+            f"generation, merged model: {tokenizer.decode(ours)!r}"]
+
+
 # ---------------------------------------------------------------------------------------- CLI
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse's default also prints the usage block)
-        print(f"error: {message} (see python -m dpo.export --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+def build_parser() -> Parser:
+    p = Parser(
         prog="python -m dpo.export",
         description="Export a training run as its LoRA adapter, a merged HF model, or a GGUF file.",
     )
-    p.add_argument("--run-dir", required=True, help="the training run directory (config.json, adapter/)")
-    p.add_argument("--format", required=True, choices=FORMATS, help="adapter | merged | gguf")
-    p.add_argument("--output", required=True, help="folder (adapter, merged) or .gguf file (gguf; a folder works too)")
-    p.add_argument("--quantization", choices=QUANTIZATIONS, default=None, help="gguf only (default f16)")
-    p.add_argument("--dtype", choices=MERGED_DTYPES, default=None, help="merged only (default bfloat16)")
+    p.add_argument("--run-dir", required=True, default=argparse.SUPPRESS, help="the training run directory (config.json, adapter/)")
+    p.add_argument("--format", required=True, choices=FORMATS, default=argparse.SUPPRESS, help="adapter | merged | gguf")
+    p.add_argument("--output", required=True, default=argparse.SUPPRESS, help="folder (adapter, merged) or .gguf file (gguf; a folder works too)")
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default=argparse.SUPPRESS,
+                   help=f"gguf only; f16 when not given ({', '.join(K_QUANTS)} are made by llama.cpp: the gguf extra)")
+    p.add_argument("--dtype", choices=MERGED_DTYPES, default=argparse.SUPPRESS,
+                   help="merged only; bfloat16 when not given")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--no-verify", action="store_true", help="skip reloading the export and comparing logits")
     p.add_argument("--traceback", action="store_true", help="show the full traceback of unexpected errors")
     return p
 
 
-def run_export(args) -> int:
-    if args.quantization is not None and args.format != "gguf":
+def _say(text: str) -> None:
+    """A progress line: the phases of an export take seconds to minutes."""
+    print(f"export: {text}", flush=True)
+
+
+def _commands(run: Run, argv: list[str]) -> list[str]:
+    return [python_command("dpo.train", ["--config", str(run.dir / "config.json")]) + "   # the training run",
+            python_command("dpo.export", argv)]
+
+
+def run_export(args, argv: list[str] | None = None) -> int:
+    quantization, dtype = getattr(args, "quantization", None), getattr(args, "dtype", None)
+    if quantization is not None and args.format != "gguf":
         raise ExportError("--quantization applies to --format gguf only")
-    if args.dtype is not None and args.format != "merged":
+    if dtype is not None and args.format != "merged":
         raise ExportError("--dtype applies to --format merged only")
     run = open_run(args.run_dir)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    commands = _commands(run, argv if argv is not None else sys.argv[1:])
     if args.format == "adapter":
-        out = export_adapter(run, args.output, overwrite=args.overwrite)
+        out = export_adapter(run, args.output, overwrite=args.overwrite, commands=commands)
         print(f"wrote adapter: {_describe(out)}")
         print(f"base model for this adapter: {run.config['model']}")
         return 0
     if args.format == "merged":
-        dtype = args.dtype or "bfloat16"
-        out, model, tokenizer = export_merged(run, args.output, dtype, overwrite=args.overwrite)
-        print(f"wrote merged {dtype} model: {_describe(out)}")
-        if args.no_verify:
-            return 0
-        v = verify_merged(out, model, tokenizer, dtype)
+        return _run_merged(run, args, dtype or "bfloat16", commands)
+    return _run_gguf(run, args, quantization or "f16")
+
+
+def _run_merged(run: Run, args, dtype: str, commands: list[str]) -> int:
+    _say(f"loading {run.base} and merging the adapter (float32)")
+    out, model, tokenizer = export_merged(run, args.output, dtype, overwrite=args.overwrite, commands=commands)
+    print(f"wrote merged {dtype} model: {_describe(out)}")
+    if args.no_verify:
+        return 0
+    _say("verifying: reloading the folder and comparing logits")
+    return _report([verify_merged(out, model, tokenizer, dtype)])
+
+
+def _run_gguf(run: Run, args, quantization: str) -> int:
+    check_quantization_tool(quantization)
+    _say(f"loading {run.base}, merging the adapter (float32) and writing GGUF {quantization}")
+    out, summary, model, tokenizer = export_gguf(run, args.output, quantization, overwrite=args.overwrite)
+    types = ", ".join(f"{v} {k}" for k, v in summary["tensor_types"].items())
+    print(f"wrote GGUF {quantization}: {_describe(out)}; tensors: {types}; tokenizer.ggml.pre={summary['pre']}")
+    for note in summary["notes"]:
+        print(f"note: {note}")
+    if args.no_verify:
+        return 0
+    _say("verifying: loading the base model too, to check that the adapter is in the file")
+    base = base_model(run)
+    checks = [verify_gguf(out, model, tokenizer, quantization, base=base)]
+    if llamacpp.bindings() is not None:
+        _say("verifying: running the file in llama.cpp")
+        checks.append(verify_gguf_in_llamacpp(out, model, tokenizer, quantization, base=base))
     else:
-        quantization = args.quantization or "f16"
-        check_quantization_tool(quantization)
-        out, summary, model, tokenizer = export_gguf(run, args.output, quantization, overwrite=args.overwrite)
-        types = ", ".join(f"{v} {k}" for k, v in summary["tensor_types"].items())
-        print(f"wrote GGUF {quantization}: {_describe(out)}; tensors: {types}; tokenizer.ggml.pre={summary['pre']}")
-        for note in summary["notes"]:
-            print(f"note: {note}")
-        if args.no_verify:
-            return 0
-        v = verify_gguf(out, model, tokenizer, quantization)
-    print(v.line())
-    for note in v.notes:
-        print(f"  {note}")
-    return 0 if v.ok else 1
+        print(f"note: not run in llama.cpp (its Python bindings are not installed: {llamacpp.EXTRA_HINT})")
+    return _report(checks)
+
+
+def _report(checks: list[Verification]) -> int:
+    for v in checks:
+        print(v.line())
+        for note in v.notes:
+            print(f"  {note}")
+    return 0 if all(v.ok for v in checks) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -745,9 +705,13 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or a usage error (2, already printed as one line)
         return e.code if isinstance(e.code, int) else 2
     try:
-        return run_export(args)
+        return run_export(args, argv)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read-only or full place: name the path and the cause, as training does
+        where = e.filename or args.output
+        print(f"error: could not write the export to {where}: {e.strerror or first_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -755,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - one line for the user; --traceback for a bug report
         if args.traceback:
             raise
-        print(f"error: unexpected {type(e).__name__}: {_first_line(e)} (rerun with --traceback for details)", file=sys.stderr)
+        print(f"error: unexpected {type(e).__name__}: {first_line(e)} (rerun with --traceback for details)", file=sys.stderr)
         return 2
 
 

@@ -44,10 +44,11 @@ PROMPTS = ("The quick brown fox jumps over the lazy dog.", "In 2024, 3 of 7 numb
 # --------------------------------------------------------------------------------- fixtures
 
 
-def make_run(root: Path, tokenizer, with_tokenizer: bool = True, **overrides) -> Path:
-    """A run directory: base model folder, RUN/config.json naming it, RUN/adapter with a non-trivial LoRA."""
+def make_run(root: Path, tokenizer, with_tokenizer: bool = True, model=None, **overrides) -> Path:
+    """A run directory: base model folder, RUN/config.json naming it, RUN/adapter with a non-trivial LoRA
+    (on `model`, a tiny random Llama unless given)."""
     base_dir = root / "base"
-    model = build_tiny_llama(len(tokenizer), **overrides)
+    model = build_tiny_llama(len(tokenizer), **overrides) if model is None else model
     model.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
     peft_model = add_lora(model, LoraSettings(r=4, alpha=8))
@@ -289,13 +290,13 @@ def test_qk_permutation_is_undone_by_transformers_for_gqa():
 
 
 def test_unsupported_architecture_is_a_clear_error(tok, tmp_path):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Phi3Config, Phi3ForCausalLM
 
-    model = Qwen2ForCausalLM(
-        Qwen2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                    num_attention_heads=2, num_key_value_heads=1)
+    model = Phi3ForCausalLM(
+        Phi3Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                   num_attention_heads=2, num_key_value_heads=1, pad_token_id=2)
     )
-    with pytest.raises(export.ExportError, match="Llama architecture only.*'qwen2'"):
+    with pytest.raises(export.ExportError, match="GGUF export supports llama, mistral, qwen2, qwen3; this model is 'phi3'"):
         export.write_gguf(model, tok, tmp_path / "x.gguf")
 
 
@@ -309,7 +310,15 @@ def _fake_llama_quantize(bin_dir: Path, body: str) -> None:
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
 
 
-def test_q4_k_m_without_llama_quantize_says_how_to_get_it(run_dir, tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def no_llama_cpp(monkeypatch):
+    """As on a machine without the `gguf` extra (its bindings win over a llama-quantize on PATH)."""
+    from dpo import llamacpp
+
+    monkeypatch.setattr(llamacpp, "bindings", lambda: None)
+
+
+def test_q4_k_m_without_llama_quantize_says_how_to_get_it(run_dir, tmp_path, capsys, monkeypatch, no_llama_cpp):
     monkeypatch.setenv("PATH", str(tmp_path))  # nothing there
     out = tmp_path / "x.gguf"
     rc = export.main(["--run-dir", str(run_dir), "--format", "gguf", "--quantization", "q4_k_m", "--output", str(out)])
@@ -317,9 +326,10 @@ def test_q4_k_m_without_llama_quantize_says_how_to_get_it(run_dir, tmp_path, cap
     assert rc == 2 and not out.exists()
     assert len(err.strip().splitlines()) == 1
     assert "llama-quantize" in err and "llama.cpp" in err and "PATH" in err
+    assert "pip install -e '.[gguf]'" in err  # the extra that brings llama.cpp
 
 
-def test_q4_k_m_runs_llama_quantize_on_the_f16_file(run_dir, tmp_path, capsys, monkeypatch):
+def test_q4_k_m_runs_llama_quantize_on_the_f16_file(run_dir, tmp_path, capsys, monkeypatch, no_llama_cpp):
     # A stand-in that records its arguments and copies the f16 input: checks the plumbing, not llama.cpp.
     _fake_llama_quantize(
         tmp_path / "bin",
@@ -336,7 +346,7 @@ def test_q4_k_m_runs_llama_quantize_on_the_f16_file(run_dir, tmp_path, capsys, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["args.txt", "bin", "m.gguf"]  # scratch f16 removed
 
 
-def test_q4_k_m_failure_is_one_line(run_dir, tmp_path, capsys, monkeypatch):
+def test_q4_k_m_failure_is_one_line(run_dir, tmp_path, capsys, monkeypatch, no_llama_cpp):
     _fake_llama_quantize(tmp_path / "bin", "print('boom: bad things', file=sys.stderr)\nsys.exit(3)")
     monkeypatch.setenv("PATH", str(tmp_path / "bin") + os.pathsep + os.environ["PATH"])
     out = tmp_path / "m.gguf"
@@ -423,3 +433,137 @@ def test_cli_process_exit_code_and_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: run directory not found") and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------ architectures
+
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def build_tiny(kind: str, vocab_size: int, hidden: int = 64, **overrides):
+    """A tiny random model of one family GGUF export supports (4 query heads sharing 2 KV heads).
+    Qwen3 keeps its real head_dim of 128: transformers' GGUF reader assumes it for qwen3 files.
+    Biases and norms are randomised so a misnamed or unpermuted one changes the logits."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    common.update(overrides)
+    torch.manual_seed(0)
+    if kind == "llama":
+        return build_tiny_llama(vocab_size, **{k: v for k, v in common.items() if k != "vocab_size"})
+    if kind == "mistral":
+        model = tf.MistralForCausalLM(tf.MistralConfig(**common, sliding_window=None, tie_word_embeddings=False))
+    elif kind == "qwen2":
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, tie_word_embeddings=True))
+    else:
+        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, head_dim=128, tie_word_embeddings=True))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "bias" in name or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+def test_each_architecture_exports_its_merged_adapter_to_gguf_exactly(kind, tok, tmp_path):
+    """f32 GGUF of base + LoRA, read back by transformers: equal to the float32 merge up to float32 noise."""
+    from gguf import GGUFReader
+
+    run = make_run(tmp_path, tok, model=build_tiny(kind, len(tok)))
+    out, summary, merged, tokenizer = export.export_gguf(export.open_run(run), tmp_path / "m.gguf", "f32")
+    assert summary["architecture"] == {"mistral": "llama"}.get(kind, kind)
+    assert GGUFReader(str(out)).fields["general.architecture"].contents() == summary["architecture"]
+    model, _, _ = export.load_gguf(out, with_tokenizer=False)
+    want, got = logits(merged, tok), logits(model, tok)
+    assert max_diff(want, got) < 1e-4 * max(1.0, logit_range(want))
+    base, _ = base_and_adapter(run)
+    assert max_diff(logits(base, tok), got) > 1e-2  # the adapter is in the file
+
+
+# ------------------------------------------------------------------------- adapter is in the file
+
+
+def test_a_gguf_of_the_bare_base_model_fails_verification(run_dir, tok, tmp_path):
+    run = export.open_run(run_dir)
+    base = export.base_model(run)
+    out, _, merged, _ = export.export_gguf(run, tmp_path / "m.gguf", "f16")
+    good = export.verify_gguf(out, merged, tok, "f16", base=base)
+    assert good.ok and good.adapter_visible and "adapter in the file" in good.line()
+    bare, _, _, _ = export.export_gguf(run, tmp_path / "bare.gguf", "f16", model=export.base_model(run))
+    v = export.verify_gguf(bare, merged, tok, "f16", base=base)
+    assert v.adapter_visible is False and not v.ok and "adapter NOT visible" in v.line()
+
+
+# ------------------------------------------------------------------------------- model card
+
+
+def test_adapter_and_merged_exports_carry_a_model_card(tmp_path, tok, capsys):
+    run = make_run(tmp_path, tok)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg.update(dataset="pairs.jsonl", loss_type=["sigmoid"], beta=0.25, learning_rate=5e-4, lora_r=4)
+    (run / "config.json").write_text(json.dumps(cfg))
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"step": 0, "eval_loss": 0.69}) + "\n" + json.dumps({"step": 8, "loss": 0.31, "rewards/margins": 1.2}) + "\n"
+    )
+    (run / "eval.json").write_text(json.dumps({"task": "sentiment", "num_pairs": 48,
+                                               "before": {"eval_loss": 0.693}, "after": {"eval_loss": 0.282}}))
+    for fmt in ("adapter", "merged"):
+        out = tmp_path / fmt
+        args = ["--run-dir", str(run), "--format", fmt, "--output", str(out), "--no-verify"]
+        assert export.main(args) == 0
+        text = (out / "README.md").read_text()
+        assert f"base_model: {cfg['model']}" in text and "pairs.jsonl" in text
+        assert "| beta | 0.25 |" in text and "| loss types | sigmoid |" in text and "| optimizer steps | 8 |" in text
+        assert "| eval_loss | 0.693 | 0.282 |" in text and "48 held-out pairs (sentiment)" in text
+        assert "-m dpo.export --run-dir" in text and f"--config {run / 'config.json'}" in text
+        assert ("PeftModel.from_pretrained" in text) == (fmt == "adapter")
+    assert "library_name: peft" in (tmp_path / "adapter" / "README.md").read_text()
+
+
+def test_the_default_models_adapter_names_the_hub_model(tmp_path, run_dir):
+    run = export.open_run(run_dir)
+    run.config = {**run.config, "model": "smollm2-135m-instruct"}
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/root/.cache/dpo/x", "r": 4}))
+    export._portable_base_name(run, tmp_path / "adapter_config.json")
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg == {"base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct", "r": 4}
+
+
+# ---------------------------------------------------------------------------- read-only place
+
+
+def test_export_to_a_read_only_place_is_one_line_before_any_model_loads(run_dir, capsys, no_model_load):
+    target = Path("/sys/dpo-export-test")  # sysfs refuses new files even to root
+    try:
+        target.touch()
+        target.unlink()
+        pytest.skip("/sys is writable here: no read-only place to export to")
+    except OSError:
+        pass
+    for fmt in ("adapter", "merged", "gguf"):
+        err = _cli_error(capsys, ["--run-dir", str(run_dir), "--format", fmt, "--output", str(target)])
+        assert f"cannot write the export to {target}" in err and "Permission denied" in err, err
+
+
+def test_an_oserror_while_writing_names_the_path_and_cause(run_dir, tmp_path, capsys, monkeypatch):
+    def full(*a, **k):
+        raise OSError(28, "No space left on device", str(tmp_path / "o.tmp" / "adapter_model.safetensors"))
+
+    monkeypatch.setattr(export.shutil, "copytree", full)
+    err = _cli_error(capsys, ["--run-dir", str(run_dir), "--format", "adapter", "--output", str(tmp_path / "o")])
+    assert f"could not write the export to {tmp_path / 'o.tmp' / 'adapter_model.safetensors'}: No space left on device" in err
+
+
+def test_a_finished_run_gets_its_own_adapter_card(tmp_path, tok):
+    from dpo import card
+
+    run = make_run(tmp_path, tok)
+    (run / "eval.json").write_text(json.dumps({"num_pairs": 8, "before": {"eval_loss": 0.693}, "after": {"eval_loss": 0.5}}))
+    path = card.write_run_card(run)
+    text = path.read_text()
+    assert path == run / "adapter" / "README.md"
+    assert "| eval_loss | 0.693 | 0.5 |" in text and f"--config {run / 'config.json'}" in text
+    assert f"PeftModel.from_pretrained(base, {str(run / 'adapter')!r})" in text

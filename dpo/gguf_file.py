@@ -1,0 +1,305 @@
+"""Writing a float32 Hugging Face causal LM and its byte-level BPE tokenizer as a GGUF file for llama.cpp.
+
+What llama.cpp's own converter (convert_hf_to_gguf.py) writes, for the architectures in ARCHITECTURES:
+architecture metadata, the tokenizer (tokens, merges, token types, special ids, chat template), and
+the tensors under llama.cpp's names. For the Llama layout (Llama, Mistral) Q/K rows are permuted from
+HF's rotate-half RoPE to llama.cpp's interleaved pairs (per KV head for K, so GQA works); Qwen2/Qwen3
+use llama.cpp's NEOX RoPE, which is HF's layout, so their rows stay as they are.
+f32/f16/q8_0/q4_0 are stored here with numpy (`gguf.quants`); the k-quants (K_QUANTS) are written
+as f16 and then quantized by llama.cpp itself (dpo.llamacpp), never re-implemented here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+QUANTIZATIONS = ("f16", "f32", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
+K_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")  # made from our f16 file by llama.cpp's quantizer
+
+
+class ExportError(Exception):
+    """A problem the user can fix; printed as one line."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    gguf_arch: str  # the member of gguf.MODEL_ARCH
+    permute_qk: bool  # HF rotate-half -> llama.cpp interleaved RoPE rows (the Llama layout only)
+
+
+# transformers model_type -> how llama.cpp's converter writes it (Mistral is written as "llama" there too).
+ARCHITECTURES = {
+    "llama": Architecture("LLAMA", permute_qk=True),
+    "mistral": Architecture("LLAMA", permute_qk=True),
+    "qwen2": Architecture("QWEN2", permute_qk=False),
+    "qwen3": Architecture("QWEN3", permute_qk=False),
+}
+
+
+def architecture(config) -> Architecture:
+    """The GGUF layout of this model's family, or one line saying it is not supported."""
+    kind = getattr(config, "model_type", None)
+    if kind not in ARCHITECTURES:
+        names = ", ".join(getattr(config, "architectures", None) or [])
+        raise ExportError(
+            f"GGUF export supports {', '.join(ARCHITECTURES)}; this model is {kind!r} ({names}). "
+            "Use --format merged (or llama.cpp's convert_hf_to_gguf.py on the merged folder) instead."
+        )
+    return ARCHITECTURES[kind]
+
+
+def _tokenizer_json(tokenizer) -> dict:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ExportError("GGUF export needs a fast (tokenizers-backed) tokenizer")
+    return json.loads(backend.to_str())
+
+
+def _pre_tokenizer_name(tok_json: dict) -> tuple[str, str | None]:
+    """llama.cpp's `tokenizer.ggml.pre` for this byte-level BPE's pre-tokenizer, with a note when guessed.
+
+    llama.cpp itself identifies pre-tokenizers by hashing the token ids of a probe text; we instead
+    read the tokenizers pre-tokenizer config, which is what the training-time tokenization did."""
+    pre = tok_json.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in parts]
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt-2", None  # the GPT-2 regex, as tokenizers' ByteLevel(use_regex=True)
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
+        return "smollm", None  # single digits, then the GPT-2 regex (SmolLM/SmolLM2 upstream)
+    llama3 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    if kinds == ["Split", "ByteLevel"] and parts[0].get("pattern", {}).get("Regex") == llama3:
+        return "llama-bpe", None
+    return "default", (
+        f"pre-tokenizer {kinds} not recognised; wrote tokenizer.ggml.pre='default', so llama.cpp may split "
+        "text slightly differently from transformers"
+    )
+
+
+def gguf_vocab(tokenizer, vocab_size: int) -> dict:
+    """Tokens, token types, merges and special ids of a byte-level BPE tokenizer, as GGUF wants them."""
+    import gguf
+
+    tok_json = _tokenizer_json(tokenizer)
+    model = tok_json.get("model", {})
+    if model.get("type") != "BPE" or not any(
+        p.get("type") == "ByteLevel"
+        for p in ([tok_json.get("pre_tokenizer") or {}] + (tok_json.get("pre_tokenizer") or {}).get("pretokenizers", []))
+    ):
+        raise ExportError(
+            "GGUF export supports byte-level BPE tokenizers only (GPT-2 style, as SmolLM2 and Llama 3 use); "
+            f"this one is {model.get('type')!r} with pre-tokenizer {(tok_json.get('pre_tokenizer') or {}).get('type')!r}"
+        )
+    vocab = tokenizer.get_vocab()
+    if len(vocab) and max(vocab.values()) >= vocab_size:
+        raise ExportError(
+            f"the tokenizer has ids up to {max(vocab.values())} but the model has only {vocab_size} embeddings"
+        )
+    reverse = {i: t for t, i in vocab.items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(added[i].content)
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(reverse[i])
+            types.append(gguf.TokenType.NORMAL)
+    merges = []
+    for m in model.get("merges", []):
+        pair = m.split(" ") if isinstance(m, str) else list(m)
+        if len(pair) != 2 or any(" " in p for p in pair):
+            raise ExportError(f"BPE merge {m!r} cannot be written to GGUF (a token contains a space)")
+        merges.append(f"{pair[0]} {pair[1]}")
+    pre, note = _pre_tokenizer_name(tok_json)
+
+    probe = tokenizer.encode("a", add_special_tokens=False)
+    with_special = tokenizer.encode("a", add_special_tokens=True)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    add_bos = len(with_special) > len(probe) and bos is not None and with_special[0] == bos
+    add_eos = len(with_special) > len(probe) and eos is not None and with_special[-1] == eos
+    specials = {
+        "bos": bos,
+        "eos": eos,
+        "unk": tokenizer.unk_token_id,
+        "pad": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+    }
+    template = getattr(tokenizer, "chat_template", None)
+    return {
+        "tokens": tokens,
+        "types": types,
+        "merges": merges,
+        "pre": pre,
+        "note": note,
+        "special_ids": {k: v for k, v in specials.items() if v is not None},
+        "add_bos": add_bos,
+        "add_eos": add_eos,
+        "chat_template": template if isinstance(template, str) else None,
+    }
+
+
+def _permute_qk(w, n_head: int):
+    """HF's rotate-half RoPE layout -> llama.cpp's interleaved pairs, per head (n_head = KV heads for K)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tensor_type(gguf_name: str, shape: tuple[int, ...], quantization: str):
+    """Storage type of one tensor, as llama.cpp's converter chooses: norms and 1-D tensors in F32;
+    rows that are not a whole number of quant blocks fall back to F16."""
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or quantization == "f32":
+        return T.F32
+    if quantization == "f16" or quantization in K_QUANTS:  # k-quants: llama.cpp requantizes our f16 file
+        return T.F16
+    if quantization == "q8_0":
+        qtype = T.Q8_0
+    elif gguf_name in ("token_embd.weight", "output.weight"):
+        qtype = T.Q8_0  # q4_0: keep the embedding/output matrix at 8 bits (llama-quantize keeps it higher too)
+    else:
+        qtype = T.Q4_0
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    return qtype if shape[-1] % block == 0 else T.F16
+
+
+# The file type recorded in the header; a k-quant is an f16 file until llama.cpp quantizes it.
+FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0",
+              **{q: "MOSTLY_F16" for q in K_QUANTS}}
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    if isinstance(params, dict) and "rope_theta" in params:
+        return float(params["rope_theta"])
+    return float(getattr(config, "rope_theta", 10000.0))
+
+
+def _rope_scaling(config):
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kind = params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
+    if kind in (None, "default"):
+        return None
+    if kind == "linear":
+        return float(params["factor"])
+    raise ExportError(f"GGUF export does not handle rope scaling {kind!r} (only none or linear)")
+
+
+
+
+def write_gguf(model, tokenizer, path, quantization: str = "f16", name: str = "model") -> dict:
+    """Write `model` (a float32 causal LM of a family in ARCHITECTURES) and `tokenizer` to the GGUF file `path`.
+
+    Returns a summary: the tensor-type counts, the pre-tokenizer name and any notes."""
+    import gguf
+
+    if quantization not in QUANTIZATIONS:
+        raise ExportError(f"unknown --quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)}")
+    arch = architecture(model.config)
+    vocab = gguf_vocab(tokenizer, model.config.vocab_size)
+    arch_enum = getattr(gguf.MODEL_ARCH, arch.gguf_arch)
+    writer = gguf.GGUFWriter(path=str(path), arch=gguf.MODEL_ARCH_NAMES[arch_enum])
+    try:
+        _write_hparams(writer, model.config, quantization, name)
+        _write_tokenizer(writer, vocab)
+        counts = _write_tensors(writer, model, arch, arch_enum, quantization)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    return {"tensor_types": counts, "notes": [vocab["note"]] if vocab["note"] else [], "pre": vocab["pre"],
+            "architecture": gguf.MODEL_ARCH_NAMES[arch_enum]}
+
+
+def _write_hparams(writer, config, quantization: str, name: str) -> None:
+    """Architecture metadata: sizes, heads, RoPE, norm epsilon, file type."""
+    import gguf
+
+    n_head = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    linear_factor = _rope_scaling(config)
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // n_head:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(_rope_theta(config))
+    if linear_factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(linear_factor)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[quantization]))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _write_tokenizer(writer, vocab: dict) -> None:
+    """The byte-level BPE vocabulary (llama.cpp's "gpt2" tokenizer model) with its special ids and template."""
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(vocab["pre"])
+    writer.add_token_list(vocab["tokens"])
+    writer.add_token_types(vocab["types"])
+    writer.add_token_merges(vocab["merges"])
+    for kind, token_id in vocab["special_ids"].items():
+        getattr(writer, f"add_{kind}_token_id")(token_id)
+    writer.add_add_bos_token(vocab["add_bos"])
+    writer.add_add_eos_token(vocab["add_eos"])
+    writer.add_add_space_prefix(False)
+    if vocab["chat_template"]:
+        writer.add_chat_template(vocab["chat_template"])
+
+
+def _write_tensors(writer, model, arch: Architecture, arch_enum, quantization: str) -> dict[str, int]:
+    """Every weight under its llama.cpp name, in its storage type; returns how many of each type."""
+    import gguf
+    import torch
+
+    config = model.config
+    n_head = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    name_map = gguf.get_tensor_name_map(arch_enum, config.num_hidden_layers)
+    counts: dict[str, int] = {}
+    for hf_name, tensor in model.state_dict().items():
+        if (tied and hf_name == "lm_head.weight") or hf_name.endswith("rotary_emb.inv_freq"):
+            continue  # llama.cpp reuses token_embd when output.weight is absent
+        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ExportError(f"no GGUF name for tensor {hf_name!r}: this {config.model_type} variant is not supported")
+        data = tensor.detach().to(torch.float32).cpu().numpy()
+        if arch.permute_qk and gguf_name.startswith("blk."):  # weights and biases alike, as llama.cpp
+            if ".attn_q." in gguf_name:
+                data = _permute_qk(data, n_head)
+            elif ".attn_k." in gguf_name:
+                data = _permute_qk(data, n_kv)
+        qtype = _add_tensor(writer, gguf_name, data, quantization)
+        counts[qtype.name] = counts.get(qtype.name, 0) + 1
+    return counts
+
+
+def _add_tensor(writer, gguf_name: str, data, quantization: str):
+    """One tensor in the storage type _tensor_type picks; returns that type."""
+    import gguf
+    import numpy as np
+
+    qtype = _tensor_type(gguf_name, data.shape, quantization)
+    if qtype == gguf.GGMLQuantizationType.F32:
+        writer.add_tensor(gguf_name, np.ascontiguousarray(data, dtype=np.float32))
+    elif qtype == gguf.GGMLQuantizationType.F16:
+        writer.add_tensor(gguf_name, np.ascontiguousarray(data, dtype=np.float16))
+    else:
+        writer.add_tensor(gguf_name, gguf.quants.quantize(np.ascontiguousarray(data), qtype), raw_dtype=qtype)
+    return qtype
