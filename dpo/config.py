@@ -18,7 +18,7 @@ from dpo.cli import Parser, optional
 from dpo.data import DEFAULT_MAX_LENGTH
 from dpo.models import model_folder_problem
 from dpo.sources import looks_local
-from dpo.losses import LOSS_TYPES, LossSettings
+from dpo.losses import LOSS_TYPES, OBJECTIVES, LossSettings
 from dpo.models import DEFAULT_LORA_TARGETS
 from dpo.smollm2 import DEFAULT_MODEL
 from dpo.tasks import DEFAULT_RUN
@@ -102,11 +102,22 @@ class TrainConfig:
     seed: int = _opt(42, "Seed for LoRA init, data order and dropout")
     shuffle: bool = _opt(True, "Shuffle pairs each epoch (--no-shuffle keeps file order)")
     # DPO
-    beta: float = _opt(0.1, "DPO beta: strength of the KL penalty to the reference")
-    loss_type: list[str] = _opt(("sigmoid",), f"One or more of: {', '.join(LOSS_TYPES)}")
+    beta: float = _opt(0.1, "DPO beta: strength of the KL penalty to the reference (SimPO, CPO, KTO: their "
+                       "beta; ORPO: its lambda, as in TRL)")
+    loss_type: list[str] = _opt(("sigmoid",), f"One or more DPO loss types ({', '.join(LOSS_TYPES)}), or one "
+                                f"objective alone: {', '.join(OBJECTIVES)} (each equal to its TRL 1.15 trainer)")
     loss_weights: list[float] | None = _opt(None, "Weight of each --loss-type (none: 1 each)")
     label_smoothing: float = _opt(0.0, "Label smoothing (robust, exo_pair, aot, aot_unpaired)")
     discopop_tau: float = _opt(0.05, "Temperature of the discopop loss type")
+    simpo_gamma: float = _opt(0.5, "SimPO's target reward margin gamma (--loss-type simpo)")
+    cpo_alpha: float | None = _opt(None, "Weight of the chosen NLL term of --loss-type cpo (none: 1.0) or simpo "
+                                   "(none: 0.0, pure SimPO), as TRL's CPOTrainer")
+    kto_desirable_weight: float = _opt(1.0, "KTO's weight of the desirable rows' loss (lambda_D)")
+    kto_undesirable_weight: float = _opt(1.0, "KTO's weight of the undesirable rows' loss (lambda_U)")
+    ld_alpha: float | None = _opt(None, "LD-DPO: weight in [0, 1] of the completion tokens past the shorter "
+                                  "completion of each pair (none: off; 1: plain DPO)")
+    use_weighting: bool = _opt(False, "WPO: weigh each pair's DPO loss by the policy's probability of its "
+                               "chosen and rejected completions (TRL's use_weighting)")
     reference_free: bool = _opt(False, "Use no reference model (reference log-probs are 0)")
     precompute_ref: bool = _opt(False, "Compute the reference log-probs of all pairs once before training")
     precompute_ref_batch_size: int | None = _opt(None, "Pairs per batch for --precompute-ref (default: 4x the micro-batch)")
@@ -225,7 +236,21 @@ class TrainConfig:
                               ("logprobs", LOGPROB_MODES), ("attention", ATTENTION_ROUTES), ("backend", BACKENDS), ("on_nan", ON_NAN)):
             if getattr(self, name) not in choices:
                 bad(name, f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
-        self.loss_settings()
+        loss = self.loss_settings()
+        if loss.unpaired and self.shuffle:
+            bad("shuffle", "kto needs --no-shuffle: its KL estimate pairs each row with the previous row's "
+                "completion inside a micro-batch, fixed once in file order (TRL's KTOTrainer requires "
+                "sequential sampling)")
+        if loss.unpaired and self.per_device_batch_size < 2:
+            bad("per_device_batch_size", "kto needs >= 2 rows per micro-batch (its KL estimate pairs each row "
+                "with another row's completion; TRL refuses 1 too)")
+        if self.eval_dataset is not None and (loss.objective != "dpo" or loss.ld_alpha is not None
+                                              or loss.use_weighting):
+            bad("eval_dataset", "held-out evaluation is DPO-only for now (plain loss types, without ld_alpha or "
+                f"use_weighting); train {'with ' + loss.objective if loss.objective != 'dpo' else 'so'} without it")
+        if self.precompute_ref and loss.objective != "dpo":
+            bad("precompute_ref", f"is for DPO loss types; {loss.objective} "
+                + ("computes its reference each step" if loss.needs_reference else "uses no reference model"))
         if self.dataset is not None and looks_local(self.dataset) and not _exists(self.dataset):
             bad("dataset", f"no such file or folder: {self.dataset}")
         if looks_local(self.model) and not _exists(self.model):
