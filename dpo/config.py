@@ -107,7 +107,8 @@ class TrainConfig:
     loss_type: list[str] = _opt(("sigmoid",), f"One or more DPO loss types ({', '.join(LOSS_TYPES)}), or one "
                                 f"objective alone: {', '.join(OBJECTIVES)} (each equal to its TRL 1.15 trainer)")
     loss_weights: list[float] | None = _opt(None, "Weight of each --loss-type (none: 1 each)")
-    label_smoothing: float = _opt(0.0, "Label smoothing (robust, exo_pair, aot, aot_unpaired)")
+    label_smoothing: float = _opt(0.0, "Label smoothing (robust, exo_pair, aot, aot_unpaired; simpo and cpo: "
+                                  "in [0, 0.5))")
     discopop_tau: float = _opt(0.05, "Temperature of the discopop loss type")
     simpo_gamma: float = _opt(0.5, "SimPO's target reward margin gamma (--loss-type simpo)")
     cpo_alpha: float | None = _opt(None, "Weight of the chosen NLL term of --loss-type cpo (none: 1.0) or simpo "

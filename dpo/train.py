@@ -104,6 +104,9 @@ def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None 
     started = time.time()
     hooks = hooks or RunHooks()
     loss = cfg.loss_settings()  # validated with the config; the one object training and evaluation take
+    if loss.unpaired and distributed.from_env().enabled:  # its per-side metrics differ between ranks
+        raise ConfigError("--loss-type kto: runs on one process for now (its KL blocks and per-side metrics are "
+                          "not yet shared across ranks); launch it without torchrun/accelerate")
     dist, device = distributed.setup(cfg.device)  # one process, or one rank of torchrun/accelerate launch
     if device.type == "cpu":
         threads = cpu_threads(cfg.threads, dist.world_size)

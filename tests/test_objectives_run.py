@@ -187,3 +187,11 @@ def test_ld_alpha_precomputed_reference_equals_the_reference_each_step(tiny_llam
         for k in ("loss", "rewards/chosen", "rewards/rejected", "grad_norm"):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
     assert abs(each[-1]["rewards/margins"]) > 1e-3
+
+
+def test_kto_on_several_ranks_is_refused_in_one_line(tmp_path, monkeypatch, no_model_load):
+    from dpo.train import run
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="^--loss-type kto: runs on one process"):
+        run(_cfg(tmp_path, loss_type=["kto"], shuffle=False))
