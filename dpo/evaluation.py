@@ -26,7 +26,7 @@ from dpo import generation, models, progress, tasks
 from dpo import data as data_mod
 from dpo.data import TokenizedPair, collate
 from dpo.losses import LossSettings
-from dpo.scoring import METRIC_NAMES, PairLogps, eval_metrics
+from dpo.scoring import METRIC_NAMES, PairLogps, dpo_only_reason, eval_metrics
 
 __all__ = ["METRIC_NAMES", "Evaluation", "GenerationSettings", "PairLogps", "evaluate_pairs", "pair_logps",
            "format_metrics", "format_before_after"]
@@ -125,9 +125,14 @@ class Evaluation:
         name = cfg.eval_dataset or (cfg.dataset if tasks.is_builtin(cfg.dataset) else None)
         if name is None:
             return None
+        loss = LossSettings.from_config(cfg)
+        if (why := dpo_only_reason(loss)) is not None:  # --eval-dataset itself is refused with it (dpo.config)
+            print(f"dpo: no held-out evaluation of {name}: it is DPO-only for now (plain loss types); {why} "
+                  "trains without it")
+            return None
         spec = dict(prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
                     rejected_column=cfg.rejected_column, implicit_prompt=cfg.implicit_prompt)
-        return cls.of_dataset(name, tokenizer, loss=LossSettings.from_config(cfg), max_length=cfg.max_length,
+        return cls.of_dataset(name, tokenizer, loss=loss, max_length=cfg.max_length,
                               max_prompt_length=cfg.max_prompt_length, drop_identical=not cfg.keep_identical,
                               logprobs=cfg.logprobs, spec=spec)
 

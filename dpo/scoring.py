@@ -41,6 +41,19 @@ class PairLogps:
         return int(self.chosen.shape[0])
 
 
+def dpo_only_reason(loss: LossSettings) -> str | None:
+    """Why held-out evaluation cannot score a run under these loss settings (None: it can). These
+    metrics take summed log-probs of plain DPO pairs; the other objectives and options shape their
+    log-probs and batches otherwise (dpo.trainer)."""
+    if loss.objective != "dpo":
+        return f"--loss-type {loss.objective}"
+    if loss.ld_alpha is not None:
+        return "--ld-alpha"
+    if loss.use_weighting:
+        return "--use-weighting"
+    return None
+
+
 def eval_metrics(policy: PairLogps, ref: PairLogps, loss: LossSettings, batch_size: int) -> dict[str, float]:
     """Every eval metric of N pairs, each a mean over the N pairs (see the module doc).
 

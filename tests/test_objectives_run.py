@@ -195,3 +195,16 @@ def test_kto_on_several_ranks_is_refused_in_one_line(tmp_path, monkeypatch, no_m
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="^--loss-type kto: runs on one process"):
         run(_cfg(tmp_path, loss_type=["kto"], shuffle=False))
+
+
+@pytest.mark.parametrize("settings", [dict(loss_type=["cpo"]), dict(loss_type=["kto"], shuffle=False),
+                                      dict(ld_alpha=0.5), dict(use_weighting=True)], ids=["cpo", "kto", "ld", "wpo"])
+def test_a_builtin_task_run_skips_its_evaluation_in_one_line_for_non_dpo(settings, tokenizer, capsys):
+    """A built-in task evaluates on its held-out split by itself: objectives other than plain DPO skip it
+    with one line (scoring CPO's pairs as DPO pairs would crash or mislead); plain DPO still evaluates."""
+    from dpo.evaluation import Evaluation
+
+    assert Evaluation.for_run(TrainConfig(dataset="builtin:sentiment", **settings), tokenizer) is None
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("dpo: no held-out evaluation of builtin:sentiment: it is DPO-only") and "\n" not in out
+    assert Evaluation.for_run(TrainConfig(dataset="builtin:sentiment"), tokenizer) is not None
