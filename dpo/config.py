@@ -55,6 +55,9 @@ DEFAULT_RUN_HELP = (f"With no --dataset: the built-in default run, --dataset {DE
 # Keys that say how this invocation starts (fresh, resumed, replacing), not what the run is: they are
 # left out of the config.json a run writes, so that file can be passed back with --config --resume.
 RUN_CONTROL_KEYS = ("resume", "resume_from", "overwrite", "plan")
+# LossSettings fields of the objectives beyond DPO: a refusal that starts with one names its flag.
+OBJECTIVE_SETTINGS = ("simpo_gamma", "cpo_alpha", "kto_desirable_weight", "kto_undesirable_weight", "ld_alpha",
+                      "use_weighting")
 ATTENTION_ROUTES = ("auto", "flash_varlen", "flex", "sdpa", "eager")
 
 
@@ -177,8 +180,10 @@ class TrainConfig:
         """The loss settings of this run as one validated object (training and evaluation take it)."""
         try:
             return LossSettings.from_config(self)
-        except ValueError as e:
-            raise ConfigError(f"--loss-type/--loss-weights/--label-smoothing: {e}") from None
+        except ValueError as e:  # name the objective's own setting where the message starts with it
+            named = [n for n in OBJECTIVE_SETTINGS if str(e).startswith(n)]
+            flags = _flag(named[0]) if named else "--loss-type/--loss-weights/--label-smoothing"
+            raise ConfigError(f"{flags}: {e}") from None
 
     def validate(self) -> None:
         """Raise ConfigError naming the flag for every value that cannot work."""

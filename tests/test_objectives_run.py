@@ -113,8 +113,9 @@ def _cfg(tmp_path, **kw):
     (dict(loss_type=["orpo"], eval_dataset="builtin:sentiment:eval"), "--eval-dataset"),
     (dict(use_weighting=True, eval_dataset="builtin:sentiment:eval"), "--eval-dataset"),
     (dict(loss_type=["simpo", "sigmoid"]), "--loss-type"),
-    (dict(loss_type=["orpo"], cpo_alpha=0.5), "--loss-type"),
-    (dict(ld_alpha=1.5), "--loss-type"),
+    (dict(loss_type=["orpo"], cpo_alpha=0.5), "--cpo-alpha"),
+    (dict(ld_alpha=1.5), "--ld-alpha"),
+    (dict(loss_type=["kto"], shuffle=False, kto_desirable_weight=0.0), "--kto-desirable-weight"),
 ])
 def test_objective_settings_refused_in_one_line(settings, flag, tmp_path):
     with pytest.raises(ConfigError) as e:
