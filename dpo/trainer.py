@@ -7,7 +7,15 @@ One optimizer step:
         loss                 = LossSettings(...)(logps)         mean over the B pairs
         (loss / grad_accum).backward()                          as TRL/HF Trainer scale accumulation
     clip the global grad norm, AdamW step, schedule step
-Metrics carry TRL's names (dpo.metrics) and are the mean over the step's micro-batches, as TRL logs them.
+The objectives beyond DPO change only the micro-batch (`objective_micro_batch`), each as its TRL 1.15 trainer:
+    DPO + ld_alpha / use_weighting   one forward scored with LD-DPO's shared/tail masks; WPO's pair weights
+                                      from the same forward, without gradient (DPOTrainer)
+    simpo, cpo, orpo                 SidedPairs (objective_data.tokenize_sided), no reference; mean or summed
+                                      log-probs and the chosen NLL from one forward (CPOTrainer, ORPOTrainer)
+    kto                              unpaired rows; policy on the rows (grad) and on the mismatched KL rows
+                                      (no grad), reference on both; the batch's KL estimate (KTOTrainer)
+Metrics carry TRL's names (dpo.metrics) and are the mean over the step's micro-batches, as TRL logs them
+(each over the micro-batches that logged it: a KTO micro-batch without desirable rows has no rewards/chosen).
 A non-finite loss or gradient norm never reaches the weights (`on_nan`: stop raises NonFiniteStep, skip
 drops the update and marks the row).
 
