@@ -59,7 +59,7 @@ def read_rows(cfg: TrainConfig):
     spec = DataSpec.from_config(cfg)
     if cfg.loss_settings().unpaired:
         records = read_records(spec)
-        if records and isinstance(records[0][2], dict) and {"completion", "label"} <= set(records[0][2]):
+        if records and isinstance(records[0][2], dict) and {"completion", "label"} & set(records[0][2]):
             return [od.unpaired_row(value, i, f"{source} {location}")
                     for i, (source, location, value) in enumerate(records)]
     return load_rows(spec)

@@ -148,6 +148,9 @@ def test_kto_reads_unpaired_rows(tokenizer, tiny_llama_dir, tmp_path):
     write_jsonl(path, rows[:3] + [{"prompt": "p", "completion": "c", "label": "yes"}])
     with pytest.raises(DataError, match=r"kto.jsonl line 4: label must be true or false"):
         read_rows(cfg)
+    write_jsonl(path, [{"prompt": "p", "completion": "c"}] + rows)
+    with pytest.raises(DataError, match=r"kto.jsonl line 1: no 'label' column"):
+        read_rows(cfg)
 
 
 @pytest.mark.parametrize("extra", [
