@@ -7,14 +7,34 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass
 
 import torch
 
 from dpo import data as data_mod
 from dpo import models, tasks
+from dpo import objective_data as od
 from dpo.cli import first_line
 from dpo.config import ConfigError, TrainConfig
-from dpo.sources import DataSpec, load_rows
+from dpo.sources import DataError, DataSpec, load_rows, read_records
+
+
+@dataclass
+class ObjectiveDataReport:
+    """What the data of a SimPO/CPO/ORPO or KTO run holds (the DPO pairs have dpo.report's DataReport)."""
+
+    objective: str
+    source: str
+    kept: int
+    dropped: int = 0
+
+    def format(self) -> str:
+        unit = "rows (desirable and undesirable)" if self.objective == "kto" else "pairs"
+        why = f"; {self.dropped} dropped: the prompt alone fills --max-length" if self.dropped else ""
+        return f"dpo: {self.objective}: {self.kept} {unit} from {self.source}{why}"
+
+
+SIDED_NO_LIMIT = 1 << 30  # CPO/ORPO tokenization with no --max-length: nothing is cut
 
 
 def seed_everything(seed: int) -> None:
@@ -31,15 +51,41 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def read_rows(cfg: TrainConfig):
-    """The training rows: a built-in task's (`builtin:NAME`), else the file, folder or hub dataset."""
+    """The training rows: a built-in task's (`builtin:NAME`), else the file, folder or hub dataset.
+    KTO also reads unpaired rows (prompt, completion, label), the format TRL's KTOTrainer reads."""
     rows = tasks.load_builtin(cfg.dataset)
-    return rows if rows is not None else load_rows(DataSpec.from_config(cfg))
+    if rows is not None:
+        return rows
+    spec = DataSpec.from_config(cfg)
+    if cfg.loss_settings().unpaired:
+        records = read_records(spec)
+        if records and isinstance(records[0][2], dict) and {"completion", "label"} & set(records[0][2]):
+            return [od.unpaired_row(value, i, f"{source} {location}")
+                    for i, (source, location, value) in enumerate(records)]
+    return load_rows(spec)
 
 
 def load_training_pairs(cfg: TrainConfig, tokenizer, rows=None):
+    """(training items, report): DPO's TokenizedPairs; SidedPairs for SimPO/CPO/ORPO (tokenized as TRL's
+    CPO/ORPO trainers do); KTO's TokenizedRows (paired rows split into desirable and undesirable ones)."""
     rows = read_rows(cfg) if rows is None else rows
-    return data_mod.prepare_pairs(tokenizer, rows, cfg.max_length, cfg.max_prompt_length,
-                                  drop_identical=not cfg.keep_identical)
+    loss = cfg.loss_settings()
+    if loss.objective == "dpo":
+        return data_mod.prepare_pairs(tokenizer, rows, cfg.max_length, cfg.max_prompt_length,
+                                      drop_identical=not cfg.keep_identical)
+    source = cfg.dataset or ""
+    if not rows:
+        raise DataError(f"{source}: the dataset is empty (no rows)")
+    if loss.unpaired:
+        unpaired = rows if isinstance(rows[0], od.UnpairedRow) else od.unpair_rows(list(rows))
+        tokenized = [od.tokenize_unpaired(tokenizer, r) for r in unpaired]
+        kept = [t for t in tokenized if od.kto_keeps(t, cfg.max_length)]
+        if not kept:
+            raise DataError(f"{source}: every prompt fills --max-length {cfg.max_length}; nothing is left to train on")
+        return kept, ObjectiveDataReport("kto", source, len(kept), len(tokenized) - len(kept))
+    max_length = cfg.max_length if cfg.max_length is not None else SIDED_NO_LIMIT
+    pairs = [od.tokenize_sided(tokenizer, r, max_length) for r in rows]
+    return pairs, ObjectiveDataReport(loss.objective, source, len(pairs))
 
 
 def build_model(cfg: TrainConfig, device: torch.device):
@@ -131,6 +177,9 @@ def plan_run(cfg: TrainConfig, rows, device: torch.device, reference_free: bool)
     from dpo import plan as plan_mod
 
     if device.type != "cuda" or cfg.memory_budget == "none":
+        return cfg, None
+    if cfg.loss_settings().objective != "dpo":  # the planner models DPO's passes only
+        print(f"dpo: no plan: the planner models DPO; {cfg.loss_settings().objective} runs as configured")
         return cfg, None
     from transformers import AutoConfig
 

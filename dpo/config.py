@@ -17,8 +17,9 @@ from typing import Any, get_args, get_origin, get_type_hints
 from dpo.cli import Parser, optional
 from dpo.data import DEFAULT_MAX_LENGTH
 from dpo.models import model_folder_problem
+from dpo.scoring import dpo_only_reason
 from dpo.sources import looks_local
-from dpo.losses import LOSS_TYPES, LossSettings
+from dpo.losses import LOSS_TYPES, OBJECTIVES, LossSettings
 from dpo.models import DEFAULT_LORA_TARGETS
 from dpo.smollm2 import DEFAULT_MODEL
 from dpo.tasks import DEFAULT_RUN
@@ -54,6 +55,9 @@ DEFAULT_RUN_HELP = (f"With no --dataset: the built-in default run, --dataset {DE
 # Keys that say how this invocation starts (fresh, resumed, replacing), not what the run is: they are
 # left out of the config.json a run writes, so that file can be passed back with --config --resume.
 RUN_CONTROL_KEYS = ("resume", "resume_from", "overwrite", "plan")
+# LossSettings fields of the objectives beyond DPO: a refusal that starts with one names its flag.
+OBJECTIVE_SETTINGS = ("simpo_gamma", "cpo_alpha", "kto_desirable_weight", "kto_undesirable_weight", "ld_alpha",
+                      "use_weighting")
 ATTENTION_ROUTES = ("auto", "flash_varlen", "flex", "sdpa", "eager")
 
 
@@ -102,11 +106,23 @@ class TrainConfig:
     seed: int = _opt(42, "Seed for LoRA init, data order and dropout")
     shuffle: bool = _opt(True, "Shuffle pairs each epoch (--no-shuffle keeps file order)")
     # DPO
-    beta: float = _opt(0.1, "DPO beta: strength of the KL penalty to the reference")
-    loss_type: list[str] = _opt(("sigmoid",), f"One or more of: {', '.join(LOSS_TYPES)}")
+    beta: float = _opt(0.1, "DPO beta: strength of the KL penalty to the reference (SimPO, CPO, KTO: their "
+                       "beta; ORPO: its lambda, as in TRL)")
+    loss_type: list[str] = _opt(("sigmoid",), f"One or more DPO loss types ({', '.join(LOSS_TYPES)}), or one "
+                                f"objective alone: {', '.join(OBJECTIVES)} (each equal to its TRL 1.15 trainer)")
     loss_weights: list[float] | None = _opt(None, "Weight of each --loss-type (none: 1 each)")
-    label_smoothing: float = _opt(0.0, "Label smoothing (robust, exo_pair, aot, aot_unpaired)")
+    label_smoothing: float = _opt(0.0, "Label smoothing (robust, exo_pair, aot, aot_unpaired; simpo and cpo: "
+                                  "in [0, 0.5))")
     discopop_tau: float = _opt(0.05, "Temperature of the discopop loss type")
+    simpo_gamma: float = _opt(0.5, "SimPO's target reward margin gamma (--loss-type simpo)")
+    cpo_alpha: float | None = _opt(None, "Weight of the chosen NLL term of --loss-type cpo (none: 1.0) or simpo "
+                                   "(none: 0.0, pure SimPO), as TRL's CPOTrainer")
+    kto_desirable_weight: float = _opt(1.0, "KTO's weight of the desirable rows' loss (lambda_D)")
+    kto_undesirable_weight: float = _opt(1.0, "KTO's weight of the undesirable rows' loss (lambda_U)")
+    ld_alpha: float | None = _opt(None, "LD-DPO: weight in [0, 1] of the completion tokens past the shorter "
+                                  "completion of each pair (none: off; 1: plain DPO)")
+    use_weighting: bool = _opt(False, "WPO: weigh each pair's DPO loss by the policy's probability of its "
+                               "chosen and rejected completions (TRL's use_weighting)")
     reference_free: bool = _opt(False, "Use no reference model (reference log-probs are 0)")
     precompute_ref: bool = _opt(False, "Compute the reference log-probs of all pairs once before training")
     precompute_ref_batch_size: int | None = _opt(None, "Pairs per batch for --precompute-ref (default: 4x the micro-batch)")
@@ -164,8 +180,10 @@ class TrainConfig:
         """The loss settings of this run as one validated object (training and evaluation take it)."""
         try:
             return LossSettings.from_config(self)
-        except ValueError as e:
-            raise ConfigError(f"--loss-type/--loss-weights/--label-smoothing: {e}") from None
+        except ValueError as e:  # name the objective's own setting where the message starts with it
+            named = [n for n in OBJECTIVE_SETTINGS if str(e).startswith(n)]
+            flags = _flag(named[0]) if named else "--loss-type/--loss-weights/--label-smoothing"
+            raise ConfigError(f"{flags}: {e}") from None
 
     def validate(self) -> None:
         """Raise ConfigError naming the flag for every value that cannot work."""
@@ -225,7 +243,20 @@ class TrainConfig:
                               ("logprobs", LOGPROB_MODES), ("attention", ATTENTION_ROUTES), ("backend", BACKENDS), ("on_nan", ON_NAN)):
             if getattr(self, name) not in choices:
                 bad(name, f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
-        self.loss_settings()
+        loss = self.loss_settings()
+        if loss.unpaired and self.shuffle:
+            bad("shuffle", "kto needs --no-shuffle: its KL estimate pairs each row with the previous row's "
+                "completion inside a micro-batch, fixed once in file order (TRL's KTOTrainer requires "
+                "sequential sampling)")
+        if loss.unpaired and self.per_device_batch_size < 2:
+            bad("per_device_batch_size", "kto needs >= 2 rows per micro-batch (its KL estimate pairs each row "
+                "with another row's completion; TRL refuses 1 too)")
+        if self.eval_dataset is not None and (why := dpo_only_reason(loss)) is not None:
+            bad("eval_dataset", f"held-out evaluation is DPO-only for now (DPO loss types, --ld-alpha and "
+                f"--use-weighting included); {why} trains without it")
+        if self.precompute_ref and loss.objective != "dpo":
+            bad("precompute_ref", f"is for DPO loss types; {loss.objective} "
+                + ("computes its reference each step" if loss.needs_reference else "uses no reference model"))
         if self.dataset is not None and looks_local(self.dataset) and not _exists(self.dataset):
             bad("dataset", f"no such file or folder: {self.dataset}")
         if looks_local(self.model) and not _exists(self.model):

@@ -26,17 +26,20 @@ from dpo import generation, models, progress, tasks
 from dpo import data as data_mod
 from dpo.data import TokenizedPair, collate
 from dpo.losses import LossSettings
-from dpo.scoring import METRIC_NAMES, PairLogps, eval_metrics
+from dpo.objective_logps import ld_logps, ld_masks, wpo_pair_weights
+from dpo.scoring import METRIC_NAMES, PairLogps, dpo_only_reason, eval_metrics
 
 __all__ = ["METRIC_NAMES", "Evaluation", "GenerationSettings", "PairLogps", "evaluate_pairs", "pair_logps",
            "format_metrics", "format_before_after"]
 
 
 def pair_logps(model, tokenizer, pairs: list[TokenizedPair], *, batch_size: int, logprobs: str = "chunked",
-               max_length: int | None = None, reference: bool = False, ref_model=None) -> PairLogps:
+               max_length: int | None = None, reference: bool = False, ref_model=None,
+               ld_alpha: float | None = None, wpo: bool = False) -> PairLogps:
     """Log-probs of every pair's chosen and rejected completion (float32, on the CPU), no gradients.
 
     reference=True: under the reference (`ref_model`, or `model` in dpo.models.reference_mode).
+    ld_alpha: LD-DPO's weighted sums (as training takes them); wpo: also WPO's pair weights.
     `max_length` must be the one the pairs were prepared with (the collator cuts completions to it).
     """
     if batch_size < 1:
@@ -45,20 +48,38 @@ def pair_logps(model, tokenizer, pairs: list[TokenizedPair], *, batch_size: int,
     device = next(model.parameters()).device
     lps: list[torch.Tensor] = []
     counts: list[torch.Tensor] = []
+    weights: list[torch.Tensor] = []
     scope = models.as_reference(model, ref_model) if reference else contextlib.nullcontext(model)
     desc = "eval (reference)" if reference else "eval (policy)"
     with torch.no_grad(), models.eval_mode(model), scope as net, progress.bar(len(pairs), desc, "pair") as bar:
         for start in range(0, len(pairs), batch_size):
             batch = collate(pairs[start : start + batch_size], pad, max_length).to(device)
             b = batch.num_pairs
-            lp = models.completion_logps(net, batch, logprobs).float().cpu()
+            lp, w = _dpo_logps(net, batch, logprobs, ld_alpha, wpo)
+            lp = lp.float().cpu()
+            if w is not None:
+                weights.append(w.float().cpu())
             n = batch.completion_mask.sum(dim=1).cpu()
             lps.append(torch.stack([lp[:b], lp[b:]], dim=1))
             counts.append(torch.stack([n[:b], n[b:]], dim=1))
             bar.update(b)
     lp = torch.cat(lps) if lps else torch.zeros(0, 2)
     n = torch.cat(counts) if counts else torch.zeros(0, 2, dtype=torch.long)
-    return PairLogps(lp[:, 0], lp[:, 1], n[:, 0], n[:, 1])
+    return PairLogps(lp[:, 0], lp[:, 1], n[:, 0], n[:, 1], torch.cat(weights) if wpo and weights else None)
+
+
+def _dpo_logps(model, batch, logprobs: str, ld_alpha: float | None, wpo: bool):
+    """([2B] log-probs as the DPO loss takes them, [B] WPO weights or None) of one batch on the device."""
+    if ld_alpha is None and not wpo:
+        return models.completion_logps(model, batch, logprobs), None
+    scored = models.ScoredForward(model, batch, logprobs)
+    cm = batch.completion_mask
+    if ld_alpha is None:
+        lp = scored.sums(cm)
+    else:
+        shared, tail = ld_masks(cm)
+        lp = ld_logps(scored.sums(shared), scored.sums(tail), ld_alpha)
+    return lp, (wpo_pair_weights(scored.wpo_weights(cm)) if wpo else None)
 
 
 def evaluate_pairs(model, tokenizer, pairs: list[TokenizedPair], *, loss: LossSettings, batch_size: int,
@@ -75,7 +96,8 @@ def evaluate_pairs(model, tokenizer, pairs: list[TokenizedPair], *, loss: LossSe
     if ref_logps is not None and len(ref_logps) != len(pairs):
         raise ValueError(f"ref_logps holds {len(ref_logps)} pairs, but {len(pairs)} pairs were given")
     started = time.time()
-    kw = dict(batch_size=batch_size, logprobs=logprobs, max_length=max_length)
+    kw = dict(batch_size=batch_size, logprobs=logprobs, max_length=max_length, ld_alpha=loss.ld_alpha,
+              wpo=loss.use_weighting)
     if ref_logps is None:
         ref_logps = pair_logps(model, tokenizer, pairs, reference=True, ref_model=ref_model, **kw)
     policy = pair_logps(model, tokenizer, pairs, **kw)
@@ -125,9 +147,14 @@ class Evaluation:
         name = cfg.eval_dataset or (cfg.dataset if tasks.is_builtin(cfg.dataset) else None)
         if name is None:
             return None
+        loss = LossSettings.from_config(cfg)
+        if (why := dpo_only_reason(loss)) is not None:  # --eval-dataset itself is refused with it (dpo.config)
+            print(f"dpo: no held-out evaluation of {name}: it is DPO-only for now (DPO loss types, --ld-alpha and "
+                  f"--use-weighting included); {why} trains without it")
+            return None
         spec = dict(prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
                     rejected_column=cfg.rejected_column, implicit_prompt=cfg.implicit_prompt)
-        return cls.of_dataset(name, tokenizer, loss=LossSettings.from_config(cfg), max_length=cfg.max_length,
+        return cls.of_dataset(name, tokenizer, loss=loss, max_length=cfg.max_length,
                               max_prompt_length=cfg.max_prompt_length, drop_identical=not cfg.keep_identical,
                               logprobs=cfg.logprobs, spec=spec)
 
@@ -159,7 +186,8 @@ class Evaluation:
         if self.ref_logps is None:
             self.ref_logps = pair_logps(model, self.tokenizer, self.pairs, batch_size=self.batch_size,
                                         logprobs=self.logprobs, max_length=self.max_length, reference=True,
-                                        ref_model=self.ref_model)
+                                        ref_model=self.ref_model, ld_alpha=self.loss.ld_alpha,
+                                        wpo=self.loss.use_weighting)  # its weights: the policy's before training
         return self.ref_logps
 
     def metrics(self, model) -> dict[str, float]:

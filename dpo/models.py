@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from dpo import logps as logps_math
+from dpo import objective_logps as ol
 from dpo.data import Batch
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -280,6 +281,13 @@ def completion_logps(model, batch: Batch, mode: str = "chunked", chunk_size: int
         return logps_math.sequence_logps_from_logits(logits, batch.input_ids, batch.completion_mask)
     if mode != "chunked":
         raise ValueError(f"unknown log-prob mode {mode!r}: use 'chunked' or 'full'")
+    hidden, lm_head = backbone_hidden(model, batch)
+    return logps_math.sequence_logps_from_hidden(hidden, lm_head, batch.input_ids, batch.completion_mask, chunk_size)
+
+
+def backbone_hidden(model, batch: Batch):
+    """(hidden[R, T, H] of the last layer, the LM head): one backbone forward, no logits yet, so that
+    any number of token masks can then be scored from it (`sequence_logps_from_hidden`)."""
     lm = _causal_lm(model)
     backbone = getattr(lm, lm.base_model_prefix)
     embedding = lm.get_input_embeddings()
@@ -288,9 +296,36 @@ def completion_logps(model, batch: Batch, mode: str = "chunked", chunk_size: int
     else:
         inputs = {"input_ids": batch.input_ids}
     hidden = backbone(**inputs, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
-    return logps_math.sequence_logps_from_hidden(
-        hidden, lm.get_output_embeddings(), batch.input_ids, batch.completion_mask, chunk_size
-    )
+    return hidden, lm.get_output_embeddings()
+
+
+class ScoredForward:
+    """One forward of a batch (already on its device) whose rows can then be scored under any token mask:
+    `sums(mask, rows)` = summed log-probs of input_ids[t+1] where mask[t+1] is 1 (the contract of
+    dpo.logps), by the chunked (hidden states + LM head) or the full (logits) path; `wpo_weights`
+    WPO's sequence weights from the same forward, without gradient."""
+
+    def __init__(self, model, batch: Batch, mode: str = "chunked", chunk_size: int = 256):
+        self.batch, self.mode, self.chunk_size = batch, mode, chunk_size
+        if mode == "full":
+            self.logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                use_cache=False).logits
+        elif mode == "chunked":
+            self.hidden, self.lm_head = backbone_hidden(model, batch)
+        else:
+            raise ValueError(f"unknown log-prob mode {mode!r}: use 'chunked' or 'full'")
+
+    def sums(self, mask: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        ids = self.batch.input_ids[rows]
+        if self.mode == "full":
+            return logps_math.sequence_logps_from_logits(self.logits[rows], ids, mask[rows])
+        return logps_math.sequence_logps_from_hidden(self.hidden[rows], self.lm_head, ids, mask[rows], self.chunk_size)
+
+    def wpo_weights(self, completion_mask: torch.Tensor) -> torch.Tensor:
+        ids = self.batch.input_ids
+        if self.mode == "full":
+            return ol.wpo_sequence_weights(*ol.wpo_token_terms_from_logits(self.logits, ids), completion_mask)
+        return ol.wpo_weights_from_hidden(self.hidden, self.lm_head, ids, completion_mask, self.chunk_size)
 
 
 # --- the Unsloth backend (GPU only) -------------------------------------------------------------

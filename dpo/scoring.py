@@ -36,9 +36,17 @@ class PairLogps:
     rejected: torch.Tensor
     chosen_tokens: torch.Tensor
     rejected_tokens: torch.Tensor
+    pair_weights: torch.Tensor | None = None  # WPO's [N] weights from this model (--use-weighting), else None
 
     def __len__(self) -> int:
         return int(self.chosen.shape[0])
+
+
+def dpo_only_reason(loss: LossSettings) -> str | None:
+    """Why held-out evaluation cannot score a run under these loss settings (None: it can). These
+    metrics take DPO pairs (LD-DPO's weighted sums and WPO's weights included); the other objectives
+    shape their batches otherwise (dpo.trainer)."""
+    return f"--loss-type {loss.objective}" if loss.objective != "dpo" else None
 
 
 def eval_metrics(policy: PairLogps, ref: PairLogps, loss: LossSettings, batch_size: int) -> dict[str, float]:
@@ -59,7 +67,8 @@ def eval_metrics(policy: PairLogps, ref: PairLogps, loss: LossSettings, batch_si
         logps = PreferenceLogps(chosen=policy.chosen[sl], rejected=policy.rejected[sl], ref_chosen=ref.chosen[sl],
                                 ref_rejected=ref.rejected[sl], chosen_tokens=policy.chosen_tokens[sl],
                                 rejected_tokens=policy.rejected_tokens[sl])
-        per_pair.append(metrics.pair_values(loss(logps), logps))
+        weights = None if policy.pair_weights is None else policy.pair_weights[sl]
+        per_pair.append(metrics.pair_values(loss(logps, pair_weights=weights), logps))
     row = metrics.prefixed(metrics.mean_over_pairs(per_pair), "eval_")
     row.update({
         "eval_length_normalised_accuracy": length_normalised_accuracy(policy),

@@ -104,6 +104,9 @@ def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None 
     started = time.time()
     hooks = hooks or RunHooks()
     loss = cfg.loss_settings()  # validated with the config; the one object training and evaluation take
+    if loss.unpaired and distributed.from_env().enabled:  # its per-side metrics differ between ranks
+        raise ConfigError("--loss-type kto: runs on one process for now (its KL blocks and per-side metrics are "
+                          "not yet shared across ranks); launch it without torchrun/accelerate")
     dist, device = distributed.setup(cfg.device)  # one process, or one rank of torchrun/accelerate launch
     if device.type == "cpu":
         threads = cpu_threads(cfg.threads, dist.world_size)
@@ -122,7 +125,7 @@ def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None 
     rows = read_rows(cfg)
     models.resolve_model_path(cfg.model)  # the default model missing: say so before anything loads
     if resumed is None:
-        cfg, chosen = plan_run(cfg, rows, device, loss.reference_free)
+        cfg, chosen = plan_run(cfg, rows, device, not loss.needs_reference)
         run_config = cfg.run_dict()
         if chosen is not None and dist.is_main:
             print(chosen.format())
@@ -222,10 +225,10 @@ class _Session:
             trainer.start_packing()
         if self.resumed is not None:
             trainer.load_state(self.resumed)
-            if cfg.precompute_ref and not self.loss.reference_free:
+            if cfg.precompute_ref and self.loss.needs_reference:
                 load_reference_cache(trainer, self.resumed)
             print(f"dpo: resuming from {self.resumed.path} at step {trainer.step} of {trainer.total_steps}")
-        if cfg.precompute_ref and not self.loss.reference_free and trainer.ref_cache is None:
+        if cfg.precompute_ref and self.loss.needs_reference and trainer.ref_cache is None:
             trainer.precompute_reference()
         return trainer, tokenizer
 
@@ -257,7 +260,9 @@ class _Session:
                 if row.get("skipped"):
                     bar.write(f"dpo: step {row['step']} skipped ({row['skipped']})")
                 else:
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
+                    shown = {"acc": "rewards/accuracies", "kl": "kl"}  # KTO logs no accuracy
+                    bar.set_postfix(loss=f"{row['loss']:.4f}",
+                                    **{k: f"{row[m]:.2f}" for k, m in shown.items() if m in row})
                 if self.saver.due(trainer.step):
                     self.saver.save(trainer)
                 if held_out is not None and every > 0 and trainer.step % every == 0 and trainer.step < trainer.total_steps:

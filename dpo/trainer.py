@@ -7,7 +7,15 @@ One optimizer step:
         loss                 = LossSettings(...)(logps)         mean over the B pairs
         (loss / grad_accum).backward()                          as TRL/HF Trainer scale accumulation
     clip the global grad norm, AdamW step, schedule step
-Metrics carry TRL's names (dpo.metrics) and are the mean over the step's micro-batches, as TRL logs them.
+The objectives beyond DPO change only the micro-batch (`objective_micro_batch`), each as its TRL 1.15 trainer:
+    DPO + ld_alpha / use_weighting   one forward scored with LD-DPO's shared/tail masks; WPO's pair weights
+                                      from the same forward, without gradient (DPOTrainer)
+    simpo, cpo, orpo                 SidedPairs (objective_data.tokenize_sided), no reference; mean or summed
+                                      log-probs and the chosen NLL from one forward (CPOTrainer, ORPOTrainer)
+    kto                              unpaired rows; policy on the rows (grad) and on the mismatched KL rows
+                                      (no grad), reference on both; the batch's KL estimate (KTOTrainer)
+Metrics carry TRL's names (dpo.metrics) and are the mean over the step's micro-batches, as TRL logs them
+(each over the micro-batches that logged it: a KTO micro-batch without desirable rows has no rewards/chosen).
 A non-finite loss or gradient norm never reaches the weights (`on_nan`: stop raises NonFiniteStep, skip
 drops the update and marks the row).
 
@@ -17,6 +25,7 @@ folder) is `dpo.train.run`: the one loop the CLI, the benchmarks and the tests d
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import warnings
@@ -31,8 +40,11 @@ from dpo.cli import first_line
 from dpo.checkpoint import Checkpoint, CheckpointError, capture_rng, restore_trainable_state
 from dpo.config import TrainConfig
 from dpo.data import Batch, TokenizedPair, collate
-from dpo.losses import LossSettings, PreferenceLogps
-from dpo.metrics import batch_row
+from dpo.losses import LossSettings, PreferenceLogps, UnpairedLogps, chosen_nll, kto_kl_estimate
+from dpo.metrics import objective_batch_row
+from dpo.objective_data import collate_sided, collate_unpaired, kl_completions
+from dpo.objective_logps import (completion_token_counts, ld_logps, ld_masks, mean_logps, prompt_token_mask,
+                                 wpo_pair_weights)
 from dpo.schedule import build_optimizer, build_scheduler
 
 
@@ -74,26 +86,33 @@ def step_plan(num_pairs: int, cfg: TrainConfig, world_size: int = 1):
 
 @dataclass
 class StepMetrics:
-    """Running sums over one optimizer step's micro-batches."""
+    """Running sums over one optimizer step's micro-batches; each metric is averaged over the micro-batches
+    that logged it (a KTO micro-batch with no desirable row logs no rewards/chosen, as in TRL)."""
 
     sums: dict[str, float] = field(default_factory=dict)
     count: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
 
     def add(self, values: dict[str, float]) -> None:
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
         self.count += 1
 
     def means(self) -> dict[str, float]:
-        return {k: v / self.count for k, v in self.sums.items()}
+        return {k: v / self.counts.get(k, self.count) for k, v in self.sums.items()}
 
 
-def nonfinite_rows(loss: torch.Tensor, logps: PreferenceLogps, row_ids: list[int]) -> list[int]:
-    """Row ids of a micro-batch whose loss is not finite: the pairs with a non-finite log-prob, else all."""
+def nonfinite_rows(loss: torch.Tensor, logps: PreferenceLogps | UnpairedLogps, row_ids: list[int]) -> list[int]:
+    """Row ids of a micro-batch whose loss is not finite: the pairs (KTO: rows) with a non-finite log-prob,
+    else all."""
     if torch.isfinite(loss).all():
         return []
-    four = torch.stack([torch.as_tensor(t).detach().float()
-                        for t in (logps.chosen, logps.rejected, logps.ref_chosen, logps.ref_rejected)])
+    if isinstance(logps, UnpairedLogps):
+        four = torch.stack([logps.logps.detach().float(), logps.ref_logps.detach().float()])
+    else:
+        four = torch.stack([torch.as_tensor(t).detach().float()
+                            for t in (logps.chosen, logps.rejected, logps.ref_chosen, logps.ref_rejected)])
     bad = (~torch.isfinite(four)).any(dim=0).tolist()
     return [r for r, b in zip(row_ids, bad) if b] or list(row_ids)
 
@@ -106,11 +125,19 @@ class NonFiniteStep(RuntimeError):
         self.step, self.what, self.row_ids = step, what, row_ids
 
 
-def data_fingerprint(pairs: list[TokenizedPair]) -> dict:
+def _token_lists(item) -> list[list[int]]:
+    """The id lists that define a training item: a DPO pair, a CPO/ORPO SidedPair or a KTO TokenizedRow."""
+    if isinstance(item, TokenizedPair):
+        return [[item.row_id], item.prompt_ids, item.chosen_ids, item.rejected_ids]
+    lists = [[item.row_id]] + [v for v in vars(item).values() if isinstance(v, list)]
+    return lists + ([[int(item.label)]] if hasattr(item, "label") else [])
+
+
+def data_fingerprint(pairs: list) -> dict:
     """How many pairs and a hash of their token ids: a resume refuses data that changed under the same name."""
     h = hashlib.sha256()
     for p in pairs:
-        for ids in ([p.row_id], p.prompt_ids, p.chosen_ids, p.rejected_ids):
+        for ids in _token_lists(p):
             h.update(array("q", ids).tobytes())
             h.update(b"|")
     return {"pairs": len(pairs), "sha256": h.hexdigest()}
@@ -119,7 +146,7 @@ def data_fingerprint(pairs: list[TokenizedPair]) -> dict:
 class Trainer:
     """Our loop. `model` is a PEFT model (LoRA) or a full model with an explicit `ref_model`."""
 
-    def __init__(self, model, tokenizer, cfg: TrainConfig, train_pairs: list[TokenizedPair], ref_model=None,
+    def __init__(self, model, tokenizer, cfg: TrainConfig, train_pairs: list, ref_model=None,
                  device: torch.device | None = None, dist: distributed.DistInfo = distributed.DistInfo(),
                  loss: LossSettings | None = None):
         if not train_pairs:
@@ -148,6 +175,9 @@ class Trainer:
         self.data_fingerprint = data_fingerprint(train_pairs)
         self._plan = step_plan(len(train_pairs), cfg, dist.world_size)
         self.packing = False  # set by start_packing() (--packing), after its self-check
+        # KTO: each row's mismatched completion for the KL estimate, fixed once as TRL does (sequential data)
+        self.kl_ids = (kl_completions([r.completion_ids for r in train_pairs], cfg.per_device_batch_size)
+                       if self.loss.unpaired else None)
 
     # -- one micro-batch ---------------------------------------------------------------------
     def _autocast(self):
@@ -155,24 +185,57 @@ class Trainer:
 
     def completion_logps(self, model, batch: Batch) -> torch.Tensor:
         """[2B] summed completion log-probs of a collated batch (in CPU memory): padded, or packed into one
-        row when packing is on (the same numbers to rounding: dpo.packing)."""
+        row when packing is on (the same numbers to rounding: dpo.packing); LD-DPO's weighted sums
+        under --ld-alpha."""
+        return self.dpo_logps(model, batch)[0]
+
+    def dpo_logps(self, model, batch: Batch, wpo_weights: bool = False):
+        """([2B] log-probs as the DPO loss takes them, [B] WPO pair weights or None): one forward.
+
+        LD-DPO: shared + ld_alpha * tail sums (objective_logps.ld_masks); WPO: the pair weights from the
+        same forward, without gradient (TRL 1.15's DPOTrainer computes both from the policy's logits)."""
         if self.packing:
             packed = packing.pack_batch(batch).to(self.device)
-            return packing.packed_completion_logps(model, packed, self.cfg.logprobs, self.cfg.logprob_chunk)
-        return models.completion_logps(model, batch.to(self.device), self.cfg.logprobs, self.cfg.logprob_chunk)
+            return packing.packed_completion_logps(model, packed, self.cfg.logprobs, self.cfg.logprob_chunk), None
+        batch = batch.to(self.device)
+        if self.loss.ld_alpha is None and not wpo_weights:
+            return models.completion_logps(model, batch, self.cfg.logprobs, self.cfg.logprob_chunk), None
+        scored = self.scored(model, batch)
+        cm = batch.completion_mask
+        if self.loss.ld_alpha is None:
+            logps = scored.sums(cm)
+        else:
+            shared, tail = ld_masks(cm)
+            logps = ld_logps(scored.sums(shared), scored.sums(tail), self.loss.ld_alpha)
+        return logps, (wpo_pair_weights(scored.wpo_weights(cm)) if wpo_weights else None)
+
+    def scored(self, model, batch: Batch) -> models.ScoredForward:
+        """One forward of a batch already on the device, scorable under any token mask."""
+        return models.ScoredForward(model, batch, self.cfg.logprobs, self.cfg.logprob_chunk)
 
     def reference_logps(self, batch: Batch) -> torch.Tensor:
-        if self.loss.reference_free:
+        if not self.loss.needs_reference:
             return torch.zeros(batch.input_ids.shape[0], device=self.device)
-        with torch.no_grad(), self._autocast():
-            if self.ref_model is not None:
-                return self.completion_logps(self.ref_model, batch)
+        with torch.no_grad(), self._autocast(), self._reference() as model:
+            return self.completion_logps(model, batch)
+
+    @contextlib.contextmanager
+    def _reference(self):
+        """The reference model: the explicit one, else the policy with its adapter off (or frozen start adapter)."""
+        if self.ref_model is not None:
+            yield self.ref_model
+        else:
             with models.reference_mode(self.model):
-                return self.completion_logps(self.model, batch)
+                yield self.model
 
     def start_packing(self) -> None:
         """--packing: the attention route (hf backend; Unsloth patches its own), then a self-check on the
-        first micro-batch: a model whose forward lets packed sequences see each other runs padded."""
+        first micro-batch: a model whose forward lets packed sequences see each other runs padded.
+        Only plain DPO packs: the other objectives score more than one token mask per forward."""
+        if self.loss.objective != "dpo" or self.loss.ld_alpha is not None or self.loss.use_weighting:
+            print("dpo: warning: packing is off: it serves plain DPO loss types only (not ld_alpha, use_weighting "
+                  f"or {self.loss.objective}); running padded")
+            return
         if models.pick_backend(self.cfg.backend) == "hf":
             route = packing.choose_attention(self.device.type, requested=self.cfg.attention)
             packing.use_attention(self.model, route)
@@ -220,12 +283,67 @@ class Trainer:
         if ref is None:
             ref = self.reference_logps(batch)
         with self._autocast():
-            policy = self.completion_logps(self.model, batch)
+            policy, pair_weights = self.dpo_logps(self.model, batch, wpo_weights=self.loss.use_weighting)
         b = batch.num_pairs
         tokens = batch.completion_mask.sum(dim=1).to(self.device)
         logps = PreferenceLogps(chosen=policy[:b], rejected=policy[b:], ref_chosen=ref[:b], ref_rejected=ref[b:],
                                 chosen_tokens=tokens[:b], rejected_tokens=tokens[b:])
-        return self.loss(logps), logps, batch
+        return self.loss(logps, pair_weights=pair_weights), logps, batch
+
+    def sided_loss(self, pairs: list):
+        """SimPO, CPO or ORPO on one micro-batch of SidedPairs (no reference), as TRL's CPO/ORPO trainers:
+        mean (SimPO, ORPO) or summed (CPO) completion log-probs, plus the chosen NLL where the loss has one
+        (ORPO's over prompt and completion)."""
+        batch = collate_sided(pairs, self.pad_id)
+        on_device, b = batch.to(self.device), batch.num_pairs
+        cm, settings = on_device.completion_mask, self.loss
+        with self._autocast():
+            scored = self.scored(self.model, on_device)
+            sums, counts = scored.sums(cm), completion_token_counts(cm)
+            nll = None
+            if settings.nll_weight > 0:
+                nll_logps, nll_tokens = sums[:b], counts[:b]
+                if settings.nll_includes_prompt:
+                    prompt = prompt_token_mask(on_device.attention_mask, cm)
+                    nll_logps = nll_logps + scored.sums(prompt, slice(0, b))
+                    nll_tokens = completion_token_counts(on_device.attention_mask[:b])
+                nll = chosen_nll(nll_logps, nll_tokens)
+        policy = mean_logps(sums, counts) if settings.length_normalised else sums
+        zeros = torch.zeros_like(policy[:b])
+        logps = PreferenceLogps(policy[:b], policy[b:], zeros, zeros, counts[:b], counts[b:])
+        return settings(logps, nll=nll), logps, batch
+
+    def kto_loss(self, indices: list[int]):
+        """KTO on one micro-batch of unpaired rows: policy log-probs (with grad), the policy on the mismatched
+        KL rows and the reference on both (without), the batch's KL estimate, then the loss."""
+        ub = collate_unpaired([self.pairs[i] for i in indices], self.pad_id, self.cfg.max_length,
+                              [self.kl_ids[i] for i in indices])
+        batch, kl_batch = ub.batch.to(self.device), ub.kl_batch.to(self.device)
+        with self._autocast():
+            policy = self.scored(self.model, batch).sums(batch.completion_mask)
+            with torch.no_grad():
+                kl_policy = self.scored(self.model, kl_batch).sums(kl_batch.completion_mask)
+        with torch.no_grad(), self._autocast(), self._reference() as ref_model:
+            ref = self.scored(ref_model, batch).sums(batch.completion_mask)
+            ref_kl = self.scored(ref_model, kl_batch).sums(kl_batch.completion_mask)
+        kl = kto_kl_estimate(kl_policy, ref_kl, self._mean_over_ranks if self.dist.enabled else None)
+        logps = UnpairedLogps(policy, ref, ub.desirable.to(self.device), kl)
+        return self.loss(logps), logps, ub.batch
+
+    def _mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        (total,) = distributed.sum_across([float(value)], self.dist, self.device)
+        return torch.tensor(total / self.dist.world_size, dtype=value.dtype, device=value.device)
+
+    def objective_micro_batch(self, indices: list[int]):
+        """(LossOutput, logps, Batch) of one micro-batch, by the run's objective."""
+        if self.loss.unpaired:
+            return self.kto_loss(indices)
+        if self.loss.objective != "dpo":
+            return self.sided_loss([self.pairs[i] for i in indices])
+        ref = None
+        if self.ref_cache is not None:
+            ref = torch.cat([self.ref_cache[indices, 0], self.ref_cache[indices, 1]]).to(self.device)
+        return self.micro_batch_loss([self.pairs[i] for i in indices], ref)
 
     # -- one optimizer step -------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -241,12 +359,9 @@ class Trainer:
         micro_batches = [self._my_shard(m) for m in global_micro_batches]
         metrics, tokens, bad_rows = StepMetrics(), 0, []
         for idx in micro_batches:
-            ref = None
-            if self.ref_cache is not None:
-                ref = torch.cat([self.ref_cache[idx, 0], self.ref_cache[idx, 1]]).to(self.device)
-            out, logps, batch = self.micro_batch_loss([self.pairs[i] for i in idx], ref)
+            out, logps, batch = self.objective_micro_batch(idx)
             (out.loss / len(micro_batches)).backward()
-            metrics.add(batch_row(out, logps))
+            metrics.add(objective_batch_row(out, logps))
             tokens += int(batch.attention_mask.sum())
             bad_rows += nonfinite_rows(out.loss.detach(), logps, batch.row_ids)
         # Several ranks: average gradients and metrics over them (equal shards: mean of means is the mean).

@@ -1,0 +1,246 @@
+"""Each objective beyond DPO through the one loop (`dpo.train.run`, as `python -m dpo.train` runs it) against
+its TRL 1.15 trainer: 5 optimizer steps with gradient accumulation 2, in-order data, the same non-zero
+starting LoRA weights, AdamW and schedule; every metric TRL logs that we log, relative 1e-4 (as the DPO
+trajectory test in tests/test_trl_equivalence.py). CPU, float32, tiny random Llama, SmolLM2 tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dpo.config import ConfigError, TrainConfig
+from dpo.losses import LossSettings
+from dpo.metrics import metric_names
+
+from .conftest import write_jsonl
+from .conftest import build_tiny_llama
+from .test_objectives_trl import _common_args, _peft_config
+from .test_trl_equivalence import ROWS, perturb_lora, run_ours, trl_trainer
+from .trl_cpu_kernel import use_cpu_kernel
+
+STEPS = dict(gradient_accumulation_steps=2, max_steps=5, learning_rate=5e-3, lr_scheduler_type="linear",
+             warmup_steps=1, max_grad_norm=1.0, weight_decay=0.0)
+OURS = dict(grad_accum=2, max_steps=5, learning_rate=5e-3, lr_scheduler="linear", warmup_steps=1, max_grad_norm=1.0)
+
+# name: (TRL trainer kind, TRL config, our TrainConfig settings)
+CASES = {
+    "simpo": ("cpo", dict(loss_type="simpo", cpo_alpha=0.0, simpo_gamma=0.7, beta=2.0),
+              dict(loss_type=["simpo"], simpo_gamma=0.7, beta=2.0)),
+    "cpo-simpo": ("cpo", dict(loss_type="simpo", cpo_alpha=0.3, simpo_gamma=0.5, beta=2.0, label_smoothing=0.1),
+                  dict(loss_type=["simpo"], cpo_alpha=0.3, simpo_gamma=0.5, beta=2.0, label_smoothing=0.1)),
+    "cpo": ("cpo", dict(loss_type="sigmoid", cpo_alpha=1.0, beta=0.1), dict(loss_type=["cpo"], beta=0.1)),
+    "orpo": ("orpo", dict(beta=0.2), dict(loss_type=["orpo"], beta=0.2)),
+    # 3 rows a micro-batch: some micro-batches mix desirable and undesirable rows (rewards/margins), some
+    # steps hold a side in only one of their micro-batches (each metric averages where it was logged)
+    "kto": ("kto", dict(beta=0.5, desirable_weight=1.3, undesirable_weight=0.7, per_device_train_batch_size=3),
+            dict(loss_type=["kto"], beta=0.5, kto_desirable_weight=1.3, kto_undesirable_weight=0.7,
+                 per_device_batch_size=3)),
+    "ld_alpha": ("dpo", dict(ld_alpha=0.3), dict(ld_alpha=0.3)),
+    "use_weighting": ("dpo", dict(use_weighting=True), dict(use_weighting=True)),
+}
+
+
+def _trl_objective_trainer(kind, tokenizer, tmp_path, args):
+    """TRL's CPOTrainer, ORPOTrainer or KTOTrainer on ROWS with these arguments, sequential sampling."""
+    import torch
+    from datasets import Dataset
+
+    if kind == "orpo":
+        from trl.experimental.orpo import ORPOConfig as Config, ORPOTrainer as Trainer
+    elif kind == "cpo":
+        from trl.experimental.cpo import CPOConfig as Config, CPOTrainer as Trainer
+    else:
+        from trl import KTOConfig as Config, KTOTrainer as Trainer
+    torch.manual_seed(0)
+    config = Config(**{**_common_args(tmp_path), "train_sampling_strategy": "sequential", **args})
+    return Trainer(model=build_tiny_llama(len(tokenizer)), args=config, train_dataset=Dataset.from_list(ROWS),
+                   processing_class=tokenizer, peft_config=_peft_config())
+
+
+def _trl_log_history(kind, trl_cfg, tokenizer, tmp_path, lora_seed):
+    args = {"per_device_train_batch_size": 2, **STEPS, **trl_cfg}
+    with use_cpu_kernel():
+        if kind == "dpo":
+            trainer = trl_trainer(tokenizer, tmp_path, **args)
+        else:
+            trainer = _trl_objective_trainer(kind, tokenizer, tmp_path, args)
+        perturb_lora(trainer.model, seed=lora_seed)
+        trainer.train()
+    rows = [r for r in trainer.state.log_history if "loss" in r and "train_runtime" not in r]
+    assert len(rows) == 5
+    return rows
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / abs(b) if abs(b) > 1e-6 else abs(a - b)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_objective_trajectory_equals_trl(case, tokenizer, tiny_llama_dir, tmp_path, record_property):
+    kind, trl_cfg, ours_cfg = CASES[case]
+    trl_rows = _trl_log_history(kind, trl_cfg, tokenizer, tmp_path, lora_seed=2)
+    history = run_ours(tiny_llama_dir, tmp_path, lora_seed=2, **{"per_device_batch_size": 2, **OURS, **ours_cfg})
+    assert len(history) == 5
+    names = metric_names(LossSettings.from_config(TrainConfig(**ours_cfg)))
+    worst: dict[str, float] = {}
+    for step, (ours, theirs) in enumerate(zip(history, trl_rows), start=1):
+        for k in (*names, "grad_norm", "learning_rate"):
+            assert (k in ours) == (k in theirs), f"step {step}: {k} logged by {'us' if k in ours else 'TRL'} only"
+            if k in theirs:
+                worst[k] = max(worst.get(k, 0.0), _rel(ours[k], theirs[k]))
+    record_property("max_rel_diff", json.dumps(worst))
+    print(f"\n[{case}] max relative differences over 5 steps vs TRL log_history: {worst}")
+    assert history[0]["loss"] != history[-1]["loss"], "the run must move"
+    if case == "kto":
+        assert any("rewards/margins" in r for r in history), "no micro-batch mixed the two labels"
+    assert abs(history[-1]["logps/chosen"] - history[0]["logps/chosen"]) > 1e-3
+    for k, d in worst.items():
+        assert d <= 1e-4, f"{case} {k}: max relative diff {d:.3e} > 1e-4"
+
+
+def _cfg(tmp_path, **kw):
+    data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
+    return TrainConfig(dataset=str(data), output_dir=str(tmp_path / "o"), **kw)
+
+
+@pytest.mark.parametrize("settings, flag", [
+    (dict(loss_type=["kto"]), "--shuffle"),
+    (dict(loss_type=["kto"], shuffle=False, per_device_batch_size=1), "--per-device-batch-size"),
+    (dict(loss_type=["simpo"], precompute_ref=True), "--precompute-ref"),
+    (dict(loss_type=["kto"], shuffle=False, precompute_ref=True), "--precompute-ref"),
+    (dict(loss_type=["orpo"], eval_dataset="builtin:sentiment:eval"), "--eval-dataset"),
+    (dict(loss_type=["kto"], shuffle=False, eval_dataset="builtin:sentiment:eval"), "--eval-dataset"),
+    (dict(loss_type=["simpo", "sigmoid"]), "--loss-type"),
+    (dict(loss_type=["orpo"], cpo_alpha=0.5), "--cpo-alpha"),
+    (dict(ld_alpha=1.5), "--ld-alpha"),
+    (dict(loss_type=["kto"], shuffle=False, kto_desirable_weight=0.0), "--kto-desirable-weight"),
+])
+def test_objective_settings_refused_in_one_line(settings, flag, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        _cfg(tmp_path, **settings).validate()
+    assert str(e.value).startswith(flag) and "\n" not in str(e.value)
+
+
+def test_objective_flags_parse():
+    from dpo.config import config_from_args
+
+    cfg = config_from_args(["--dataset", "builtin:sentiment", "--loss-type", "simpo", "--simpo-gamma", "0.3",
+                            "--cpo-alpha", "0.2"])
+    assert cfg.loss_settings().objective == "simpo" and cfg.loss_settings().nll_weight == 0.2
+    cfg = config_from_args(["--dataset", "builtin:sentiment", "--ld-alpha", "0.5", "--use-weighting"])
+    assert cfg.loss_settings().ld_alpha == 0.5 and cfg.loss_settings().use_weighting
+
+
+def test_kto_reads_unpaired_rows(tokenizer, tiny_llama_dir, tmp_path):
+    """A file of (prompt, completion, label) rows trains KTO; a bad label is refused naming the row."""
+    from dpo.build import load_training_pairs, read_rows
+    from dpo.sources import DataError
+
+    rows = [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+            for r in ROWS for side in ("chosen", "rejected")]
+    path = write_jsonl(tmp_path / "kto.jsonl", rows)
+    cfg = TrainConfig(dataset=str(path), loss_type=["kto"], shuffle=False, max_length=64)
+    items, report = load_training_pairs(cfg, tokenizer, read_rows(cfg))
+    assert [r.label for r in items] == [r["label"] for r in rows][: len(items)]
+    assert "kto" in report.format()
+    write_jsonl(path, rows[:3] + [{"prompt": "p", "completion": "c", "label": "yes"}])
+    with pytest.raises(DataError, match=r"kto.jsonl line 4: label must be true or false"):
+        read_rows(cfg)
+    write_jsonl(path, [{"prompt": "p", "completion": "c"}] + rows)
+    with pytest.raises(DataError, match=r"kto.jsonl line 1: no 'label' column"):
+        read_rows(cfg)
+
+
+@pytest.mark.parametrize("extra", [
+    ["--loss-type", "orpo"],
+    ["--loss-type", "kto", "--no-shuffle"],
+    ["--ld-alpha", "0.5", "--precompute-ref"],
+    ["--use-weighting"],
+], ids=["orpo", "kto", "ld_alpha-precompute", "use_weighting"])
+def test_objective_resume_after_a_crash_equals_the_uninterrupted_run(tiny_llama_dir, tmp_path, monkeypatch,
+                                                                     single_thread, extra):
+    """A crash before step 5 of 6, then --resume: the same metrics and adapter, bit for bit (test_resume's
+    check, for each kind of batch the objectives add)."""
+    from dpo import train
+
+    from .test_resume import ROWS as RESUME_ROWS, Crash, assert_same_run, crash_before_step, flags, metrics
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", RESUME_ROWS)
+    straight = tmp_path / "straight"
+    assert train.main(flags(tiny_llama_dir, data, straight, *extra)) == 0
+    assert len(metrics(straight)) == 6
+    out = tmp_path / "crashed"
+    crash_before_step(monkeypatch, 5)
+    with pytest.raises(Crash):
+        train.main(flags(tiny_llama_dir, data, out, *extra))
+    monkeypatch.undo()
+    assert train.main(flags(tiny_llama_dir, data, out, *extra, "--resume")) == 0
+    assert_same_run(straight, out)
+
+
+def test_ld_alpha_precomputed_reference_equals_the_reference_each_step(tiny_llama_dir, tmp_path):
+    """--precompute-ref caches LD-DPO's weighted reference sums: the same trajectory as computing them each step."""
+    settings = dict(lora_seed=2, per_device_batch_size=2, grad_accum=2, max_steps=3, learning_rate=5e-3, ld_alpha=0.3)
+    (tmp_path / "each").mkdir()
+    (tmp_path / "cached").mkdir()
+    each = run_ours(tiny_llama_dir, tmp_path / "each", **settings)
+    cached = run_ours(tiny_llama_dir, tmp_path / "cached", precompute_ref=True, precompute_ref_batch_size=5, **settings)
+    for a, b in zip(each, cached):
+        for k in ("loss", "rewards/chosen", "rewards/rejected", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+    assert abs(each[-1]["rewards/margins"]) > 1e-3
+
+
+def test_kto_on_several_ranks_is_refused_in_one_line(tmp_path, monkeypatch, no_model_load):
+    from dpo.train import run
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="^--loss-type kto: runs on one process"):
+        run(_cfg(tmp_path, loss_type=["kto"], shuffle=False))
+
+
+@pytest.mark.parametrize("settings", [dict(loss_type=["cpo"]), dict(loss_type=["kto"], shuffle=False)],
+                         ids=["cpo", "kto"])
+def test_a_builtin_task_run_skips_its_evaluation_in_one_line_for_non_dpo(settings, tokenizer, capsys):
+    """A built-in task evaluates on its held-out split by itself: objectives other than plain DPO skip it
+    with one line (scoring CPO's pairs as DPO pairs would crash or mislead); plain DPO still evaluates."""
+    from dpo.evaluation import Evaluation
+
+    assert Evaluation.for_run(TrainConfig(dataset="builtin:sentiment", **settings), tokenizer) is None
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("dpo: no held-out evaluation of builtin:sentiment: it is DPO-only") and "\n" not in out
+    for dpo in (dict(), dict(ld_alpha=0.5), dict(use_weighting=True)):
+        assert Evaluation.for_run(TrainConfig(dataset="builtin:sentiment", **dpo), tokenizer) is not None
+
+
+@pytest.mark.parametrize("option", [dict(ld_alpha=0.3), dict(use_weighting=True)], ids=["ld_alpha", "use_weighting"])
+def test_ld_and_wpo_held_out_metrics_equal_trl_evaluate(option, tokenizer, tmp_path, record_property):
+    """Held-out evaluation with LD-DPO or WPO: every eval_ metric TRL's DPOTrainer.evaluate() logs, on all
+    8 pairs in one batch, same LoRA weights (reference: the adapter off)."""
+    from datasets import Dataset
+
+    from dpo.evaluation import Evaluation
+
+    from .test_trl_equivalence import MAX_LENGTH, max_diff, our_model, our_pairs
+
+    with use_cpu_kernel():
+        trainer = trl_trainer(tokenizer, tmp_path, per_device_eval_batch_size=len(ROWS), **option)
+        perturb_lora(trainer.model, seed=1)
+        theirs = trainer.evaluate(Dataset.from_list(ROWS))
+    model = our_model(tokenizer, gradient_checkpointing=False)
+    perturb_lora(model, seed=1)
+    evaluation = Evaluation("rows", tokenizer, our_pairs(tokenizer), loss=LossSettings(beta=0.1, **option),
+                            max_length=MAX_LENGTH, batch_size=len(ROWS))
+    evaluation.before(model)
+    ours = evaluation.metrics(model)
+    names = [f"eval_{k}" for k in metric_names(LossSettings(**option))]
+    # WPO's weights make the loss tiny: the loss relative to its size; the rest absolute, relative above 1
+    diffs = {k: max_diff(ours[k], theirs[k]) / (abs(theirs[k]) if k == "eval_loss" else max(abs(theirs[k]), 1.0))
+             for k in names}
+    record_property("max_diff", json.dumps(diffs))
+    print(f"\n[{option}] eval differences vs TRL evaluate() (abs, relative above 1): {diffs}")
+    assert abs(ours["eval_rewards/margins"]) > 1e-3
+    for k, d in diffs.items():
+        assert d <= 1e-5, f"{k}: {d:.3e}"
