@@ -91,6 +91,13 @@ RESUME_LOCKED_KEYS: tuple[str, ...] = (
     "max_grad_norm",
     "max_steps",
     "num_epochs",
+    "discopop_tau",
+    "simpo_gamma",
+    "cpo_alpha",
+    "kto_desirable_weight",
+    "kto_undesirable_weight",
+    "ld_alpha",
+    "use_weighting",
 )
 
 

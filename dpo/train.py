@@ -38,6 +38,7 @@ from dpo.sources import DataError
 from dpo import distributed, models, tasks, trackers
 from dpo.build import build_model, cpu_threads, load_training_pairs, plan_run, planned_as_before, read_rows
 from dpo.checkpoint import Checkpoint, CheckpointError, restore_rng
+from dpo.card import write_run_card
 from dpo.cli import first_line
 from dpo.config import ConfigError, TrainConfig, config_from_args
 from dpo.lifecycle import Checkpointer, Commands, StopNow, StopSignals, TrainingStopped, load_reference_cache
@@ -205,6 +206,7 @@ class _Session:
             print(held_out.report())
         if self.dist.is_main:
             self.files += draw_curves(self.writer)
+            write_run_card(self.cfg.output_dir)  # adapter/README.md: base model, data, settings, numbers, command
         return {"history": history, "steps": trainer.step, "adapter_dir": adapter_dir, "checkpoint": final,
                 "model": trainer.model, "tokenizer": tokenizer, "skipped_steps": list(trainer.skipped_steps),
                 "config": self.run_config}

@@ -151,3 +151,13 @@ def test_train_help_names_the_default_runs_settings():
     assert "With no --dataset: the built-in default run" in text
     assert "--learning-rate 0.0005" in text and "--max-steps 8" in text
     assert "(default: 1e-06)" in text  # the dataclass default, shown for --learning-rate
+
+
+def test_a_finished_runs_adapter_carries_a_model_card(tiny_llama_dir, data, tmp_path):
+    out = tmp_path / "run"
+    cfg = TrainConfig(model=str(tiny_llama_dir), dataset=str(data), output_dir=str(out), max_steps=1,
+                      per_device_batch_size=2, max_length=64, lora_r=4, device="cpu", beta=0.25)
+    train.run(cfg)
+    card = (out / "adapter" / "README.md").read_text()
+    assert "More Information Needed" not in card  # PEFT's blank template is replaced
+    assert str(tiny_llama_dir) in card and "0.25" in card and "dpo.train" in card
