@@ -148,8 +148,6 @@ def cut_prompt(pair: TokenizedPair, max_prompt_length: int | None, bos_token_id:
 
 def collate(pairs: list[TokenizedPair], pad_token_id: int, max_length: int | None = None) -> Batch:
     """[chosen rows; rejected rows], each prompt+completion cut to max_length (keep_start), right-padded."""
-    import torch
-
     rows, masks = [], []
     for side in ("chosen_ids", "rejected_ids"):
         for p in pairs:
@@ -158,15 +156,22 @@ def collate(pairs: list[TokenizedPair], pad_token_id: int, max_length: int | Non
             mask = ([0] * len(p.prompt_ids) + [1] * len(completion))[:max_length]
             rows.append(ids)
             masks.append(mask)
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, mask) in enumerate(zip(rows, masks)):
+    return pad_rows(rows, masks, pad_token_id, [p.row_id for p in pairs])
+
+
+def pad_rows(sequences: list[list[int]], masks: list[list[int]], pad_token_id: int, row_ids: list[int]) -> Batch:
+    """Token rows and their completion masks, right-padded into one Batch [R, T] (T = the longest row)."""
+    import torch
+
+    width = max(len(r) for r in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, (ids, mask) in enumerate(zip(sequences, masks)):
         input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[i, : len(ids)] = 1
         completion_mask[i, : len(mask)] = torch.tensor(mask, dtype=torch.long)
-    return Batch(input_ids, attention_mask, completion_mask, [p.row_id for p in pairs])
+    return Batch(input_ids, attention_mask, completion_mask, row_ids)
 
 
 # --- from rows to kept pairs ----------------------------------------------------------------

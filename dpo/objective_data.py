@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from dpo.data import Batch, DataError, PreferenceRow, _ids, _with_eos, common_prefix_length
+from dpo.data import Batch, DataError, PreferenceRow, _ids, _with_eos, common_prefix_length, pad_rows
 
 UNPAIR_BLOCK = 1000  # `datasets.Dataset.map(batched=True)`'s default batch size, which TRL's unpairing uses
 
@@ -103,18 +103,6 @@ class UnpairedBatch:
     kl_batch: Batch | None  # the N mismatched rows (prompt_i + kl_completion_i), or None
 
 
-def _pad(sequences: list[list[int]], masks: list[list[int]], pad_token_id: int, row_ids: list[int]) -> Batch:
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    completion_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, (ids, mask) in enumerate(zip(sequences, masks)):
-        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[i, : len(ids)] = 1
-        completion_mask[i, : len(mask)] = torch.tensor(mask, dtype=torch.long)
-    return Batch(input_ids, attention_mask, completion_mask, row_ids)
-
-
 def _cut(prompt: list[int], completion: list[int], max_length: int | None) -> tuple[list[int], list[int]]:
     return (prompt + completion)[:max_length], ([0] * len(prompt) + [1] * len(completion))[:max_length]
 
@@ -127,11 +115,11 @@ def collate_unpaired(
     (prompt_i + kl_completion_ids[i]) likewise, as their own batch."""
     cut = [_cut(r.prompt_ids, r.completion_ids, max_length) for r in rows]
     row_ids = [r.row_id for r in rows]
-    batch = _pad([c[0] for c in cut], [c[1] for c in cut], pad_token_id, row_ids)
+    batch = pad_rows([c[0] for c in cut], [c[1] for c in cut], pad_token_id, row_ids)
     kl_batch = None
     if kl_completion_ids is not None:
         kl_cut = [_cut(r.prompt_ids, y, max_length) for r, y in zip(rows, kl_completion_ids, strict=True)]
-        kl_batch = _pad([c[0] for c in kl_cut], [c[1] for c in kl_cut], pad_token_id, row_ids)
+        kl_batch = pad_rows([c[0] for c in kl_cut], [c[1] for c in kl_cut], pad_token_id, row_ids)
     return UnpairedBatch(batch, torch.tensor([r.label for r in rows], dtype=torch.bool), kl_batch)
 
 
@@ -224,4 +212,4 @@ def collate_sided(pairs: list[SidedPair], pad_token_id: int) -> Batch:
             prompt, answer = getattr(p, prompt_key), getattr(p, answer_key)
             seqs.append(prompt + answer)
             masks.append([0] * len(prompt) + [1] * len(answer))
-    return _pad(seqs, masks, pad_token_id, [p.row_id for p in pairs])
+    return pad_rows(seqs, masks, pad_token_id, [p.row_id for p in pairs])
