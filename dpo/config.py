@@ -187,9 +187,13 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the flag for every value that cannot work."""
-        def bad(flag: str, why: str):
-            raise ConfigError(f"--{flag.replace('_', '-')}: {why}")
+        self._check_values()
+        self._check_objective()
+        self._check_files_and_start()
 
+    def _check_values(self) -> None:
+        """Numbers in range, names among the choices."""
+        bad = _bad
         if not self.beta > 0:  # also NaN
             bad("beta", f"must be > 0, got {self.beta}")
         if not self.discopop_tau > 0:
@@ -243,6 +247,10 @@ class TrainConfig:
                               ("logprobs", LOGPROB_MODES), ("attention", ATTENTION_ROUTES), ("backend", BACKENDS), ("on_nan", ON_NAN)):
             if getattr(self, name) not in choices:
                 bad(name, f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+
+    def _check_objective(self) -> None:
+        """The loss settings, and what each objective cannot be combined with."""
+        bad = _bad
         loss = self.loss_settings()
         if loss.unpaired and self.shuffle:
             bad("shuffle", "kto needs --no-shuffle: its KL estimate pairs each row with the previous row's "
@@ -257,6 +265,10 @@ class TrainConfig:
         if self.precompute_ref and loss.objective != "dpo":
             bad("precompute_ref", f"is for DPO loss types; {loss.objective} "
                 + ("computes its reference each step" if loss.needs_reference else "uses no reference model"))
+
+    def _check_files_and_start(self) -> None:
+        """Paths that must exist, and how this invocation starts (fresh, resumed, replacing)."""
+        bad = _bad
         if self.dataset is not None and looks_local(self.dataset) and not _exists(self.dataset):
             bad("dataset", f"no such file or folder: {self.dataset}")
         if looks_local(self.model) and not _exists(self.model):
@@ -283,6 +295,10 @@ class TrainConfig:
 
 class ConfigError(ValueError):
     pass
+
+
+def _bad(flag: str, why: str):
+    raise ConfigError(f"--{flag.replace('_', '-')}: {why}")
 
 
 def _exists(path: str) -> bool:

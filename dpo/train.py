@@ -156,15 +156,19 @@ def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None 
         finally:
             writer.close(session.files)  # the trackers get curves.png (if drawn) and end, however the run ended
             distributed.teardown(dist)
-    elapsed = time.time() - started
-    if not dist.is_main:
-        return {**result, "seconds": elapsed}
+    result["seconds"] = time.time() - started
+    if dist.is_main:
+        print(summary(result, resumed))
+    return result
+
+
+def summary(result: dict, resumed: Checkpoint | None) -> str:
+    """The last line of a finished run: steps, skipped steps, time, where the adapter and checkpoint are."""
     skipped = result["skipped_steps"]
     note = f" ({len(skipped)} skipped for a non-finite loss or gradient norm: steps {skipped})" if skipped else ""
     resumed_note = f" (resumed at step {resumed.step})" if resumed is not None else ""
-    print(f"dpo: {result['steps']} steps{resumed_note}{note} in {elapsed:.1f} s; adapter saved to "
-          f"{result['adapter_dir']}; checkpoint {result['checkpoint']}")
-    return {**result, "seconds": elapsed}
+    return (f"dpo: {result['steps']} steps{resumed_note}{note} in {result['seconds']:.1f} s; adapter saved to "
+            f"{result['adapter_dir']}; checkpoint {result['checkpoint']}")
 
 
 class _Session:
