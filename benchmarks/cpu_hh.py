@@ -44,7 +44,7 @@ def base_model():
 
 def evaluate(model, tok, pairs, ref_logps=None):
     from dpo.evaluation import evaluate_pairs
-    from dpo.losses import LossSettings
+    from dpo.loss_settings import LossSettings
 
     return evaluate_pairs(model, tok, pairs, loss=LossSettings(beta=SETTINGS["beta"]), batch_size=8,
                           max_length=SETTINGS["max_length"], ref_logps=ref_logps)

@@ -66,8 +66,6 @@ def python_command(module: str, args: list[str]) -> str:
 
 
 def _interpreter() -> str:
-    import os
-
     exe = sys.executable or "python"
     try:
         rel = os.path.relpath(exe)

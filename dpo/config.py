@@ -19,7 +19,9 @@ from dpo.data import DEFAULT_MAX_LENGTH
 from dpo.models import model_folder_problem
 from dpo.scoring import dpo_only_reason
 from dpo.sources import looks_local
-from dpo.losses import LOSS_TYPES, OBJECTIVES, LossSettings
+from dpo.losses import LOSS_TYPES
+from dpo.objective_losses import OBJECTIVES
+from dpo.loss_settings import LossSettings
 from dpo.models import DEFAULT_LORA_TARGETS
 from dpo.smollm2 import DEFAULT_MODEL
 from dpo.tasks import DEFAULT_RUN

@@ -20,7 +20,7 @@ import torch
 from dpo import cli, models, tasks
 from dpo.config import LOGPROB_MODES, TrainConfig
 from dpo.sources import looks_local
-from dpo.losses import LossSettings
+from dpo.loss_settings import LossSettings
 
 PROG = "python -m dpo.evaluate"
 _TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}

@@ -25,7 +25,7 @@ import torch
 from dpo import generation, models, progress, tasks
 from dpo import data as data_mod
 from dpo.data import TokenizedPair, collate
-from dpo.losses import LossSettings
+from dpo.loss_settings import LossSettings
 from dpo.objective_logps import ld_logps, ld_masks, wpo_pair_weights
 from dpo.scoring import METRIC_NAMES, PairLogps, dpo_only_reason, eval_metrics
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dpo.losses import LossOutput, LossSettings, PreferenceLogps, UnpairedLogps
+from dpo.losses import LossOutput, PreferenceLogps
+from dpo.objective_losses import UnpairedLogps
+from dpo.loss_settings import LossSettings
 
 # TRL's DPOTrainer metric names, in the order it logs them.
 PREFERENCE_METRICS = (
@@ -75,7 +77,7 @@ def mean_over_pairs(values: list[dict[str, Tensor]]) -> dict[str, float]:
 
 
 def objective_batch_row(out: LossOutput, logps: PreferenceLogps | UnpairedLogps) -> dict[str, float]:
-    """One micro-batch's training metrics under any objective (`losses.objective_loss`'s output).
+    """One micro-batch's training metrics under any objective (`loss_settings.objective_loss`'s output).
 
     Paired objectives: `batch_row` plus the objective's scalars (`out.extra`). KTO, as TRL's
     KTOTrainer: rewards and logps of each side are means over that side's rows and are left out

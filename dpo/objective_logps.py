@@ -9,7 +9,7 @@ Contract (the same layout as `dpo/logps.py`):
 
 What each objective takes from one micro-batch of B pairs (2B rows: chosen, then rejected):
     SimPO, ORPO  per-token MEAN log-probs: mean_logps(logps, completion_token_counts(completion_mask))
-    CPO, ORPO    the chosen NLL: losses.chosen_nll(nll_logps, nll_tokens) over the chosen rows, where CPO
+    CPO, ORPO    the chosen NLL: objective_losses.chosen_nll(nll_logps, nll_tokens) over the chosen rows, where CPO
                  scores the completion (completion_mask) and ORPO every attended token after the
                  first (nll_mask(..., include_prompt=True)), prompt included, as TRL does
     LD-DPO       ld_masks(completion_mask) -> shared, tail: logps = shared_sum + ld_alpha * tail_sum,

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from dpo import metrics
-from dpo.losses import LossSettings, PreferenceLogps
+from dpo.losses import PreferenceLogps
+from dpo.loss_settings import LossSettings
 
 METRIC_NAMES = tuple(metrics.prefixed(dict.fromkeys(metrics.PREFERENCE_METRICS), "eval_"))
 

@@ -43,7 +43,7 @@ from dpo.cli import first_line
 from dpo.config import ConfigError, TrainConfig, config_from_args
 from dpo.lifecycle import Checkpointer, Commands, StopNow, StopSignals, TrainingStopped, load_reference_cache
 from dpo.runfolder import RunWriter, check_output_dir, drop_later_checkpoints, load_resume_checkpoint
-from dpo.losses import LossSettings
+from dpo.loss_settings import LossSettings
 from dpo.evaluation import Evaluation
 from dpo.smollm2 import MissingDefaultModel
 from dpo.trainer import NonFiniteStep, Trainer

@@ -40,7 +40,9 @@ from dpo.cli import first_line
 from dpo.checkpoint import Checkpoint, CheckpointError, capture_rng, restore_trainable_state
 from dpo.config import TrainConfig
 from dpo.data import Batch, TokenizedPair, collate
-from dpo.losses import LossSettings, PreferenceLogps, UnpairedLogps, chosen_nll, kto_kl_estimate
+from dpo.losses import PreferenceLogps
+from dpo.objective_losses import UnpairedLogps, chosen_nll, kto_kl_estimate
+from dpo.loss_settings import LossSettings
 from dpo.metrics import objective_batch_row
 from dpo.objective_data import collate_sided, collate_unpaired, kl_completions
 from dpo.objective_logps import (completion_token_counts, ld_logps, ld_masks, mean_logps, prompt_token_mask,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from dpo import evaluate, evaluation, generation, models, scoring, tasks
 from dpo.data import PreferenceRow, tokenize_row
-from dpo.losses import LossSettings
+from dpo.loss_settings import LossSettings
 
 from .conftest import build_tiny_llama
 

@@ -17,14 +17,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from dpo import losses
-from dpo.losses import (
-    LOSS_TYPES,
-    SMOOTHED_LOSS_TYPES,
-    PreferenceLogps,
-    preference_loss,
-    sigmoid_loss,
-    validate_loss_config,
-)
+from dpo.losses import LOSS_TYPES, SMOOTHED_LOSS_TYPES, PreferenceLogps, preference_loss, sigmoid_loss, validate_loss_config
 
 TOL = 1e-6  # |ours - TRL| <= TOL * max(1, |TRL|); float64 results agree far tighter (see the printed maxima)
 

@@ -11,10 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpo.data import DataError, PreferenceRow
-from dpo.losses import (
-    LossSettings, PreferenceLogps, UnpairedLogps, chosen_nll, cpo_loss, kto_kl_estimate, kto_loss, log1mexp,
-    objective_loss, orpo_log_odds, orpo_loss, preference_loss, sigmoid_loss, simpo_loss,
-)
+from dpo.losses import PreferenceLogps, preference_loss, sigmoid_loss
+from dpo.objective_losses import UnpairedLogps, chosen_nll, cpo_loss, kto_kl_estimate, kto_loss, log1mexp, orpo_log_odds, orpo_loss, simpo_loss
+from dpo.loss_settings import LossSettings, objective_loss
 from dpo.metrics import metric_names, objective_batch_row
 from dpo.objective_data import kl_completions, split_sided, unpair_rows, unpaired_row
 from dpo.objective_logps import (

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from dpo.config import ConfigError, TrainConfig
-from dpo.losses import LossSettings
+from dpo.loss_settings import LossSettings
 from dpo.metrics import metric_names
 
 from .conftest import write_jsonl

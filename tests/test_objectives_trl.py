@@ -15,7 +15,9 @@ import torch
 from dpo import models
 from dpo.data import PreferenceRow, collate
 from dpo.logps import sequence_logps_from_hidden, sequence_logps_from_logits
-from dpo.losses import LossSettings, PreferenceLogps, UnpairedLogps, chosen_nll, kto_kl_estimate, objective_loss
+from dpo.losses import PreferenceLogps
+from dpo.objective_losses import UnpairedLogps, chosen_nll, kto_kl_estimate
+from dpo.loss_settings import LossSettings, objective_loss
 from dpo.metrics import metric_names, objective_batch_row
 from dpo.objective_data import (
     collate_sided, collate_unpaired, kl_completions, kto_keeps, tokenize_sided, tokenize_unpaired, unpair_rows,

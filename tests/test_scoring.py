@@ -9,7 +9,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from dpo.losses import LossSettings
+from dpo.loss_settings import LossSettings
 from dpo.scoring import METRIC_NAMES, PairLogps, eval_metrics
 
 BETA = 0.1
