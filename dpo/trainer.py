@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dpo import distributed, models, packing
+from dpo import distributed, models, packing, progress
 from dpo.build import resolve_dtype
 from dpo.cli import first_line
 from dpo.checkpoint import Checkpoint, CheckpointError, capture_rng, restore_trainable_state
@@ -269,11 +269,13 @@ class Trainer:
                        + max(len(self.pairs[i].chosen_ids), len(self.pairs[i].rejected_ids)))
         cache = torch.full((len(self.pairs), 2), float("nan"), dtype=torch.float32)
         self.model.eval()
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = collate([self.pairs[i] for i in idx], self.pad_id, self.cfg.max_length)
-            ref = self.reference_logps(batch).float().cpu()
-            cache[idx, 0], cache[idx, 1] = ref[: len(idx)], ref[len(idx) :]
+        with progress.bar(len(order), "reference log-probs (precompute)", "pair") as bar:
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                batch = collate([self.pairs[i] for i in idx], self.pad_id, self.cfg.max_length)
+                ref = self.reference_logps(batch).float().cpu()
+                cache[idx, 0], cache[idx, 1] = ref[: len(idx)], ref[len(idx) :]
+                bar.update(len(idx))
         self.ref_cache = cache
 
     def _my_shard(self, global_micro: list[int]) -> list[int]:

@@ -161,3 +161,15 @@ def test_a_finished_runs_adapter_carries_a_model_card(tiny_llama_dir, data, tmp_
     card = (out / "adapter" / "README.md").read_text()
     assert "More Information Needed" not in card  # PEFT's blank template is replaced
     assert str(tiny_llama_dir) in card and "0.25" in card and "dpo.train" in card
+
+
+def test_the_reference_precompute_shows_a_progress_bar_when_it_is_slow(tiny_llama_dir, data, tmp_path, capsys,
+                                                                          monkeypatch):
+    from dpo import progress
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.setattr(progress, "DELAY_S", 0.0)  # as if the phase ran longer than the delay
+    cfg = TrainConfig(model=str(tiny_llama_dir), dataset=str(data), output_dir=str(tmp_path / "run"), max_steps=1,
+                      per_device_batch_size=2, max_length=64, lora_r=4, device="cpu", precompute_ref=True)
+    train.run(cfg)
+    assert "reference log-probs (precompute)" in capsys.readouterr().err
