@@ -137,7 +137,18 @@ ours-hf:base:2x4 ours-unsloth:precompute+lean:8x1 trl-hf:base:8x1"; fi
     python -m benchmarks.run --shape llama3-8b-qlora --runs $runs --out "$OUT/gpu_throughput_h200.json" \
       --batch "$1 $(date -u +%FT%H:%M)" --deadline-s 470 --hard-stop-s 560 --run-timeout-s 200
     ;;
-  *) echo "usage: $0 single|scaling|suite|final|rows-1b|rows-8b|rows-8b-same-card|packing|h200-a|h200-b"; exit 2 ;;
+  h200-c)
+    # (one H200) the 1B bf16 LoRA rows (TRL+Unsloth and ours-cli), then where ours-cli's 8B step goes
+    # (torch.profiler over two steps: GPU busy share), each with fresh compile caches.
+    models llama3.2-1b-lora
+    python -m benchmarks.run --shape llama3.2-1b-lora --runs trl-unsloth:base:2x4 ours-cli:base:2x4 \
+      --out "$OUT/gpu_throughput_h200_1b.json" --batch "h200-c $(date -u +%FT%H:%M)" --deadline-s 200 \
+      --hard-stop-s 230 --run-timeout-s 110
+    models llama3-8b-qlora
+    one 0 ours-cli base llama3-8b-qlora 2 4 --profile
+    wait
+    ;;
+  *) echo "usage: $0 single|scaling|suite|final|rows-1b|rows-8b|rows-8b-same-card|packing|h200-a|h200-b|h200-c"; exit 2 ;;
 esac
 echo "phase ${1} took $(( $(date +%s) - T0 )) s"
 tail -n 3 /tmp/log_*.txt 2>/dev/null | cut -c1-400
