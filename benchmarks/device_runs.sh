@@ -148,7 +148,13 @@ ours-hf:base:2x4 ours-unsloth:precompute+lean:8x1 trl-hf:base:8x1"; fi
     one 0 ours-cli base llama3-8b-qlora 2 4 --profile
     wait
     ;;
-  *) echo "usage: $0 single|scaling|suite|final|rows-1b|rows-8b|rows-8b-same-card|packing|h200-a|h200-b|h200-c"; exit 2 ;;
+  h200-profile)
+    # (one H200) where ours-cli's 8B step goes: torch.profiler over two steps after warm-up (GPU busy share)
+    models llama3-8b-qlora
+    one 0 ours-cli base llama3-8b-qlora 2 4 --profile
+    wait
+    ;;
+  *) echo "usage: $0 single|scaling|suite|final|rows-1b|rows-8b|rows-8b-same-card|packing|h200-a|h200-b|h200-c|h200-profile"; exit 2 ;;
 esac
 echo "phase ${1} took $(( $(date +%s) - T0 )) s"
 tail -n 3 /tmp/log_*.txt 2>/dev/null | cut -c1-400
