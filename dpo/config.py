@@ -141,7 +141,7 @@ class TrainConfig:
     memory_budget: str = _opt("auto", "GPU memory the run may use, in GiB, for the planner that picks micro-batch, "
                               "checkpointing, packing, reference precompute, LM-head chunk and embedding placement "
                               "(auto: the card's free memory less 1 GiB; none: no plan). Flags set to other than their "
-                              "default win over the plan. CPU runs are never planned")
+                              "default win over the plan. CPU runs and runs of several ranks are not planned")
     plan: bool = _opt(False, "Print the plan for this run (see --memory-budget) and exit")
     logprobs: str = _opt("chunked", "chunked: never build the full [B,T,V] logits; full: plain log_softmax", choices=LOGPROB_MODES)
     logprob_chunk: int = _opt(256, "Tokens per LM-head chunk of --logprobs chunked (smaller: less memory, more "

@@ -125,14 +125,15 @@ def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None 
     resumed = load_resume_checkpoint(cfg, run_config)
     rows = read_rows(cfg)
     models.resolve_model_path(cfg.model)  # the default model missing: say so before anything loads
-    if resumed is None:
+    if resumed is None and not dist.enabled:  # ranks could plan apart (each its own free memory): not planned
         cfg, chosen = plan_run(cfg, rows, device, not loss.needs_reference)
         run_config = cfg.run_dict()
         if chosen is not None and dist.is_main:
             print(chosen.format())
     if cfg.plan:  # --plan: show it and stop, writing nothing
         if device.type != "cuda" or cfg.memory_budget == "none":
-            print("dpo: no plan: CPU runs and --memory-budget none run as configured")
+            print("dpo: no plan: CPU runs, several ranks and --memory-budget none run as configured")
+        distributed.teardown(dist)
         return {"plan_only": True, "config": cfg}
     try:  # a tracker whose package is missing: say so now, not after the model loads
         sinks = trackers.make_sinks(trackers.parse_report_to(cfg.report_to), cfg.output_dir) if dist.is_main else []

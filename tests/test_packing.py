@@ -241,7 +241,7 @@ def test_plan_on_the_cpu_says_there_is_none_and_writes_nothing(tiny_llama_dir, t
     out = tmp_path / "run"
     assert train.main(["--model", str(tiny_llama_dir), "--dataset", str(data), "--output-dir", str(out),
                        "--device", "cpu", "--plan"]) == 0
-    assert "dpo: no plan: CPU runs and --memory-budget none run as configured" in capsys.readouterr().out
+    assert "dpo: no plan: CPU runs, several ranks and --memory-budget none run as configured" in capsys.readouterr().out
     assert not out.exists()
 
 
