@@ -551,18 +551,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     )
 
 
-# Run-folder rules moved to dpo.runfolder; these names still import from here (train.py, older code).
-_MOVED_TO_RUNFOLDER = ("RESUME_LOCKED_KEYS", "check_output_dir", "config_differences", "trim_metrics")
-
-
-def __getattr__(name: str):
-    if name in _MOVED_TO_RUNFOLDER:
-        from dpo import runfolder  # here, not at the top: runfolder imports this module
-
-        return getattr(runfolder, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "Checkpoint",
     "CheckpointError",

@@ -30,17 +30,9 @@ from dpo.checkpoint import (
 )
 from dpo.cli import one_line
 from dpo.config import TrainConfig
-from dpo.runfolder import (  # noqa: F401 - RunWriter and the resume rules, re-exported for dpo.train's imports
-    RESUME_LOCKED_KEYS,
-    RunWriter,
-    step_of,
-    drop_later_checkpoints,
-    find_resume_checkpoint,
-    load_resume_checkpoint,
-)
+from dpo.runfolder import RunWriter, step_of
 
 REF_CACHE_FILE = "ref_logps.safetensors"  # extra checkpoint file: the precomputed reference log-probs
-LOCKED_KEYS = RESUME_LOCKED_KEYS  # the one list lives in dpo.runfolder (this name is kept for older imports)
 
 
 def load_reference_cache(trainer, ckpt: Checkpoint) -> None:

@@ -20,11 +20,8 @@ import torch
 from dpo import checkpoint as ckpt
 from dpo import runfolder
 from dpo.checkpoint import (
-    RESUME_LOCKED_KEYS,
     CheckpointError,
     capture_rng,
-    check_output_dir,
-    config_differences,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -32,8 +29,8 @@ from dpo.checkpoint import (
     restore_trainable_state,
     save_checkpoint,
     trainable_state,
-    trim_metrics,
 )
+from dpo.runfolder import RESUME_LOCKED_KEYS, check_output_dir, config_differences, trim_metrics
 from dpo.config import TrainConfig
 from dpo.schedule import build_optimizer, build_scheduler
 
