@@ -262,8 +262,8 @@ class TrainConfig:
             bad("per_device_batch_size", "kto needs >= 2 rows per micro-batch (its KL estimate pairs each row "
                 "with another row's completion; TRL refuses 1 too)")
         if self.eval_dataset is not None and (why := dpo_only_reason(loss)) is not None:
-            bad("eval_dataset", f"held-out evaluation is DPO-only for now (DPO loss types, --ld-alpha and "
-                f"--use-weighting included); {why} trains without it")
+            bad("eval_dataset", f"held-out evaluation scores DPO, SimPO, CPO and ORPO pairs, not KTO's unpaired "
+                f"rows yet; {why} trains without it")
         if self.precompute_ref and loss.objective != "dpo":
             bad("precompute_ref", f"is for DPO loss types; {loss.objective} "
                 + ("computes its reference each step" if loss.needs_reference else "uses no reference model"))

@@ -10,7 +10,8 @@
 The data is a preference file/folder/hub dataset (all its rows, or the first `eval_size`) or a built-in
 task's held-out split (`builtin:NAME`), which also has a ground-truth reward: then `after` generates
 greedily from the policy and the reference and scores both (dpo.generation). The metrics themselves
-come from log-probs through the pure `dpo.scoring.eval_metrics` (each a mean over pairs).
+come from log-probs through the pure `dpo.scoring.eval_metrics` (each a mean over pairs); SimPO, CPO and
+ORPO pairs (tokenized as training does) through `dpo.scoring.sided_eval_metrics`, with no reference.
 """
 
 from __future__ import annotations
@@ -26,11 +27,15 @@ from dpo import generation, models, progress, tasks
 from dpo import data as data_mod
 from dpo.data import TokenizedPair, collate
 from dpo.loss_settings import LossSettings
-from dpo.objective_logps import ld_logps, ld_masks, wpo_pair_weights
-from dpo.scoring import METRIC_NAMES, PairLogps, dpo_only_reason, eval_metrics
+from dpo.objective_data import SidedPair, collate_sided, tokenize_sided
+from dpo.objective_logps import completion_token_counts, ld_logps, ld_masks, prompt_token_mask, wpo_pair_weights
+from dpo.scoring import (METRIC_NAMES, SIDED_OBJECTIVES, PairLogps, SidedLogps, dpo_only_reason, eval_metrics,
+                         sided_eval_metrics)
 
 __all__ = ["METRIC_NAMES", "Evaluation", "GenerationSettings", "PairLogps", "evaluate_pairs", "pair_logps",
-           "format_metrics", "format_before_after"]
+           "sided_logps", "format_metrics", "format_before_after"]
+
+SIDED_NO_LIMIT = 1 << 30  # CPO/ORPO tokenization with no max_length: nothing is cut (as dpo.build)
 
 
 def pair_logps(model, tokenizer, pairs: list[TokenizedPair], *, batch_size: int, logprobs: str = "chunked",
@@ -82,6 +87,35 @@ def _dpo_logps(model, batch, logprobs: str, ld_alpha: float | None, wpo: bool):
     return lp, (wpo_pair_weights(scored.wpo_weights(cm)) if wpo else None)
 
 
+def sided_logps(model, tokenizer, pairs: list[SidedPair], *, batch_size: int, logprobs: str = "chunked",
+                include_prompt: bool = False, reference: bool = False, ref_model=None) -> list[SidedLogps]:
+    """SimPO/CPO/ORPO pairs scored in batches of `batch_size` (file order), as training scores a micro-batch
+    (dpo.trainer.Trainer.sided_loss): one forward of [chosen rows; rejected rows]; no gradients, float32
+    on the CPU. include_prompt: the NLL reads prompt and completion (ORPO). reference=True: the starting
+    model (`ref_model`, or `model` in dpo.models.reference_mode), i.e. the policy before training."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pad = models.pad_id(tokenizer)
+    device = next(model.parameters()).device
+    out: list[SidedLogps] = []
+    scope = models.as_reference(model, ref_model) if reference else contextlib.nullcontext(model)
+    desc = "eval (start model)" if reference else "eval (policy)"
+    with torch.no_grad(), models.eval_mode(model), scope as net, progress.bar(len(pairs), desc, "pair") as bar:
+        for start in range(0, len(pairs), batch_size):
+            batch = collate_sided(pairs[start : start + batch_size], pad).to(device)
+            b, cm = batch.num_pairs, batch.completion_mask
+            scored = models.ScoredForward(net, batch, logprobs)
+            sums, counts = scored.sums(cm).float().cpu(), completion_token_counts(cm).cpu()
+            nll_logps, nll_tokens = sums[:b], counts[:b]
+            if include_prompt:
+                prompt = prompt_token_mask(batch.attention_mask, cm)
+                nll_logps = nll_logps + scored.sums(prompt, slice(0, b)).float().cpu()
+                nll_tokens = completion_token_counts(batch.attention_mask[:b]).cpu()
+            out.append(SidedLogps(sums[:b], sums[b:], counts[:b], counts[b:], nll_logps, nll_tokens))
+            bar.update(b)
+    return out
+
+
 def evaluate_pairs(model, tokenizer, pairs: list[TokenizedPair], *, loss: LossSettings, batch_size: int,
                    logprobs: str = "chunked", ref_model=None, max_length: int | None = None,
                    ref_logps: PairLogps | None = None) -> dict[str, float]:
@@ -121,9 +155,11 @@ class Evaluation:
 
     `task` (a dpo.tasks.Task) and `prompts` (its held-out prompts) make the generations; without a task
     there are none. The reference is `ref_model` when given, else the model in reference mode.
+    SimPO/CPO/ORPO (`pairs` are SidedPairs) use no reference: "before" is the starting model scored as the
+    policy (the same model as the reference: the adapter off, or the frozen start adapter).
     """
 
-    def __init__(self, name: str, tokenizer, pairs: list[TokenizedPair], *, loss: LossSettings,
+    def __init__(self, name: str, tokenizer, pairs: list[TokenizedPair] | list[SidedPair], *, loss: LossSettings,
                  max_length: int | None, logprobs: str = "chunked", batch_size: int = tasks.DEFAULT_EVAL["batch_size"],
                  data_report: data_mod.DataReport | None = None, task=None, prompts: list | None = None,
                  generation_settings: GenerationSettings | None = None, ref_model=None):
@@ -134,6 +170,7 @@ class Evaluation:
         self.data_report, self.task, self.prompts = data_report, task, list(prompts or [])
         self.generation_settings = generation_settings or GenerationSettings()
         self.ref_model = ref_model
+        self.sided = loss.objective in SIDED_OBJECTIVES  # SimPO/CPO/ORPO: SidedPairs, no reference
         self.ref_logps: PairLogps | None = None
         self.before_metrics: dict | None = None
         self.after_metrics: dict | None = None
@@ -149,8 +186,8 @@ class Evaluation:
             return None
         loss = LossSettings.from_config(cfg)
         if (why := dpo_only_reason(loss)) is not None:  # --eval-dataset itself is refused with it (dpo.config)
-            print(f"dpo: no held-out evaluation of {name}: it is DPO-only for now (DPO loss types, --ld-alpha and "
-                  f"--use-weighting included); {why} trains without it")
+            print(f"dpo: no held-out evaluation of {name}: it scores DPO, SimPO, CPO and ORPO pairs, not KTO's "
+                  f"unpaired rows yet; {why} trains without it")
             return None
         spec = dict(prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
                     rejected_column=cfg.rejected_column, implicit_prompt=cfg.implicit_prompt)
@@ -176,8 +213,12 @@ class Evaluation:
             if eval_size is not None:
                 rows, fmt = data_mod.Rows(rows[:eval_size]), rows.format
                 rows.format = fmt
-        pairs, report = data_mod.prepare_pairs(tokenizer, rows, max_length, max_prompt_length,
-                                               drop_identical=drop_identical)
+        if loss.objective in SIDED_OBJECTIVES:  # tokenized as training and TRL's CPO/ORPO trainers do: none dropped
+            limit = max_length if max_length is not None else SIDED_NO_LIMIT
+            pairs, report = [tokenize_sided(tokenizer, r, limit) for r in rows], None
+        else:
+            pairs, report = data_mod.prepare_pairs(tokenizer, rows, max_length, max_prompt_length,
+                                                   drop_identical=drop_identical)
         return cls(dataset, tokenizer, pairs, loss=loss, max_length=max_length, data_report=report, task=task,
                    prompts=prompts, **kwargs)
 
@@ -190,8 +231,17 @@ class Evaluation:
                                         wpo=self.loss.use_weighting)  # its weights: the policy's before training
         return self.ref_logps
 
+    def _sided_metrics(self, model, reference: bool = False) -> dict[str, float]:
+        started = time.time()
+        batches = sided_logps(model, self.tokenizer, self.pairs, batch_size=self.batch_size, logprobs=self.logprobs,
+                              include_prompt=self.loss.nll_includes_prompt, reference=reference,
+                              ref_model=self.ref_model)
+        return {**sided_eval_metrics(batches, self.loss), "eval_seconds": round(time.time() - started, 3)}
+
     def metrics(self, model) -> dict[str, float]:
         """The eval metrics (TRL's names with `eval_`, and ours) of the policy `model` now."""
+        if self.sided:
+            return self._sided_metrics(model)
         return evaluate_pairs(model, self.tokenizer, self.pairs, loss=self.loss, batch_size=self.batch_size,
                               logprobs=self.logprobs, max_length=self.max_length, ref_model=self.ref_model,
                               ref_logps=self._reference(model))
@@ -202,7 +252,9 @@ class Evaluation:
         reference scored against itself, with no policy pass; in a resumed run they are still the
         start's. policy_is_reference=False scores the policy instead."""
         started = time.time()
-        if policy_is_reference:
+        if self.sided:
+            self.before_metrics = self._sided_metrics(model, reference=policy_is_reference)
+        elif policy_is_reference:
             ref = self._reference(model)
             self.before_metrics = {**eval_metrics(ref, ref, self.loss, self.batch_size),
                                    "eval_seconds": round(time.time() - started, 3)}
@@ -240,9 +292,12 @@ class Evaluation:
         if self.after_metrics is None:
             raise RuntimeError("call after(model) first")
         before = self.before_metrics
-        if before is None:
+        if before is None and self.sided:
+            before = {}  # nothing to show without a pass of the starting model (before(model) makes one)
+        elif before is None:
             before = eval_metrics(self.ref_logps, self.ref_logps, self.loss, self.batch_size)
-        lines = [f"held-out evaluation: {self.describe_data()}; before = the reference model",
+        start = "the starting model" if self.sided else "the reference model"
+        lines = [f"held-out evaluation: {self.describe_data()}; before = {start}",
                  format_before_after(before, self.after_metrics, gen_after=self.generations)]
         gen = self.generations
         if gen is not None:
@@ -270,7 +325,9 @@ TABLE_ROWS = (
     ("eval_length_normalised_accuracy", "held-out accuracy (mean log-prob/token)"),
     ("eval_rewards/accuracies", "implicit-reward accuracy"),
     ("eval_rewards/margins", "implicit-reward margin"),
-    ("eval_loss", "DPO loss"),
+    ("eval_loss", "loss"),
+    ("eval_nll_loss", "NLL of the chosen (per token)"),
+    ("eval_log_odds_ratio", "log sigmoid(log odds ratio)"),
     ("eval_logps/chosen", "log-prob chosen"),
     ("eval_logps/rejected", "log-prob rejected"),
 )
@@ -278,7 +335,8 @@ TABLE_ROWS = (
 
 def format_metrics(metrics: dict[str, Any]) -> str:
     lines = []
-    for key in METRIC_NAMES + ("eval_length_normalised_accuracy", "eval_ref_length_normalised_accuracy",
+    for key in METRIC_NAMES + ("eval_nll_loss", "eval_log_odds_ratio", "eval_log_odds_chosen",
+                               "eval_length_normalised_accuracy", "eval_ref_length_normalised_accuracy",
                                "eval_ref_logps/chosen", "eval_ref_logps/rejected", "eval_num_pairs"):
         if key in metrics:
             v = metrics[key]

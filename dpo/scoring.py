@@ -24,6 +24,8 @@ import torch
 
 from dpo import metrics
 from dpo.losses import PreferenceLogps
+from dpo.objective_logps import mean_logps
+from dpo.objective_losses import chosen_nll, orpo_log_odds
 from dpo.loss_settings import LossSettings
 
 METRIC_NAMES = tuple(metrics.prefixed(dict.fromkeys(metrics.PREFERENCE_METRICS), "eval_"))
@@ -43,11 +45,14 @@ class PairLogps:
         return int(self.chosen.shape[0])
 
 
+SIDED_OBJECTIVES = ("simpo", "cpo", "orpo")  # scored on SidedPairs by `sided_eval_metrics`
+
+
 def dpo_only_reason(loss: LossSettings) -> str | None:
-    """Why held-out evaluation cannot score a run under these loss settings (None: it can). These
-    metrics take DPO pairs (LD-DPO's weighted sums and WPO's weights included); the other objectives
-    shape their batches otherwise (dpo.trainer)."""
-    return f"--loss-type {loss.objective}" if loss.objective != "dpo" else None
+    """Why held-out evaluation cannot score a run under these loss settings (None: it can). DPO pairs
+    (LD-DPO's weighted sums and WPO's weights included) go through `eval_metrics`, SimPO/CPO/ORPO pairs
+    through `sided_eval_metrics`; KTO's unpaired rows are not scored yet."""
+    return "--loss-type kto" if loss.unpaired else None
 
 
 def eval_metrics(policy: PairLogps, ref: PairLogps, loss: LossSettings, batch_size: int) -> dict[str, float]:
@@ -86,3 +91,59 @@ def length_normalised_accuracy(lp: PairLogps) -> float:
     c = lp.chosen / lp.chosen_tokens.clamp(min=1).to(lp.chosen.dtype)
     r = lp.rejected / lp.rejected_tokens.clamp(min=1).to(lp.rejected.dtype)
     return float((c > r).float().mean())
+
+
+# --- SimPO, CPO, ORPO ----------------------------------------------------------------------------
+
+
+@dataclass
+class SidedLogps:
+    """One eval batch of B SimPO/CPO/ORPO pairs under the policy ([B] each): summed completion log-probs
+    and their token counts, and what the chosen NLL reads (ORPO's: prompt and completion)."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+    nll_logps: torch.Tensor
+    nll_tokens: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.chosen.shape[0])
+
+
+def sided_pair_values(loss: LossSettings, lp: SidedLogps) -> dict[str, torch.Tensor]:
+    """Each metric of one batch, per pair ([B]), as TRL's CPOTrainer/ORPOTrainer compute it on that batch.
+
+    The NLL is TRL's: a token mean over the batch's chosen rows, so each pair carries its batch's value;
+    so does each pair's `loss` (its own term plus the batch's NLL term): the mean over pairs is then HF
+    Trainer's eval_loss (batch losses weighted by batch size)."""
+    counts = (lp.chosen_tokens, lp.rejected_tokens)
+    c, r = (mean_logps(lp.chosen, counts[0]), mean_logps(lp.rejected, counts[1])) if loss.length_normalised \
+        else (lp.chosen, lp.rejected)
+    nll = chosen_nll(lp.nll_logps, lp.nll_tokens) if loss.nll_weight > 0 else None
+    zeros = torch.zeros_like(c)
+    logps = PreferenceLogps(c, r, zeros, zeros, *counts)
+    out = loss(logps, nll=nll)
+    values = metrics.pair_values(out, logps)
+    values["loss"] = out.pair_loss + (out.loss.detach() - out.pair_loss.mean())
+    values["nll_loss"] = out.extra["nll_loss"].float().expand(len(lp))
+    if loss.objective == "orpo":
+        log_odds = orpo_log_odds(c, r).float()
+        values["log_odds_ratio"] = torch.nn.functional.logsigmoid(log_odds)
+        values["log_odds_chosen"] = log_odds
+    return values
+
+
+def sided_eval_metrics(batches: list[SidedLogps], loss: LossSettings) -> dict[str, float]:
+    """Every eval metric of SimPO/CPO/ORPO pairs scored in `batches`: TRL's names with `eval_`, each a
+    mean over all pairs (the NLL per batch, see `sided_pair_values`), plus ours: the length-normalised
+    accuracy and the number of pairs."""
+    if not batches or sum(len(b) for b in batches) == 0:
+        raise ValueError("no pairs to evaluate")
+    row = metrics.prefixed(metrics.mean_over_pairs([sided_pair_values(loss, b) for b in batches]), "eval_")
+    whole = PairLogps(*(torch.cat([getattr(b, k) for b in batches])
+                        for k in ("chosen", "rejected", "chosen_tokens", "rejected_tokens")))
+    row["eval_length_normalised_accuracy"] = length_normalised_accuracy(whole)
+    row["eval_num_pairs"] = len(whole)
+    return row

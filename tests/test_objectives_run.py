@@ -110,7 +110,6 @@ def _cfg(tmp_path, **kw):
     (dict(loss_type=["kto"], shuffle=False, per_device_batch_size=1), "--per-device-batch-size"),
     (dict(loss_type=["simpo"], precompute_ref=True), "--precompute-ref"),
     (dict(loss_type=["kto"], shuffle=False, precompute_ref=True), "--precompute-ref"),
-    (dict(loss_type=["orpo"], eval_dataset="builtin:sentiment:eval"), "--eval-dataset"),
     (dict(loss_type=["kto"], shuffle=False, eval_dataset="builtin:sentiment:eval"), "--eval-dataset"),
     (dict(loss_type=["simpo", "sigmoid"]), "--loss-type"),
     (dict(loss_type=["orpo"], cpo_alpha=0.5), "--cpo-alpha"),
@@ -201,18 +200,24 @@ def test_kto_on_several_ranks_is_refused_in_one_line(tmp_path, monkeypatch, no_m
         run(_cfg(tmp_path, loss_type=["kto"], shuffle=False))
 
 
-@pytest.mark.parametrize("settings", [dict(loss_type=["cpo"]), dict(loss_type=["kto"], shuffle=False)],
-                         ids=["cpo", "kto"])
-def test_a_builtin_task_run_skips_its_evaluation_in_one_line_for_non_dpo(settings, tokenizer, capsys):
-    """A built-in task evaluates on its held-out split by itself: objectives other than plain DPO skip it
-    with one line (scoring CPO's pairs as DPO pairs would crash or mislead); plain DPO still evaluates."""
+def test_a_builtin_task_run_skips_its_evaluation_in_one_line_for_kto(tokenizer, capsys):
+    """A built-in task evaluates on its held-out split by itself: KTO skips it with one line (its unpaired
+    rows are not scored yet); DPO (with LD-DPO or WPO), SimPO, CPO and ORPO evaluate."""
     from dpo.evaluation import Evaluation
 
-    assert Evaluation.for_run(TrainConfig(dataset="builtin:sentiment", **settings), tokenizer) is None
+    kto = TrainConfig(dataset="builtin:sentiment", loss_type=["kto"], shuffle=False)
+    assert Evaluation.for_run(kto, tokenizer) is None
     out = capsys.readouterr().out.strip()
-    assert out.startswith("dpo: no held-out evaluation of builtin:sentiment: it is DPO-only") and "\n" not in out
-    for dpo in (dict(), dict(ld_alpha=0.5), dict(use_weighting=True)):
-        assert Evaluation.for_run(TrainConfig(dataset="builtin:sentiment", **dpo), tokenizer) is not None
+    assert out.startswith("dpo: no held-out evaluation of builtin:sentiment:") and "kto" in out and "\n" not in out
+    for other in (dict(), dict(ld_alpha=0.5), dict(use_weighting=True), dict(loss_type=["simpo"]),
+                  dict(loss_type=["cpo"]), dict(loss_type=["orpo"])):
+        assert Evaluation.for_run(TrainConfig(dataset="builtin:sentiment", **other), tokenizer) is not None
+    assert Evaluation.for_run(TrainConfig(dataset="builtin:sentiment", loss_type=["orpo"]), tokenizer).sided
+
+
+def test_sided_objectives_accept_an_eval_dataset(tmp_path):
+    for objective in ("simpo", "cpo", "orpo"):
+        _cfg(tmp_path, loss_type=[objective], eval_dataset="builtin:sentiment:eval").validate()
 
 
 @pytest.mark.parametrize("option", [dict(ld_alpha=0.3), dict(use_weighting=True)], ids=["ld_alpha", "use_weighting"])
