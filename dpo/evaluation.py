@@ -11,7 +11,9 @@ The data is a preference file/folder/hub dataset (all its rows, or the first `ev
 task's held-out split (`builtin:NAME`), which also has a ground-truth reward: then `after` generates
 greedily from the policy and the reference and scores both (dpo.generation). The metrics themselves
 come from log-probs through the pure `dpo.scoring.eval_metrics` (each a mean over pairs); SimPO, CPO and
-ORPO pairs (tokenized as training does) through `dpo.scoring.sided_eval_metrics`, with no reference.
+ORPO pairs (tokenized as training does) through `dpo.scoring.sided_eval_metrics`, with no reference;
+KTO's unpaired rows (a paired file split as training splits it) through `dpo.scoring.kto_eval_metrics`,
+in batches that each carry their own KL estimate.
 """
 
 from __future__ import annotations
@@ -27,13 +29,15 @@ from dpo import generation, models, progress, tasks
 from dpo import data as data_mod
 from dpo.data import TokenizedPair, collate
 from dpo.loss_settings import LossSettings
-from dpo.objective_data import SidedPair, collate_sided, tokenize_sided
+from dpo import objective_data as od
+from dpo.build import read_spec_rows
+from dpo.objective_data import SidedPair, TokenizedRow, collate_sided, tokenize_sided
 from dpo.objective_logps import completion_token_counts, ld_logps, ld_masks, prompt_token_mask, wpo_pair_weights
-from dpo.scoring import (METRIC_NAMES, SIDED_OBJECTIVES, PairLogps, SidedLogps, dpo_only_reason, eval_metrics,
-                         sided_eval_metrics)
+from dpo.scoring import (METRIC_NAMES, SIDED_OBJECTIVES, PairLogps, SidedLogps, UnpairedSums, eval_metrics,
+                         kto_eval_metrics, sided_eval_metrics)
 
 __all__ = ["METRIC_NAMES", "Evaluation", "GenerationSettings", "PairLogps", "evaluate_pairs", "pair_logps",
-           "sided_logps", "format_metrics", "format_before_after"]
+           "sided_logps", "unpaired_sums", "format_metrics", "format_before_after"]
 
 SIDED_NO_LIMIT = 1 << 30  # CPO/ORPO tokenization with no max_length: nothing is cut (as dpo.build)
 
@@ -116,6 +120,32 @@ def sided_logps(model, tokenizer, pairs: list[SidedPair], *, batch_size: int, lo
     return out
 
 
+def unpaired_sums(model, tokenizer, rows: list[TokenizedRow], *, batch_size: int, max_length: int | None,
+                  logprobs: str = "chunked", reference: bool = False, ref_model=None) -> list[UnpairedSums]:
+    """KTO rows scored in batches of `batch_size` (file order), each with its mismatched KL rows (the
+    completions rotated by one inside the batch, as TRL's KTOTrainer builds them), as training scores a
+    micro-batch (dpo.trainer.Trainer.kto_loss); no gradients, float32 on the CPU. reference=True: under
+    the reference (`ref_model`, or `model` in dpo.models.reference_mode)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pad = models.pad_id(tokenizer)
+    device = next(model.parameters()).device
+    kl_ids = od.kl_completions([r.completion_ids for r in rows], batch_size)
+    out: list[UnpairedSums] = []
+    scope = models.as_reference(model, ref_model) if reference else contextlib.nullcontext(model)
+    desc = "eval (reference)" if reference else "eval (policy)"
+    with torch.no_grad(), models.eval_mode(model), scope as net, progress.bar(len(rows), desc, "row") as bar:
+        for start in range(0, len(rows), batch_size):
+            part = slice(start, start + batch_size)
+            ub = od.collate_unpaired(rows[part], pad, max_length, kl_ids[part])
+            sums = []
+            for batch in (ub.batch.to(device), ub.kl_batch.to(device)):
+                sums.append(models.ScoredForward(net, batch, logprobs).sums(batch.completion_mask).float().cpu())
+            out.append(UnpairedSums(sums[0], sums[1], ub.desirable))
+            bar.update(len(ub.desirable))
+    return out
+
+
 def evaluate_pairs(model, tokenizer, pairs: list[TokenizedPair], *, loss: LossSettings, batch_size: int,
                    logprobs: str = "chunked", ref_model=None, max_length: int | None = None,
                    ref_logps: PairLogps | None = None) -> dict[str, float]:
@@ -171,6 +201,7 @@ class Evaluation:
         self.generation_settings = generation_settings or GenerationSettings()
         self.ref_model = ref_model
         self.sided = loss.objective in SIDED_OBJECTIVES  # SimPO/CPO/ORPO: SidedPairs, no reference
+        self.ref_sums: list[UnpairedSums] | None = None  # KTO: the reference's, computed once
         self.ref_logps: PairLogps | None = None
         self.before_metrics: dict | None = None
         self.after_metrics: dict | None = None
@@ -185,10 +216,6 @@ class Evaluation:
         if name is None:
             return None
         loss = LossSettings.from_config(cfg)
-        if (why := dpo_only_reason(loss)) is not None:  # --eval-dataset itself is refused with it (dpo.config)
-            print(f"dpo: no held-out evaluation of {name}: it scores DPO, SimPO, CPO and ORPO pairs, not KTO's "
-                  f"unpaired rows yet; {why} trains without it")
-            return None
         spec = dict(prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
                     rejected_column=cfg.rejected_column, implicit_prompt=cfg.implicit_prompt)
         return cls.of_dataset(name, tokenizer, loss=loss, max_length=cfg.max_length,
@@ -209,11 +236,19 @@ class Evaluation:
             rows = tasks.preference_rows(raw, source=f"{task.dataset} (held-out)")
             prompts = [r["prompt"] for r in raw]
         else:
-            rows = data_mod.load_rows(data_mod.DataSpec(path=dataset, **(spec or {})))
-            if eval_size is not None:
+            rows = read_spec_rows(data_mod.DataSpec(path=dataset, **(spec or {})), unpaired=loss.unpaired)
+            if eval_size is not None and isinstance(rows, data_mod.Rows):
                 rows, fmt = data_mod.Rows(rows[:eval_size]), rows.format
                 rows.format = fmt
-        if loss.objective in SIDED_OBJECTIVES:  # tokenized as training and TRL's CPO/ORPO trainers do: none dropped
+            elif eval_size is not None:
+                rows = rows[:eval_size]
+        if loss.unpaired:  # as training and TRL's KTOTrainer: pairs unpaired, rows whose prompt fills max_length dropped
+            unpaired = rows if rows and isinstance(rows[0], od.UnpairedRow) else od.unpair_rows(list(rows))
+            tokenized = [od.tokenize_unpaired(tokenizer, r) for r in unpaired]
+            pairs, report = [t for t in tokenized if od.kto_keeps(t, max_length)], None
+            if not pairs:
+                raise data_mod.DataError(f"{dataset}: every prompt fills max_length {max_length}; no row to evaluate")
+        elif loss.objective in SIDED_OBJECTIVES:  # tokenized as training and TRL's CPO/ORPO trainers do: none dropped
             limit = max_length if max_length is not None else SIDED_NO_LIMIT
             pairs, report = [tokenize_sided(tokenizer, r, limit) for r in rows], None
         else:
@@ -238,10 +273,23 @@ class Evaluation:
                               ref_model=self.ref_model)
         return {**sided_eval_metrics(batches, self.loss), "eval_seconds": round(time.time() - started, 3)}
 
+    def _unpaired(self, model, reference: bool) -> list[UnpairedSums]:
+        return unpaired_sums(model, self.tokenizer, self.pairs, batch_size=self.batch_size, max_length=self.max_length,
+                             logprobs=self.logprobs, reference=reference, ref_model=self.ref_model)
+
+    def _kto_metrics(self, model, policy_is_reference: bool = False) -> dict[str, float]:
+        started = time.time()
+        if self.ref_sums is None:
+            self.ref_sums = self._unpaired(model, reference=True)
+        policy = self.ref_sums if policy_is_reference else self._unpaired(model, reference=False)
+        return {**kto_eval_metrics(policy, self.ref_sums, self.loss), "eval_seconds": round(time.time() - started, 3)}
+
     def metrics(self, model) -> dict[str, float]:
         """The eval metrics (TRL's names with `eval_`, and ours) of the policy `model` now."""
         if self.sided:
             return self._sided_metrics(model)
+        if self.loss.unpaired:
+            return self._kto_metrics(model)
         return evaluate_pairs(model, self.tokenizer, self.pairs, loss=self.loss, batch_size=self.batch_size,
                               logprobs=self.logprobs, max_length=self.max_length, ref_model=self.ref_model,
                               ref_logps=self._reference(model))
@@ -254,6 +302,8 @@ class Evaluation:
         started = time.time()
         if self.sided:
             self.before_metrics = self._sided_metrics(model, reference=policy_is_reference)
+        elif self.loss.unpaired:
+            self.before_metrics = self._kto_metrics(model, policy_is_reference)
         elif policy_is_reference:
             ref = self._reference(model)
             self.before_metrics = {**eval_metrics(ref, ref, self.loss, self.batch_size),
@@ -280,7 +330,8 @@ class Evaluation:
     def describe_data(self) -> str:
         """One line: how many pairs of what were scored, and how many rows were dropped (and why)."""
         what = f"{self.task.dataset} (names never seen in training)" if self.task is not None else self.name
-        line = f"{len(self.pairs)} pairs of {what}"
+        unit = "rows (desirable and undesirable)" if self.loss.unpaired else "pairs"
+        line = f"{len(self.pairs)} {unit} of {what}"
         report = self.data_report
         if report is not None and report.rows_read > len(self.pairs):
             reasons = ", ".join(f"{k} {v}" for k, v in report.dropped.items())
@@ -292,7 +343,7 @@ class Evaluation:
         if self.after_metrics is None:
             raise RuntimeError("call after(model) first")
         before = self.before_metrics
-        if before is None and self.sided:
+        if before is None and (self.sided or self.loss.unpaired):
             before = {}  # nothing to show without a pass of the starting model (before(model) makes one)
         elif before is None:
             before = eval_metrics(self.ref_logps, self.ref_logps, self.loss, self.batch_size)
@@ -328,6 +379,7 @@ TABLE_ROWS = (
     ("eval_loss", "loss"),
     ("eval_nll_loss", "NLL of the chosen (per token)"),
     ("eval_log_odds_ratio", "log sigmoid(log odds ratio)"),
+    ("eval_kl", "KL estimate (KTO's z0)"),
     ("eval_logps/chosen", "log-prob chosen"),
     ("eval_logps/rejected", "log-prob rejected"),
 )
@@ -335,7 +387,7 @@ TABLE_ROWS = (
 
 def format_metrics(metrics: dict[str, Any]) -> str:
     lines = []
-    for key in METRIC_NAMES + ("eval_nll_loss", "eval_log_odds_ratio", "eval_log_odds_chosen",
+    for key in METRIC_NAMES + ("eval_kl", "eval_num_rows", "eval_num_desirable", "eval_nll_loss", "eval_log_odds_ratio", "eval_log_odds_chosen",
                                "eval_length_normalised_accuracy", "eval_ref_length_normalised_accuracy",
                                "eval_ref_logps/chosen", "eval_ref_logps/rejected", "eval_num_pairs"):
         if key in metrics:

@@ -25,7 +25,7 @@ import torch
 from dpo import metrics
 from dpo.losses import PreferenceLogps
 from dpo.objective_logps import mean_logps
-from dpo.objective_losses import chosen_nll, orpo_log_odds
+from dpo.objective_losses import UnpairedLogps, chosen_nll, kto_kl_estimate, orpo_log_odds
 from dpo.loss_settings import LossSettings
 
 METRIC_NAMES = tuple(metrics.prefixed(dict.fromkeys(metrics.PREFERENCE_METRICS), "eval_"))
@@ -46,13 +46,6 @@ class PairLogps:
 
 
 SIDED_OBJECTIVES = ("simpo", "cpo", "orpo")  # scored on SidedPairs by `sided_eval_metrics`
-
-
-def dpo_only_reason(loss: LossSettings) -> str | None:
-    """Why held-out evaluation cannot score a run under these loss settings (None: it can). DPO pairs
-    (LD-DPO's weighted sums and WPO's weights included) go through `eval_metrics`, SimPO/CPO/ORPO pairs
-    through `sided_eval_metrics`; KTO's unpaired rows are not scored yet."""
-    return "--loss-type kto" if loss.unpaired else None
 
 
 def eval_metrics(policy: PairLogps, ref: PairLogps, loss: LossSettings, batch_size: int) -> dict[str, float]:
@@ -147,3 +140,45 @@ def sided_eval_metrics(batches: list[SidedLogps], loss: LossSettings) -> dict[st
     row["eval_length_normalised_accuracy"] = length_normalised_accuracy(whole)
     row["eval_num_pairs"] = len(whole)
     return row
+
+
+# --- KTO -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class UnpairedSums:
+    """One eval batch of N KTO rows under one model ([N] each): summed completion log-probs of the rows
+    and of their mismatched KL rows, and which rows are desirable."""
+
+    logps: torch.Tensor
+    kl_logps: torch.Tensor
+    desirable: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.logps.shape[0])
+
+
+def kto_eval_metrics(policy: list[UnpairedSums], ref: list[UnpairedSums], loss: LossSettings) -> dict[str, float]:
+    """Every eval metric of KTO rows scored in batches, as TRL's KTOTrainer.evaluate() gives them.
+
+    KTO's KL estimate is a property of a batch (its mismatched rows), so the metrics are batch metrics
+    (`dpo.metrics.objective_batch_row`, as training logs them): each the mean over the batches that
+    logged it (a batch without desirable rows has no rewards/chosen), as TRL averages them; the loss
+    weighs each batch by its rows, as HF Trainer's eval_loss. With batches of equal size and mix the
+    rewards and log-probs are means over rows. Ours: eval_num_rows and eval_num_desirable."""
+    if not policy or len(policy) != len(ref):
+        raise ValueError(f"{len(policy)} policy batches but {len(ref)} reference batches")
+    rows, sizes = [], []
+    for p, r in zip(policy, ref):
+        lp = UnpairedLogps(p.logps, r.logps, p.desirable, kto_kl_estimate(p.kl_logps, r.kl_logps))
+        rows.append(metrics.objective_batch_row(loss(lp), lp))
+        sizes.append(len(p))
+    out: dict[str, float] = {}
+    for key in dict.fromkeys(k for row in rows for k in row):
+        logged = [row[key] for row in rows if key in row]
+        out[key] = sum(logged) / len(logged)
+    out["loss"] = sum(n * row["loss"] for n, row in zip(sizes, rows)) / sum(sizes)
+    out = metrics.prefixed(out, "eval_")
+    out["eval_num_rows"] = sum(sizes)
+    out["eval_num_desirable"] = int(sum(int(p.desirable.sum()) for p in policy))
+    return out

@@ -110,3 +110,64 @@ def test_an_orpo_run_logs_held_out_rows_with_trls_names(tiny_llama_dir, tmp_path
     assert evals[0]["eval_loss"] != evals[-1]["eval_loss"]
     saved = json.loads((tmp_path / "ours" / "eval.json").read_text())
     assert saved["before"]["eval_log_odds_chosen"] == evals[0]["eval_log_odds_chosen"]
+
+
+@pytest.mark.parametrize("eval_batch", [3, 4])
+def test_kto_held_out_metrics_equal_trl_evaluate(eval_batch, tokenizer, tmp_path, record_property):
+    """KTO: the 16 unpaired rows of ROWS in batches of 3 (the last holds 1 row, some no desirable row) or 4,
+    each batch's KL from its own mismatched rows; every eval_ metric KTOTrainer.evaluate() logs."""
+    from dpo.evaluation import Evaluation
+    from dpo.objective_data import kto_keeps, tokenize_unpaired, unpair_rows
+
+    _, trl_cfg, ours_cfg = CASES["kto"]
+    with use_cpu_kernel():
+        trainer = _trl_objective_trainer("kto", tokenizer, tmp_path, {
+            **trl_cfg, "per_device_train_batch_size": eval_batch, "per_device_eval_batch_size": eval_batch})
+        perturb_lora(trainer.model, seed=1)
+        theirs = trainer.evaluate(trainer.train_dataset)  # its KL completions rotate within eval_batch rows
+    model = our_model(tokenizer, gradient_checkpointing=False)
+    perturb_lora(model, seed=1)
+    loss = LossSettings.from_config(TrainConfig(**ours_cfg))
+    pairs = [PreferenceRow(r["prompt"], r["chosen"], r["rejected"], i) for i, r in enumerate(ROWS)]
+    rows = [t for t in (tokenize_unpaired(tokenizer, u) for u in unpair_rows(pairs)) if kto_keeps(t, MAX_LENGTH)]
+    evaluation = Evaluation("rows", tokenizer, rows, loss=loss, max_length=MAX_LENGTH, batch_size=eval_batch)
+    before = evaluation.before(model)
+    ours = evaluation.metrics(model)
+    names = [f"eval_{k}" for k in metric_names(loss)]
+    timing = ("runtime", "per_second", "_time")
+    trl_names = {k for k in theirs if k.startswith("eval_") and not any(t in k for t in timing)
+                 and not any(t in k for t in ("logits", "entropy", "num_tokens"))}
+    names = [k for k in names if k in ours]  # rewards/margins: only where some batch mixes both labels
+    assert set(names) == trl_names and ("eval_rewards/margins" in names) == (eval_batch == 3)
+    diffs = {k: _rel(ours[k], theirs[k]) for k in names}
+    record_property("max_rel_diff", json.dumps(diffs))
+    print(f"\n[kto, batches of {eval_batch}] eval relative differences vs TRL evaluate(): {diffs}")
+    assert ours["eval_num_rows"] == len(rows) and ours["eval_kl"] > 0 and before["eval_kl"] == 0
+    for k, d in diffs.items():
+        assert d <= 1e-4, f"kto {k}: relative diff {d:.3e} > 1e-4"
+
+
+def test_a_kto_run_evaluates_an_unpaired_file(tiny_llama_dir, tmp_path):
+    """--loss-type kto --eval-dataset FILE of (prompt, completion, label) rows: step 0 and the end get KTO's
+    eval rows; a bad label in the eval file is one line naming file, row and problem."""
+    from dpo.sources import DataError
+
+    from .conftest import write_jsonl
+    from .test_trl_equivalence import run_ours
+
+    rows = [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+            for r in ROWS[:3] for side in ("chosen", "rejected")]
+    data = write_jsonl(tmp_path / "eval.jsonl", rows)
+    run_ours(tiny_llama_dir, tmp_path, loss_type=["kto"], per_device_batch_size=2, max_steps=2,
+             learning_rate=5e-3, eval_dataset=str(data), eval_steps=0)
+    lines = [json.loads(line) for line in (tmp_path / "ours" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in lines if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 2]
+    assert evals[0]["eval_num_rows"] == 6 and evals[0]["eval_num_desirable"] == 3 and evals[0]["eval_kl"] == 0
+    assert {"eval_kl", "eval_rewards/margins", "eval_logps/rejected"} <= set(evals[-1])
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows[:2] + [{"prompt": "x", "completion": "y", "label": "yes"}])
+    (tmp_path / "again").mkdir()
+    with pytest.raises(DataError) as e:
+        run_ours(tiny_llama_dir, tmp_path / "again", loss_type=["kto"], per_device_batch_size=2, max_steps=1,
+                 eval_dataset=str(bad))
+    assert "bad.jsonl" in str(e.value) and "label" in str(e.value) and "\n" not in str(e.value)
