@@ -242,7 +242,7 @@ class Evaluation:
                 rows.format = fmt
             elif eval_size is not None:
                 rows = rows[:eval_size]
-        if loss.unpaired:  # as training and TRL's KTOTrainer: pairs unpaired, rows whose prompt fills max_length dropped
+        if loss.unpaired:  # as training and TRL's KTOTrainer: pairs split, rows whose prompt fills max_length dropped
             unpaired = rows if rows and isinstance(rows[0], od.UnpairedRow) else od.unpair_rows(list(rows))
             tokenized = [od.tokenize_unpaired(tokenizer, r) for r in unpaired]
             pairs, report = [t for t in tokenized if od.kto_keeps(t, max_length)], None
@@ -387,7 +387,8 @@ TABLE_ROWS = (
 
 def format_metrics(metrics: dict[str, Any]) -> str:
     lines = []
-    for key in METRIC_NAMES + ("eval_kl", "eval_num_rows", "eval_num_desirable", "eval_nll_loss", "eval_log_odds_ratio", "eval_log_odds_chosen",
+    for key in METRIC_NAMES + ("eval_kl", "eval_num_rows", "eval_num_desirable", "eval_nll_loss",
+                               "eval_log_odds_ratio", "eval_log_odds_chosen",
                                "eval_length_normalised_accuracy", "eval_ref_length_normalised_accuracy",
                                "eval_ref_logps/chosen", "eval_ref_logps/rejected", "eval_num_pairs"):
         if key in metrics:
