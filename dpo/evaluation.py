@@ -29,6 +29,7 @@ from dpo import generation, models, progress, tasks
 from dpo import data as data_mod
 from dpo.data import TokenizedPair, collate
 from dpo.loss_settings import LossSettings
+from dpo.report import ObjectiveReport, kto_report, sided_report
 from dpo import objective_data as od
 from dpo.build import read_spec_rows
 from dpo.objective_data import SidedPair, TokenizedRow, collate_sided, tokenize_sided
@@ -189,9 +190,11 @@ class Evaluation:
     policy (the same model as the reference: the adapter off, or the frozen start adapter).
     """
 
-    def __init__(self, name: str, tokenizer, pairs: list[TokenizedPair] | list[SidedPair], *, loss: LossSettings,
-                 max_length: int | None, logprobs: str = "chunked", batch_size: int = tasks.DEFAULT_EVAL["batch_size"],
-                 data_report: data_mod.DataReport | None = None, task=None, prompts: list | None = None,
+    def __init__(self, name: str, tokenizer, pairs: list[TokenizedPair] | list[SidedPair] | list[TokenizedRow], *,
+                 loss: LossSettings, max_length: int | None, logprobs: str = "chunked",
+                 batch_size: int = tasks.DEFAULT_EVAL["batch_size"],
+                 data_report: data_mod.DataReport | ObjectiveReport | None = None, task=None,
+                 prompts: list | None = None,
                  generation_settings: GenerationSettings | None = None, ref_model=None):
         if not pairs:
             raise ValueError(f"{name}: no pairs to evaluate")
@@ -245,12 +248,15 @@ class Evaluation:
         if loss.unpaired:  # as training and TRL's KTOTrainer: pairs split, rows whose prompt fills max_length dropped
             unpaired = rows if rows and isinstance(rows[0], od.UnpairedRow) else od.unpair_rows(list(rows))
             tokenized = [od.tokenize_unpaired(tokenizer, r) for r in unpaired]
-            pairs, report = [t for t in tokenized if od.kto_keeps(t, max_length)], None
+            pairs = [t for t in tokenized if od.kto_keeps(t, max_length)]
+            report = kto_report(len(rows), tokenized, pairs, max_length, dataset)
             if not pairs:
                 raise data_mod.DataError(f"{dataset}: every prompt fills max_length {max_length}; no row to evaluate")
         elif loss.objective in SIDED_OBJECTIVES:  # tokenized as training and TRL's CPO/ORPO trainers do: none dropped
             limit = max_length if max_length is not None else SIDED_NO_LIMIT
-            pairs, report = [tokenize_sided(tokenizer, r, limit) for r in rows], None
+            pairs = [tokenize_sided(tokenizer, r, limit) for r in rows]
+            uncut = pairs if max_length is None else [tokenize_sided(tokenizer, r, SIDED_NO_LIMIT) for r in rows]
+            report = sided_report(loss.objective, uncut, max_length, dataset)
         else:
             pairs, report = data_mod.prepare_pairs(tokenizer, rows, max_length, max_prompt_length,
                                                    drop_identical=drop_identical)
@@ -333,9 +339,10 @@ class Evaluation:
         unit = "rows (desirable and undesirable)" if self.loss.unpaired else "pairs"
         line = f"{len(self.pairs)} {unit} of {what}"
         report = self.data_report
-        if report is not None and report.rows_read > len(self.pairs):
+        read = getattr(report, "items", None) or getattr(report, "rows_read", 0)  # KTO: rows after unpairing
+        if report is not None and read > len(self.pairs):
             reasons = ", ".join(f"{k} {v}" for k, v in report.dropped.items())
-            line += f"; {report.rows_read - len(self.pairs)} of {report.rows_read} rows dropped ({reasons})"
+            line += f"; {read - len(self.pairs)} of {read} rows dropped ({reasons})"
         return line
 
     def report(self, samples: int = 3) -> str:

@@ -110,6 +110,7 @@ def test_an_orpo_run_logs_held_out_rows_with_trls_names(tiny_llama_dir, tmp_path
     assert evals[0]["eval_loss"] != evals[-1]["eval_loss"]
     saved = json.loads((tmp_path / "ours" / "eval.json").read_text())
     assert saved["before"]["eval_log_odds_chosen"] == evals[0]["eval_log_odds_chosen"]
+    assert saved["data"]["objective"] == "orpo" and saved["data"]["kept"] == 5
 
 
 @pytest.mark.parametrize("eval_batch", [3, 4])
@@ -165,6 +166,8 @@ def test_a_kto_run_evaluates_an_unpaired_file(tiny_llama_dir, tmp_path):
     assert [r["step"] for r in evals] == [0, 2]
     assert evals[0]["eval_num_rows"] == 6 and evals[0]["eval_num_desirable"] == 3 and evals[0]["eval_kl"] == 0
     assert {"eval_kl", "eval_rewards/margins", "eval_logps/rejected"} <= set(evals[-1])
+    saved = json.loads((tmp_path / "ours" / "eval.json").read_text())
+    assert saved["data"]["desirable"] == 3 and saved["data"]["undesirable"] == 3
     bad = write_jsonl(tmp_path / "bad.jsonl", rows[:2] + [{"prompt": "x", "completion": "y", "label": "yes"}])
     (tmp_path / "again").mkdir()
     with pytest.raises(DataError) as e:
