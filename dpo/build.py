@@ -56,8 +56,14 @@ def read_rows(cfg: TrainConfig):
     rows = tasks.load_builtin(cfg.dataset)
     if rows is not None:
         return rows
-    spec = DataSpec.from_config(cfg)
-    if cfg.loss_settings().unpaired:
+    return read_spec_rows(DataSpec.from_config(cfg), unpaired=cfg.loss_settings().unpaired)
+
+
+def read_spec_rows(spec: DataSpec, unpaired: bool = False):
+    """The rows of a file, folder or hub dataset: preference pairs; with `unpaired` (KTO) a file of
+    (prompt, completion, label) rows is read as UnpairedRows, each label checked (DataError naming
+    file, row and problem)."""
+    if unpaired:
         records = read_records(spec)
         if records and isinstance(records[0][2], dict) and {"completion", "label"} & set(records[0][2]):
             return [od.unpaired_row(value, i, f"{source} {location}")

@@ -17,7 +17,6 @@ from typing import Any, get_args, get_origin, get_type_hints
 from dpo.cli import Parser, optional
 from dpo.data import DEFAULT_MAX_LENGTH
 from dpo.models import model_folder_problem
-from dpo.scoring import dpo_only_reason
 from dpo.sources import looks_local
 from dpo.losses import LOSS_TYPES
 from dpo.objective_losses import OBJECTIVES
@@ -261,9 +260,6 @@ class TrainConfig:
         if loss.unpaired and self.per_device_batch_size < 2:
             bad("per_device_batch_size", "kto needs >= 2 rows per micro-batch (its KL estimate pairs each row "
                 "with another row's completion; TRL refuses 1 too)")
-        if self.eval_dataset is not None and (why := dpo_only_reason(loss)) is not None:
-            bad("eval_dataset", f"held-out evaluation is DPO-only for now (DPO loss types, --ld-alpha and "
-                f"--use-weighting included); {why} trains without it")
         if self.precompute_ref and loss.objective != "dpo":
             bad("precompute_ref", f"is for DPO loss types; {loss.objective} "
                 + ("computes its reference each step" if loss.needs_reference else "uses no reference model"))

@@ -2,6 +2,9 @@
 
 Validates every row, tokenizes as training will (same max length default as training), prints the
 data report and, with --out, writes each processed row with its token counts and why it was dropped.
+--loss-type simpo|cpo|orpo|kto: tokenizes as that objective trains (dpo.build: TRL's CPO/ORPO
+tokenization, or KTO's unpaired rows, a paired file split into desirable and undesirable rows) and
+reports what it keeps, drops and cuts (dpo.report.ObjectiveReport).
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ import sys
 from dpo import data
 from dpo.cli import Parser, one_line, optional
 from dpo.files import write_jsonl_atomic
+from dpo.losses import LOSS_TYPES
+from dpo.objective_losses import OBJECTIVES
 from dpo.prompts import IMPLICIT_PROMPT_RULES
-from dpo.report import build_report, processed_record
+from dpo.report import build_report, kto_report, processed_record, sided_report
 from dpo.smollm2 import DEFAULT_MODEL
 from dpo.sources import DataError, DataSpec, load_rows
 
@@ -44,29 +49,75 @@ def build_parser() -> Parser:
                         "(at the first differing character)")
     p.add_argument("--keep-identical", action="store_true",
                    help="keep pairs whose completions are identical (TRL keeps them; we drop them by default)")
+    p.add_argument("--loss-type", default="sigmoid", choices=LOSS_TYPES + OBJECTIVES, metavar="LOSS_TYPE",
+                   help="tokenize as this objective trains: a DPO loss type (all tokenize alike), or "
+                        f"{', '.join(OBJECTIVES)} (kto also reads unpaired prompt/completion/label rows)")
     return p
 
 
+def objective_data(args, tokenizer, rows):
+    """(ObjectiveReport, --out records) of the rows under --loss-type simpo/cpo/orpo/kto, tokenized as
+    training tokenizes them (dpo.build.load_training_pairs)."""
+    from dpo import objective_data as od
+    from dpo.build import SIDED_NO_LIMIT
+
+    if not rows:
+        raise DataError(f"{args.dataset}: the dataset is empty (no rows)")
+    if args.loss_type != "kto":
+        pairs = [od.tokenize_sided(tokenizer, r, SIDED_NO_LIMIT) for r in rows]  # uncut: the report counts cuts
+        report = sided_report(args.loss_type, pairs, args.max_length, args.dataset)
+        records = [{"row_id": r.row_id, "where": r.where, "chosen_prompt_tokens": len(x.chosen_prompt_ids),
+                    "chosen_tokens": len(x.chosen_ids), "rejected_prompt_tokens": len(x.rejected_prompt_ids),
+                    "rejected_tokens": len(x.rejected_ids)} for r, x in zip(rows, pairs)]
+        return report, records
+    unpaired = rows if isinstance(rows[0], od.UnpairedRow) else od.unpair_rows(list(rows))
+    tokenized = [od.tokenize_unpaired(tokenizer, r) for r in unpaired]
+    kept = [t for t in tokenized if od.kto_keeps(t, args.max_length)]
+    report = kto_report(len(rows), tokenized, kept, args.max_length, args.dataset)
+    if not kept:
+        raise DataError(f"{args.dataset}: all {len(tokenized)} rows were dropped (every prompt fills max_length "
+                        f"{args.max_length}); nothing is left to train on")
+    records = [{"row_id": u.row_id, "where": u.where, "label": u.label, "prompt_tokens": len(t.prompt_ids),
+                "completion_tokens": len(t.completion_ids),
+                "dropped_reason": None if od.kto_keeps(t, args.max_length) else "prompt_fills_max_length"}
+               for u, t in zip(unpaired, tokenized)]
+    return report, records
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    objective = args.loss_type if args.loss_type in OBJECTIVES else None
+    if objective and (args.max_prompt_length is not None or args.keep_identical):
+        flag = "--max-prompt-length" if args.max_prompt_length is not None else "--keep-identical"
+        parser.error(f"{flag}: applies to DPO pairs only; --loss-type {objective} tokenizes as its TRL trainer does")
     try:
         data.check_lengths(args.max_length, args.max_prompt_length)
         if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
             raise DataError(f"{args.out}: the folder to write --out into does not exist")
-        rows = load_rows(DataSpec.from_config(args))  # before the tokenizer: bad data fails in a second
+        if objective:
+            from dpo.build import read_spec_rows  # KTO: unpaired rows, each label checked (file and row named)
+
+            rows = read_spec_rows(DataSpec.from_config(args), unpaired=objective == "kto")
+        else:
+            rows = load_rows(DataSpec.from_config(args))  # before the tokenizer: bad data fails in a second
         tokenizer = data.load_tokenizer(args.model)  # looked up on the module, so tests can substitute it
-        results = data.process_rows(tokenizer, rows, args.max_length, args.max_prompt_length,
-                                    drop_identical=not args.keep_identical)
-        report = build_report(results, args.max_length, args.max_prompt_length, rows.format)
-        data.require_kept(results, report)
+        if objective:
+            report, records = objective_data(args, tokenizer, rows)
+        else:
+            results = data.process_rows(tokenizer, rows, args.max_length, args.max_prompt_length,
+                                        drop_identical=not args.keep_identical)
+            report = build_report(results, args.max_length, args.max_prompt_length, rows.format)
+            data.require_kept(results, report)
+            records = [processed_record(r) for r in results]
         if args.out:
-            write_jsonl_atomic(args.out, (processed_record(r) for r in results))
+            write_jsonl_atomic(args.out, records)
     except DataError as e:
         print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
         return 2
     print(report.format())
     if args.out:
-        print(f"wrote {len(results)} rows ({report.kept} kept) to {args.out}")
+        print(f"wrote {len(records)} rows ({report.kept} kept) to {args.out}")
     return 0
 
 

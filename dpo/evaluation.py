@@ -10,7 +10,10 @@
 The data is a preference file/folder/hub dataset (all its rows, or the first `eval_size`) or a built-in
 task's held-out split (`builtin:NAME`), which also has a ground-truth reward: then `after` generates
 greedily from the policy and the reference and scores both (dpo.generation). The metrics themselves
-come from log-probs through the pure `dpo.scoring.eval_metrics` (each a mean over pairs).
+come from log-probs through the pure `dpo.scoring.eval_metrics` (each a mean over pairs); SimPO, CPO and
+ORPO pairs (tokenized as training does) through `dpo.scoring.sided_eval_metrics`, with no reference;
+KTO's unpaired rows (a paired file split as training splits it) through `dpo.scoring.kto_eval_metrics`,
+in batches that each carry their own KL estimate.
 """
 
 from __future__ import annotations
@@ -26,11 +29,18 @@ from dpo import generation, models, progress, tasks
 from dpo import data as data_mod
 from dpo.data import TokenizedPair, collate
 from dpo.loss_settings import LossSettings
-from dpo.objective_logps import ld_logps, ld_masks, wpo_pair_weights
-from dpo.scoring import METRIC_NAMES, PairLogps, dpo_only_reason, eval_metrics
+from dpo.report import ObjectiveReport, kto_report, sided_report
+from dpo import objective_data as od
+from dpo.build import read_spec_rows
+from dpo.objective_data import SidedPair, TokenizedRow, collate_sided, tokenize_sided
+from dpo.objective_logps import completion_token_counts, ld_logps, ld_masks, prompt_token_mask, wpo_pair_weights
+from dpo.scoring import (METRIC_NAMES, SIDED_OBJECTIVES, PairLogps, SidedLogps, UnpairedSums, eval_metrics,
+                         kto_eval_metrics, sided_eval_metrics)
 
 __all__ = ["METRIC_NAMES", "Evaluation", "GenerationSettings", "PairLogps", "evaluate_pairs", "pair_logps",
-           "format_metrics", "format_before_after"]
+           "sided_logps", "unpaired_sums", "format_metrics", "format_before_after"]
+
+SIDED_NO_LIMIT = 1 << 30  # CPO/ORPO tokenization with no max_length: nothing is cut (as dpo.build)
 
 
 def pair_logps(model, tokenizer, pairs: list[TokenizedPair], *, batch_size: int, logprobs: str = "chunked",
@@ -82,6 +92,61 @@ def _dpo_logps(model, batch, logprobs: str, ld_alpha: float | None, wpo: bool):
     return lp, (wpo_pair_weights(scored.wpo_weights(cm)) if wpo else None)
 
 
+def sided_logps(model, tokenizer, pairs: list[SidedPair], *, batch_size: int, logprobs: str = "chunked",
+                include_prompt: bool = False, reference: bool = False, ref_model=None) -> list[SidedLogps]:
+    """SimPO/CPO/ORPO pairs scored in batches of `batch_size` (file order), as training scores a micro-batch
+    (dpo.trainer.Trainer.sided_loss): one forward of [chosen rows; rejected rows]; no gradients, float32
+    on the CPU. include_prompt: the NLL reads prompt and completion (ORPO). reference=True: the starting
+    model (`ref_model`, or `model` in dpo.models.reference_mode), i.e. the policy before training."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pad = models.pad_id(tokenizer)
+    device = next(model.parameters()).device
+    out: list[SidedLogps] = []
+    scope = models.as_reference(model, ref_model) if reference else contextlib.nullcontext(model)
+    desc = "eval (start model)" if reference else "eval (policy)"
+    with torch.no_grad(), models.eval_mode(model), scope as net, progress.bar(len(pairs), desc, "pair") as bar:
+        for start in range(0, len(pairs), batch_size):
+            batch = collate_sided(pairs[start : start + batch_size], pad).to(device)
+            b, cm = batch.num_pairs, batch.completion_mask
+            scored = models.ScoredForward(net, batch, logprobs)
+            sums, counts = scored.sums(cm).float().cpu(), completion_token_counts(cm).cpu()
+            nll_logps, nll_tokens = sums[:b], counts[:b]
+            if include_prompt:
+                prompt = prompt_token_mask(batch.attention_mask, cm)
+                nll_logps = nll_logps + scored.sums(prompt, slice(0, b)).float().cpu()
+                nll_tokens = completion_token_counts(batch.attention_mask[:b]).cpu()
+            out.append(SidedLogps(sums[:b], sums[b:], counts[:b], counts[b:], nll_logps, nll_tokens))
+            bar.update(b)
+    return out
+
+
+def unpaired_sums(model, tokenizer, rows: list[TokenizedRow], *, batch_size: int, max_length: int | None,
+                  logprobs: str = "chunked", reference: bool = False, ref_model=None) -> list[UnpairedSums]:
+    """KTO rows scored in batches of `batch_size` (file order), each with its mismatched KL rows (the
+    completions rotated by one inside the batch, as TRL's KTOTrainer builds them), as training scores a
+    micro-batch (dpo.trainer.Trainer.kto_loss); no gradients, float32 on the CPU. reference=True: under
+    the reference (`ref_model`, or `model` in dpo.models.reference_mode)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pad = models.pad_id(tokenizer)
+    device = next(model.parameters()).device
+    kl_ids = od.kl_completions([r.completion_ids for r in rows], batch_size)
+    out: list[UnpairedSums] = []
+    scope = models.as_reference(model, ref_model) if reference else contextlib.nullcontext(model)
+    desc = "eval (reference)" if reference else "eval (policy)"
+    with torch.no_grad(), models.eval_mode(model), scope as net, progress.bar(len(rows), desc, "row") as bar:
+        for start in range(0, len(rows), batch_size):
+            part = slice(start, start + batch_size)
+            ub = od.collate_unpaired(rows[part], pad, max_length, kl_ids[part])
+            sums = []
+            for batch in (ub.batch.to(device), ub.kl_batch.to(device)):
+                sums.append(models.ScoredForward(net, batch, logprobs).sums(batch.completion_mask).float().cpu())
+            out.append(UnpairedSums(sums[0], sums[1], ub.desirable))
+            bar.update(len(ub.desirable))
+    return out
+
+
 def evaluate_pairs(model, tokenizer, pairs: list[TokenizedPair], *, loss: LossSettings, batch_size: int,
                    logprobs: str = "chunked", ref_model=None, max_length: int | None = None,
                    ref_logps: PairLogps | None = None) -> dict[str, float]:
@@ -121,11 +186,15 @@ class Evaluation:
 
     `task` (a dpo.tasks.Task) and `prompts` (its held-out prompts) make the generations; without a task
     there are none. The reference is `ref_model` when given, else the model in reference mode.
+    SimPO/CPO/ORPO (`pairs` are SidedPairs) use no reference: "before" is the starting model scored as the
+    policy (the same model as the reference: the adapter off, or the frozen start adapter).
     """
 
-    def __init__(self, name: str, tokenizer, pairs: list[TokenizedPair], *, loss: LossSettings,
-                 max_length: int | None, logprobs: str = "chunked", batch_size: int = tasks.DEFAULT_EVAL["batch_size"],
-                 data_report: data_mod.DataReport | None = None, task=None, prompts: list | None = None,
+    def __init__(self, name: str, tokenizer, pairs: list[TokenizedPair] | list[SidedPair] | list[TokenizedRow], *,
+                 loss: LossSettings, max_length: int | None, logprobs: str = "chunked",
+                 batch_size: int = tasks.DEFAULT_EVAL["batch_size"],
+                 data_report: data_mod.DataReport | ObjectiveReport | None = None, task=None,
+                 prompts: list | None = None,
                  generation_settings: GenerationSettings | None = None, ref_model=None):
         if not pairs:
             raise ValueError(f"{name}: no pairs to evaluate")
@@ -134,6 +203,8 @@ class Evaluation:
         self.data_report, self.task, self.prompts = data_report, task, list(prompts or [])
         self.generation_settings = generation_settings or GenerationSettings()
         self.ref_model = ref_model
+        self.sided = loss.objective in SIDED_OBJECTIVES  # SimPO/CPO/ORPO: SidedPairs, no reference
+        self.ref_sums: list[UnpairedSums] | None = None  # KTO: the reference's, computed once
         self.ref_logps: PairLogps | None = None
         self.before_metrics: dict | None = None
         self.after_metrics: dict | None = None
@@ -148,10 +219,6 @@ class Evaluation:
         if name is None:
             return None
         loss = LossSettings.from_config(cfg)
-        if (why := dpo_only_reason(loss)) is not None:  # --eval-dataset itself is refused with it (dpo.config)
-            print(f"dpo: no held-out evaluation of {name}: it is DPO-only for now (DPO loss types, --ld-alpha and "
-                  f"--use-weighting included); {why} trains without it")
-            return None
         spec = dict(prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
                     rejected_column=cfg.rejected_column, implicit_prompt=cfg.implicit_prompt)
         return cls.of_dataset(name, tokenizer, loss=loss, max_length=cfg.max_length,
@@ -172,12 +239,27 @@ class Evaluation:
             rows = tasks.preference_rows(raw, source=f"{task.dataset} (held-out)")
             prompts = [r["prompt"] for r in raw]
         else:
-            rows = data_mod.load_rows(data_mod.DataSpec(path=dataset, **(spec or {})))
-            if eval_size is not None:
+            rows = read_spec_rows(data_mod.DataSpec(path=dataset, **(spec or {})), unpaired=loss.unpaired)
+            if eval_size is not None and isinstance(rows, data_mod.Rows):
                 rows, fmt = data_mod.Rows(rows[:eval_size]), rows.format
                 rows.format = fmt
-        pairs, report = data_mod.prepare_pairs(tokenizer, rows, max_length, max_prompt_length,
-                                               drop_identical=drop_identical)
+            elif eval_size is not None:
+                rows = rows[:eval_size]
+        if loss.unpaired:  # as training and TRL's KTOTrainer: pairs split, rows whose prompt fills max_length dropped
+            unpaired = rows if rows and isinstance(rows[0], od.UnpairedRow) else od.unpair_rows(list(rows))
+            tokenized = [od.tokenize_unpaired(tokenizer, r) for r in unpaired]
+            pairs = [t for t in tokenized if od.kto_keeps(t, max_length)]
+            report = kto_report(len(rows), tokenized, pairs, max_length, dataset)
+            if not pairs:
+                raise data_mod.DataError(f"{dataset}: every prompt fills max_length {max_length}; no row to evaluate")
+        elif loss.objective in SIDED_OBJECTIVES:  # tokenized as training and TRL's CPO/ORPO trainers do: none dropped
+            limit = max_length if max_length is not None else SIDED_NO_LIMIT
+            pairs = [tokenize_sided(tokenizer, r, limit) for r in rows]
+            uncut = pairs if max_length is None else [tokenize_sided(tokenizer, r, SIDED_NO_LIMIT) for r in rows]
+            report = sided_report(loss.objective, uncut, max_length, dataset)
+        else:
+            pairs, report = data_mod.prepare_pairs(tokenizer, rows, max_length, max_prompt_length,
+                                                   drop_identical=drop_identical)
         return cls(dataset, tokenizer, pairs, loss=loss, max_length=max_length, data_report=report, task=task,
                    prompts=prompts, **kwargs)
 
@@ -190,8 +272,30 @@ class Evaluation:
                                         wpo=self.loss.use_weighting)  # its weights: the policy's before training
         return self.ref_logps
 
+    def _sided_metrics(self, model, reference: bool = False) -> dict[str, float]:
+        started = time.time()
+        batches = sided_logps(model, self.tokenizer, self.pairs, batch_size=self.batch_size, logprobs=self.logprobs,
+                              include_prompt=self.loss.nll_includes_prompt, reference=reference,
+                              ref_model=self.ref_model)
+        return {**sided_eval_metrics(batches, self.loss), "eval_seconds": round(time.time() - started, 3)}
+
+    def _unpaired(self, model, reference: bool) -> list[UnpairedSums]:
+        return unpaired_sums(model, self.tokenizer, self.pairs, batch_size=self.batch_size, max_length=self.max_length,
+                             logprobs=self.logprobs, reference=reference, ref_model=self.ref_model)
+
+    def _kto_metrics(self, model, policy_is_reference: bool = False) -> dict[str, float]:
+        started = time.time()
+        if self.ref_sums is None:
+            self.ref_sums = self._unpaired(model, reference=True)
+        policy = self.ref_sums if policy_is_reference else self._unpaired(model, reference=False)
+        return {**kto_eval_metrics(policy, self.ref_sums, self.loss), "eval_seconds": round(time.time() - started, 3)}
+
     def metrics(self, model) -> dict[str, float]:
         """The eval metrics (TRL's names with `eval_`, and ours) of the policy `model` now."""
+        if self.sided:
+            return self._sided_metrics(model)
+        if self.loss.unpaired:
+            return self._kto_metrics(model)
         return evaluate_pairs(model, self.tokenizer, self.pairs, loss=self.loss, batch_size=self.batch_size,
                               logprobs=self.logprobs, max_length=self.max_length, ref_model=self.ref_model,
                               ref_logps=self._reference(model))
@@ -202,7 +306,11 @@ class Evaluation:
         reference scored against itself, with no policy pass; in a resumed run they are still the
         start's. policy_is_reference=False scores the policy instead."""
         started = time.time()
-        if policy_is_reference:
+        if self.sided:
+            self.before_metrics = self._sided_metrics(model, reference=policy_is_reference)
+        elif self.loss.unpaired:
+            self.before_metrics = self._kto_metrics(model, policy_is_reference)
+        elif policy_is_reference:
             ref = self._reference(model)
             self.before_metrics = {**eval_metrics(ref, ref, self.loss, self.batch_size),
                                    "eval_seconds": round(time.time() - started, 3)}
@@ -228,11 +336,13 @@ class Evaluation:
     def describe_data(self) -> str:
         """One line: how many pairs of what were scored, and how many rows were dropped (and why)."""
         what = f"{self.task.dataset} (names never seen in training)" if self.task is not None else self.name
-        line = f"{len(self.pairs)} pairs of {what}"
+        unit = "rows (desirable and undesirable)" if self.loss.unpaired else "pairs"
+        line = f"{len(self.pairs)} {unit} of {what}"
         report = self.data_report
-        if report is not None and report.rows_read > len(self.pairs):
+        read = getattr(report, "items", None) or getattr(report, "rows_read", 0)  # KTO: rows after unpairing
+        if report is not None and read > len(self.pairs):
             reasons = ", ".join(f"{k} {v}" for k, v in report.dropped.items())
-            line += f"; {report.rows_read - len(self.pairs)} of {report.rows_read} rows dropped ({reasons})"
+            line += f"; {read - len(self.pairs)} of {read} rows dropped ({reasons})"
         return line
 
     def report(self, samples: int = 3) -> str:
@@ -240,9 +350,12 @@ class Evaluation:
         if self.after_metrics is None:
             raise RuntimeError("call after(model) first")
         before = self.before_metrics
-        if before is None:
+        if before is None and (self.sided or self.loss.unpaired):
+            before = {}  # nothing to show without a pass of the starting model (before(model) makes one)
+        elif before is None:
             before = eval_metrics(self.ref_logps, self.ref_logps, self.loss, self.batch_size)
-        lines = [f"held-out evaluation: {self.describe_data()}; before = the reference model",
+        start = "the starting model" if self.sided else "the reference model"
+        lines = [f"held-out evaluation: {self.describe_data()}; before = {start}",
                  format_before_after(before, self.after_metrics, gen_after=self.generations)]
         gen = self.generations
         if gen is not None:
@@ -270,7 +383,10 @@ TABLE_ROWS = (
     ("eval_length_normalised_accuracy", "held-out accuracy (mean log-prob/token)"),
     ("eval_rewards/accuracies", "implicit-reward accuracy"),
     ("eval_rewards/margins", "implicit-reward margin"),
-    ("eval_loss", "DPO loss"),
+    ("eval_loss", "loss"),
+    ("eval_nll_loss", "NLL of the chosen (per token)"),
+    ("eval_log_odds_ratio", "log sigmoid(log odds ratio)"),
+    ("eval_kl", "KL estimate (KTO's z0)"),
     ("eval_logps/chosen", "log-prob chosen"),
     ("eval_logps/rejected", "log-prob rejected"),
 )
@@ -278,7 +394,9 @@ TABLE_ROWS = (
 
 def format_metrics(metrics: dict[str, Any]) -> str:
     lines = []
-    for key in METRIC_NAMES + ("eval_length_normalised_accuracy", "eval_ref_length_normalised_accuracy",
+    for key in METRIC_NAMES + ("eval_kl", "eval_num_rows", "eval_num_desirable", "eval_nll_loss",
+                               "eval_log_odds_ratio", "eval_log_odds_chosen",
+                               "eval_length_normalised_accuracy", "eval_ref_length_normalised_accuracy",
                                "eval_ref_logps/chosen", "eval_ref_logps/rejected", "eval_num_pairs"):
         if key in metrics:
             v = metrics[key]

@@ -157,3 +157,94 @@ def processed_record(result: RowResult) -> dict:
         "prompt_tokens_cut": result.prompt_tokens_cut,
         "dropped_reason": result.dropped,
     }
+
+
+# --- the objectives beyond DPO (python -m dpo.data --loss-type simpo|cpo|orpo|kto) -----------------
+
+
+@dataclass
+class ObjectiveReport:
+    """What an objective's own tokenization does to a dataset (the one training uses: dpo.build).
+
+    simpo/cpo/orpo (TRL's CPO/ORPO trainers): every pair is kept; a sequence over max_length loses
+    completion tokens only (`completions_cut` counts chosen and rejected sides; `completions_emptied`
+    those left with no token because the prompt fills max_length). kto (TRL's KTOTrainer): pairs are
+    split into a desirable and an undesirable row each; rows whose prompt fills max_length are dropped;
+    the collator cuts longer prompt+completion rows at max_length (`completions_cut`)."""
+
+    objective: str
+    source: str
+    rows_read: int  # records in the data (pairs, or KTO's unpaired rows)
+    items: int  # pairs (simpo/cpo/orpo) or rows after unpairing (kto), before any drop
+    kept: int
+    dropped: dict[str, int]
+    max_length: int | None
+    completions_cut: dict[str, int]  # side -> count
+    completions_emptied: int = 0
+    desirable: int | None = None  # kto: kept rows of each label
+    undesirable: int | None = None
+    tokens: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # before any cut
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def format(self) -> str:
+        kto = self.objective == "kto"
+        unit = "rows" if kto else "pairs"
+        lines = [f"data: {self.source} (for --loss-type {self.objective})", f"rows read: {self.rows_read}"]
+        if kto and self.items != self.rows_read:
+            lines.append(f"unpaired rows (each pair: a desirable and an undesirable row): {self.items}")
+        lines += [f"kept: {self.kept} {unit}", f"dropped: {sum(self.dropped.values())}"]
+        lines += [f"  {reason}: {count}" for reason, count in self.dropped.items()]
+        if kto:
+            lines.append(f"desirable (label true): {self.desirable}, undesirable (label false): {self.undesirable}")
+        cuts = ", ".join(f"{side} {n}" for side, n in self.completions_cut.items())
+        if self.max_length is None:
+            lines.append("max_length: none (no truncation)")
+        else:
+            lines.append(f"max_length {self.max_length}: completions cut ({cuts})"
+                         + (f"; {self.completions_emptied} cut to nothing (the prompt fills max_length)"
+                            if self.completions_emptied else ""))
+        lines.append(f"tokens (kept {unit}, uncut) {'min':>7} {'p50':>7} {'p90':>7} {'p99':>7} {'max':>7} {'mean':>9}")
+        for name, stats in self.tokens.items():
+            if stats:
+                cells = " ".join(f"{stats[k]:>7}" for k in ("min", "p50", "p90", "p99", "max"))
+                lines.append(f"  {name:<17} {cells} {stats['mean']:>9.1f}")
+        return "\n".join(lines)
+
+
+def sided_report(objective: str, pairs: list, max_length: int | None, source: str) -> ObjectiveReport:
+    """The report of SimPO/CPO/ORPO pairs tokenized with no limit (objective_data.SidedPair): what a
+    cut at max_length would do to them (TRL's CPO/ORPO tokenization cuts the completion only)."""
+    over = (lambda p, a: max_length is not None and len(p) + len(a) > max_length)
+    empty = (lambda p: max_length is not None and len(p) >= max_length)
+    return ObjectiveReport(
+        objective=objective, source=source, rows_read=len(pairs), items=len(pairs), kept=len(pairs), dropped={},
+        max_length=max_length,
+        completions_cut={"chosen": sum(over(x.chosen_prompt_ids, x.chosen_ids) for x in pairs),
+                         "rejected": sum(over(x.rejected_prompt_ids, x.rejected_ids) for x in pairs)},
+        completions_emptied=sum(empty(x.chosen_prompt_ids) or empty(x.rejected_prompt_ids) for x in pairs),
+        tokens={"prompt": summarize([len(x.chosen_prompt_ids) for x in pairs]),
+                "chosen": summarize([len(x.chosen_ids) for x in pairs]),
+                "rejected": summarize([len(x.rejected_ids) for x in pairs]),
+                "sequence": summarize([max(len(x.chosen_prompt_ids) + len(x.chosen_ids),
+                                           len(x.rejected_prompt_ids) + len(x.rejected_ids)) for x in pairs])})
+
+
+KTO_PROMPT_FILLS = "prompt_fills_max_length"
+
+
+def kto_report(rows_read: int, tokenized: list, kept: list, max_length: int | None, source: str) -> ObjectiveReport:
+    """The report of KTO rows (objective_data.TokenizedRow): `tokenized` after unpairing, `kept` those
+    whose prompt is shorter than max_length (TRL drops the others)."""
+    over = (lambda r: max_length is not None and len(r.prompt_ids) + len(r.completion_ids) > max_length)
+    dropped = len(tokenized) - len(kept)
+    return ObjectiveReport(
+        objective="kto", source=source, rows_read=rows_read, items=len(tokenized), kept=len(kept),
+        dropped={KTO_PROMPT_FILLS: dropped} if dropped else {}, max_length=max_length,
+        completions_cut={label: sum(over(r) for r in kept if r.label == want)
+                         for label, want in (("desirable", True), ("undesirable", False))},
+        desirable=sum(r.label for r in kept), undesirable=sum(not r.label for r in kept),
+        tokens={"prompt": summarize([len(r.prompt_ids) for r in kept]),
+                "completion": summarize([len(r.completion_ids) for r in kept]),
+                "sequence": summarize([len(r.prompt_ids) + len(r.completion_ids) for r in kept])})

@@ -11,6 +11,7 @@ import json
 import pytest
 
 from dpo.config import ConfigError, TrainConfig
+from dpo.data import TokenizedPair
 from dpo.loss_settings import LossSettings
 from dpo.metrics import metric_names
 
@@ -110,8 +111,6 @@ def _cfg(tmp_path, **kw):
     (dict(loss_type=["kto"], shuffle=False, per_device_batch_size=1), "--per-device-batch-size"),
     (dict(loss_type=["simpo"], precompute_ref=True), "--precompute-ref"),
     (dict(loss_type=["kto"], shuffle=False, precompute_ref=True), "--precompute-ref"),
-    (dict(loss_type=["orpo"], eval_dataset="builtin:sentiment:eval"), "--eval-dataset"),
-    (dict(loss_type=["kto"], shuffle=False, eval_dataset="builtin:sentiment:eval"), "--eval-dataset"),
     (dict(loss_type=["simpo", "sigmoid"]), "--loss-type"),
     (dict(loss_type=["orpo"], cpo_alpha=0.5), "--cpo-alpha"),
     (dict(ld_alpha=1.5), "--ld-alpha"),
@@ -201,18 +200,23 @@ def test_kto_on_several_ranks_is_refused_in_one_line(tmp_path, monkeypatch, no_m
         run(_cfg(tmp_path, loss_type=["kto"], shuffle=False))
 
 
-@pytest.mark.parametrize("settings", [dict(loss_type=["cpo"]), dict(loss_type=["kto"], shuffle=False)],
-                         ids=["cpo", "kto"])
-def test_a_builtin_task_run_skips_its_evaluation_in_one_line_for_non_dpo(settings, tokenizer, capsys):
-    """A built-in task evaluates on its held-out split by itself: objectives other than plain DPO skip it
-    with one line (scoring CPO's pairs as DPO pairs would crash or mislead); plain DPO still evaluates."""
+def test_a_builtin_task_run_evaluates_under_every_objective(tokenizer):
+    """A built-in task evaluates on its held-out split by itself: DPO (with LD-DPO or WPO), SimPO, CPO, ORPO
+    (on pairs tokenized as they train) and KTO (on the pairs split into rows)."""
     from dpo.evaluation import Evaluation
+    from dpo.objective_data import SidedPair, TokenizedRow
 
-    assert Evaluation.for_run(TrainConfig(dataset="builtin:sentiment", **settings), tokenizer) is None
-    out = capsys.readouterr().out.strip()
-    assert out.startswith("dpo: no held-out evaluation of builtin:sentiment: it is DPO-only") and "\n" not in out
-    for dpo in (dict(), dict(ld_alpha=0.5), dict(use_weighting=True)):
-        assert Evaluation.for_run(TrainConfig(dataset="builtin:sentiment", **dpo), tokenizer) is not None
+    for other in (dict(), dict(ld_alpha=0.5), dict(use_weighting=True), dict(loss_type=["simpo"]),
+                  dict(loss_type=["cpo"]), dict(loss_type=["orpo"]), dict(loss_type=["kto"], shuffle=False)):
+        evaluation = Evaluation.for_run(TrainConfig(dataset="builtin:sentiment", **other), tokenizer)
+        kind = {"orpo": SidedPair, "simpo": SidedPair, "cpo": SidedPair, "kto": TokenizedRow}
+        assert isinstance(evaluation.pairs[0], kind.get(other.get("loss_type", [""])[0], TokenizedPair))
+
+
+def test_every_objective_accepts_an_eval_dataset(tmp_path):
+    for settings in (dict(loss_type=["simpo"]), dict(loss_type=["cpo"]), dict(loss_type=["orpo"]),
+                     dict(loss_type=["kto"], shuffle=False)):
+        _cfg(tmp_path, eval_dataset="builtin:sentiment:eval", **settings).validate()
 
 
 @pytest.mark.parametrize("option", [dict(ld_alpha=0.3), dict(use_weighting=True)], ids=["ld_alpha", "use_weighting"])
