@@ -11,7 +11,7 @@ A run directory holds `config.json` (its "model" names the base: a local path, a
 - merged: the base model in float32, the adapter applied and merged (`merge_and_unload`), saved as
   a plain HF folder in `--dtype` (bfloat16 by default) with the tokenizer. Verified by reloading it
   and comparing logits with the in-memory float32 merged model.
-- gguf: the float32 merged model written with the `gguf` package (Llama architecture only):
+- gguf: the float32 merged model written with the `gguf` package (the families in gguf_file.ARCHITECTURES):
   architecture metadata, the byte-level BPE tokenizer (tokens, merges, token types, special ids,
   chat template), tensors under llama.cpp's names with Q/K rows permuted the way llama.cpp's RoPE
   expects (per KV head for K, so GQA works). f32/f16/q8_0/q4_0 are quantized in numpy by
@@ -40,7 +40,7 @@ from pathlib import Path
 from dpo import card, llamacpp
 from dpo.cli import Parser, first_line, python_command
 from dpo.files import write_json_atomic
-from dpo.gguf_file import K_QUANTS, QUANTIZATIONS, ExportError, write_gguf  # noqa: F401 (re-exported)
+from dpo.gguf_file import ARCHITECTURES, K_QUANTS, QUANTIZATIONS, ExportError, write_gguf  # noqa: F401 (re-exported)
 from dpo.gguf_file import _permute_qk  # noqa: F401 (tests reach it here)
 from dpo.sources import looks_local
 

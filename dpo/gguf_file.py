@@ -26,14 +26,17 @@ class ExportError(Exception):
 class Architecture:
     gguf_arch: str  # the member of gguf.MODEL_ARCH
     permute_qk: bool  # HF rotate-half -> llama.cpp interleaved RoPE rows (the Llama layout only)
+    norm_plus_one: bool = False  # Gemma: HF's RMSNorm scales by (1 + w); llama.cpp by the stored weight
 
 
 # transformers model_type -> how llama.cpp's converter writes it (Mistral is written as "llama" there too).
+# Phi-3 keeps its fused qkv_proj / gate_up_proj (llama.cpp's attn_qkv / ffn_up split them at run time).
 ARCHITECTURES = {
     "llama": Architecture("LLAMA", permute_qk=True),
     "mistral": Architecture("LLAMA", permute_qk=True),
     "qwen2": Architecture("QWEN2", permute_qk=False),
     "qwen3": Architecture("QWEN3", permute_qk=False),
+    "phi3": Architecture("PHI3", permute_qk=False),
 }
 
 
@@ -71,6 +74,8 @@ def _pre_tokenizer_name(tok_json: dict) -> tuple[str, str | None]:
     llama3 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
     if kinds == ["Split", "ByteLevel"] and parts[0].get("pattern", {}).get("Regex") == llama3:
         return "llama-bpe", None
+    if kinds == ["Split", "ByteLevel"] and parts[0].get("pattern", {}).get("Regex") == llama3.replace(r"\p{N}{1,3}", r"\p{N}"):
+        return "qwen2", None  # Llama 3's regex with single digits (Qwen2/Qwen3 tokenizers)
     return "default", (
         f"pre-tokenizer {kinds} not recognised; wrote tokenizer.ggml.pre='default', so llama.cpp may split "
         "text slightly differently from transformers"
@@ -205,6 +210,7 @@ def write_gguf(model, tokenizer, path, quantization: str = "f16", name: str = "m
     writer = gguf.GGUFWriter(path=str(path), arch=gguf.MODEL_ARCH_NAMES[arch_enum])
     try:
         _write_hparams(writer, model.config, quantization, name)
+        _write_family_hparams(writer, model.config, arch)
         _write_tokenizer(writer, vocab)
         counts = _write_tensors(writer, model, arch, arch_enum, quantization)
         writer.write_header_to_file()
@@ -246,6 +252,13 @@ def _write_hparams(writer, config, quantization: str, name: str) -> None:
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
+def _write_family_hparams(writer, config, arch: Architecture) -> None:
+    """The keys only some families have (sliding window, soft-capping), as llama.cpp's converter writes them."""
+    window = getattr(config, "sliding_window", None)
+    if arch.gguf_arch == "PHI3" and window:
+        writer.add_sliding_window(window)
+
+
 def _write_tokenizer(writer, vocab: dict) -> None:
     """The byte-level BPE vocabulary (llama.cpp's "gpt2" tokenizer model) with its special ids and template."""
     writer.add_tokenizer_model("gpt2")
@@ -280,6 +293,8 @@ def _write_tensors(writer, model, arch: Architecture, arch_enum, quantization: s
         if gguf_name is None:
             raise ExportError(f"no GGUF name for tensor {hf_name!r}: this {config.model_type} variant is not supported")
         data = tensor.detach().to(torch.float32).cpu().numpy()
+        if arch.norm_plus_one and hf_name.endswith("norm.weight"):
+            data = data + 1.0
         if arch.permute_qk and gguf_name.startswith("blk."):  # weights and biases alike, as llama.cpp
             if ".attn_q." in gguf_name:
                 data = _permute_qk(data, n_head)

@@ -23,7 +23,7 @@ import torch
 
 from dpo import export, llamacpp
 
-from .test_export import ARCHITECTURES, build_tiny, make_run
+from .test_export import ARCHITECTURES, build_tiny, make_run, trained_run
 
 pytest.importorskip("llama_cpp", reason=f"llama.cpp's Python bindings are not installed: {llamacpp.EXTRA_HINT}")
 
@@ -43,6 +43,15 @@ def test_each_architecture_runs_in_llama_cpp(kind, tok, tmp_path):
     assert v.ok, v.line()
     assert v.tokenizer_ok and v.adapter_visible and v.top1_agreement >= 0.95
     assert any(n.startswith("generation, llama.cpp") for n in v.notes)
+
+
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+def test_each_architectures_trained_run_runs_in_llama_cpp(kind, tok, tmp_path):
+    """The f32 GGUF of a run trained by dpo.train.run (2 steps, default LoRA targets), run by llama.cpp."""
+    run = export.open_run(trained_run(tmp_path, tok, kind))
+    out, _, merged, tokenizer = export.export_gguf(run, tmp_path / "m.gguf", "f32")
+    v = export.verify_gguf_in_llamacpp(out, merged, tokenizer, "f32", base=export.base_model(run))
+    assert v.ok and v.tokenizer_ok and v.adapter_visible and v.top1_agreement >= 0.95, v.line()
 
 
 @pytest.mark.parametrize("quantization", export.K_QUANTS)
