@@ -37,7 +37,10 @@ ARCHITECTURES = {
     "qwen2": Architecture("QWEN2", permute_qk=False),
     "qwen3": Architecture("QWEN3", permute_qk=False),
     "phi3": Architecture("PHI3", permute_qk=False),
+    "gemma2": Architecture("GEMMA2", permute_qk=False, norm_plus_one=True),
 }
+# llama.cpp hard-codes which layers of a Gemma attend within the sliding window: every `n`-th is global.
+SLIDING_PATTERN = {"GEMMA2": 2, "GEMMA3": 6}
 
 
 def architecture(config) -> Architecture:
@@ -257,6 +260,29 @@ def _write_family_hparams(writer, config, arch: Architecture) -> None:
     window = getattr(config, "sliding_window", None)
     if arch.gguf_arch == "PHI3" and window:
         writer.add_sliding_window(window)
+    if arch.gguf_arch in SLIDING_PATTERN:
+        _check_gemma_layout(config, arch)
+        if config.head_dim == config.hidden_size // config.num_attention_heads:  # else _write_hparams wrote them
+            writer.add_key_length(config.head_dim)
+            writer.add_value_length(config.head_dim)
+        writer.add_sliding_window(window)
+    if arch.gguf_arch == "GEMMA2":
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
+
+
+def _check_gemma_layout(config, arch: Architecture) -> None:
+    """What llama.cpp's Gemma graphs assume and do not read from the file: refused in one line when not so."""
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    if scalar != config.head_dim:
+        raise ExportError(f"GGUF export: llama.cpp scales {config.model_type} attention by 1/sqrt(head_dim={config.head_dim}) "
+                          f"but this model uses query_pre_attn_scalar={scalar}")
+    every = SLIDING_PATTERN[arch.gguf_arch]
+    expected = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(config.num_hidden_layers)]
+    layer_types = list(getattr(config, "layer_types", None) or expected)
+    if layer_types != expected or not getattr(config, "sliding_window", None):
+        raise ExportError(f"GGUF export: llama.cpp's {config.model_type} makes every {every}th layer global and the "
+                          f"others sliding-window; this model's layers are {layer_types} (window {config.sliding_window})")
 
 
 def _write_tokenizer(writer, vocab: dict) -> None:

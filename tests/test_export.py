@@ -439,7 +439,7 @@ def test_cli_process_exit_code_and_no_traceback(tmp_path):
 # ------------------------------------------------------------------------------ architectures
 
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2")
 
 
 def build_tiny(kind: str, vocab_size: int, hidden: int = 64, **overrides):
@@ -461,6 +461,9 @@ def build_tiny(kind: str, vocab_size: int, hidden: int = 64, **overrides):
         model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, tie_word_embeddings=True))
     elif kind == "qwen3":
         model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, head_dim=128, tie_word_embeddings=True))
+    elif kind == "gemma2":  # head_dim and query_pre_attn_scalar as transformers' GGUF reader assumes them
+        model = tf.Gemma2ForCausalLM(tf.Gemma2Config(**{"sliding_window": 8, **common}, head_dim=256,
+                                                     query_pre_attn_scalar=256, tie_word_embeddings=True))
     elif kind == "phi3":
         model = tf.Phi3ForCausalLM(tf.Phi3Config(**common, sliding_window=None, tie_word_embeddings=False))
     else:
@@ -591,7 +594,7 @@ def trained_run(root: Path, tokenizer, kind: str) -> Path:
     rows = [{"prompt": f"Question {i}?", "chosen": " yes" * (i % 3 + 1), "rejected": " no" * (i % 2 + 1)}
             for i in range(4)]
     cfg = TrainConfig(model=str(base), dataset=str(write_jsonl(root / "d.jsonl", rows)), output_dir=str(root / "run"),
-                      max_steps=2, per_device_batch_size=2, grad_accum=1, learning_rate=5e-2, lora_r=4,
+                      max_steps=2, per_device_batch_size=2, grad_accum=1, learning_rate=1e-2, lora_r=4,
                       max_length=32, device="cpu", dtype="float32", shuffle=False)
     result = run(cfg)
     assert result["steps"] == 2
