@@ -38,7 +38,9 @@ ARCHITECTURES = {
     "qwen3": Architecture("QWEN3", permute_qk=False),
     "phi3": Architecture("PHI3", permute_qk=False),
     "gemma2": Architecture("GEMMA2", permute_qk=False, norm_plus_one=True),
+    "gemma3_text": Architecture("GEMMA3", permute_qk=False, norm_plus_one=True),
 }
+GEMMA3_LOCAL_ROPE_THETA = 10000.0  # llama.cpp's gemma3 fixes the sliding layers' RoPE base; the file holds the global one
 # llama.cpp hard-codes which layers of a Gemma attend within the sliding window: every `n`-th is global.
 SLIDING_PATTERN = {"GEMMA2": 2, "GEMMA3": 6}
 
@@ -180,15 +182,20 @@ FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_
               **{q: "MOSTLY_F16" for q in K_QUANTS}}
 
 
+def _global_rope(params):
+    """Gemma 3 keeps one RoPE per layer kind; the file's keys are the global (full-attention) layers'."""
+    return params.get("full_attention", params) if isinstance(params, dict) else params
+
+
 def _rope_theta(config) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
+    params = _global_rope(getattr(config, "rope_parameters", None) or {})
     if isinstance(params, dict) and "rope_theta" in params:
         return float(params["rope_theta"])
     return float(getattr(config, "rope_theta", 10000.0))
 
 
 def _rope_scaling(config):
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    params = _global_rope(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
     kind = params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
     if kind in (None, "default"):
         return None
@@ -266,6 +273,11 @@ def _write_family_hparams(writer, config, arch: Architecture) -> None:
             writer.add_key_length(config.head_dim)
             writer.add_value_length(config.head_dim)
         writer.add_sliding_window(window)
+    if arch.gguf_arch == "GEMMA3":
+        local = (getattr(config, "rope_parameters", None) or {}).get("sliding_attention", {})
+        if local.get("rope_type", "default") != "default" or local.get("rope_theta") != GEMMA3_LOCAL_ROPE_THETA:
+            raise ExportError(f"GGUF export: llama.cpp's gemma3 runs sliding layers with plain RoPE base "
+                              f"{GEMMA3_LOCAL_ROPE_THETA:g}; this model's are {local}")
     if arch.gguf_arch == "GEMMA2":
         writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
         writer.add_final_logit_softcapping(config.final_logit_softcapping)

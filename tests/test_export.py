@@ -439,7 +439,7 @@ def test_cli_process_exit_code_and_no_traceback(tmp_path):
 # ------------------------------------------------------------------------------ architectures
 
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
 
 
 def build_tiny(kind: str, vocab_size: int, hidden: int = 64, **overrides):
@@ -464,6 +464,10 @@ def build_tiny(kind: str, vocab_size: int, hidden: int = 64, **overrides):
     elif kind == "gemma2":  # head_dim and query_pre_attn_scalar as transformers' GGUF reader assumes them
         model = tf.Gemma2ForCausalLM(tf.Gemma2Config(**{"sliding_window": 8, **common}, head_dim=256,
                                                      query_pre_attn_scalar=256, tie_word_embeddings=True))
+    elif kind == "gemma3_text":  # 6 layers: llama.cpp's pattern makes the 6th global
+        model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**{"sliding_window": 8, **common, "num_hidden_layers": 6},
+                                                         head_dim=256, query_pre_attn_scalar=256,
+                                                         tie_word_embeddings=True))
     elif kind == "phi3":
         model = tf.Phi3ForCausalLM(tf.Phi3Config(**common, sliding_window=None, tie_word_embeddings=False))
     else:
@@ -482,7 +486,7 @@ def test_each_architecture_exports_its_merged_adapter_to_gguf_exactly(kind, tok,
 
     run = make_run(tmp_path, tok, model=build_tiny(kind, len(tok)))
     out, summary, merged, tokenizer = export.export_gguf(export.open_run(run), tmp_path / "m.gguf", "f32")
-    assert summary["architecture"] == {"mistral": "llama"}.get(kind, kind)
+    assert summary["architecture"] == {"mistral": "llama", "gemma3_text": "gemma3"}.get(kind, kind)
     assert GGUFReader(str(out)).fields["general.architecture"].contents() == summary["architecture"]
     model, _, _ = export.load_gguf(out, with_tokenizer=False)
     want, got = logits(merged, tok), logits(model, tok)
