@@ -293,8 +293,9 @@ def _check_gemma_layout(config, arch: Architecture) -> None:
     expected = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(config.num_hidden_layers)]
     layer_types = list(getattr(config, "layer_types", None) or expected)
     if layer_types != expected or not getattr(config, "sliding_window", None):
-        raise ExportError(f"GGUF export: llama.cpp's {config.model_type} makes every {every}th layer global and the "
-                          f"others sliding-window; this model's layers are {layer_types} (window {config.sliding_window})")
+        raise ExportError(f"GGUF export: llama.cpp's {config.model_type} makes one layer in {every} global (the last of "
+                          f"each {every}) and the others sliding-window; this model's layers are {layer_types} "
+                          f"(window {config.sliding_window})")
 
 
 def _write_tokenizer(writer, vocab: dict) -> None:

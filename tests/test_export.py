@@ -647,3 +647,25 @@ def test_default_lora_targets_follow_fused_projections_or_are_refused_in_one_lin
         lora_targets_for(neox, DEFAULT_LORA_TARGETS)
     assert "\n" not in str(e.value) and "no such module in this gpt_neox model" in str(e.value)
     assert "query_key_value" in str(e.value)
+
+
+def test_gemma_layouts_llama_cpp_cannot_run_are_refused_in_one_line(tok, tmp_path):
+    """llama.cpp fixes Gemma's attention scale (1/sqrt(head_dim)), its sliding pattern and Gemma 3's local RoPE."""
+    cases = [("gemma2", {"sliding_window": 8}, {"query_pre_attn_scalar": 128}, "query_pre_attn_scalar=128"),
+             ("gemma2", {}, {"layer_types": ["full_attention", "sliding_attention"]}, "one layer in 2 global"),
+             ("gemma3_text", {}, {"rope_parameters": {
+                 "sliding_attention": {"rope_type": "default", "rope_theta": 20000.0},
+                 "full_attention": {"rope_type": "default", "rope_theta": 1e6}}}, "plain RoPE base 10000")]
+    for kind, build, change, message in cases:
+        model = build_tiny(kind, len(tok), **build)
+        for key, value in change.items():
+            setattr(model.config, key, value)
+        with pytest.raises(export.ExportError, match=message) as e:
+            export.write_gguf(model, tok, tmp_path / "x.gguf", "f32")
+        assert "\n" not in str(e.value)
+
+
+def test_only_gelu_models_f32_files_get_the_f16_bound_in_llama_cpp(tok):
+    assert export.llamacpp_rtol("f32", build_tiny("gemma2", len(tok)).config) == export.LLAMACPP_RTOL["f16"]
+    assert export.llamacpp_rtol("f32", build_tiny("qwen2", len(tok)).config) == export.LLAMACPP_RTOL["f32"]
+    assert export.llamacpp_rtol("q8_0", build_tiny("gemma2", len(tok)).config) == export.LLAMACPP_RTOL["q8_0"]
