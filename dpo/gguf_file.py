@@ -4,7 +4,10 @@ What llama.cpp's own converter (convert_hf_to_gguf.py) writes, for the architect
 architecture metadata, the tokenizer (tokens, merges, token types, special ids, chat template), and
 the tensors under llama.cpp's names. For the Llama layout (Llama, Mistral) Q/K rows are permuted from
 HF's rotate-half RoPE to llama.cpp's interleaved pairs (per KV head for K, so GQA works); Qwen2/Qwen3
-use llama.cpp's NEOX RoPE, which is HF's layout, so their rows stay as they are.
+use llama.cpp's NEOX RoPE, which is HF's layout, so their rows stay as they are; so do Phi-3 (whose fused
+qkv_proj/gate_up_proj are llama.cpp's attn_qkv/ffn_up) and Gemma 2/3 (norms written as 1 + w, since HF's
+Gemma RMSNorm scales by 1 + w; soft-capping, sliding window and head_dim keys; the layouts llama.cpp's
+Gemma graphs hard-code are checked, and others refused in one line).
 f32/f16/q8_0/q4_0 are stored here with numpy (`gguf.quants`); the k-quants (K_QUANTS) are written
 as f16 and then quantized by llama.cpp itself (dpo.llamacpp), never re-implemented here.
 """
