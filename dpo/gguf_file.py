@@ -4,7 +4,10 @@ What llama.cpp's own converter (convert_hf_to_gguf.py) writes, for the architect
 architecture metadata, the tokenizer (tokens, merges, token types, special ids, chat template), and
 the tensors under llama.cpp's names. For the Llama layout (Llama, Mistral) Q/K rows are permuted from
 HF's rotate-half RoPE to llama.cpp's interleaved pairs (per KV head for K, so GQA works); Qwen2/Qwen3
-use llama.cpp's NEOX RoPE, which is HF's layout, so their rows stay as they are.
+use llama.cpp's NEOX RoPE, which is HF's layout, so their rows stay as they are; so do Phi-3 (whose fused
+qkv_proj/gate_up_proj are llama.cpp's attn_qkv/ffn_up) and Gemma 2/3 (norms written as 1 + w, since HF's
+Gemma RMSNorm scales by 1 + w; soft-capping, sliding window and head_dim keys; the layouts llama.cpp's
+Gemma graphs hard-code are checked, and others refused in one line).
 f32/f16/q8_0/q4_0 are stored here with numpy (`gguf.quants`); the k-quants (K_QUANTS) are written
 as f16 and then quantized by llama.cpp itself (dpo.llamacpp), never re-implemented here.
 """
@@ -26,15 +29,23 @@ class ExportError(Exception):
 class Architecture:
     gguf_arch: str  # the member of gguf.MODEL_ARCH
     permute_qk: bool  # HF rotate-half -> llama.cpp interleaved RoPE rows (the Llama layout only)
+    norm_plus_one: bool = False  # Gemma: HF's RMSNorm scales by (1 + w); llama.cpp by the stored weight
 
 
 # transformers model_type -> how llama.cpp's converter writes it (Mistral is written as "llama" there too).
+# Phi-3 keeps its fused qkv_proj / gate_up_proj (llama.cpp's attn_qkv / ffn_up split them at run time).
 ARCHITECTURES = {
     "llama": Architecture("LLAMA", permute_qk=True),
     "mistral": Architecture("LLAMA", permute_qk=True),
     "qwen2": Architecture("QWEN2", permute_qk=False),
     "qwen3": Architecture("QWEN3", permute_qk=False),
+    "phi3": Architecture("PHI3", permute_qk=False),
+    "gemma2": Architecture("GEMMA2", permute_qk=False, norm_plus_one=True),
+    "gemma3_text": Architecture("GEMMA3", permute_qk=False, norm_plus_one=True),
 }
+GEMMA3_LOCAL_ROPE_THETA = 10000.0  # llama.cpp's gemma3 fixes the sliding layers' RoPE base; the file holds the global one
+# llama.cpp hard-codes which layers of a Gemma attend within the sliding window: every `n`-th is global.
+SLIDING_PATTERN = {"GEMMA2": 2, "GEMMA3": 6}
 
 
 def architecture(config) -> Architecture:
@@ -71,6 +82,8 @@ def _pre_tokenizer_name(tok_json: dict) -> tuple[str, str | None]:
     llama3 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
     if kinds == ["Split", "ByteLevel"] and parts[0].get("pattern", {}).get("Regex") == llama3:
         return "llama-bpe", None
+    if kinds == ["Split", "ByteLevel"] and parts[0].get("pattern", {}).get("Regex") == llama3.replace(r"\p{N}{1,3}", r"\p{N}"):
+        return "qwen2", None  # Llama 3's regex with single digits (Qwen2/Qwen3 tokenizers)
     return "default", (
         f"pre-tokenizer {kinds} not recognised; wrote tokenizer.ggml.pre='default', so llama.cpp may split "
         "text slightly differently from transformers"
@@ -172,15 +185,20 @@ FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_
               **{q: "MOSTLY_F16" for q in K_QUANTS}}
 
 
+def _global_rope(params):
+    """Gemma 3 keeps one RoPE per layer kind; the file's keys are the global (full-attention) layers'."""
+    return params.get("full_attention", params) if isinstance(params, dict) else params
+
+
 def _rope_theta(config) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
+    params = _global_rope(getattr(config, "rope_parameters", None) or {})
     if isinstance(params, dict) and "rope_theta" in params:
         return float(params["rope_theta"])
     return float(getattr(config, "rope_theta", 10000.0))
 
 
 def _rope_scaling(config):
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    params = _global_rope(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
     kind = params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
     if kind in (None, "default"):
         return None
@@ -205,6 +223,7 @@ def write_gguf(model, tokenizer, path, quantization: str = "f16", name: str = "m
     writer = gguf.GGUFWriter(path=str(path), arch=gguf.MODEL_ARCH_NAMES[arch_enum])
     try:
         _write_hparams(writer, model.config, quantization, name)
+        _write_family_hparams(writer, model.config, arch)
         _write_tokenizer(writer, vocab)
         counts = _write_tensors(writer, model, arch, arch_enum, quantization)
         writer.write_header_to_file()
@@ -246,6 +265,42 @@ def _write_hparams(writer, config, quantization: str, name: str) -> None:
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
+def _write_family_hparams(writer, config, arch: Architecture) -> None:
+    """The keys only some families have (sliding window, soft-capping), as llama.cpp's converter writes them."""
+    window = getattr(config, "sliding_window", None)
+    if arch.gguf_arch == "PHI3" and window:
+        writer.add_sliding_window(window)
+    if arch.gguf_arch in SLIDING_PATTERN:
+        _check_gemma_layout(config, arch)
+        if config.head_dim == config.hidden_size // config.num_attention_heads:  # else _write_hparams wrote them
+            writer.add_key_length(config.head_dim)
+            writer.add_value_length(config.head_dim)
+        writer.add_sliding_window(window)
+    if arch.gguf_arch == "GEMMA3":
+        local = (getattr(config, "rope_parameters", None) or {}).get("sliding_attention", {})
+        if local.get("rope_type", "default") != "default" or local.get("rope_theta") != GEMMA3_LOCAL_ROPE_THETA:
+            raise ExportError(f"GGUF export: llama.cpp's gemma3 runs sliding layers with plain RoPE base "
+                              f"{GEMMA3_LOCAL_ROPE_THETA:g}; this model's are {local}")
+    if arch.gguf_arch == "GEMMA2":
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
+
+
+def _check_gemma_layout(config, arch: Architecture) -> None:
+    """What llama.cpp's Gemma graphs assume and do not read from the file: refused in one line when not so."""
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    if scalar != config.head_dim:
+        raise ExportError(f"GGUF export: llama.cpp scales {config.model_type} attention by 1/sqrt(head_dim={config.head_dim}) "
+                          f"but this model uses query_pre_attn_scalar={scalar}")
+    every = SLIDING_PATTERN[arch.gguf_arch]
+    expected = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(config.num_hidden_layers)]
+    layer_types = list(getattr(config, "layer_types", None) or expected)
+    if layer_types != expected or not getattr(config, "sliding_window", None):
+        raise ExportError(f"GGUF export: llama.cpp's {config.model_type} makes one layer in {every} global (the last of "
+                          f"each {every}) and the others sliding-window; this model's layers are {layer_types} "
+                          f"(window {config.sliding_window})")
+
+
 def _write_tokenizer(writer, vocab: dict) -> None:
     """The byte-level BPE vocabulary (llama.cpp's "gpt2" tokenizer model) with its special ids and template."""
     writer.add_tokenizer_model("gpt2")
@@ -280,6 +335,8 @@ def _write_tensors(writer, model, arch: Architecture, arch_enum, quantization: s
         if gguf_name is None:
             raise ExportError(f"no GGUF name for tensor {hf_name!r}: this {config.model_type} variant is not supported")
         data = tensor.detach().to(torch.float32).cpu().numpy()
+        if arch.norm_plus_one and hf_name.endswith("norm.weight"):
+            data = data + 1.0
         if arch.permute_qk and gguf_name.startswith("blk."):  # weights and biases alike, as llama.cpp
             if ".attn_q." in gguf_name:
                 data = _permute_qk(data, n_head)

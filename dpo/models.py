@@ -18,6 +18,8 @@ from dpo.data import Batch
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 REF_ADAPTER = "ref"
+# Fused projections some families use (Phi-3): LoRA on the fused matrix stands for LoRA on its parts.
+FUSED_TARGETS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 def resolve_model_path(name: str) -> str:
@@ -127,10 +129,28 @@ def add_lora(model, lora: LoraSettings):
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=list(lora.targets),
+        target_modules=lora_targets_for(model, lora.targets),
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def lora_targets_for(model, targets) -> list[str]:
+    """The LoRA target names this model has: a name it lacks is replaced by the fused projection that
+    holds it (q/k/v_proj -> qkv_proj, gate/up_proj -> gate_up_proj in Phi-3); one line when none is there."""
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    chosen: list[str] = []
+    for name in targets:
+        fused = [f for f, parts in FUSED_TARGETS.items() if name in parts and f in present]
+        for found in ([name] if name in present else fused):
+            if found not in chosen:
+                chosen.append(found)
+    if not chosen:
+        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ValueError(f"--lora-targets {','.join(targets)}: no such module in this {kind} model "
+                         f"(its linear layers: {', '.join(linear)})")
+    return chosen
 
 
 def load_starting_adapter(model, adapter_dir: str):

@@ -290,13 +290,14 @@ def test_qk_permutation_is_undone_by_transformers_for_gqa():
 
 
 def test_unsupported_architecture_is_a_clear_error(tok, tmp_path):
-    from transformers import Phi3Config, Phi3ForCausalLM
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    model = Phi3ForCausalLM(
-        Phi3Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                   num_attention_heads=2, num_key_value_heads=1, pad_token_id=2)
+    model = GPTNeoXForCausalLM(
+        GPTNeoXConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, pad_token_id=2)
     )
-    with pytest.raises(export.ExportError, match="GGUF export supports llama, mistral, qwen2, qwen3; this model is 'phi3'"):
+    supported = ", ".join(export.ARCHITECTURES)
+    with pytest.raises(export.ExportError, match=f"GGUF export supports {supported}; this model is 'gpt_neox'"):
         export.write_gguf(model, tok, tmp_path / "x.gguf")
 
 
@@ -438,7 +439,7 @@ def test_cli_process_exit_code_and_no_traceback(tmp_path):
 # ------------------------------------------------------------------------------ architectures
 
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
 
 
 def build_tiny(kind: str, vocab_size: int, hidden: int = 64, **overrides):
@@ -458,8 +459,19 @@ def build_tiny(kind: str, vocab_size: int, hidden: int = 64, **overrides):
         model = tf.MistralForCausalLM(tf.MistralConfig(**common, sliding_window=None, tie_word_embeddings=False))
     elif kind == "qwen2":
         model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, tie_word_embeddings=True))
-    else:
+    elif kind == "qwen3":
         model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, head_dim=128, tie_word_embeddings=True))
+    elif kind == "gemma2":  # head_dim and query_pre_attn_scalar as transformers' GGUF reader assumes them
+        model = tf.Gemma2ForCausalLM(tf.Gemma2Config(**{"sliding_window": 8, **common}, head_dim=256,
+                                                     query_pre_attn_scalar=256, tie_word_embeddings=True))
+    elif kind == "gemma3_text":  # 6 layers: llama.cpp's pattern makes the 6th global
+        model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**{"sliding_window": 8, **common, "num_hidden_layers": 6},
+                                                         head_dim=256, query_pre_attn_scalar=256,
+                                                         tie_word_embeddings=True))
+    elif kind == "phi3":
+        model = tf.Phi3ForCausalLM(tf.Phi3Config(**common, sliding_window=None, tie_word_embeddings=False))
+    else:
+        raise ValueError(kind)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "bias" in name or "norm" in name:
@@ -474,7 +486,7 @@ def test_each_architecture_exports_its_merged_adapter_to_gguf_exactly(kind, tok,
 
     run = make_run(tmp_path, tok, model=build_tiny(kind, len(tok)))
     out, summary, merged, tokenizer = export.export_gguf(export.open_run(run), tmp_path / "m.gguf", "f32")
-    assert summary["architecture"] == {"mistral": "llama"}.get(kind, kind)
+    assert summary["architecture"] == {"mistral": "llama", "gemma3_text": "gemma3"}.get(kind, kind)
     assert GGUFReader(str(out)).fields["general.architecture"].contents() == summary["architecture"]
     model, _, _ = export.load_gguf(out, with_tokenizer=False)
     want, got = logits(merged, tok), logits(model, tok)
@@ -567,3 +579,93 @@ def test_a_finished_run_gets_its_own_adapter_card(tmp_path, tok):
     assert path == run / "adapter" / "README.md"
     assert "| eval_loss | 0.693 | 0.5 |" in text and f"--config {run / 'config.json'}" in text
     assert f"PeftModel.from_pretrained(base, {str(run / 'adapter')!r})" in text
+
+
+# ------------------------------------------------------------- each architecture, trained then exported
+
+
+def trained_run(root: Path, tokenizer, kind: str) -> Path:
+    """A tiny random `kind` model saved with the real tokenizer, LoRA-trained for 2 steps by dpo.train.run
+    with the default LoRA targets (Phi-3's fused qkv_proj/gate_up_proj stand in for q/k/v and gate/up)."""
+    from dpo.config import TrainConfig
+    from dpo.train import run
+
+    from .conftest import write_jsonl
+
+    base = root / "base"
+    build_tiny(kind, len(tokenizer)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    rows = [{"prompt": f"Question {i}?", "chosen": " yes" * (i % 3 + 1), "rejected": " no" * (i % 2 + 1)}
+            for i in range(4)]
+    cfg = TrainConfig(model=str(base), dataset=str(write_jsonl(root / "d.jsonl", rows)), output_dir=str(root / "run"),
+                      max_steps=2, per_device_batch_size=2, grad_accum=1, learning_rate=1e-2, lora_r=4,
+                      max_length=32, device="cpu", dtype="float32", shuffle=False)
+    result = run(cfg)
+    assert result["steps"] == 2
+    return root / "run"
+
+
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+def test_each_architecture_trains_then_exports_adapter_merged_and_gguf(kind, tok, tmp_path):
+    """Adapter, float32 merge and f32 GGUF of a trained run: the merge equals base + adapter, the GGUF
+    read back by transformers equals the merge, and the trained adapter visibly moved the logits."""
+    import safetensors.torch
+
+    run_dir = trained_run(tmp_path, tok, kind)
+    run = export.open_run(run_dir)
+    adapter = export.export_adapter(run, tmp_path / "adapter")
+    trained = safetensors.torch.load_file(adapter / "adapter_model.safetensors")
+    fused = {"phi3": {"qkv_proj", "gate_up_proj", "o_proj", "down_proj"}}.get(kind)
+    names = {k.split(".")[-3] for k in trained if "lora_A" in k}
+    assert names == (fused or {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+    assert any(v.abs().max() > 0 for k, v in trained.items() if "lora_B" in k)
+
+    base, with_adapter = base_and_adapter(run_dir)
+    want = logits(with_adapter, tok)
+    assert max_diff(want, logits(base, tok)) > 1e-3, "two steps should move the logits"
+    merged_dir, _, _ = export.export_merged(run, tmp_path / "merged", dtype="float32")
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    assert max_diff(want, logits(merged, tok)) < 1e-4 * max(1.0, logit_range(want))
+    out, _, _, _ = export.export_gguf(run, tmp_path / "m.gguf", "f32")
+    model, _, _ = export.load_gguf(out, with_tokenizer=False)
+    assert max_diff(want, logits(model, tok)) < 1e-4 * max(1.0, logit_range(want))
+
+
+def test_default_lora_targets_follow_fused_projections_or_are_refused_in_one_line(tok):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from dpo.models import DEFAULT_LORA_TARGETS, lora_targets_for
+
+    assert lora_targets_for(build_tiny("phi3", len(tok)), DEFAULT_LORA_TARGETS) == [
+        "qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    assert lora_targets_for(build_tiny("qwen2", len(tok)), ("v_proj", "q_proj")) == ["v_proj", "q_proj"]
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2))
+    with pytest.raises(ValueError) as e:
+        lora_targets_for(neox, DEFAULT_LORA_TARGETS)
+    assert "\n" not in str(e.value) and "no such module in this gpt_neox model" in str(e.value)
+    assert "query_key_value" in str(e.value)
+
+
+def test_gemma_layouts_llama_cpp_cannot_run_are_refused_in_one_line(tok, tmp_path):
+    """llama.cpp fixes Gemma's attention scale (1/sqrt(head_dim)), its sliding pattern and Gemma 3's local RoPE."""
+    cases = [("gemma2", {"sliding_window": 8}, {"query_pre_attn_scalar": 128}, "query_pre_attn_scalar=128"),
+             ("gemma2", {}, {"layer_types": ["full_attention", "sliding_attention"]}, "one layer in 2 global"),
+             ("gemma3_text", {}, {"rope_parameters": {
+                 "sliding_attention": {"rope_type": "default", "rope_theta": 20000.0},
+                 "full_attention": {"rope_type": "default", "rope_theta": 1e6}}}, "plain RoPE base 10000")]
+    for kind, build, change, message in cases:
+        model = build_tiny(kind, len(tok), **build)
+        for key, value in change.items():
+            setattr(model.config, key, value)
+        with pytest.raises(export.ExportError, match=message) as e:
+            export.write_gguf(model, tok, tmp_path / "x.gguf", "f32")
+        assert "\n" not in str(e.value)
+
+
+def test_only_gelu_models_f32_files_get_the_f16_bound_in_llama_cpp(tok):
+    assert export.llamacpp_rtol("f32", build_tiny("gemma2", len(tok)).config) == export.LLAMACPP_RTOL["f16"]
+    assert export.llamacpp_rtol("f32", build_tiny("qwen2", len(tok)).config) == export.LLAMACPP_RTOL["f32"]
+    assert export.llamacpp_rtol("q8_0", build_tiny("gemma2", len(tok)).config) == export.LLAMACPP_RTOL["q8_0"]

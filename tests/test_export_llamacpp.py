@@ -7,6 +7,8 @@ Tolerances (max |logit diff| <= rtol x logit range, dpo.export.LLAMACPP_RTOL), a
 - llama.cpp keeps K and V in an f16 cache by default, so even an f32 file sees f16 rounding
   (relative 2^-11) of every key and value: measured on the tiny models 2e-4 to 6.5e-4 of the range,
   bound 1e-2 (the bound of f16 storage through transformers).
+  GELU models (Gemma 2/3) get the f16 bound even for f32 files: ggml's CPU GELU reads an f16 table
+  (tiny Gemma 3 with a random LoRA: 1.1e-2; 4.4e-3 with an f32 KV cache), see dpo.export.llamacpp_rtol.
 - f16 files: ggml's CPU matmul also rounds the activations to f16: 2e-2.
 - q8_0: activations go to q8 blocks as well: the transformers bound, 0.1.
 - k-quants and q4_0 are not judged on logits (a 4-bit 135M model moves them by whole nats); they must
@@ -23,7 +25,7 @@ import torch
 
 from dpo import export, llamacpp
 
-from .test_export import ARCHITECTURES, build_tiny, make_run
+from .test_export import ARCHITECTURES, build_tiny, make_run, trained_run
 
 pytest.importorskip("llama_cpp", reason=f"llama.cpp's Python bindings are not installed: {llamacpp.EXTRA_HINT}")
 
@@ -35,14 +37,30 @@ def tok(smollm2_tokenizer_dir):
     return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
 
 
+# Settings transformers' GGUF reader would not read back but llama.cpp must honour: Gemma 2's final soft-cap
+# at a value that reshapes these logits (|logit| ~ 1), so a file without the key fails the comparison.
+# (Not the attention soft-cap: transformers applies it only with attn_implementation="eager", and the merged
+# model runs SDPA, so a low attention cap would make the reference, not the file, wrong.)
+LLAMACPP_ONLY = {"gemma2": {"final_logit_softcapping": 0.3}}
+
+
 @pytest.mark.parametrize("kind", ARCHITECTURES)
 def test_each_architecture_runs_in_llama_cpp(kind, tok, tmp_path):
-    run = export.open_run(make_run(tmp_path, tok, model=build_tiny(kind, len(tok))))
+    run = export.open_run(make_run(tmp_path, tok, model=build_tiny(kind, len(tok), **LLAMACPP_ONLY.get(kind, {}))))
     out, _, merged, tokenizer = export.export_gguf(run, tmp_path / "m.gguf", "f16")
     v = export.verify_gguf_in_llamacpp(out, merged, tokenizer, "f16", base=export.base_model(run))
     assert v.ok, v.line()
     assert v.tokenizer_ok and v.adapter_visible and v.top1_agreement >= 0.95
     assert any(n.startswith("generation, llama.cpp") for n in v.notes)
+
+
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+def test_each_architectures_trained_run_runs_in_llama_cpp(kind, tok, tmp_path):
+    """The f32 GGUF of a run trained by dpo.train.run (2 steps, default LoRA targets), run by llama.cpp."""
+    run = export.open_run(trained_run(tmp_path, tok, kind))
+    out, _, merged, tokenizer = export.export_gguf(run, tmp_path / "m.gguf", "f32")
+    v = export.verify_gguf_in_llamacpp(out, merged, tokenizer, "f32", base=export.base_model(run))
+    assert v.ok and v.tokenizer_ok and v.adapter_visible and v.top1_agreement >= 0.95, v.line()
 
 
 @pytest.mark.parametrize("quantization", export.K_QUANTS)
