@@ -64,6 +64,14 @@ def tokenizer(smollm2_tokenizer_dir):
     return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
 
 
+@pytest.fixture(scope="module")
+def tok(smollm2_tokenizer_dir):
+    """The same tokenizer once per module (loading costs ~0.5 s), for modules that use it in every test."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+
+
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Refusals must come before a model is loaded: loading one fails the test."""

@@ -47,19 +47,6 @@ def read_raw(path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    """One tokenizer for the module (the conftest fixture is per test; loading costs ~0.5 s)."""
-    from transformers import AutoTokenizer
-
-    from dpo import smollm2
-
-    try:
-        return AutoTokenizer.from_pretrained(smollm2.plain_copy(with_model=False))
-    except smollm2.MissingDefaultModel as e:
-        pytest.skip(str(e))
-
-
 def trl_prepare(tokenizer, records: list[dict], max_length: int | None, tmp_dir) -> dict[int, dict]:
     """TRL 1.15's processed rows (prompt_ids, chosen_ids, rejected_ids, texts), keyed by input row index."""
     import datasets

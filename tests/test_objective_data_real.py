@@ -17,18 +17,6 @@ EVERY = 12  # every 12th row of the file keeps the suite fast (about 190 pairs)
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    from dpo import smollm2
-
-    try:
-        return AutoTokenizer.from_pretrained(smollm2.plain_copy(with_model=False))
-    except smollm2.MissingDefaultModel as e:
-        pytest.skip(str(e))
-
-
-@pytest.fixture(scope="module")
 def hh_rows():
     rows = data.load_rows(data.DataSpec(path=str(require_file(HH_HELPFUL)), implicit_prompt="trl"))
     return [r for i, r in enumerate(rows) if i % EVERY == 0]

@@ -164,17 +164,10 @@ def test_objective_resume_after_a_crash_equals_the_uninterrupted_run(tiny_llama_
     check, for each kind of batch the objectives add)."""
     from dpo import train
 
-    from .test_resume import ROWS as RESUME_ROWS, Crash, assert_same_run, crash_before_step, flags, metrics
+    from .test_resume import ROWS as RESUME_ROWS, assert_same_run, flags, straight_and_crashed_runs
 
     data = write_jsonl(tmp_path / "pairs.jsonl", RESUME_ROWS)
-    straight = tmp_path / "straight"
-    assert train.main(flags(tiny_llama_dir, data, straight, *extra)) == 0
-    assert len(metrics(straight)) == 6
-    out = tmp_path / "crashed"
-    crash_before_step(monkeypatch, 5)
-    with pytest.raises(Crash):
-        train.main(flags(tiny_llama_dir, data, out, *extra))
-    monkeypatch.undo()
+    straight, out = straight_and_crashed_runs(tiny_llama_dir, data, tmp_path, monkeypatch, *extra)
     assert train.main(flags(tiny_llama_dir, data, out, *extra, "--resume")) == 0
     assert_same_run(straight, out)
 

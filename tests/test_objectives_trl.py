@@ -73,6 +73,17 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _trl_batch(trainer, rows: list[int]):
+    """TRL's loss of the given training rows, backpropagated, from the shared non-zero LoRA start:
+    (collated inputs, loss, LoRA gradients)."""
+    perturb_lora(trainer.model, seed=1)
+    trainer.model.train()
+    inputs = trainer.data_collator([trainer.train_dataset[i] for i in rows])
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    return inputs, loss, _grads(trainer.model)
+
+
 def _check(diffs, record_property, label, scale=0.0):
     record_property("max_abs_diff", json.dumps(diffs))
     print(f"\n[{label}] max abs differences vs TRL: {diffs}")
@@ -135,12 +146,7 @@ def test_reference_free_objective_equals_trl(case, path, tokenizer, tmp_path, re
     trl_cfg, ours_cfg = CPO_CASES[case]
     kind = "orpo" if case == "orpo" else "cpo"
     trainer = _cpo_like_trainer(kind, tokenizer, tmp_path, **trl_cfg)
-    perturb_lora(trainer.model, seed=1)
-    trainer.model.train()
-    inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(B)])
-    trl_loss = trainer.compute_loss(trainer.model, inputs)
-    trl_loss.backward()
-    trl_grads = _grads(trainer.model)
+    inputs, trl_loss, trl_grads = _trl_batch(trainer, list(range(B)))
     theirs = {k: v[-1] for k, v in trainer._stored_metrics["train"].items()}
     concat = trainer.concatenated_inputs(inputs, padding_value=tokenizer.pad_token_id)
 
@@ -191,14 +197,9 @@ def test_kto_equals_trl(path, tokenizer, tmp_path, record_property):
     weights = dict(desirable_weight=1.3, undesirable_weight=0.7)
     with use_cpu_kernel():
         trainer = _kto_trainer(tokenizer, tmp_path, beta=0.5, **weights)
-        perturb_lora(trainer.model, seed=1)
-        trainer.model.train()
         data = trainer.train_dataset
         pick = [6, 7, 8, 9]  # two desirable rows, two undesirable, from two KL rotation blocks
-        inputs = trainer.data_collator([data[i] for i in pick])
-        trl_loss = trainer.compute_loss(trainer.model, inputs)
-        trl_loss.backward()
-    trl_grads = _grads(trainer.model)
+        inputs, trl_loss, trl_grads = _trl_batch(trainer, pick)
     theirs = {k: v[-1] for k, v in trainer._metrics["train"].items()}
 
     rows, kl_ids = _our_kto_rows(tokenizer)
@@ -241,12 +242,7 @@ def test_dpo_option_equals_trl(option, path, tokenizer, tmp_path, record_propert
     trl_opt = {"ld_alpha": dict(ld_alpha=0.3), "use_weighting": dict(use_weighting=True)}[option]
     with use_cpu_kernel():
         trainer = trl_trainer(tokenizer, tmp_path, **trl_opt)
-        perturb_lora(trainer.model, seed=1)
-        trainer.model.train()
-        inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(B)])
-        trl_loss = trainer.compute_loss(trainer.model, inputs)
-        trl_loss.backward()
-    trl_grads = _grads(trainer.model)
+        inputs, trl_loss, trl_grads = _trl_batch(trainer, list(range(B)))
     theirs = {k: v[-1] for k, v in trainer._metrics["train"].items()}
 
     batch = collate(our_pairs(tokenizer)[:B], tokenizer.pad_token_id, MAX_LENGTH)

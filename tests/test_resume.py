@@ -100,18 +100,23 @@ def crash_before_step(monkeypatch, step: int) -> None:
 # --- exact resume ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("extra", [[], ["--precompute-ref"]], ids=["reference-each-step", "precompute-ref"])
-def test_resume_after_a_crash_equals_the_uninterrupted_run(tiny_llama_dir, data, tmp_path, monkeypatch, extra):
+def straight_and_crashed_runs(model_dir, data, tmp_path, monkeypatch, *extra) -> tuple[Path, Path]:
+    """(a 6-step run to the end, the same run crashed before step 5): the two folders a resume test compares."""
     straight = tmp_path / "straight"
-    assert train.main(flags(tiny_llama_dir, data, straight, *extra)) == 0
+    assert train.main(flags(model_dir, data, straight, *extra)) == 0
     assert len(metrics(straight)) == 6
-
-    # Crash before step 5: metrics.jsonl has 4 rows, the newest checkpoint is step 3.
     out = tmp_path / "crashed"
     crash_before_step(monkeypatch, 5)
     with pytest.raises(Crash):
-        train.main(flags(tiny_llama_dir, data, out, *extra))
+        train.main(flags(model_dir, data, out, *extra))
     monkeypatch.undo()
+    return straight, out
+
+
+@pytest.mark.parametrize("extra", [[], ["--precompute-ref"]], ids=["reference-each-step", "precompute-ref"])
+def test_resume_after_a_crash_equals_the_uninterrupted_run(tiny_llama_dir, data, tmp_path, monkeypatch, extra):
+    straight, out = straight_and_crashed_runs(tiny_llama_dir, data, tmp_path, monkeypatch, *extra)
+    # Crashed before step 5: metrics.jsonl has 4 rows, the newest checkpoint is step 3.
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
     assert [p.name for p in checkpoint.list_checkpoints(out)] == ["step-000003"]
     saved = load_checkpoint(out / "checkpoints" / "step-000003")
