@@ -29,7 +29,7 @@ make_model(SHAPES['$shape'], '$MODELS/$shape')" || echo "could not make $shape"
 # one GPU_ID SYSTEM VARIANT SHAPE MICRO ACCUM [extra args]: a single-GPU run in the background
 one() {
   local gpu=$1 system=$2 variant=$3 shape=$4 micro=$5 accum=$6; shift 6
-  local name="${shape}_${system}_${variant//+/_}_${micro}x${accum}"
+  local name="${shape}_${system}_${variant//+/_}_${micro}x${accum}${TAG:+_$TAG}"
   local cache=/tmp/cache-$name; rm -rf "$cache"; mkdir -p "$cache"
   CUDA_VISIBLE_DEVICES=$gpu UNSLOTH_COMPILE_LOCATION=$cache/unsloth TORCHINDUCTOR_CACHE_DIR=$cache/inductor \
     TRITON_CACHE_DIR=$cache/triton timeout 420 taskset -c "${CPUS:-0-$(( $(nproc) - 1 ))}" python -m benchmarks.system --system "$system" --variant "$variant" \
@@ -154,7 +154,45 @@ ours-hf:base:2x4 ours-unsloth:precompute+lean:8x1 trl-hf:base:8x1"; fi
     one 0 ours-cli base llama3-8b-qlora 2 4 --profile
     wait
     ;;
-  *) echo "usage: $0 single|scaling|suite|final|rows-1b|rows-8b|rows-8b-same-card|packing|h200-a|h200-b|h200-c|h200-profile"; exit 2 ;;
+  h200-final)
+    # (one H200) one batch: TRL+Unsloth 2x4 and ours-cli (no memory flag) over 50 steps (pairs/s and the 50-step
+    # end to end), then ours-cli under the two memory budgets (12 steps), then a profiled ours-cli run for the
+    # GPU busy share. Every run with fresh compile caches, one at a time.
+    batch="h200-final $(date -u +%FT%H:%M)"; f="$OUT/gpu_throughput_h200.json"
+    python -m benchmarks.run --shape llama3-8b-qlora --runs trl-unsloth:base:2x4 ours-cli:base:2x4 --steps 50 \
+      --out "$f" --batch "$batch" --deadline-s 300 --hard-stop-s 330 --run-timeout-s 250
+    python -m benchmarks.run --shape llama3-8b-qlora --runs ours-cli:base:2x4:6.71 ours-cli:base:2x4:16 --steps 12 \
+      --merge --out "$f" --batch "$batch" --deadline-s 120 --hard-stop-s 150 --run-timeout-s 90
+    [ $(( $(date +%s) - T0 )) -lt 470 ] && { TAG=profile one 0 ours-cli base llama3-8b-qlora 2 4 --profile; wait; }
+    ;;
+  h200-suite)
+    # (one H200) the GPU suite, one pytest process per file at once (the card has room; these check numbers,
+    # not time), then ours-cli's 8B step with and without dpo/unsloth_varlen.py, one after the other.
+    models llama3-8b-qlora
+    pids=()
+    for f in tests/test_gpu_kernel.py tests/test_gpu_unsloth.py tests/test_gpu_packing.py tests/test_gpu_plans.py \
+             tests/test_memory_options.py ${EXTRA_TESTS:-}; do
+      n=$(basename "$f" .py)
+      DPO_TOKENIZER_DIR=$PWD/.whl/tok DPO_GPU_RESULTS=$OUT/eq_$n.json UNSLOTH_COMPILE_LOCATION=/tmp/uc-$n \
+        timeout 420 python -m pytest -m gpu -q -p no:cacheprovider --basetemp=/tmp/pt-$n "$f" > "$OUT/suite_$n.txt" 2>&1 &
+      pids+=($!)
+    done
+    wait "${pids[@]}"
+    for f in "$OUT"/suite_*.txt; do echo "$f: $(tail -n 1 "$f")"; done
+    TAG=varlen one 0 ours-cli base llama3-8b-qlora 2 4; wait
+    TAG=novarlen one 0 ours-cli base llama3-8b-qlora 2 4 --no-varlen; wait
+    ;;
+  h200-diag)
+    # (one H200) where ours-cli's 8B launches come from (host ops by calling stack), beside the GPU test
+    # that every plan trains like the run as asked (correctness only: the two share the card).
+    models llama3-8b-qlora
+    DPO_TOKENIZER_DIR=$PWD/.whl/tok DPO_GPU_RESULTS=$OUT/gpu_equivalence_plans.json timeout 500 \
+      python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_plans.py > "$OUT/gpu_plans_suite.txt" 2>&1 &
+    one 0 ours-cli base llama3-8b-qlora 2 4 --profile --profile-stacks
+    wait
+    tail -n 15 "$OUT/gpu_plans_suite.txt"
+    ;;
+  *) echo "usage: $0 single|scaling|suite|final|rows-1b|rows-8b|rows-8b-same-card|packing|h200-a|h200-b|h200-c|h200-profile|h200-diag|h200-suite|h200-final"; exit 2 ;;
 esac
 echo "phase ${1} took $(( $(date +%s) - T0 )) s"
 tail -n 3 /tmp/log_*.txt 2>/dev/null | cut -c1-400

@@ -7,6 +7,8 @@
     kernels_per_step  GPU operations (kernels, and the few copies and memsets) per optimizer step
     families          seconds of kernel time per family (4-bit dequantisation, matmul, attention, ...)
     top_kernels       the 15 kernels with the most time: [name, seconds, launches]
+    launch_sources    (--profile-stacks) the 25 host ops (aten::*) called most per step, each with the
+                      Python frames that called it: [op, calls per step, stack]: where the launches come from
 """
 
 from __future__ import annotations
@@ -47,11 +49,12 @@ def union_length(intervals: list[tuple[float, float]]) -> float:
 class StepProfiler:
     """Call step() after every optimizer step; profiles `active` steps after `warmup` ones."""
 
-    def __init__(self, warmup: int, active: int, out: dict):
+    def __init__(self, warmup: int, active: int, out: dict, stacks: bool = False):
         from torch.profiler import ProfilerActivity, profile, schedule
 
         self.skip, self.active, self.out, self.calls, self.t0 = max(warmup, 1), active, out, 0, None
-        self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+        self.stacks = stacks
+        self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=stacks,
                             schedule=schedule(wait=self.skip - 1, warmup=1, active=active, repeat=1),
                             on_trace_ready=self._summarise)
         self.prof.start()
@@ -89,3 +92,16 @@ class StepProfiler:
             "families": dict(sorted(families.items(), key=lambda kv: -kv[1])),
             "top_kernels": [[name[:120], v[0], v[1]] for name, v in top],
         }
+        if self.stacks:
+            self.out["profile"]["launch_sources"] = launch_sources(prof, self.active)
+
+
+def launch_sources(prof, steps: int, top: int = 25) -> list:
+    """The host ops called most often, grouped by the Python frames that called them (the profile's
+    stacks, innermost first, site-packages paths cut to the package)."""
+    rows = [e for e in prof.key_averages(group_by_stack_n=6) if e.key.startswith("aten::")]
+    rows.sort(key=lambda e: -e.count)
+
+    def short(frame: str) -> str:
+        return frame.split("site-packages/")[-1].split("/work/")[-1][:110]
+    return [[e.key, e.count / steps, [short(f) for f in e.stack]] for e in rows[:top]]

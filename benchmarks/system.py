@@ -93,6 +93,10 @@ def run_ours(a, rows, out: dict) -> None:
                       lora_alpha=LORA_ALPHA, optim="adamw_8bit" if a.device == "cuda" else "adamw_torch",
                       shuffle=False, dtype="bfloat16" if a.device == "cuda" else "float32", device=a.device,
                       **variant)
+    if a.no_varlen:  # the change's A/B: Unsloth's own packed attention (one SDPA call per sequence run)
+        import dpo.unsloth_varlen
+
+        dpo.unsloth_varlen.use_torch_varlen = lambda: "left as is (--no-varlen)"
     cuda = a.device.startswith("cuda") and torch.cuda.is_available()
     t = time.perf_counter()
     ends, tokens, marks = [], [], {}
@@ -120,6 +124,7 @@ def run_ours(a, rows, out: dict) -> None:
     out["gpus"] = world
     out["entry_point"] = "dpo.train.run"
     out["memory_budget_gib"] = float(a.memory_budget) if a.memory_budget not in (None, "auto", "none") else None
+    out["predicted_peak_gib"] = result.get("predicted_peak_gib")  # the plan's, when one was made
     planned = result["config"]
     out["ran_as"] = {k: planned[k] for k in ("backend", "per_device_batch_size", "grad_accum", "gradient_checkpointing",
                                              "packing", "precompute_ref", "logprob_chunk", "embeddings_on_cpu")}
@@ -129,7 +134,7 @@ def start_profiler(a, out: dict):
     """torch.profiler over the two steps after warm-up: where the GPU time goes, and how much is idle."""
     from benchmarks import profile
 
-    return profile.StepProfiler(warmup=a.warmup, active=2, out=out)
+    return profile.StepProfiler(warmup=a.warmup, active=2, out=out, stacks=a.profile_stacks)
 
 
 def run_trl(a, rows, out: dict) -> None:
@@ -209,6 +214,10 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--profile", action="store_true",
                     help="profile two steps after warm-up (our systems; see benchmarks/profile.py); summary in --out")
+    ap.add_argument("--no-varlen", action="store_true",
+                    help="ours: leave Unsloth's packed attention as torch 2.11 gets it (dpo/unsloth_varlen.py off)")
+    ap.add_argument("--profile-stacks", action="store_true",
+                    help="with --profile: also count host ops per step by the Python stack that called them")
     ap.add_argument("--memory-budget", default=None,
                     help="ours-cli: dpo.train's --memory-budget (GiB, auto or none; default auto)")
     ap.add_argument("--out", required=True)

@@ -201,7 +201,7 @@ def plan_run(cfg: TrainConfig, rows, device: torch.device, reference_free: bool)
         chosen = plan_mod.plan(shape, plan_mod.lengths_of(pairs), budget,
                                pairs_per_step=cfg.per_device_batch_size * cfg.grad_accum, max_length=cfg.max_length,
                                backend=models.pick_backend(cfg.backend), optim=cfg.optim,
-                               precompute=not reference_free, fixed=user_fixed_choices(cfg))
+                               precompute=not reference_free, fixed=user_fixed_choices(cfg), in_order=not cfg.shuffle)
     except ValueError as e:  # DoesNotFit: one line with the numbers
         raise ConfigError(f"--memory-budget: {e}") from None
     return dataclasses.replace(cfg, **chosen.config_changes()), chosen

@@ -377,6 +377,9 @@ def load_unsloth(path: str, *, max_length: int, load_in_4bit: bool, dtype: torch
     import unsloth  # noqa: F401  (must come first; it patches the libraries below)
     from unsloth import FastLanguageModel
 
+    from dpo.unsloth_varlen import use_torch_varlen
+
+    use_torch_varlen()  # packed micro-batches: one attention call per layer on torch 2.11 too
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=path, max_seq_length=max_length, load_in_4bit=load_in_4bit, dtype=dtype
     )

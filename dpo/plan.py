@@ -112,8 +112,11 @@ def forward_tokens(pairs: Lengths, max_length: int | None, packing: bool) -> int
     return sum(rows) if packing else len(rows) * max(rows)
 
 
-def worst_tokens(lengths: Lengths, pairs: int, max_length: int | None, packing: bool) -> int:
-    """The most tokens any micro-batch of `pairs` pairs can hold: the longest pairs together."""
+def worst_tokens(lengths: Lengths, pairs: int, max_length: int | None, packing: bool, in_order: bool = False) -> int:
+    """The most tokens any micro-batch of `pairs` pairs can hold: the longest pairs together; with
+    `in_order` (no shuffling: every epoch cuts the pairs as listed) the largest of those very cuts."""
+    if in_order:
+        return max(forward_tokens(lengths[i:i + pairs], max_length, packing) for i in range(0, len(lengths), pairs))
     longest = sorted(lengths, key=lambda x: max(row_lengths(x, max_length)), reverse=True)
     if packing:
         longest = sorted(lengths, key=lambda x: sum(row_lengths(x, max_length)), reverse=True)
@@ -348,9 +351,11 @@ def candidate_choices(pairs_per_step: int, backend: str, packing_available: bool
 
 
 def evaluate(shape: ModelShape, choice: Choice, lengths: Lengths, max_length: int | None, optim: str,
-             model: MemoryModel) -> Candidate:
-    """Predicted peak (worst micro-batch) and estimated step time of one setting."""
-    train = worst_tokens(lengths, choice.micro_batch, max_length, choice.packing)
+             model: MemoryModel, in_order: bool = False) -> Candidate:
+    """Predicted peak (worst micro-batch) and estimated step time of one setting. The reference is
+    precomputed in length-sorted batches (Trainer.precompute_reference), so its worst is always the
+    longest pairs together."""
+    train = worst_tokens(lengths, choice.micro_batch, max_length, choice.packing, in_order)
     ref = worst_tokens(lengths, choice.ref_batch or choice.micro_batch, max_length, choice.packing)
     return Candidate(choice, model.peak(shape, choice, train, ref, optim),
                      step_seconds(shape, choice, lengths, max_length))
@@ -359,13 +364,14 @@ def evaluate(shape: ModelShape, choice: Choice, lengths: Lengths, max_length: in
 def plan(shape: ModelShape, lengths: Lengths, budget_gib: float, *, pairs_per_step: int, max_length: int | None,
          backend: str = "unsloth", optim: str = "adamw_8bit", packing_available: bool = True,
          precompute: bool = True, fixed: dict | None = None, headroom: float = 0.1,
-         model: MemoryModel = FITTED) -> Plan:
+         model: MemoryModel = FITTED, in_order: bool = False) -> Plan:
     """The largest micro-batch whose predicted peak stays under budget x (1 - headroom), then the
     fastest setting at that micro-batch. More budget never gives a smaller micro-batch.
 
     lengths: (prompt, chosen, rejected) tokens of the pairs; fixed: Choice fields the user set
     (flags win over the plan); precompute: whether the reference may be precomputed (not when
-    the run is reference-free or the user turned it off).
+    the run is reference-free or the user turned it off); in_order: the run does not shuffle, so its
+    micro-batches are the pairs as listed, cut in order.
     """
     if not lengths:
         raise ValueError("the plan needs the token lengths of at least one pair")
@@ -373,7 +379,7 @@ def plan(shape: ModelShape, lengths: Lengths, budget_gib: float, *, pairs_per_st
         raise ValueError(f"--memory-budget must be > 0 GiB, got {budget_gib:g}")
     fixed = dict(fixed or {})
     limit = budget_gib * (1 - headroom)
-    considered = [evaluate(shape, c, lengths, max_length, optim, model) for c in
+    considered = [evaluate(shape, c, lengths, max_length, optim, model, in_order) for c in
                   candidate_choices(pairs_per_step, backend, packing_available, precompute, shape.tied_embeddings,
                                     fixed)]
     fitting = [k for k in considered if k.peak_gib <= limit]

@@ -96,7 +96,8 @@ def agreed_signal(signals: StopSignals, trainer: Trainer) -> int | None:
 
 def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None = None) -> dict:
     """Train as `cfg` says. Returns {"history" (this process's rows), "steps", "adapter_dir", "checkpoint",
-    "seconds", "model", "tokenizer", "skipped_steps", "config" (the run's config as planned: config.json)}.
+    "seconds", "model", "tokenizer", "skipped_steps", "config" (the run's config as planned: config.json),
+    "predicted_peak_gib" (the plan's predicted peak; None when not planned)}.
 
     Raises ConfigError, DataError, CheckpointError or MissingDefaultModel for what it refuses (before a
     model loads where it can), and TrainingStopped after a signal or a non-finite step (--on-nan stop).
@@ -125,6 +126,7 @@ def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None 
     resumed = load_resume_checkpoint(cfg, run_config)
     rows = read_rows(cfg)
     models.resolve_model_path(cfg.model)  # the default model missing: say so before anything loads
+    chosen = None  # the plan, when one is made
     if resumed is None and not dist.enabled:  # ranks could plan apart (each its own free memory): not planned
         cfg, chosen = plan_run(cfg, rows, device, not loss.needs_reference)
         run_config = cfg.run_dict()
@@ -158,6 +160,7 @@ def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None 
             writer.close(session.files)  # the trackers get curves.png (if drawn) and end, however the run ended
             distributed.teardown(dist)
     result["seconds"] = time.time() - started
+    result["predicted_peak_gib"] = chosen.chosen.peak_gib if chosen is not None else None
     if dist.is_main:
         print(summary(result, resumed))
     return result

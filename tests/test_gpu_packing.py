@@ -42,3 +42,5 @@ def test_packed_equals_padded_on_every_route(backend, model_dir, tmp_path_factor
     assert r["packed_tokens"] < r["padded_tokens"], "the batch has no padding: packing would prove nothing"
     for e in entries:
         assert e["passed"], e
+    if backend == "unsloth":  # dpo/unsloth_varlen.py: one flash varlen call per layer, not one per sequence
+        assert r["varlen_calls"] > 0, "Unsloth ran the packed row's attention sequence by sequence"

