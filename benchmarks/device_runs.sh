@@ -154,6 +154,22 @@ ours-hf:base:2x4 ours-unsloth:precompute+lean:8x1 trl-hf:base:8x1"; fi
     one 0 ours-cli base llama3-8b-qlora 2 4 --profile
     wait
     ;;
+  h200-last)
+    # (one H200) the objective's GPU check (OBJ_TESTS) while the 8B model is made, then ours-cli (no memory flag)
+    # over 50 steps, profiled at steps 3-4 and timed after them, then ours-cli under a 16 GiB budget.
+    models llama3-8b-qlora &
+    if [ -n "${OBJ_TESTS:-}" ]; then
+      DPO_TOKENIZER_DIR=$PWD/.whl/tok DPO_GPU_RESULTS=$OUT/eq_objectives.json UNSLOTH_COMPILE_LOCATION=/tmp/uc-obj \
+        timeout 240 python -m pytest -m gpu -q -p no:cacheprovider --basetemp=/tmp/pt-obj $OBJ_TESTS \
+        > "$OUT/suite_objectives.txt" 2>&1 &
+    fi
+    wait; tail -n 3 "$OUT/suite_objectives.txt" 2>/dev/null
+    batch="h200-last $(date -u +%FT%H:%M)"; f="$OUT/gpu_throughput_h200.json"
+    python -m benchmarks.run --shape llama3-8b-qlora --runs ours-cli:base:2x4 --steps 50 --profile --out "$f" \
+      --batch "$batch" --deadline-s 60 --hard-stop-s 200 --run-timeout-s 200
+    python -m benchmarks.run --shape llama3-8b-qlora --runs ours-cli:base:2x4:16 --steps 12 --merge --out "$f" \
+      --batch "$batch" --deadline-s 60 --hard-stop-s 150 --run-timeout-s 150
+    ;;
   h200-final)
     # (one H200) one batch: TRL+Unsloth 2x4 and ours-cli (no memory flag) over 50 steps (pairs/s and the 50-step
     # end to end), then ours-cli under the two memory budgets (12 steps), then a profiled ours-cli run for the
@@ -192,7 +208,7 @@ ours-hf:base:2x4 ours-unsloth:precompute+lean:8x1 trl-hf:base:8x1"; fi
     wait
     tail -n 15 "$OUT/gpu_plans_suite.txt"
     ;;
-  *) echo "usage: $0 single|scaling|suite|final|rows-1b|rows-8b|rows-8b-same-card|packing|h200-a|h200-b|h200-c|h200-profile|h200-diag|h200-suite|h200-final"; exit 2 ;;
+  *) echo "usage: $0 single|scaling|suite|final|rows-1b|rows-8b|rows-8b-same-card|packing|h200-a|h200-b|h200-c|h200-profile|h200-diag|h200-suite|h200-final|h200-last"; exit 2 ;;
 esac
 echo "phase ${1} took $(( $(date +%s) - T0 )) s"
 tail -n 3 /tmp/log_*.txt 2>/dev/null | cut -c1-400

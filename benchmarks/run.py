@@ -156,6 +156,8 @@ def measure(args) -> None:
                "--shape", args.shape, "--model-dir", str(model_dir), "--micro-batch", str(run["micro_batch"]),
                "--grad-accum", str(run["grad_accum"]), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--out", str(run_out), "--device", args.device]
+        if getattr(args, "profile", False) and run["system"].startswith("ours"):
+            cmd.append("--profile")
         if run["memory_budget_gib"] is not None:
             cmd += ["--memory-budget", str(run["memory_budget_gib"])]
             run_out = run_out.with_name(f"{run_out.stem}-{run['memory_budget_gib']}gib.json")
@@ -299,6 +301,8 @@ def main() -> None:
     ap.add_argument("--merge", action="store_true", help="add to the runs already in --out")
     ap.add_argument("--batch", default=None, help="a name every row of this call carries (compare within a batch)")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--profile", action="store_true",
+                    help="profile two steps after warm-up in our runs (GPU busy share); they are timed after those")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--deadline-s", type=float, default=400, help="start no new run after this many seconds")
     ap.add_argument("--hard-stop-s", type=float, default=560, help="kill a run still going at this many seconds")

@@ -119,7 +119,12 @@ def run_ours(a, rows, out: dict) -> None:
 
     result = run(cfg, hooks=RunHooks(model_built=model_built, step_done=step_done))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    out.update(summarise(ends, tokens, marks["setup_start"], a.warmup, a.micro_batch * a.grad_accum * world))
+    # A profiled run times the steps after the profiled ones (the profiler slows the steps it watches).
+    timed_from = a.warmup + (PROFILED_STEPS if profiler is not None else 0)
+    out.update(summarise(ends, tokens, marks["setup_start"], timed_from, a.micro_batch * a.grad_accum * world))
+    out["warmup_steps"] = timed_from
+    if "profile" in out:  # kernel time / wall time of the profiled steps (the profiler's own cost included)
+        out["gpu_busy_share"] = out["profile"]["gpu_busy_frac"]
     out["final_loss"] = result["history"][-1]["loss"]
     out["gpus"] = world
     out["entry_point"] = "dpo.train.run"
@@ -130,11 +135,14 @@ def run_ours(a, rows, out: dict) -> None:
                                              "packing", "precompute_ref", "logprob_chunk", "embeddings_on_cpu")}
 
 
+PROFILED_STEPS = 2
+
+
 def start_profiler(a, out: dict):
     """torch.profiler over the two steps after warm-up: where the GPU time goes, and how much is idle."""
     from benchmarks import profile
 
-    return profile.StepProfiler(warmup=a.warmup, active=2, out=out, stacks=a.profile_stacks)
+    return profile.StepProfiler(warmup=a.warmup, active=PROFILED_STEPS, out=out, stacks=a.profile_stacks)
 
 
 def run_trl(a, rows, out: dict) -> None:
