@@ -199,7 +199,8 @@ def describe_loss(loss: LossSettings) -> str:
 def _no_adapter(loss: LossSettings) -> str:
     if loss.needs_reference:
         return " (no adapter: policy = reference)"
-    return f" (no adapter: the base model; {loss.objective} uses no reference model)"
+    what = loss.objective if loss.objective != "dpo" else "--reference-free"
+    return f" (no adapter: the base model; {what} uses no reference model)"
 
 
 def print_generations(gen: dict[str, Any], args) -> None:
