@@ -5,8 +5,9 @@ as `python -m dpo.train`, read into one dpo.loss_settings.LossSettings): its TRL
 with the names of training's eval rows (dpo.metrics), and the length-normalised accuracy (dpo.scoring),
 each a mean over the pairs (KTO: over its unpaired rows; a paired file is split as training splits it);
 SimPO, CPO and ORPO read no reference. For a `builtin:` task also greedy generations of the policy and
-the reference, scored by the task's reward, and their KL to the reference (dpo.generation). The work is dpo.evaluation.Evaluation's; this module
-is the command line. Defaults are training's (`python -m dpo.train`) and the built-in tasks'.
+the reference, scored by the task's reward, and their KL to the reference (dpo.generation). The work is
+dpo.evaluation.Evaluation's; this module is the command line. Defaults are training's (`python -m dpo.train`)
+and the built-in tasks'.
 """
 
 from __future__ import annotations
@@ -189,8 +190,8 @@ def run(args) -> dict[str, Any]:
 
 
 def describe_loss(loss: LossSettings) -> str:
-    """"simpo (beta 0.1, simpo_gamma 0.5)": the loss type and the settings that differ from the defaults."""
-    default = LossSettings(loss_type=loss.loss_type) if loss.objective != "dpo" else LossSettings()
+    """"simpo (beta 2.0, simpo_gamma 0.7)": the loss type, its beta and the settings not at their defaults."""
+    default = LossSettings(loss_type=loss.loss_type)
     changed = [f"{k} {v}" for k, v in dataclasses.asdict(loss).items()
                if k != "loss_type" and (k == "beta" or v != getattr(default, k))]
     return f"{' '.join(loss.loss_type)} ({', '.join(changed)})"
