@@ -339,14 +339,24 @@ def build_parser(prog: str = "python -m dpo.train", cls=TrainConfig) -> argparse
     parser = Parser(prog=prog, name="dpo", description="Train a LoRA adapter with Direct Preference Optimization.",
                     epilog=textwrap.fill(DEFAULT_RUN_HELP, 100, break_on_hyphens=False), formatter_class=_HelpFormat)
     parser.add_argument("--config", help="YAML or JSON file of options; flags given here win", default=None)
+    add_field_arguments(parser, cls=cls)
+    return parser
+
+
+def add_field_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None, cls=TrainConfig) -> None:
+    """A flag for each field of `cls` (those in `names`, default all) with its help and type; a flag not
+    given leaves no attribute (SUPPRESS), so the caller knows what was typed. `python -m dpo.evaluate`
+    takes the loss settings' flags from here, as training does."""
     hints = get_type_hints(cls)
     for f in fields(cls):
+        if names is not None and f.name not in names:
+            continue
         tp = hints[f.name]
         kind = _scalar_type(tp)
         help_text = f.metadata["help"]
-        names = (_flag(f.name), *f.metadata.get("aliases", ()))
+        flags = (_flag(f.name), *f.metadata.get("aliases", ()))
         if kind is bool:
-            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text + f" (default: {_show(f.default)})")
             continue
         nullable = type(None) in get_args(tp)
@@ -358,8 +368,7 @@ def build_parser(prog: str = "python -m dpo.train", cls=TrainConfig) -> argparse
             kw["choices"] = f.metadata["choices"]
         if f.name == "dtype":
             kw["type"] = _dtype_name
-        parser.add_argument(*names, **kw)
-    return parser
+        parser.add_argument(*flags, **kw)
 
 
 def read_config_file(path: str) -> dict[str, Any]:

@@ -1,9 +1,13 @@
 """`python -m dpo.evaluate`: evaluate a model (+ an optional LoRA adapter) on held-out preference pairs.
 
-TRL's eval metrics and the length-normalised accuracy (dpo.scoring), each a mean over the pairs; for a
-`builtin:` task also greedy generations of the policy and the reference, scored by the task's reward,
-and their KL to the reference (dpo.generation). The work is dpo.evaluation.Evaluation's; this module
-is the command line. Defaults are training's (`python -m dpo.train`) and the built-in tasks'.
+Under any objective training takes (`--loss-type` and its settings, the same flags, defaults and refusals
+as `python -m dpo.train`, read into one dpo.loss_settings.LossSettings): its TRL trainer's eval metrics,
+with the names of training's eval rows (dpo.metrics), and the length-normalised accuracy (dpo.scoring),
+each a mean over the pairs (KTO: over its unpaired rows; a paired file is split as training splits it);
+SimPO, CPO and ORPO read no reference. For a `builtin:` task also greedy generations of the policy and
+the reference, scored by the task's reward, and their KL to the reference (dpo.generation). The work is
+dpo.evaluation.Evaluation's; this module is the command line. Defaults are training's (`python -m dpo.train`)
+and the built-in tasks'.
 """
 
 from __future__ import annotations
@@ -18,12 +22,17 @@ from typing import Any
 import torch
 
 from dpo import cli, models, tasks
-from dpo.config import LOGPROB_MODES, TrainConfig
+from dpo.config import LOGPROB_MODES, ConfigError, TrainConfig, add_field_arguments
 from dpo.sources import looks_local
 from dpo.loss_settings import LossSettings
 
 PROG = "python -m dpo.evaluate"
 _TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+# The loss flags are training's (same names, help and defaults), read into the one LossSettings.
+LOSS_FIELDS = tuple(f.name for f in dataclasses.fields(LossSettings))
+# Settings that only one objective reads: given with another, the flag would change nothing.
+ONLY_FOR = {"simpo_gamma": "simpo", "kto_desirable_weight": "kto", "kto_undesirable_weight": "kto",
+            "discopop_tau": "discopop"}
 
 
 class EvalError(Exception):
@@ -46,7 +55,6 @@ def build_parser() -> cli.Parser:
                         "(its held-out split)")
     p.add_argument("--max-length", type=int, default=_TRAIN_DEFAULTS["max_length"],
                    help="max tokens of prompt+completion (as training)")
-    p.add_argument("--beta", type=float, default=LossSettings().beta, help="DPO beta of the implicit rewards and loss")
     p.add_argument("--batch-size", type=int, default=tasks.DEFAULT_EVAL["batch_size"],
                    help="pairs per forward pass (and prompts per generation batch)")
     p.add_argument("--eval-size", type=int, default=None,
@@ -63,6 +71,8 @@ def build_parser() -> cli.Parser:
     p.add_argument("--output", default=None, help="write every number (and the generations) to this JSON file")
     p.add_argument("--device", default=_TRAIN_DEFAULTS["device"],
                    help="auto (the GPU when there is one), cpu, cuda, cuda:N")
+    loss = p.add_argument_group("loss (as python -m dpo.train: the objective and its settings)")
+    add_field_arguments(loss, LOSS_FIELDS)
     return p
 
 
@@ -73,8 +83,6 @@ def check_args(args) -> torch.device:
                              ("--samples", args.samples, 0), ("--eval-size", args.eval_size, 1)):
         if value is not None and value < low:
             raise EvalError(f"{name}: must be >= {low}, got {value}")
-    if not args.beta > 0:
-        raise EvalError(f"--beta: must be > 0, got {args.beta}")
     if looks_local(args.model):
         problem = models.model_folder_problem(args.model)
         if problem is not None:
@@ -92,6 +100,26 @@ def check_args(args) -> torch.device:
         return models.resolve_device(args.device)
     except ValueError as e:
         raise EvalError(f"--device: {e}") from None
+
+
+def loss_settings(args) -> LossSettings:
+    """The loss flags given (the rest: training's defaults) as the one validated LossSettings; a bad value
+    or combination is one EvalError naming the flag, as training words it."""
+    given = {name: getattr(args, name) for name in LOSS_FIELDS if hasattr(args, name)}
+    if not given.get("beta", 1.0) > 0:  # also NaN; training checks it before the loss settings too
+        raise EvalError(f"--beta: must be > 0, got {given['beta']}")
+    try:
+        loss = TrainConfig(**given).loss_settings()
+    except ConfigError as e:
+        raise EvalError(str(e)) from None
+    for name, owner in ONLY_FOR.items():
+        if name in given and owner not in loss.loss_type:
+            raise EvalError(f"--{name.replace('_', '-')}: applies to --loss-type {owner} only; the loss type is "
+                            f"{' '.join(loss.loss_type)}")
+    if loss.unpaired and args.batch_size < 2:
+        raise EvalError("--batch-size: kto needs >= 2 rows per batch (its KL estimate pairs each row with another "
+                        f"row's completion, as in training), got {args.batch_size}")
+    return loss
 
 
 def check_dataset(dataset: str) -> None:
@@ -134,20 +162,21 @@ def run(args) -> dict[str, Any]:
     from dpo.files import write_json_atomic
 
     device = check_args(args)
+    loss = loss_settings(args)
     check_dataset(args.dataset)
     started = time.time()
     model, tokenizer = load_model(args, device)
     evaluation = Evaluation.of_dataset(
-        args.dataset, tokenizer, loss=LossSettings(beta=args.beta), max_length=args.max_length,
+        args.dataset, tokenizer, loss=loss, max_length=args.max_length,
         eval_size=args.eval_size, seed=args.seed, logprobs=args.logprobs, batch_size=args.batch_size,
         generation_settings=GenerationSettings(args.generations, args.max_new_tokens, args.batch_size))
     metrics = evaluation.after(model)
-    print(f"evaluated {evaluation.describe_data()}"
-          f"{' with adapter ' + args.adapter if args.adapter else ' (no adapter: policy = reference)'}")
+    print(f"evaluated {evaluation.describe_data()} under {describe_loss(loss)}"
+          f"{' with adapter ' + args.adapter if args.adapter else _no_adapter(loss)}")
     print(format_metrics(metrics))
     result: dict[str, Any] = {
         "model": args.model, "adapter": args.adapter, "dataset": args.dataset, "max_length": args.max_length,
-        "beta": args.beta, "batch_size": args.batch_size, "device": str(device),
+        "beta": loss.beta, "loss": dataclasses.asdict(loss), "batch_size": args.batch_size, "device": str(device),
         "data": evaluation.data_report.to_dict(), "metrics": metrics,
     }
     if evaluation.generations is not None:
@@ -158,6 +187,21 @@ def run(args) -> dict[str, Any]:
         write_json_atomic(args.output, result)
         print(f"\nwrote {args.output}")
     return result
+
+
+def describe_loss(loss: LossSettings) -> str:
+    """"simpo (beta 2.0, simpo_gamma 0.7)": the loss type, its beta and the settings not at their defaults."""
+    default = LossSettings(loss_type=loss.loss_type)
+    changed = [f"{k} {v}" for k, v in dataclasses.asdict(loss).items()
+               if k != "loss_type" and (k == "beta" or v != getattr(default, k))]
+    return f"{' '.join(loss.loss_type)} ({', '.join(changed)})"
+
+
+def _no_adapter(loss: LossSettings) -> str:
+    if loss.needs_reference:
+        return " (no adapter: policy = reference)"
+    what = loss.objective if loss.objective != "dpo" else "--reference-free"
+    return f" (no adapter: the base model; {what} uses no reference model)"
 
 
 def print_generations(gen: dict[str, Any], args) -> None:

@@ -300,7 +300,8 @@ def test_cli_help_shows_trainings_defaults_and_device_auto_runs(capsys, tiny_lla
                           ("--batch-size", tasks.DEFAULT_EVAL["batch_size"]),
                           ("--generations", tasks.DEFAULT_EVAL["generations"])):
         assert f"(default: {default})" in help_text, flag
-    assert help_text.count("(default: None)") == 3  # --adapter, --eval-size, --output; not the required ones
+    # --adapter, --eval-size, --output, and training's --loss-weights, --cpo-alpha, --ld-alpha; not the required ones
+    assert help_text.count("(default: None)") == 6
     data = tmp_path / "prefs.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) for p, c, r in ROWS) + "\n")
     out_json = tmp_path / "eval.json"

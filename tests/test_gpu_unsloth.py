@@ -1,5 +1,6 @@
 """The Unsloth path on the GPU (`pytest -m gpu`): our loop on a FastLanguageModel (4-bit NF4, LoRA,
-Unsloth gradient checkpointing) against UnslothDPOTrainer, and both against our hf backend.
+Unsloth gradient checkpointing) against UnslothDPOTrainer, and both against our hf backend; and one
+objective beyond DPO, ORPO, against UnslothORPOTrainer (Unsloth rewrites trl.experimental.orpo's trainer).
 
 Each run is a subprocess of `tests/gpu/runs.py` (importing unsloth patches libraries process-wide).
 Every comparison is recorded through `tests/gpu_results.py` before it is asserted.
@@ -29,6 +30,7 @@ import torch
 
 from . import gpu_results
 from .conftest import run_gpu_mode
+from .gpu.runs import ORPO_BETA, ORPO_STEPS
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 U = 2.0**-8
@@ -78,16 +80,17 @@ def test_one_batch_equals_unsloth_dpo_trainer(unsloth_run):
         assert e["passed"], e
 
 
-def _compare_histories(name: str, a: list[dict], b: list[dict]) -> list[dict]:
-    assert len(a) == len(b) == 20
+def _compare_histories(name: str, a: list[dict], b: list[dict], steps: int = 20,
+                       relative: tuple[str, ...] = ("loss", "logps/chosen", "logps/rejected")) -> list[dict]:
+    assert len(a) == len(b) == steps
     entries = []
     reward_scale = max(abs(r[k]) for r in b for k in ("rewards/chosen", "rewards/rejected"))
-    for key in ("loss", "logps/chosen", "logps/rejected"):
+    for key in relative:
         rel = max(abs(x[key] - y[key]) / max(abs(y[key]), 1e-6) for x, y in zip(a, b))
-        entries.append(gpu_results.record(f"{name}/{key} (max relative, 20 steps)", rel, 0.05))
+        entries.append(gpu_results.record(f"{name}/{key} (max relative, {steps} steps)", rel, 0.05))
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         d = max(abs(x[key] - y[key]) for x, y in zip(a, b))
-        entries.append(gpu_results.record(f"{name}/{key} (max abs, 20 steps)", d, 0.05 * reward_scale,
+        entries.append(gpu_results.record(f"{name}/{key} (max abs, {steps} steps)", d, 0.05 * reward_scale,
                                           reward_scale=reward_scale))
     return entries
 
@@ -96,6 +99,57 @@ def test_twenty_steps_equal_unsloth_dpo_trainer(unsloth_run):
     ours, trl = unsloth_run["ours_history"], unsloth_run["trl_history"]
     entries = _compare_histories("unsloth-20-steps ours vs UnslothDPOTrainer", ours, trl)
     assert abs(trl[-1]["rewards/margins"]) > 1e-2, "training did not move the rewards"
+    for e in entries:
+        assert e["passed"], e
+
+
+# --- ORPO: the objective whose TRL trainer Unsloth rewrites (trl.experimental.orpo -> UnslothORPOTrainer) ---
+
+
+@pytest.fixture(scope="session")
+def orpo_run(model_dir, tmp_path_factory) -> dict:
+    out = _runs_dir(tmp_path_factory) / "orpo.json"
+    run_gpu_mode("orpo", model_dir, out)
+    return json.loads(out.read_text())
+
+
+def test_orpo_one_batch_equals_unsloth_orpo_trainer(orpo_run):
+    """The DPO check's bounds, on ORPO's numbers: its log-probs are per-token means and its loss is the
+    chosen NLL (a mean log-prob too, 2u relative) plus beta * -logsigmoid(log-odds), whose slope is <= 1
+    in each log-prob (for log-probs well below 0), so the log-odds get the two log-probs' bounds."""
+    assert orpo_run["trainer_class"].startswith("Unsloth"), orpo_run["trainer_class"]
+    assert orpo_run["same_batch_tensors"], "our collated batch differs from TRL's concatenated_inputs"
+    b = orpo_run["batch"]
+    trl, ours = b["trl"], b["ours"]
+    beta = ORPO_BETA
+    logp_scale = max(abs(trl["logps/chosen"]), abs(trl["logps/rejected"]))
+    nll_bound = 2 * U * abs(trl["nll_loss"])
+    checks = [
+        ("unsloth-orpo-batch/logps/chosen", abs(ours["logps/chosen"] - trl["logps/chosen"]), 2 * U * logp_scale),
+        ("unsloth-orpo-batch/logps/rejected", abs(ours["logps/rejected"] - trl["logps/rejected"]),
+         2 * U * logp_scale),
+        ("unsloth-orpo-batch/rewards/chosen", abs(ours["rewards/chosen"] - trl["rewards/chosen"]),
+         beta * 2 * U * logp_scale),
+        ("unsloth-orpo-batch/rewards/rejected", abs(ours["rewards/rejected"] - trl["rewards/rejected"]),
+         beta * 2 * U * logp_scale),
+        ("unsloth-orpo-batch/nll_loss", abs(ours["nll_loss"] - trl["nll_loss"]), nll_bound),
+        ("unsloth-orpo-batch/log_odds_chosen", abs(ours["log_odds_chosen"] - trl["log_odds_chosen"]),
+         2 * 2 * U * logp_scale),
+        ("unsloth-orpo-batch/log_odds_ratio", abs(ours["log_odds_ratio"] - trl["log_odds_ratio"]),
+         2 * 2 * U * logp_scale),
+        ("unsloth-orpo-batch/loss", abs(ours["loss"] - trl["loss"]), nll_bound + beta * 2 * 2 * U * logp_scale),
+        ("unsloth-orpo-batch/lora_grads", b["grad_max_abs_diff"], 8 * U * b["grad_max_abs"]),
+    ]
+    entries = [gpu_results.record(n, d, t, ours=ours, trl=trl) for n, d, t in checks]
+    assert trl["nll_loss"] > 1.0 and trl["logps/chosen"] != trl["logps/rejected"], "nothing was scored"
+    for e in entries:
+        assert e["passed"], e
+
+
+def test_orpo_steps_equal_unsloth_orpo_trainer(orpo_run):
+    ours, trl = orpo_run["ours_history"], orpo_run["trl_history"]
+    entries = _compare_histories("unsloth-orpo ours vs UnslothORPOTrainer", ours, trl, steps=ORPO_STEPS,
+                                 relative=("loss", "nll_loss", "logps/chosen", "logps/rejected"))
     for e in entries:
         assert e["passed"], e
 

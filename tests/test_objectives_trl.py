@@ -92,6 +92,18 @@ def _check(diffs, record_property, label, scale=0.0):
         assert d <= tol, f"{label} {name}: max abs diff {d:.3e} > {tol:.3e}"
 
 
+def _backward_and_compare(out, logps, settings, model, trl_loss, theirs: dict, trl_grads: dict):
+    """Backpropagate our loss `out` of `logps`: (our metrics row, max abs difference from TRL's loss, each
+    metric and the LoRA gradients, our gradients)."""
+    out.loss.backward()
+    ours = objective_batch_row(out, logps)
+    diffs = {"loss": max_diff(out.loss.detach(), trl_loss.detach())}
+    diffs.update(_compare_metrics(ours, theirs, metric_names(settings)[1:]))
+    our_grads = _grads(model)
+    diffs["grad"] = max(max_diff(our_grads[n], trl_grads[n]) for n in trl_grads)
+    return ours, diffs, our_grads
+
+
 def _compare_metrics(ours: dict, theirs: dict, names) -> dict:
     out = {}
     for name in names:
@@ -162,13 +174,8 @@ def test_reference_free_objective_equals_trl(case, path, tokenizer, tmp_path, re
     perturb_lora(model, seed=1)
     model.train()
     out, logps, _ = _our_reference_free_loss(model, batch, settings, path)
-    out.loss.backward()
-    ours = objective_batch_row(out, logps)
-    diffs = {"loss": max_diff(out.loss.detach(), trl_loss.detach())}
-    diffs.update(_compare_metrics(ours, theirs, metric_names(settings)[1:]))
-    our_grads = _grads(model)
+    ours, diffs, our_grads = _backward_and_compare(out, logps, settings, model, trl_loss, theirs, trl_grads)
     assert set(our_grads) == set(trl_grads)
-    diffs["grad"] = max(max_diff(our_grads[n], trl_grads[n]) for n in trl_grads)
     assert abs(ours["rewards/margins"]) > 1e-3 and max(g.abs().max() for g in our_grads.values()) > 1e-4
     _check(diffs, record_property, f"{case}/{path}", scale=max(abs(ours["logps/chosen"]), abs(ours["logps/rejected"])))
 
@@ -222,12 +229,7 @@ def test_kto_equals_trl(path, tokenizer, tmp_path, record_property):
     settings = LossSettings(loss_type="kto", beta=0.5, kto_desirable_weight=1.3, kto_undesirable_weight=0.7)
     unpaired = UnpairedLogps(logps, ref, ub.desirable, kto_kl_estimate(kl_logps, ref_kl))
     out = objective_loss(settings, unpaired)
-    out.loss.backward()
-    ours = objective_batch_row(out, unpaired)
-    diffs = {"loss": max_diff(out.loss.detach(), trl_loss.detach())}
-    diffs.update(_compare_metrics(ours, theirs, metric_names(settings)[1:]))
-    our_grads = _grads(model)
-    diffs["grad"] = max(max_diff(our_grads[n], trl_grads[n]) for n in trl_grads)
+    ours, diffs, _ = _backward_and_compare(out, unpaired, settings, model, trl_loss, theirs, trl_grads)
     assert ours["kl"] > 1e-3, "the KL estimate must be non-zero for the check to mean something"
     assert abs(ours["rewards/margins"]) > 1e-3
     _check(diffs, record_property, f"kto/{path}", scale=max(abs(ours["logps/chosen"]), abs(ours["logps/rejected"])))
@@ -270,12 +272,7 @@ def test_dpo_option_equals_trl(option, path, tokenizer, tmp_path, record_propert
     counts = completion_token_counts(cm)
     logps = PreferenceLogps(pol[:B], pol[B:], ref[:B], ref[B:], counts[:B], counts[B:])
     out = objective_loss(settings, logps, pair_weights=pair_weights)
-    out.loss.backward()
-    ours = objective_batch_row(out, logps)
-    diffs = {"loss": max_diff(out.loss.detach(), trl_loss.detach())}
-    diffs.update(_compare_metrics(ours, theirs, metric_names(settings)[1:]))
-    our_grads = _grads(model)
-    diffs["grad"] = max(max_diff(our_grads[n], trl_grads[n]) for n in trl_grads)
+    ours, diffs, _ = _backward_and_compare(out, logps, settings, model, trl_loss, theirs, trl_grads)
     assert abs(ours["rewards/margins"]) > 1e-3
     if option == "use_weighting":  # the weights make loss and gradients small: compare relative to their size
         grad_scale = max(g.abs().max().item() for g in trl_grads.values())

@@ -3,6 +3,7 @@ transformers, peft and TRL for the whole process, so the hf-backend runs live in
 
     python -m tests.gpu.runs make-model DIR          random-init Llama (bf16) + the SmolLM2 tokenizer
     python -m tests.gpu.runs unsloth DIR OUT.json    one batch and 20 steps: ours vs UnslothDPOTrainer
+    python -m tests.gpu.runs orpo DIR OUT.json       one batch and 10 steps of ORPO: ours vs UnslothORPOTrainer
     python -m tests.gpu.runs hf DIR OUT.json         20 steps of ours on the hf backend (bnb 4-bit, bf16)
     python -m tests.gpu.runs memory OUT.json         chunked vs full log-probs on a 128k-vocab model
     python -m tests.gpu.runs packing DIR OUT.json hf|unsloth   packed vs padded micro-batch, per attention
@@ -23,6 +24,8 @@ import time
 import torch
 
 STEPS = 20
+ORPO_STEPS = 10  # the objective check: short, as its one-batch comparison carries the claim
+ORPO_BETA = 0.1
 MICRO, ACCUM = 2, 2
 MAX_LENGTH = 256
 LR = 2e-4
@@ -227,6 +230,86 @@ def plans_mode(path: str, out: str) -> None:
         json.dump(result, f, indent=2)
 
 
+def orpo_mode(path: str, out: str) -> None:
+    """ORPO, as unsloth_mode does DPO: TRL 1.15's ORPOTrainer (trl.experimental.orpo), which importing
+    unsloth rewrites into UnslothORPOTrainer (its fused concatenated_forward), against our loop on the
+    same 4-bit LoRA model: one batch on the same model object, then ORPO_STEPS steps on fresh ones.
+    ORPO has no reference, so TRL keeps the PeftModel as it is (no "ref" adapter)."""
+    import unsloth  # noqa: F401  (first: it patches transformers, peft and trl)
+    from datasets import Dataset
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    from dpo.data import PreferenceRow
+    from dpo.metrics import objective_batch_row
+    from dpo.objective_data import collate_sided, tokenize_sided
+    from dpo.trainer import Trainer
+
+    result = {"trainer_class": None}
+    model, tok = load_unsloth_model(path)
+    device = next(model.parameters()).device
+    args = ORPOConfig(output_dir="/tmp/trl-unsloth-orpo", per_device_train_batch_size=MICRO,
+                      gradient_accumulation_steps=ACCUM, max_steps=ORPO_STEPS, learning_rate=LR,
+                      lr_scheduler_type="linear", optim="adamw_8bit", beta=ORPO_BETA, max_length=MAX_LENGTH,
+                      logging_steps=1, report_to=[], bf16=True, seed=0, save_strategy="no",
+                      train_sampling_strategy="sequential", dataloader_num_workers=0, warmup_steps=0)
+    trainer = ORPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows()), processing_class=tok)
+    result["trainer_class"] = type(trainer).__name__
+    set_lora_weights(model)
+    warmup = trainer.args.get_warmup_steps(ORPO_STEPS)
+    result["trl_warmup_steps"] = warmup
+
+    # 1. One fixed batch on the same model object: TRL's compute_loss vs ours (dpo.trainer.Trainer.sided_loss).
+    n = 2 * MICRO
+    pairs = [tokenize_sided(tok, PreferenceRow(r["prompt"], r["chosen"], r["rejected"], i), MAX_LENGTH)
+             for i, r in enumerate(rows()[:n])]
+    inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
+    concat = trainer.concatenated_inputs(inputs, padding_value=tok.pad_token_id)
+    batch = collate_sided(pairs, tok.pad_token_id)
+    result["same_batch_tensors"] = (
+        torch.equal(batch.input_ids, concat["concatenated_input_ids"].cpu())
+        and torch.equal(batch.attention_mask, concat["concatenated_attention_mask"].cpu())
+        and torch.equal(batch.completion_mask.bool(), concat["concatenated_labels"].cpu() != -100))
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    model.train()
+    trl_loss = trainer.compute_loss(model, inputs)
+    trl_loss.backward()
+    lora = {n_: p for n_, p in model.named_parameters() if p.requires_grad}
+    trl_grads = {n_: p.grad.float().clone() for n_, p in lora.items()}
+    trl_metrics = {k: v[-1] for k, v in trainer._stored_metrics["train"].items()}
+    model.zero_grad(set_to_none=True)
+    trainer._stored_metrics.pop("train", None)
+
+    ours = Trainer(model, tok, our_config(warmup_steps=warmup, loss_type=["orpo"], beta=ORPO_BETA,
+                                          max_steps=ORPO_STEPS), pairs, device=device)
+    model.train()
+    loss_out, logps, _ = ours.sided_loss(pairs)
+    loss_out.loss.backward()
+    our_grads = {n_: p.grad.float().clone() for n_, p in lora.items()}
+    model.zero_grad(set_to_none=True)
+    ours_row = objective_batch_row(loss_out, logps)
+    result["batch"] = {
+        "trl": {"loss": trl_loss.item(), **{k: trl_metrics[k] for k in ours_row if k != "loss"}},
+        "ours": ours_row,
+        "grad_max_abs_diff": max((our_grads[k] - trl_grads[k]).abs().max().item() for k in lora),
+        "grad_max_abs": max(trl_grads[k].abs().max().item() for k in lora),
+    }
+    del ours
+
+    # 2. ORPO_STEPS optimizer steps: UnslothORPOTrainer on this model, ours on a fresh identical one.
+    t0 = time.time()
+    trainer.train()
+    result["trl_seconds"] = time.time() - t0
+    result["trl_history"] = [r for r in trainer.state.log_history if "rewards/chosen" in r]
+    del trainer, model
+    torch.cuda.empty_cache()
+    t0 = time.time()
+    result["ours_history"] = run_ours(path, backend="unsloth", load_in_4bit=True, warmup_steps=warmup,
+                                      loss_type=["orpo"], beta=ORPO_BETA, max_steps=ORPO_STEPS)
+    result["ours_seconds"] = time.time() - t0
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+
+
 def hf_mode(path: str, out: str) -> None:
     """20 steps of ours on the hf backend (bnb 4-bit, bf16), through the same entry point as the CLI."""
     history = run_ours(path, backend="hf", load_in_4bit=True)
@@ -390,5 +473,5 @@ class _Tok:
 
 if __name__ == "__main__":
     mode, *rest = sys.argv[1:]
-    {"make-model": make_model, "unsloth": unsloth_mode, "hf": hf_mode, "memory": memory_mode,
+    {"make-model": make_model, "unsloth": unsloth_mode, "orpo": orpo_mode, "hf": hf_mode, "memory": memory_mode,
      "packing": packing_mode, "plans": plans_mode}[mode](*rest)
