@@ -155,8 +155,9 @@ ours-hf:base:2x4 ours-unsloth:precompute+lean:8x1 trl-hf:base:8x1"; fi
     wait
     ;;
   h200-last)
-    # (one H200) the objective's GPU check (OBJ_TESTS) while the 8B model is made, then ours-cli (no memory flag)
-    # over 50 steps, profiled at steps 3-4 and timed after them, then ours-cli under a 16 GiB budget.
+    # (one H200, about 9 minutes) one batch: TRL+Unsloth 2x4 and ours-cli (no memory flag; profiled at steps 3-4,
+    # timed after them) over 50 steps, then ours-cli under a 16 GiB budget. OBJ_TESTS (optional): GPU tests to
+    # run while the 8B model is made, before anything is timed.
     models llama3-8b-qlora &
     if [ -n "${OBJ_TESTS:-}" ]; then
       DPO_TOKENIZER_DIR=$PWD/.whl/tok DPO_GPU_RESULTS=$OUT/eq_objectives.json UNSLOTH_COMPILE_LOCATION=/tmp/uc-obj \
@@ -165,8 +166,8 @@ ours-hf:base:2x4 ours-unsloth:precompute+lean:8x1 trl-hf:base:8x1"; fi
     fi
     wait; tail -n 3 "$OUT/suite_objectives.txt" 2>/dev/null
     batch="h200-last $(date -u +%FT%H:%M)"; f="$OUT/gpu_throughput_h200.json"
-    python -m benchmarks.run --shape llama3-8b-qlora --runs ours-cli:base:2x4 --steps 50 --profile --out "$f" \
-      --batch "$batch" --deadline-s 60 --hard-stop-s 200 --run-timeout-s 200
+    python -m benchmarks.run --shape llama3-8b-qlora --runs trl-unsloth:base:2x4 ours-cli:base:2x4 --steps 50 --profile \
+      --out "$f" --batch "$batch" --deadline-s 300 --hard-stop-s 420 --run-timeout-s 300
     python -m benchmarks.run --shape llama3-8b-qlora --runs ours-cli:base:2x4:16 --steps 12 --merge --out "$f" \
       --batch "$batch" --deadline-s 60 --hard-stop-s 150 --run-timeout-s 150
     ;;
