@@ -249,7 +249,8 @@ def test_mlflow_goes_to_the_store_mlflow_tracking_uri_names(tmp_path, offline_en
     write_rows(run_dir, "mlflow")
     assert not (run_dir / "mlruns").exists()
     _, numbers, _, artifacts = mlflow_read(store, experiment="mine")
-    assert_same_numbers(numbers, expected_numbers(run_dir)) and list(artifacts) == ["curves.png"]
+    assert_same_numbers(numbers, expected_numbers(run_dir))
+    assert list(artifacts) == ["curves.png"]
 
 
 @pytest.mark.parametrize("env", [{"WANDB_API_KEY": "k"}, {"WANDB_MODE": "online"}, {"WANDB_MODE": "disabled"}])
@@ -280,17 +281,19 @@ def test_report_to_all_three_trackers_hold_a_training_run_equal_to_metrics_jsonl
                        "--output-dir", str(out), "--max-steps", "2", "--per-device-batch-size", "2",
                        "--max-length", "32", "--lora-r", "4", "--device", "cpu",
                        "--report-to", "tensorboard,wandb,mlflow"]) == 0
-    expected, config, curves = expected_numbers(out), json.loads((out / "config.json").read_text()), None
+    expected, config = expected_numbers(out), json.loads((out / "config.json").read_text())
     curves = (out / "curves.png").read_bytes()
     assert {step for _, step in expected} == {0, 1, 2} and ("eval_loss", 0) in expected and ("eval_loss", 2) in expected
     assert config["report_to"] == "tensorboard,wandb,mlflow"
 
     tb_numbers, tb_config, tb_images = tensorboard_read(out)
-    assert_same_numbers(tb_numbers, expected, rel=1e-6) and tb_config == config
+    assert_same_numbers(tb_numbers, expected, rel=1e-6)
+    assert tb_config == config
     assert [tag for tag, _ in tb_images] == ["curves.png"]
 
     wandb_numbers, wandb_config, files, wandb_run = wandb_read(out)
-    assert_same_numbers(wandb_numbers, expected) and wandb_config == config
+    assert_same_numbers(wandb_numbers, expected)
+    assert wandb_config == config
     assert (wandb_run / "files" / "curves.png").read_bytes() == curves
 
     run, mlflow_numbers, params, artifacts = mlflow_read((out / "mlruns").absolute().as_uri())
