@@ -306,7 +306,7 @@ def test_report_to_a_missing_package_refuses_the_run_in_one_line_and_writes_noth
 
     from .conftest import write_jsonl
 
-    monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # find_spec: not installed (and only wandb)
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q?", "chosen": " yes", "rejected": " no"}])
     out = tmp_path / "run"
     assert train.main(["--dataset", str(data), "--output-dir", str(out), "--report-to", "wandb"]) == 2
