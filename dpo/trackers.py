@@ -6,7 +6,8 @@ and a close. dpo.runfolder.RunWriter drives them; a sink that raises is dropped 
 warning, and metrics.jsonl keeps every row.
 
 - tensorboard: event files in OUTPUT_DIR/tensorboard/ (torch.utils.tensorboard, which needs the
-  `tensorboard` package); the config as a text entry, curves.png as an image. Read with `tensorboard --logdir OUTPUT_DIR`.
+  `tensorboard` package); the config as a text entry, curves.png as an image. Read them with
+  `tensorboard --logdir OUTPUT_DIR`.
 - wandb: a W&B run in OUTPUT_DIR/wandb/, offline unless WANDB_API_KEY or WANDB_MODE says otherwise
   (offline means no network at all: wandb-core's own error reports are turned off too); project
   WANDB_PROJECT or "dpo"; the config as the run's config, curves.png among the run's files. Read an
@@ -15,7 +16,8 @@ warning, and metrics.jsonl keeps every row.
   OUTPUT_DIR/mlruns unless MLFLOW_TRACKING_URI names another store; the config as the run's
   parameters, curves.png as an artifact. MLflow 3 keeps its file store only on request
   (MLFLOW_ALLOW_FILE_STORE=true, which this sink sets for its own default store): read it with
-  `MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri file:OUTPUT_DIR/mlruns`.
+  `MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri file:OUTPUT_DIR/mlruns` (the UI needs the
+  full `mlflow` package; the extra brings its client, mlflow-skinny).
 
 All three come with `pip install -e '.[trackers]'`.
 
