@@ -153,9 +153,9 @@ def tensorboard_read(run_dir: Path) -> tuple[dict, dict, list]:
     return numbers, config, [(tag, events.Images(tag)) for tag in events.Tags()["images"]]
 
 
-def wandb_read(run_dir: Path) -> tuple[dict, dict, Path]:
+def wandb_read(run_dir: Path) -> tuple[dict, dict, list, Path]:
     """The offline run's .wandb transaction log through W&B's own reader (`wandb leet inspect --json`, which
-    runs wandb-core): its history as (metric, step) -> value, its config, and the run folder."""
+    runs wandb-core): its history as (metric, step) -> value, its config, its files, and the run folder."""
     (log,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     done = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(log)], capture_output=True,
                           text=True, timeout=120, env={**os.environ, "WANDB_MODE": "offline"})
@@ -176,9 +176,10 @@ def mlflow_read(tracking_uri: str, experiment: str = "dpo"):
 
     client = MlflowClient(tracking_uri=tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    numbers = {(key, m.step): m.value for key in run.data.metrics for m in client.get_metric_history(run.info.run_id, key)}
-    artifacts = {a.path: Path(client.download_artifacts(run.info.run_id, a.path)).read_bytes()
-                 for a in client.list_artifacts(run.info.run_id)}
+    run_id = run.info.run_id
+    numbers = {(key, m.step): m.value for key in run.data.metrics for m in client.get_metric_history(run_id, key)}
+    artifacts = {a.path: Path(client.download_artifacts(run_id, a.path)).read_bytes()
+                 for a in client.list_artifacts(run_id)}
     return run, numbers, run.data.params, artifacts
 
 
