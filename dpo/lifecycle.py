@@ -194,8 +194,8 @@ class Checkpointer:
             return self._write(trainer)
         except CheckpointError as e:
             distributed.barrier(trainer.dist)  # the other ranks wait for the main one's save
-            print(f"dpo: warning: {e}; the adapter is saved to adapter/ as usual (only continuing this run "
-                  f"later needs a checkpoint)", file=sys.stderr)
+            print(f"dpo: warning: {e}; the adapter is saved to {Path(self.cfg.output_dir) / 'adapter'} as usual "
+                  f"(only continuing this run later would need the checkpoint)", file=sys.stderr)
             return None
 
     def _write(self, trainer, rng_state: dict | None = None) -> Path:

@@ -266,7 +266,7 @@ def test_a_real_disk_that_fills_up_during_the_run_still_gets_the_adapter(tiny_ll
     err = capsys.readouterr().err
     assert result["checkpoint"] is None
     assert f"dpo: warning: cannot write checkpoint {out / 'checkpoints' / 'step-000004'}: not enough disk space" in err
-    assert "the adapter is saved to adapter/ as usual" in err
+    assert f"; the adapter is saved to {out / 'adapter'} as usual" in err
     assert load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert (out / "adapter" / "README.md").is_file() and (out / "eval.json").is_file()
     assert not checkpoint.list_checkpoints(out)
