@@ -161,16 +161,20 @@ def room_for_checkpoints(sizes: RunSizes, free: int, where: str, save_steps: int
 # --- from the run's settings and its model (before the model loads) ----------------------------------
 
 
-def trainable_shapes(cfg, device: torch.device) -> list[tuple[int, int]]:
+def trainable_shapes(cfg, device: torch.device) -> list[tuple[int, int]] | None:
     """(numel, bytes per element) of each tensor training will change, from the model's config: its LoRA
-    (or the starting --adapter) built as dpo.build builds it, on the meta device (no weights read)."""
+    (or the starting --adapter) built as dpo.build builds it, on the meta device (no weights read).
+    None when the model's config cannot be read (loading the model then says why, in one line)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from dpo import models
     from dpo.build import resolve_dtype
 
     path = models.resolve_model_path(cfg.model)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError):
+        return None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(cfg.dtype, device),
                                                  trust_remote_code=cfg.trust_remote_code)
@@ -217,8 +221,8 @@ def check_disk(cfg, *, num_rows: int, start_step: int, needs_reference: bool, un
                device: torch.device) -> bool:
     """Before the model loads: whether this run writes checkpoints (room_for_checkpoints decides, on the
     main rank, and every rank is told: they must agree on when a checkpoint is saved). Raises
-    CheckpointError when the run does not fit. A model whose config cannot be read here is reported
-    and left to each save's own check."""
+    CheckpointError when the run does not fit. A model that cannot be built here on the meta device is
+    reported (one warning line) and left to each save's own check."""
     from dpo import distributed
 
     checkpoints = True
@@ -226,9 +230,10 @@ def check_disk(cfg, *, num_rows: int, start_step: int, needs_reference: bool, un
         try:
             trainable = trainable_shapes(cfg, device)
         except Exception as e:  # noqa: BLE001 - an estimate: loading the model itself reports what is wrong
+            trainable = None
             print(f"dpo: warning: cannot estimate the disk space this run needs ({first_line(e)}); each checkpoint "
                   f"still checks the disk before it is written", file=sys.stderr)
-        else:
+        if trainable is not None:
             sizes = sizes_for_run(cfg, trainable, num_rows=num_rows, start_step=start_step,
                                   world_size=dist.world_size, needs_reference=needs_reference, unpaired=unpaired)
             checkpoints = room_for_checkpoints(sizes, free_bytes(cfg.output_dir), cfg.output_dir, cfg.save_steps,

@@ -198,6 +198,23 @@ def test_no_room_for_a_checkpoint_goes_on_without_one_and_saves_the_adapter(tiny
     assert captured.out.strip().splitlines()[-1].endswith(f"adapter saved to {out / 'adapter'}; checkpoint none")
 
 
+def test_a_model_that_cannot_be_built_on_the_meta_device_is_left_to_each_save(tiny_llama_dir, data, tmp_path, capsys,
+                                                                             monkeypatch):
+    def fails(cfg, device):
+        raise NotImplementedError("this architecture cannot be built on the meta device\nsecond line")
+
+    monkeypatch.setattr(diskspace, "trainable_shapes", fails)
+    fake_free(monkeypatch, 2**20)  # would be refused, were the sizes known
+    out = tmp_path / "run"
+    assert train.main(flags(tiny_llama_dir, data, out, "--save-steps", 2)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dpo: warning: cannot estimate the disk space this run needs (this architecture cannot be "
+                          "built on the meta device); each checkpoint still checks the disk before it is written\n")
+    assert err.strip().splitlines()[-1].startswith(
+        f"dpo: error: cannot write checkpoint {out / 'checkpoints' / 'step-000002'}: not enough disk space")
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
 # --- real small disks ----------------------------------------------------------------------------------
 
 @pytest.fixture
