@@ -164,11 +164,17 @@ def room_for_checkpoints(sizes: RunSizes, free: int, where: str, save_steps: int
 def trainable_shapes(cfg, device: torch.device) -> list[tuple[int, int]] | None:
     """(numel, bytes per element) of each tensor training will change, from the model's config: its LoRA
     (or the starting --adapter) built as dpo.build builds it, on the meta device (no weights read).
-    None when the model's config cannot be read (loading the model then says why, in one line)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+    None when the model's config cannot be read (loading the model then says why, in one line). The
+    Unsloth backend builds the same LoRA (peft's, on the same targets)."""
     from dpo import models
     from dpo.build import resolve_dtype
+
+    try:
+        if models.pick_backend(cfg.backend) == "unsloth":
+            import unsloth  # noqa: F401  (before transformers and peft, which it patches: see models.load_unsloth)
+    except RuntimeError:
+        return None  # dpo.build refuses the backend in one line
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = models.resolve_model_path(cfg.model)
     try:

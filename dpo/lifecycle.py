@@ -1,7 +1,8 @@
 """A run's life on disk: what it writes, its checkpoints during the loop, resuming, and stopping.
 
 - Checkpointer: OUTPUT_DIR/checkpoints/step-N through dpo.checkpoint (atomic, verified), every
-  --save-steps and at the end; with --precompute-ref the reference log-probs go with it.
+  --save-steps and at the end (none where the disk has no room: dpo.diskspace); with --precompute-ref
+  the reference log-probs go with it.
 - StopSignals: the first SIGINT/SIGTERM lets the step finish and saves; a second stops at once.
 - Commands: the command lines the messages print (resume this run, or start it over).
 
