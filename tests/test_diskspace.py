@@ -96,6 +96,24 @@ def test_the_trainable_tensors_are_the_built_models_without_loading_it(tiny_llam
         assert sorted(diskspace.trainable_shapes(cfg, CPU)) == built, extra
 
 
+def test_with_the_unsloth_backend_unsloth_is_imported_before_transformers(tiny_llama_dir, data, tmp_path):
+    """Unsloth patches transformers and peft when imported, so it must come first (models.load_unsloth);
+    the estimate builds the model before that does. A stand-in unsloth records what was there before it."""
+    import sys
+
+    (tmp_path / "unsloth.py").write_text("import sys\nCAME_AFTER = sorted({'transformers', 'peft'} & set(sys.modules))\n")
+    code = (f"import sys, torch; sys.path.insert(0, {str(tmp_path)!r})\n"
+            "from dpo import diskspace, models\nfrom dpo.config import config_from_args\n"
+            "models.pick_backend = lambda requested: 'unsloth'\n"
+            f"cfg = config_from_args(['--model', {str(tiny_llama_dir)!r}, '--dataset', {str(data)!r}])\n"
+            "assert diskspace.trainable_shapes(cfg, torch.device('cpu'))\n"
+            "import unsloth; print('came after', unsloth.CAME_AFTER)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "came after []"
+
+
 # --- the estimate against a real run -----------------------------------------------------------------
 
 def test_the_estimate_covers_what_a_run_really_writes(tiny_llama_dir, data, tmp_path, monkeypatch):
