@@ -1,7 +1,8 @@
 """A run's life on disk: what it writes, its checkpoints during the loop, resuming, and stopping.
 
 - Checkpointer: OUTPUT_DIR/checkpoints/step-N through dpo.checkpoint (atomic, verified), every
-  --save-steps and at the end; with --precompute-ref the reference log-probs go with it.
+  --save-steps and at the end (none where the disk has no room: dpo.diskspace); with --precompute-ref
+  the reference log-probs go with it.
 - StopSignals: the first SIGINT/SIGTERM lets the step finish and saves; a second stops at once.
 - Commands: the command lines the messages print (resume this run, or start it over).
 
@@ -155,22 +156,50 @@ class Checkpointer:
     """Writes OUTPUT_DIR/checkpoints/step-N (dpo.checkpoint: atomic, verified) and remembers the last one."""
 
     def __init__(self, cfg: TrainConfig, run_config: dict, signals: StopSignals, commands: Commands,
-                 enabled: bool = True):
+                 enabled: bool = True, checkpoints: bool = True):
         self.cfg, self.run_config, self.signals, self.commands = cfg, run_config, signals, commands
         self.enabled = enabled  # several ranks: the main one writes, the others only wait for it
+        # False: the disk has no room for them (dpo.diskspace): none every --save-steps nor at the end;
+        # a stop (signal, non-finite step) still tries one, and saves the adapter when it cannot
+        self.checkpoints = checkpoints
         self.last: Path | None = latest_checkpoint(cfg.output_dir)
         # Kept on every rank (only the main one writes): all ranks must agree on whether a save happens,
         # or the main rank skips the barrier that the others then wait in.
         self.last_step: int | None = step_of(self.last) if self.last else None
 
     def due(self, step: int) -> bool:
-        return self.cfg.save_steps > 0 and step % self.cfg.save_steps == 0
+        return self.checkpoints and self.cfg.save_steps > 0 and step % self.cfg.save_steps == 0
 
     def describe_last(self) -> str:
         return f"{self.last} (step {step_of(self.last)})" if self.last else "none (no checkpoint was written yet)"
 
     def save(self, trainer, rng_state: dict | None = None) -> Path:
-        """A checkpoint of the trainer as it is now (rng_state: the generators to store, default: now)."""
+        """A checkpoint of the trainer as it is now (rng_state: the generators to store, default: now).
+        One that cannot be written: the adapter is saved instead, then CheckpointError (the run stops)."""
+        try:
+            return self._write(trainer, rng_state)
+        except CheckpointError as e:
+            self.save_adapter_instead(trainer)
+            if self.last is None:
+                raise CheckpointError(f"{e}; no earlier checkpoint exists") from e
+            raise CheckpointError(f"{e}; the previous checkpoint {self.describe_last()} is intact: fix that "
+                                  f"and resume with: {self.commands.resume()}") from e
+
+    def save_final(self, trainer) -> Path | None:
+        """The checkpoint at the end of training, or None: checkpoints are off, or it cannot be written (a
+        disk that filled up during the run). Then a warning, and the run goes on to write adapter/ as
+        usual: the training is done, and only continuing it later would need the checkpoint."""
+        if not self.checkpoints:
+            return None
+        try:
+            return self._write(trainer)
+        except CheckpointError as e:
+            distributed.barrier(trainer.dist)  # the other ranks wait for the main one's save
+            print(f"dpo: warning: {e}; the adapter is saved to {Path(self.cfg.output_dir) / 'adapter'} as usual "
+                  f"(only continuing this run later would need the checkpoint)", file=sys.stderr)
+            return None
+
+    def _write(self, trainer, rng_state: dict | None = None) -> Path:
         if self.last_step == trainer.step:
             return self.last
         if not self.enabled:
@@ -187,21 +216,14 @@ class Checkpointer:
                 save_file({"ref_logps": cache.contiguous()}, str(path))
 
             extra = {REF_CACHE_FILE: write_ref}
-        try:
-            with self.signals.protected():
-                path = save_checkpoint(
-                    self.cfg.output_dir, trainer.step, adapter_state=trainable_state(trainer.model),
-                    optimizer_state=trainer.optimizer.state_dict(), scheduler_state=trainer.scheduler.state_dict(),
-                    trainer_state=trainer.state(), config=self.run_config,
-                    rng_state=rng_state if rng_state is not None else capture_rng(),
-                    keep_last=self.cfg.save_total_limit or None, extra_files=extra)
-                self.last, self.last_step = path, trainer.step
-        except CheckpointError as e:
-            self.save_adapter_instead(trainer)
-            if self.last is None:
-                raise CheckpointError(f"{e}; no earlier checkpoint exists") from e
-            raise CheckpointError(f"{e}; the previous checkpoint {self.describe_last()} is intact: fix that "
-                                  f"and resume with: {self.commands.resume()}") from e
+        with self.signals.protected():
+            path = save_checkpoint(
+                self.cfg.output_dir, trainer.step, adapter_state=trainable_state(trainer.model),
+                optimizer_state=trainer.optimizer.state_dict(), scheduler_state=trainer.scheduler.state_dict(),
+                trainer_state=trainer.state(), config=self.run_config,
+                rng_state=rng_state if rng_state is not None else capture_rng(),
+                keep_last=self.cfg.save_total_limit or None, extra_files=extra)
+            self.last, self.last_step = path, trainer.step
         distributed.barrier(trainer.dist)
         return path
 

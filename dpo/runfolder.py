@@ -8,8 +8,8 @@
 - check_output_dir: refuse a folder that holds another run or cannot be written, before a model loads;
   it leaves no folder behind (a refused run leaves the place as it found it).
 - RunWriter: writes config.json, the metric rows (to metrics.jsonl and to every tracker sink) and
-  adapter/, main rank only; it creates the folder at its first write, checks the disk has room for a
-  checkpoint and the adapter before training starts, and a failing tracker never costs a metrics.jsonl row.
+  adapter/, main rank only; it creates the folder at its first write, and a failing tracker never costs
+  a metrics.jsonl row. (The room on disk for all this is checked before the model loads: dpo.diskspace.)
 - find/load_resume_checkpoint, drop_later_checkpoints, trim_metrics, clear_previous_run: what --resume,
   --resume-from and --overwrite keep and remove.
 """
@@ -31,7 +31,6 @@ from dpo.checkpoint import (
     TMP_PREFIX,
     Checkpoint,
     CheckpointError,
-    expected_checkpoint_bytes,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -313,58 +312,6 @@ def trim_metrics(metrics_path: str | os.PathLike, step: int) -> int:
     return len(kept)
 
 
-# --- disk space ------------------------------------------------------------------------------------
-
-
-def free_bytes(path: str | os.PathLike) -> int:
-    """Free bytes on the disk that holds `path` or, while it does not exist yet, its nearest parent."""
-    path = Path(path).absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return shutil.disk_usage(path).free
-
-
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.1f} MiB"
-
-
-def trainable_bytes(model) -> int:
-    """Bytes of the tensors training changes (the LoRA adapter): a checkpoint's adapter_state."""
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-
-
-def tokenizer_bytes(tokenizer, fallback: int = 16 * 2**20) -> int:
-    """Bytes the tokenizer's files take in adapter/ (measured by saving it to a temporary folder);
-    `fallback` (SmolLM2's take 3.5 MB, Llama-3's 9 MB) when that cannot be done."""
-    import tempfile
-
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            tokenizer.save_pretrained(tmp)
-            return sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
-    except Exception:  # noqa: BLE001 - an estimate; the real write reports its own error
-        return fallback
-
-
-def run_bytes_needed(adapter_bytes: int, tokenizer_bytes: int) -> tuple[int, int]:
-    """(one checkpoint, the final adapter/ folder) in bytes, for an adapter of `adapter_bytes`.
-
-    The checkpoint as save_checkpoint will ask for it: the adapter, AdamW's two moments (each the
-    adapter's size), pickling overhead; adapter/ holds the adapter again and the tokenizer's files."""
-    return expected_checkpoint_bytes(adapter_bytes, 2 * adapter_bytes), int(adapter_bytes * 1.1) + tokenizer_bytes
-
-
-def check_free_space(output_dir: str | os.PathLike, adapter_bytes: int, tokenizer_bytes: int) -> None:
-    """Refuse, before training starts, a disk without room for one checkpoint and the final adapter/."""
-    checkpoint, adapter = run_bytes_needed(adapter_bytes, tokenizer_bytes)
-    free = free_bytes(output_dir)
-    if free < checkpoint + adapter:
-        raise CheckpointError(
-            f"not enough disk space for this run in {output_dir}: {_mib(free)} free, at least "
-            f"{_mib(checkpoint + adapter)} needed (a checkpoint of about {_mib(checkpoint)} and the adapter of "
-            f"about {_mib(adapter)}); free some space or choose another --output-dir")
-
-
 # --- writing the run -------------------------------------------------------------------------------
 
 
@@ -419,14 +366,11 @@ class RunWriter:
     def _made(self) -> None:
         os.makedirs(self.dir, exist_ok=True)
 
-    def start(self, run_config: dict, resumed: Checkpoint | None = None, model=None, tokenizer=None) -> None:
-        """Before the first step: check the disk has room for a checkpoint and adapter/ (given the model and
-        tokenizer), write config.json, start metrics.jsonl (see start_metrics), give each tracker the config."""
+    def start(self, run_config: dict, resumed: Checkpoint | None = None) -> None:
+        """Before the first step: write config.json, start metrics.jsonl (see start_metrics), give each
+        tracker the config. (Whether the disk has room is dpo.diskspace's, before the model loads.)"""
         if not self.enabled:
             return
-        if model is not None:
-            size = tokenizer_bytes(tokenizer) if tokenizer is not None else 16 * 2**20
-            check_free_space(self.dir, trainable_bytes(model), size)
         self.write_json(CONFIG_FILE, run_config)
         self.start_metrics(resumed)
         for sink in list(self.trackers):

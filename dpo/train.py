@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 
 from dpo.sources import DataError
-from dpo import distributed, models, tasks, trackers
+from dpo import diskspace, distributed, models, tasks, trackers
 from dpo.build import build_model, cpu_threads, load_training_pairs, plan_run, planned_as_before, read_rows
 from dpo.checkpoint import Checkpoint, CheckpointError, restore_rng
 from dpo.card import write_run_card
@@ -137,6 +137,9 @@ def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None 
             print("dpo: no plan: CPU runs, several ranks and --memory-budget none run as configured")
         distributed.teardown(dist)
         return {"plan_only": True, "config": cfg}
+    checkpoints = diskspace.check_disk(cfg, num_rows=len(rows), start_step=resumed.step if resumed else 0,
+                                       needs_reference=loss.needs_reference, unpaired=loss.unpaired, dist=dist,
+                                       device=device)  # False: no room for them, the adapter only (one warning)
     try:  # a tracker whose package is missing: say so now, not after the model loads
         sinks = trackers.make_sinks(trackers.parse_report_to(cfg.report_to), cfg.output_dir) if dist.is_main else []
     except trackers.TrackerError as e:
@@ -149,7 +152,7 @@ def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None 
     distributed.barrier(dist)
 
     with StopSignals() as signals:
-        saver = Checkpointer(cfg, run_config, signals, commands, enabled=dist.is_main)
+        saver = Checkpointer(cfg, run_config, signals, commands, enabled=dist.is_main, checkpoints=checkpoints)
         session = _Session(cfg, loss, run_config, resumed, rows, writer, saver, signals, commands, dist, device, hooks)
         try:
             result = session.train_and_save()
@@ -172,7 +175,7 @@ def summary(result: dict, resumed: Checkpoint | None) -> str:
     note = f" ({len(skipped)} skipped for a non-finite loss or gradient norm: steps {skipped})" if skipped else ""
     resumed_note = f" (resumed at step {resumed.step})" if resumed is not None else ""
     return (f"dpo: {result['steps']} steps{resumed_note}{note} in {result['seconds']:.1f} s; adapter saved to "
-            f"{result['adapter_dir']}; checkpoint {result['checkpoint']}")
+            f"{result['adapter_dir']}; checkpoint {result['checkpoint'] or 'none'}")
 
 
 class _Session:
@@ -205,7 +208,7 @@ class _Session:
             raise TrainingStopped(f"stopped by {name} after step {trainer.step} of {trainer.total_steps}; "
                                   f"checkpoint {path}. Resume with: {self.commands.resume()}",
                                   128 + self.signals.received, path)
-        final = self.saver.save(trainer)
+        final = self.saver.save_final(trainer)  # None: checkpoints off, or the disk filled up (said so)
         with self.signals.protected():
             adapter_dir = self.writer.save_adapter(trainer.model, tokenizer)
         if held_out is not None:
@@ -245,8 +248,8 @@ class _Session:
     def evaluate_before(self, tokenizer) -> Evaluation | None:
         """--eval-dataset: the starting model (the reference) scored, in a resumed run too."""
         held_out = Evaluation.for_run(self.cfg, tokenizer) if self.dist.is_main else None
-        # after every read that can refuse (so a refused run leaves no folder): disk room, config.json, metrics
-        self.writer.start(self.run_config, self.resumed, model=self.trainer.model, tokenizer=tokenizer)
+        # after every read that can refuse (so a refused run leaves no folder): config.json, metrics
+        self.writer.start(self.run_config, self.resumed)
         if held_out is not None:
             before = held_out.before(self.trainer.model)
             if self.resumed is None:
