@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 
 from dpo.sources import DataError
-from dpo import distributed, models, tasks, trackers
+from dpo import distributed, host_memory, models, tasks, trackers
 from dpo.build import build_model, cpu_threads, load_training_pairs, plan_run, planned_as_before, read_rows
 from dpo.checkpoint import Checkpoint, CheckpointError, restore_rng
 from dpo.card import write_run_card
@@ -316,13 +316,14 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m dpo.train`: 0 done, 2 refused (one line, no traceback), 3 non-finite step, 128+N stopped by
     signal N (130 SIGINT, 143 SIGTERM) after saving a checkpoint."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    host_memory.return_freed_memory()  # freed activations leave the process (RSS follows the live tensors)
     try:
         cfg = config_from_args(argv)
         if cfg.dataset is None:  # the default run: the built-in task with settings measured to move the model
             stamp = time.strftime("%Y%m%d-%H%M%S")
             cfg = config_from_args(argv, base={**tasks.DEFAULT_RUN, "output_dir": f"runs/default-{stamp}"})
             print(f"dpo: no --dataset given: the default run ({cfg.model} on {cfg.dataset}, {cfg.max_steps} steps "
-                  f"of {cfg.per_device_batch_size} pairs; --help lists every option)")
+                  f"of {cfg.per_device_batch_size * cfg.grad_accum} pairs; --help lists every option)")
         run(cfg, argv)
     except SystemExit as e:  # argparse: --help (0) or a bad flag (2; it printed its one line)
         return e.code if isinstance(e.code, int) else EXIT_REFUSED
