@@ -316,7 +316,6 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m dpo.train`: 0 done, 2 refused (one line, no traceback), 3 non-finite step, 128+N stopped by
     signal N (130 SIGINT, 143 SIGTERM) after saving a checkpoint."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    host_memory.return_freed_memory()  # freed activations leave the process (RSS follows the live tensors)
     try:
         cfg = config_from_args(argv)
         if cfg.dataset is None:  # the default run: the built-in task with settings measured to move the model
@@ -340,4 +339,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    host_memory.return_freed_memory()  # this process's allocator: freed activations leave it (dpo.host_memory)
     sys.exit(main())
