@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 
 from dpo.sources import DataError
-from dpo import diskspace, distributed, models, tasks, trackers
+from dpo import diskspace, distributed, host_memory, models, tasks, trackers
 from dpo.build import build_model, cpu_threads, load_training_pairs, plan_run, planned_as_before, read_rows
 from dpo.checkpoint import Checkpoint, CheckpointError, restore_rng
 from dpo.card import write_run_card
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             cfg = config_from_args(argv, base={**tasks.DEFAULT_RUN, "output_dir": f"runs/default-{stamp}"})
             print(f"dpo: no --dataset given: the default run ({cfg.model} on {cfg.dataset}, {cfg.max_steps} steps "
-                  f"of {cfg.per_device_batch_size} pairs; --help lists every option)")
+                  f"of {cfg.per_device_batch_size * cfg.grad_accum} pairs; --help lists every option)")
         run(cfg, argv)
     except SystemExit as e:  # argparse: --help (0) or a bad flag (2; it printed its one line)
         return e.code if isinstance(e.code, int) else EXIT_REFUSED
@@ -345,4 +345,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    host_memory.return_freed_memory()  # this process's allocator: freed activations leave it (dpo.host_memory)
     sys.exit(main())
