@@ -130,3 +130,14 @@ def test_real_tokenizer_round_trips_through_llama_cpp(name, kind, tmp_path):
         assert v.ok and v.top1_agreement >= 0.95, v.line()
     finally:
         llm.close()
+
+
+@pytest.mark.parametrize("name,kind", [("mistral", "mistral")])
+def test_sentencepiece_gguf_reads_back_in_transformers_with_its_ids(name, kind, tmp_path):
+    """Without llama.cpp, verification reads the file back with transformers: the logits and the special ids
+    are checked, the tokenizer is not (transformers' GGUF reader only approximates SentencePiece ones)."""
+    tok = real_tokenizer(name)
+    model = build_tiny(kind, len(tok), hidden=32)
+    export.write_gguf(model, tok, tmp_path / "m.gguf", "f32")
+    v = export.verify_gguf(tmp_path / "m.gguf", model, tok, "f32")
+    assert v.ok and v.tokenizer_ok is None and export.SENTENCEPIECE_READBACK in v.notes, v.line()
