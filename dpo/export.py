@@ -12,8 +12,8 @@ A run directory holds `config.json` (its "model" names the base: a local path, a
   a plain HF folder in `--dtype` (bfloat16 by default) with the tokenizer. Verified by reloading it
   and comparing logits with the in-memory float32 merged model.
 - gguf: the float32 merged model written with the `gguf` package (the families in gguf_file.ARCHITECTURES):
-  architecture metadata, the byte-level BPE tokenizer (tokens, merges, token types, special ids,
-  chat template), tensors under llama.cpp's names with Q/K rows permuted the way llama.cpp's RoPE
+  architecture metadata, the tokenizer (byte-level BPE with merges, or SentencePiece-style with scores;
+  token types, special ids, chat template), tensors under llama.cpp's names with Q/K rows permuted the way llama.cpp's RoPE
   expects (per KV head for K, so GQA works). f32/f16/q8_0/q4_0 are quantized in numpy by
   `gguf.quants`; q4_k_m needs llama.cpp's `llama-quantize` on PATH (it quantizes our f16 file).
   Verified by loading the file back with transformers (`gguf_file=`) and comparing its logits and
@@ -511,22 +511,34 @@ def _shared_gguf_reader():
 
 def load_gguf(path: Path, with_tokenizer: bool = True):
     """(model, tokenizer or None, special token ids in the file) read back from a GGUF file by
-    transformers (weights dequantized to float32)."""
+    transformers (weights dequantized to float32). The tokenizer is None for a SentencePiece-style
+    ("llama") vocabulary: transformers' GGUF reader rebuilds those approximately (Gemma's as a Unigram
+    model that splits words into letters) and slowly (Llama's merges one by one: minutes)."""
     import gguf
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from dpo.models import attention_keeping_softcap
+
     path = Path(path)
     with _shared_gguf_reader():
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name) if with_tokenizer else None
         fields = gguf.GGUFReader(str(path)).fields
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        # Gemma 2's attention soft-cap, as models.load_model keeps it for the merged model it is compared with
+        model.set_attn_implementation(attention_keeping_softcap(model.config, model.config._attn_implementation))
+        kind = fields.get("tokenizer.ggml.model")
+        readable = kind is not None and kind.contents() == "gpt2"
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name) if with_tokenizer and readable else None
         special_ids = {}
         for kind, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
             f = fields.get(f"tokenizer.ggml.{key}_token_id")
             if f is not None:
                 special_ids[kind] = int(f.contents())
     return model.eval(), tokenizer, special_ids
+
+
+SENTENCEPIECE_READBACK = ("tokenizer not compared through transformers, whose GGUF reader only approximates "
+                          "SentencePiece vocabularies; the gguf extra compares it in llama.cpp")
 
 
 def tokenizer_differences(reference, candidate) -> list[str]:
@@ -554,13 +566,13 @@ def verify_gguf(path: Path, reference, tokenizer, quantization: str, base=None) 
     loaded, loaded_tok, written = load_gguf(path)
     v = compare_logits(reference, loaded, tokenizer, VERIFY_RTOL[quantization],
                        f"GGUF {quantization} via transformers vs float32 merge", base=base)
-    problems = tokenizer_differences(tokenizer, loaded_tok)
+    problems = tokenizer_differences(tokenizer, loaded_tok) if loaded_tok is not None else []
     expected = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "unk": tokenizer.unk_token_id}
     for kind, token_id in expected.items():
         if token_id is not None and written.get(kind) != token_id:
             problems.append(f"{kind} id {written.get(kind)} in the file, {token_id} in the tokenizer")
-    v.tokenizer_ok = not problems
-    v.notes.extend(problems)
+    v.tokenizer_ok = not problems if loaded_tok is not None or problems else None
+    v.notes.extend(problems if loaded_tok is not None else problems + [SENTENCEPIECE_READBACK])
     return v
 
 

@@ -1,4 +1,5 @@
-"""Writing a float32 Hugging Face causal LM and its byte-level BPE tokenizer as a GGUF file for llama.cpp.
+"""Writing a float32 Hugging Face causal LM and its tokenizer (byte-level BPE or SentencePiece-style) as a GGUF
+file for llama.cpp.
 
 What llama.cpp's own converter (convert_hf_to_gguf.py) writes, for the architectures in ARCHITECTURES:
 architecture metadata, the tokenizer (tokens, merges, token types, special ids, chat template), and
@@ -91,25 +92,36 @@ def _pre_tokenizer_name(tok_json: dict) -> tuple[str, str | None]:
 
 
 def gguf_vocab(tokenizer, vocab_size: int) -> dict:
-    """Tokens, token types, merges and special ids of a byte-level BPE tokenizer, as GGUF wants them."""
-    import gguf
-
+    """Tokens, token types and special ids as GGUF wants them, in llama.cpp's tokenizer model for this kind:
+    "gpt2" for byte-level BPE (with merges), "llama" for SentencePiece-style ones (with scores)."""
     tok_json = _tokenizer_json(tokenizer)
     model = tok_json.get("model", {})
-    if model.get("type") != "BPE" or not any(
-        p.get("type") == "ByteLevel"
-        for p in ([tok_json.get("pre_tokenizer") or {}] + (tok_json.get("pre_tokenizer") or {}).get("pretokenizers", []))
-    ):
-        raise ExportError(
-            "GGUF export supports byte-level BPE tokenizers only (GPT-2 style, as SmolLM2 and Llama 3 use); "
-            f"this one is {model.get('type')!r} with pre-tokenizer {(tok_json.get('pre_tokenizer') or {}).get('type')!r}"
-        )
     vocab = tokenizer.get_vocab()
     if len(vocab) and max(vocab.values()) >= vocab_size:
         raise ExportError(
             f"the tokenizer has ids up to {max(vocab.values())} but the model has only {vocab_size} embeddings"
         )
-    reverse = {i: t for t, i in vocab.items()}
+    if _is_byte_level(tok_json) and model.get("type") == "BPE":
+        return {**_bpe_vocab(tokenizer, tok_json, vocab_size), **_special_settings(tokenizer)}
+    if model.get("type") == "Unigram" or (model.get("type") == "BPE" and model.get("byte_fallback")):
+        return {**_sentencepiece_vocab(tokenizer, tok_json, vocab_size), **_special_settings(tokenizer)}
+    raise ExportError(
+        "GGUF export supports byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3, Qwen) and SentencePiece-style "
+        "ones (BPE with byte fallback or Unigram: Llama 2, Mistral, Phi-3, Gemma); this one is "
+        f"{model.get('type')!r} with pre-tokenizer {(tok_json.get('pre_tokenizer') or {}).get('type')!r}"
+    )
+
+
+def _is_byte_level(tok_json: dict) -> bool:
+    pre = tok_json.get("pre_tokenizer") or {}
+    return any(p.get("type") == "ByteLevel" for p in [pre] + pre.get("pretokenizers", []))
+
+
+def _bpe_vocab(tokenizer, tok_json: dict, vocab_size: int) -> dict:
+    """Byte-level BPE (llama.cpp's "gpt2" model): token strings, types and merges."""
+    import gguf
+
+    reverse = {i: t for t, i in tokenizer.get_vocab().items()}
     added = tokenizer.added_tokens_decoder
     tokens, types = [], []
     for i in range(vocab_size):
@@ -123,13 +135,94 @@ def gguf_vocab(tokenizer, vocab_size: int) -> dict:
             tokens.append(reverse[i])
             types.append(gguf.TokenType.NORMAL)
     merges = []
-    for m in model.get("merges", []):
+    for m in tok_json["model"].get("merges", []):
         pair = m.split(" ") if isinstance(m, str) else list(m)
         if len(pair) != 2 or any(" " in p for p in pair):
             raise ExportError(f"BPE merge {m!r} cannot be written to GGUF (a token contains a space)")
         merges.append(f"{pair[0]} {pair[1]}")
     pre, note = _pre_tokenizer_name(tok_json)
+    return {"model": "gpt2", "tokens": tokens, "types": types, "merges": merges, "pre": pre, "note": note}
 
+
+UNUSED_SCORE = -1000.0  # what llama.cpp's converter gives added and padding tokens
+
+
+def _sentencepiece_scores(model: dict) -> dict[str, float]:
+    """Each token's score, which llama.cpp's SentencePiece tokenizer uses to pick the next pair to merge.
+
+    A Unigram model stores them. A BPE model with byte fallback (how transformers holds a SentencePiece BPE
+    model such as Llama 2's, Mistral's, Phi-3's, Gemma's) stores merges ranked by the merged piece's score
+    instead; minus the rank of the first merge that makes a token keeps that order (llama.cpp merges the
+    adjacent pair whose token scores highest, the leftmost on ties, as BPE applies the lowest rank first).
+    Tokens no merge makes (single characters, bytes) are never a merge's result: their score is not read."""
+    if model.get("type") == "Unigram":
+        return {piece: float(score) for piece, score in model.get("vocab", [])}
+    scores: dict[str, float] = {}
+    for rank, m in enumerate(model.get("merges", [])):
+        left, right = m.split(" ", 1) if isinstance(m, str) else m
+        scores.setdefault(left + right, -float(rank))
+    return scores
+
+
+def _sentencepiece_vocab(tokenizer, tok_json: dict, vocab_size: int) -> dict:
+    """A SentencePiece-style vocabulary (llama.cpp's "llama" model): tokens, scores and types, as llama.cpp's
+    converter writes them from a tokenizer.model (unknown, control, user-defined, byte and normal pieces)."""
+    import re
+
+    import gguf
+
+    T = gguf.TokenType
+    scores_by_piece = _sentencepiece_scores(tok_json["model"])
+    byte_fallback = bool(tok_json["model"].get("byte_fallback"))
+    reverse = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    unk = tokenizer.unk_token_id
+    tokens, scores, types = [], [], []
+    for i in range(vocab_size):
+        piece = reverse.get(i)
+        score = scores_by_piece.get(piece, 0.0) if piece is not None else UNUSED_SCORE
+        if piece is None:
+            piece, kind = f"[PAD{i}]", T.UNUSED
+        elif i == unk:
+            kind = T.UNKNOWN
+        elif i in added:
+            piece, score = added[i].content, UNUSED_SCORE
+            kind = T.CONTROL if added[i].special else T.USER_DEFINED
+            if kind == T.USER_DEFINED:  # llama.cpp finds these in the raw text, so "\u2581" must be a space again
+                piece = piece.replace("\u2581", " ")
+        elif byte_fallback and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+            kind = T.BYTE
+        else:
+            kind = T.NORMAL
+        tokens.append(piece)
+        scores.append(score)
+        types.append(kind)
+    # llama.cpp prefixes the text with a space (as "\u2581") unless told not to; transformers' tokenizer says
+    # whether it does so by how it splits a lone "a".
+    probe = tokenizer.convert_ids_to_tokens(tokenizer.encode("a", add_special_tokens=False))
+    add_space_prefix = bool(probe) and probe[0].startswith("\u2581")
+    return {"model": "llama", "tokens": tokens, "scores": scores, "types": types, "pre": "default",
+            "note": _space_prefix_note(tok_json) if add_space_prefix else None, "add_space_prefix": add_space_prefix}
+
+
+def _space_prefix_note(tok_json: dict) -> str | None:
+    """Where llama.cpp will split differently from transformers, said once: llama.cpp puts its space prefix
+    before every piece of text that starts the input or follows a special token, as SentencePiece and the
+    hub's tokenizer.json of these families (a Prepend normalizer) do; transformers' Metaspace pre-tokenizer
+    (its own conversion of a tokenizer.model) skips it on text that already starts with a space, and with
+    prepend_scheme "first" after special tokens too."""
+    pre = tok_json.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    scheme = next((p.get("prepend_scheme") for p in parts if p.get("type") == "Metaspace"), None)
+    if scheme is None or scheme == "never":
+        return None
+    where = "text that starts with a space" + (" or follows a special token" if scheme == "first" else "")
+    return (f"the tokenizer's Metaspace pre-tokenizer (prepend_scheme={scheme!r}) adds no '\u2581' prefix to {where}; "
+            "llama.cpp does, so it splits such text differently (SentencePiece splits as llama.cpp)")
+
+
+def _special_settings(tokenizer) -> dict:
+    """bos/eos/unk/pad ids, whether transformers adds BOS/EOS to a plain encode, and the chat template."""
     probe = tokenizer.encode("a", add_special_tokens=False)
     with_special = tokenizer.encode("a", add_special_tokens=True)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -143,11 +236,6 @@ def gguf_vocab(tokenizer, vocab_size: int) -> dict:
     }
     template = getattr(tokenizer, "chat_template", None)
     return {
-        "tokens": tokens,
-        "types": types,
-        "merges": merges,
-        "pre": pre,
-        "note": note,
         "special_ids": {k: v for k, v in specials.items() if v is not None},
         "add_bos": add_bos,
         "add_eos": add_eos,
@@ -302,17 +390,20 @@ def _check_gemma_layout(config, arch: Architecture) -> None:
 
 
 def _write_tokenizer(writer, vocab: dict) -> None:
-    """The byte-level BPE vocabulary (llama.cpp's "gpt2" tokenizer model) with its special ids and template."""
-    writer.add_tokenizer_model("gpt2")
+    """The vocabulary (llama.cpp's "gpt2" model with merges, or "llama" with scores), special ids and template."""
+    writer.add_tokenizer_model(vocab["model"])
     writer.add_tokenizer_pre(vocab["pre"])
     writer.add_token_list(vocab["tokens"])
+    if vocab["model"] == "llama":
+        writer.add_token_scores(vocab["scores"])
     writer.add_token_types(vocab["types"])
-    writer.add_token_merges(vocab["merges"])
+    if vocab["model"] == "gpt2":
+        writer.add_token_merges(vocab["merges"])
     for kind, token_id in vocab["special_ids"].items():
         getattr(writer, f"add_{kind}_token_id")(token_id)
     writer.add_add_bos_token(vocab["add_bos"])
     writer.add_add_eos_token(vocab["add_eos"])
-    writer.add_add_space_prefix(False)
+    writer.add_add_space_prefix(vocab.get("add_space_prefix", False))
     if vocab["chat_template"]:
         writer.add_chat_template(vocab["chat_template"])
 

@@ -91,9 +91,11 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 def load_model(name_or_path: str, dtype: torch.dtype, device: str = "cpu", trust_remote_code: bool = False,
                load_in_4bit: bool = False):
     """A causal LM from safetensors only (no pickle); 4-bit NF4 through bitsandbytes on CUDA (QLoRA)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
+    if needs_eager_attention(AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)):
+        kwargs["attn_implementation"] = "eager"
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
 
@@ -104,6 +106,19 @@ def load_model(name_or_path: str, dtype: torch.dtype, device: str = "cpu", trust
         kwargs["device_map"] = {"": device}
         return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs).to(device)
+
+
+def needs_eager_attention(config) -> bool:
+    """Whether this model soft-caps its attention logits (Gemma 2: attn_logit_softcapping). transformers
+    applies that cap in its eager (and flash/flex) attention, but SDPA, its default, silently leaves it
+    out, which changes the logits of a real Gemma 2; such a model therefore runs eager attention."""
+    text_config = getattr(config, "get_text_config", lambda: config)()
+    return getattr(text_config, "attn_logit_softcapping", None) is not None
+
+
+def attention_keeping_softcap(config, implementation: str) -> str:
+    """`implementation`, or eager where it is SDPA and the model soft-caps attention (see needs_eager_attention)."""
+    return "eager" if implementation == "sdpa" and needs_eager_attention(config) else implementation
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

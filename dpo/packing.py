@@ -194,7 +194,7 @@ def use_attention(model, route: AttentionRoute) -> str:
 
     lm = models._causal_lm(model)
     try:
-        lm.set_attn_implementation(route.attn_implementation)
+        lm.set_attn_implementation(models.attention_keeping_softcap(lm.config, route.attn_implementation))
     except (ValueError, ImportError) as e:
         raise ValueError(f"attention route {route.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return check_model_can_pack(model)

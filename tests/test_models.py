@@ -44,3 +44,47 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             models.resolve_device("cuda:0")
+
+
+def _capped_gemma2(path, cap=0.5):
+    """A tiny Gemma 2 whose attention scores are far above its soft-cap, so leaving the cap out shows."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.Gemma2ForCausalLM(tf.Gemma2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=8, attn_logit_softcapping=cap))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "q_proj" in name or "k_proj" in name:
+                p.mul_(30)
+    model.save_pretrained(path)
+    return path
+
+
+def test_gemma2_loads_with_eager_attention_so_its_softcap_is_applied(tmp_path):
+    """transformers' default SDPA drops Gemma 2's attention soft-cap without a word; load_model keeps it."""
+    from transformers import AutoModelForCausalLM
+
+    path = str(_capped_gemma2(tmp_path / "g2"))
+    ids = torch.tensor([[1, 5, 7, 9, 11, 13]])
+    ours = models.load_model(path, torch.float32).eval()
+    assert ours.config._attn_implementation == "eager"
+    by_default = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    eager = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        got, without_cap, with_cap = (m(ids).logits for m in (ours, by_default, eager))
+    assert by_default.config._attn_implementation == "sdpa"
+    assert (without_cap - with_cap).abs().max() > 0.05  # the cap matters for this model
+    torch.testing.assert_close(got, with_cap)
+
+
+def test_packing_keeps_gemma2_on_eager_where_sdpa_is_chosen(tmp_path):
+    from dpo import packing
+
+    model = models.load_model(str(_capped_gemma2(tmp_path / "g2")), torch.float32)
+    assert packing.use_attention(model, packing.choose_attention("cpu")) == "eager"
+
+
+def test_models_without_softcap_keep_sdpa(tiny_llama_dir):
+    assert models.load_model(str(tiny_llama_dir), torch.float32).config._attn_implementation == "sdpa"
