@@ -42,8 +42,9 @@ EVAL_SHARE = 5  # one name in EVAL_SHARE goes to the held-out split
 # the whole run, load + reference eval + 8 steps + eval + generations, took 177 s; held-out
 # length-normalised accuracy rose by 33-46 points over three seeds. 8 steps x 8 pairs = 64 training pairs.
 # Gradient checkpointing on: a step's activations (16 rows x ~74 tokens x 30 layers, 1.6 GB) are not all
-# kept for backward, so with dpo.host_memory's allocator setting the run peaks near 1.2 GB of RAM instead
-# of 4.0 GB, for the same numbers (checkpointing recomputes, it does not approximate) and ~1.25x CPU a step.
+# kept for backward, so with dpo.host_memory's allocator setting the run peaks at 1.6 GB of RAM instead
+# of 4.0 GB, for the same numbers (checkpointing recomputes, it does not approximate); measured on a quiet
+# 2-core machine, 129 s end to end (89 s with checkpointing alone, at 2.5 GB).
 DEFAULT_RUN = {
     "dataset": DEFAULT_DATASET,
     "max_steps": 8,

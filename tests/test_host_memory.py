@@ -1,8 +1,8 @@
 """The default run's memory (issue 17, item 9): under 2 GB resident, computing what it computed before.
 
 Two causes, two fixes: glibc kept freed activations in a fragmented heap (dpo.host_memory fixes its mmap
-threshold), and 16 rows' activations were alive at once (the default run now takes its 8 pairs per step
-in micro-batches of 2)."""
+threshold), and every layer's activations of 16 rows were kept for backward (the default run now
+checkpoints gradients)."""
 
 from __future__ import annotations
 
