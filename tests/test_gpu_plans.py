@@ -9,13 +9,10 @@ on other shapes, sums in another order); the tolerance is the GPU suite's for ru
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from .conftest import run_gpu_mode
-from .test_gpu_unsloth import _compare_histories, _runs_dir
+from .test_gpu_unsloth import _compare_histories, gpu_mode_result
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 ASKED = "asked 2x2 (no plan)"
@@ -23,9 +20,7 @@ ASKED = "asked 2x2 (no plan)"
 
 @pytest.fixture(scope="module")
 def plan_runs(model_dir, tmp_path_factory) -> dict:
-    out = _runs_dir(tmp_path_factory) / "plans.json"
-    run_gpu_mode("plans", model_dir, out)
-    return json.loads(out.read_text())
+    return gpu_mode_result("plans", model_dir, tmp_path_factory)
 
 
 def test_every_plan_trains_like_the_run_as_asked(plan_runs):

@@ -45,18 +45,21 @@ def _runs_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runs")
 
 
+def gpu_mode_result(mode: str, model_dir, tmp_path_factory) -> dict:
+    """One mode of tests/gpu/runs.py on the GPU test model, in a process of its own; its JSON."""
+    out = _runs_dir(tmp_path_factory) / f"{mode}.json"
+    run_gpu_mode(mode, model_dir, out)
+    return json.loads(out.read_text())
+
+
 @pytest.fixture(scope="session")
 def unsloth_run(model_dir, tmp_path_factory) -> dict:
-    out = _runs_dir(tmp_path_factory) / "unsloth.json"
-    run_gpu_mode("unsloth", model_dir, out)
-    return json.loads(out.read_text())
+    return gpu_mode_result("unsloth", model_dir, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def hf_run(model_dir, tmp_path_factory) -> dict:
-    out = _runs_dir(tmp_path_factory) / "hf.json"
-    run_gpu_mode("hf", model_dir, out)
-    return json.loads(out.read_text())
+    return gpu_mode_result("hf", model_dir, tmp_path_factory)
 
 
 def test_one_batch_equals_unsloth_dpo_trainer(unsloth_run):
@@ -108,9 +111,7 @@ def test_twenty_steps_equal_unsloth_dpo_trainer(unsloth_run):
 
 @pytest.fixture(scope="session")
 def orpo_run(model_dir, tmp_path_factory) -> dict:
-    out = _runs_dir(tmp_path_factory) / "orpo.json"
-    run_gpu_mode("orpo", model_dir, out)
-    return json.loads(out.read_text())
+    return gpu_mode_result("orpo", model_dir, tmp_path_factory)
 
 
 def test_orpo_one_batch_equals_unsloth_orpo_trainer(orpo_run):

@@ -127,6 +127,19 @@ def load_unsloth_model(path: str):
     return model, tok
 
 
+def trl_then_ours(trainer, result: dict, path: str, **ours) -> None:
+    """TRL's trainer trains its model, then ours trains a fresh identical one on the Unsloth backend (the
+    GPU test model is small: both fit at once); both histories and times go into `result`."""
+    t0 = time.time()
+    trainer.train()
+    result["trl_seconds"] = time.time() - t0
+    result["trl_history"] = [r for r in trainer.state.log_history if "rewards/chosen" in r]
+    torch.cuda.empty_cache()
+    t0 = time.time()
+    result["ours_history"] = run_ours(path, backend="unsloth", load_in_4bit=True, **ours)
+    result["ours_seconds"] = time.time() - t0
+
+
 def unsloth_mode(path: str, out: str) -> None:
     import unsloth  # noqa: F401  (first: it patches transformers, peft and trl)
     from datasets import Dataset
@@ -188,15 +201,7 @@ def unsloth_mode(path: str, out: str) -> None:
     del ours
 
     # 2. 20 optimizer steps: UnslothDPOTrainer on this model, ours on a fresh identical one.
-    t0 = time.time()
-    trainer.train()
-    result["trl_seconds"] = time.time() - t0
-    result["trl_history"] = [r for r in trainer.state.log_history if "rewards/chosen" in r]
-    del trainer, model
-    torch.cuda.empty_cache()
-    t0 = time.time()
-    result["ours_history"] = run_ours(path, backend="unsloth", load_in_4bit=True, warmup_steps=warmup)
-    result["ours_seconds"] = time.time() - t0
+    trl_then_ours(trainer, result, path, warmup_steps=warmup)
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
 
@@ -296,16 +301,8 @@ def orpo_mode(path: str, out: str) -> None:
     del ours
 
     # 2. ORPO_STEPS optimizer steps: UnslothORPOTrainer on this model, ours on a fresh identical one.
-    t0 = time.time()
-    trainer.train()
-    result["trl_seconds"] = time.time() - t0
-    result["trl_history"] = [r for r in trainer.state.log_history if "rewards/chosen" in r]
-    del trainer, model
-    torch.cuda.empty_cache()
-    t0 = time.time()
-    result["ours_history"] = run_ours(path, backend="unsloth", load_in_4bit=True, warmup_steps=warmup,
-                                      loss_type=["orpo"], beta=ORPO_BETA, max_steps=ORPO_STEPS)
-    result["ours_seconds"] = time.time() - t0
+    trl_then_ours(trainer, result, path, warmup_steps=warmup, loss_type=["orpo"], beta=ORPO_BETA,
+                  max_steps=ORPO_STEPS)
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
 
