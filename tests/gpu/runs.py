@@ -127,6 +127,20 @@ def load_unsloth_model(path: str):
     return model, tok
 
 
+def lora_grads(model, loss) -> dict:
+    """Backward of `loss`: the trainable (LoRA) gradients as float32 copies by name; the model's cleared."""
+    loss.backward()
+    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def grad_comparison(ours: dict, trl: dict) -> dict:
+    """The largest gradient difference and the largest TRL gradient (the bound's scale), over all tensors."""
+    return {"grad_max_abs_diff": max((ours[n] - trl[n]).abs().max().item() for n in trl),
+            "grad_max_abs": max(g.abs().max().item() for g in trl.values())}
+
+
 def trl_then_ours(trainer, result: dict, path: str, **ours) -> None:
     """TRL's trainer trains its model, then ours trains a fresh identical one on the Unsloth backend (the
     GPU test model is small: both fit at once); both histories and times go into `result`."""
@@ -173,21 +187,14 @@ def unsloth_mode(path: str, out: str) -> None:
     inputs = {k: v.cuda() for k, v in inputs.items()}
     model.train()
     trl_loss = trainer.compute_loss(model, inputs)
-    trl_loss.backward()
-    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    trl_grads = {n: p.grad.float().clone() for n, p in lora.items()}
+    trl_grads = lora_grads(model, trl_loss)
     trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
-    model.zero_grad(set_to_none=True)
     trainer._metrics["train"].clear()
 
     ours = Trainer(model, tok, our_config(warmup_steps=warmup), pairs, device=torch.device("cuda"))
     model.train()
     loss_out, logps, _ = ours.micro_batch_loss(pairs)
-    loss_out.loss.backward()
-    our_grads = {n: p.grad.float().clone() for n, p in lora.items()}
-    model.zero_grad(set_to_none=True)
-    grad_diff = max((our_grads[n] - trl_grads[n]).abs().max().item() for n in lora)
-    grad_scale = max(trl_grads[n].abs().max().item() for n in lora)
+    our_grads = lora_grads(model, loss_out.loss)
     result["batch"] = {
         "trl": {"loss": trl_loss.item(), **{k: trl_metrics[k] for k in
                 ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")}},
@@ -196,7 +203,7 @@ def unsloth_mode(path: str, out: str) -> None:
                  "rewards/margins": (loss_out.chosen_rewards - loss_out.rejected_rewards).mean().item(),
                  "logps/chosen": logps.chosen.mean().item(), "logps/rejected": logps.rejected.mean().item()},
         "per_pair_logps": {"chosen": logps.chosen.tolist(), "rejected": logps.rejected.tolist()},
-        "grad_max_abs_diff": grad_diff, "grad_max_abs": grad_scale,
+        **grad_comparison(our_grads, trl_grads),
     }
     del ours
 
@@ -277,26 +284,20 @@ def orpo_mode(path: str, out: str) -> None:
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
     model.train()
     trl_loss = trainer.compute_loss(model, inputs)
-    trl_loss.backward()
-    lora = {n_: p for n_, p in model.named_parameters() if p.requires_grad}
-    trl_grads = {n_: p.grad.float().clone() for n_, p in lora.items()}
+    trl_grads = lora_grads(model, trl_loss)
     trl_metrics = {k: v[-1] for k, v in trainer._stored_metrics["train"].items()}
-    model.zero_grad(set_to_none=True)
     trainer._stored_metrics.pop("train", None)
 
     ours = Trainer(model, tok, our_config(warmup_steps=warmup, loss_type=["orpo"], beta=ORPO_BETA,
                                           max_steps=ORPO_STEPS), pairs, device=device)
     model.train()
     loss_out, logps, _ = ours.sided_loss(pairs)
-    loss_out.loss.backward()
-    our_grads = {n_: p.grad.float().clone() for n_, p in lora.items()}
-    model.zero_grad(set_to_none=True)
+    our_grads = lora_grads(model, loss_out.loss)
     ours_row = objective_batch_row(loss_out, logps)
     result["batch"] = {
         "trl": {"loss": trl_loss.item(), **{k: trl_metrics[k] for k in ours_row if k != "loss"}},
         "ours": ours_row,
-        "grad_max_abs_diff": max((our_grads[k] - trl_grads[k]).abs().max().item() for k in lora),
-        "grad_max_abs": max(trl_grads[k].abs().max().item() for k in lora),
+        **grad_comparison(our_grads, trl_grads),
     }
     del ours
 
