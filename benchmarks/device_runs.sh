@@ -171,6 +171,26 @@ ours-hf:base:2x4 ours-unsloth:precompute+lean:8x1 trl-hf:base:8x1"; fi
     python -m benchmarks.run --shape llama3-8b-qlora --runs ours-cli:base:2x4:16 --steps 12 --merge --out "$f" \
       --batch "$batch" --deadline-s 60 --hard-stop-s 150 --run-timeout-s 150
     ;;
+  h200-where)
+    # (one H200, about 8 minutes) the GPU tests not re-run since their last change, while the models are made;
+    # then one batch: 1B TRL+Unsloth 2x4 and ours-cli (20 steps), and ours-cli 8B with no memory flag and under
+    # 16 GiB (12 steps). Each of ours is profiled at steps 3-4: the GPU busy share, and where the host was while
+    # the GPU waited (idle_s_per_step). Results in /tmp/res, then one JSON and one log to $OUT (8 files at most).
+    models llama3.2-1b-lora llama3-8b-qlora &
+    for f in tests/test_gpu_unsloth.py tests/test_diskspace.py; do
+      n=$(basename "$f" .py)
+      DPO_TOKENIZER_DIR=$PWD/.whl/tok DPO_GPU_RESULTS=$OUT/eq_$n.json UNSLOTH_COMPILE_LOCATION=/tmp/uc-$n \
+        timeout 240 python -m pytest -m gpu -q -p no:cacheprovider --basetemp=/tmp/pt-$n "$f" > "/tmp/suite_$n.txt" 2>&1 &
+    done
+    wait
+    for f in /tmp/suite_*.txt; do echo "== $f"; tail -n 25 "$f"; done > "$OUT/suites.txt"; grep -h "passed\|failed" /tmp/suite_*.txt
+    mkdir -p /tmp/res; batch="h200-where $(date -u +%FT%H:%M)"; f=/tmp/res/gpu_throughput_h200.json
+    python -m benchmarks.run --shape llama3.2-1b-lora --runs trl-unsloth:base:2x4 ours-cli:base:2x4 --steps 20 \
+      --profile --out "$f" --batch "$batch" --deadline-s 150 --hard-stop-s 210 --run-timeout-s 150
+    python -m benchmarks.run --shape llama3-8b-qlora --runs ours-cli:base:2x4 ours-cli:base:2x4:16 --steps 12 \
+      --profile --merge --out "$f" --batch "$batch" --deadline-s 110 --hard-stop-s 220 --run-timeout-s 110
+    cp "$f" "$OUT/"
+    ;;
   h200-final)
     # (one H200) one batch: TRL+Unsloth 2x4 and ours-cli (no memory flag) over 50 steps (pairs/s and the 50-step
     # end to end), then ours-cli under the two memory budgets (12 steps), then a profiled ours-cli run for the
@@ -209,7 +229,7 @@ ours-hf:base:2x4 ours-unsloth:precompute+lean:8x1 trl-hf:base:8x1"; fi
     wait
     tail -n 15 "$OUT/gpu_plans_suite.txt"
     ;;
-  *) echo "usage: $0 single|scaling|suite|final|rows-1b|rows-8b|rows-8b-same-card|packing|h200-a|h200-b|h200-c|h200-profile|h200-diag|h200-suite|h200-final|h200-last"; exit 2 ;;
+  *) echo "usage: $0 single|scaling|suite|final|rows-1b|rows-8b|rows-8b-same-card|packing|h200-a|h200-b|h200-c|h200-profile|h200-diag|h200-suite|h200-final|h200-last|h200-where"; exit 2 ;;
 esac
 echo "phase ${1} took $(( $(date +%s) - T0 )) s"
 tail -n 3 /tmp/log_*.txt 2>/dev/null | cut -c1-400

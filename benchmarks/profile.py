@@ -7,6 +7,11 @@
     kernels_per_step  GPU operations (kernels, and the few copies and memsets) per optimizer step
     families          seconds of kernel time per family (4-bit dequantisation, matmul, attention, ...)
     top_kernels       the 15 kernels with the most time: [name, seconds, launches]
+    host_s_per_step   seconds per step the host spent in each named span of the step (dpo/trainer.py's
+                      dpo:data, dpo:forward, dpo:backward, dpo:metrics, dpo:clip, dpo:optimizer; nested
+                      spans count in their parents too)
+    idle_s_per_step   seconds per step the GPU sat idle, by the innermost span the host was in meanwhile
+                      ("outside the step": the loop between steps): where the GPU waits on the host
     launch_sources    (--profile-stacks) the 25 host ops (aten::*) called most per step, each with the
                       Python frames that called it: [op, calls per step, stack]: where the launches come from
 """
@@ -14,6 +19,7 @@
 from __future__ import annotations
 
 import time
+import bisect
 from collections import defaultdict
 
 FAMILIES = (  # first match wins; names lower-cased
@@ -46,6 +52,45 @@ def union_length(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+OUTSIDE = "outside the step"
+
+
+def idle_intervals(busy: list[tuple[float, float]], window: tuple[float, float]) -> list[tuple[float, float]]:
+    """The parts of `window` that no busy interval covers, in order."""
+    idle, cursor = [], window[0]
+    for start, end in sorted(busy):
+        if start > cursor:
+            idle.append((cursor, min(start, window[1])))
+        cursor = max(cursor, end)
+        if cursor >= window[1]:
+            break
+    if cursor < window[1]:
+        idle.append((cursor, window[1]))
+    return [(a, b) for a, b in idle if b > a]
+
+
+def idle_by_region(busy: list[tuple[float, float]], regions: list[tuple[float, float, str]],
+                   window: tuple[float, float]) -> dict[str, float]:
+    """GPU idle time within `window`, by the innermost host region open meanwhile.
+
+    busy: (start, end) of every kernel/copy; regions: (start, end, name) host spans, nested or disjoint.
+    Time in no region counts under OUTSIDE. The values sum to the window's idle time.
+    """
+    idle = idle_intervals(busy, window)
+    starts = [a for a, _ in idle]
+    points = sorted({window[0], window[1], *(t for a, b in idle for t in (a, b)),
+                     *(t for a, b, _ in regions for t in (a, b) if window[0] < t < window[1])})
+    out: dict[str, float] = defaultdict(float)
+    for a, b in zip(points, points[1:]):
+        mid = (a + b) / 2
+        i = bisect.bisect_right(starts, mid) - 1
+        if i < 0 or not idle[i][0] <= mid < idle[i][1]:
+            continue  # the GPU was busy
+        covering = [(e - s, name) for s, e, name in regions if s <= mid < e]
+        out[min(covering)[1] if covering else OUTSIDE] += b - a
+    return dict(out)
+
+
 class StepProfiler:
     """Call step() after every optimizer step; profiles `active` steps after `warmup` ones."""
 
@@ -74,7 +119,8 @@ class StepProfiler:
 
         # GPU-timeline events, less the profiler's own annotations (ProfilerStep#N, Optimizer.step#...),
         # which span whole steps and are not work.
-        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA
+        events = prof.events()
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.name.startswith("dpo:")
                    and not getattr(e, "is_user_annotation", False) and "#" not in e.name]
         by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
         families: dict[str, float] = defaultdict(float)
@@ -92,8 +138,29 @@ class StepProfiler:
             "families": dict(sorted(families.items(), key=lambda kv: -kv[1])),
             "top_kernels": [[name[:120], v[0], v[1]] for name, v in top],
         }
+        self.out["profile"].update(host_and_idle(events, kernels, self.active))
         if self.stacks:
             self.out["profile"]["launch_sources"] = launch_sources(prof, self.active)
+
+
+def host_and_idle(events, kernels, steps: int) -> dict:
+    """host_s_per_step and idle_s_per_step (see the module's docstring) from the profile's events; the
+    window is the profiled steps (the profiler's ProfilerStep spans on the host)."""
+    from torch.autograd import DeviceType
+
+    host = [e for e in events if e.device_type == DeviceType.CPU]
+    steps_spans = [(e.time_range.start, e.time_range.end) for e in host if e.name.startswith("ProfilerStep")]
+    regions = [(e.time_range.start, e.time_range.end, e.name) for e in host if e.name.startswith("dpo:")]
+    if not steps_spans:
+        return {}
+    window = (min(a for a, _ in steps_spans), max(b for _, b in steps_spans))
+    busy = [(e.time_range.start, e.time_range.end) for e in kernels]
+    host_s: dict[str, float] = defaultdict(float)
+    for a, b, name in regions:
+        host_s[name] += (b - a) / 1e6 / steps
+    idle = idle_by_region(busy, regions, window)
+    return {"host_s_per_step": dict(sorted(host_s.items(), key=lambda kv: -kv[1])),
+            "idle_s_per_step": {k: v / 1e6 / steps for k, v in sorted(idle.items(), key=lambda kv: -kv[1])}}
 
 
 def launch_sources(prof, steps: int, top: int = 25) -> list:

@@ -49,6 +49,10 @@ from dpo.objective_logps import (completion_token_counts, ld_logps, ld_masks, me
                                  wpo_pair_weights)
 from dpo.schedule import build_optimizer, build_scheduler
 
+# Named spans of a step (dpo:data, dpo:forward, ...): a profiler attributes the GPU's idle time to the one
+# the host was in (benchmarks/profile.py). Without a profiler running, entering one costs about a microsecond.
+region = torch.profiler.record_function
+
 
 def epoch_order(num_pairs: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
     """Indices of the pairs for one epoch: a seeded permutation (different each epoch) or file order."""
@@ -197,9 +201,11 @@ class Trainer:
         LD-DPO: shared + ld_alpha * tail sums (objective_logps.ld_masks); WPO: the pair weights from the
         same forward, without gradient (TRL 1.15's DPOTrainer computes both from the policy's logits)."""
         if self.packing:
-            packed = packing.pack_batch(batch).to(self.device)
+            with region("dpo:data"):
+                packed = packing.pack_batch(batch).to(self.device)
             return packing.packed_completion_logps(model, packed, self.cfg.logprobs, self.cfg.logprob_chunk), None
-        batch = batch.to(self.device)
+        with region("dpo:data"):
+            batch = batch.to(self.device)
         if self.loss.ld_alpha is None and not wpo_weights:
             return models.completion_logps(model, batch, self.cfg.logprobs, self.cfg.logprob_chunk), None
         scored = self.scored(model, batch)
@@ -283,7 +289,8 @@ class Trainer:
 
     def micro_batch_loss(self, pairs: list[TokenizedPair], ref: torch.Tensor | None = None):
         """Loss of one micro-batch; `ref` ([2B] reference log-probs) is computed here unless given."""
-        batch = collate(pairs, self.pad_id, self.cfg.max_length)  # in CPU memory (packing reads it there)
+        with region("dpo:data"):
+            batch = collate(pairs, self.pad_id, self.cfg.max_length)  # in CPU memory (packing reads it there)
         if ref is None:
             ref = self.reference_logps(batch)
         with self._autocast():
@@ -363,21 +370,26 @@ class Trainer:
         micro_batches = [self._my_shard(m) for m in global_micro_batches]
         metrics, tokens, bad_rows = StepMetrics(), 0, []
         for idx in micro_batches:
-            out, logps, batch = self.objective_micro_batch(idx)
-            (out.loss / len(micro_batches)).backward()
-            metrics.add(objective_batch_row(out, logps))
-            tokens += int(batch.attention_mask.sum())
-            bad_rows += nonfinite_rows(out.loss.detach(), logps, batch.row_ids)
+            with region("dpo:forward"):
+                out, logps, batch = self.objective_micro_batch(idx)
+            with region("dpo:backward"):
+                (out.loss / len(micro_batches)).backward()
+            with region("dpo:metrics"):
+                metrics.add(objective_batch_row(out, logps))
+                tokens += int(batch.attention_mask.sum())
+                bad_rows += nonfinite_rows(out.loss.detach(), logps, batch.row_ids)
         # Several ranks: average gradients and metrics over them (equal shards: mean of means is the mean).
         distributed.average_gradients(self.params, self.dist)
         metrics, tokens, any_bad = self._gather(metrics, tokens, bad_rows)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(
-            self.params, self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        ))
+        with region("dpo:clip"):
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                self.params, self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+            ))
         lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (TRL logs the same)
         problem = "loss" if any_bad else "gradient norm" if not math.isfinite(grad_norm) else None
         if problem is None:
-            self.optimizer.step()
+            with region("dpo:optimizer"):
+                self.optimizer.step()
             self.scheduler.step()
         else:
             rows = bad_rows or [self.pairs[i].row_id for m in global_micro_batches for i in m]

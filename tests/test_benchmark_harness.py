@@ -26,6 +26,48 @@ def test_busy_time_is_the_length_of_the_union_of_kernel_intervals(spans):
     assert profile.union_length(intervals) == len(covered)
 
 
+@given(st.lists(st.tuples(st.integers(0, 60), st.integers(0, 15)), max_size=15),
+       st.lists(st.tuples(st.integers(0, 60), st.integers(1, 30), st.sampled_from("abc")), max_size=8),
+       st.integers(0, 20), st.integers(1, 60))
+def test_idle_time_goes_to_the_innermost_host_region_open_meanwhile(spans, regions, w0, width):
+    """Cell by cell on the integer line: an idle cell (no kernel) counts for the shortest region covering it."""
+    busy = [(float(s), float(s + n)) for s, n in spans]
+    spans_named = [(float(s), float(s + n), name) for s, n, name in regions]
+    window = (float(w0), float(w0 + width))
+    expected: dict[str, float] = {}
+    for t in range(w0, w0 + width):
+        if any(s <= t < s + n for s, n in spans):
+            continue
+        covering = [(e - s, name) for s, e, name in spans_named if s <= t < e]
+        name = min(covering)[1] if covering else profile.OUTSIDE
+        expected[name] = expected.get(name, 0.0) + 1.0
+    got = profile.idle_by_region(busy, spans_named, window)
+    assert got == pytest.approx(expected)
+    assert sum(got.values()) == pytest.approx(sum(b - a for a, b in profile.idle_intervals(busy, window)))
+
+
+def test_a_profiled_run_says_where_the_host_was_while_the_device_waited(tmp_path):
+    """benchmarks.system --profile on CPU (tiny shape): no kernels, so the whole profiled window is idle, and
+    it is split over the trainer's named spans (dpo:forward, dpo:backward, ...) and the loop between steps."""
+    model_dir = tmp_path / "tiny"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
+    subprocess.run([sys.executable, "-c", "from benchmarks.workload import SHAPES, make_model; "
+                    f"make_model(SHAPES['tiny'], {str(model_dir)!r}, device='cpu')"], cwd=ROOT, env=env, check=True)
+    out = tmp_path / "run.json"
+    cmd = [sys.executable, "-m", "benchmarks.system", "--system", "ours-hf", "--shape", "tiny", "--model-dir",
+           str(model_dir), "--micro-batch", "2", "--grad-accum", "2", "--steps", "5", "--warmup", "1", "--device",
+           "cpu", "--profile", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    prof = json.loads(out.read_text())["profile"]
+    host, idle = prof["host_s_per_step"], prof["idle_s_per_step"]
+    assert {"dpo:data", "dpo:forward", "dpo:backward", "dpo:metrics", "dpo:clip", "dpo:optimizer"} <= set(host)
+    assert host["dpo:forward"] >= host["dpo:data"] > 0  # data is collated inside the forward's span
+    steps = prof["profiled_steps"]  # wall_s covers them all; the spans are per step
+    assert prof["gpu_busy_s"] == 0 and sum(idle.values()) * steps == pytest.approx(prof["wall_s"], rel=0.05)
+    assert idle["dpo:backward"] == pytest.approx(host["dpo:backward"], rel=1e-6)  # nothing nests in it
+
+
 def test_kernel_families():
     assert profile.family("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>") == "4-bit dequantise"
     assert profile.family("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"

@@ -116,6 +116,38 @@ def test_with_the_unsloth_backend_unsloth_is_imported_before_transformers(tiny_l
 
 # --- the estimate against a real run -----------------------------------------------------------------
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_the_unsloth_backend_the_estimate_is_the_checkpoint_the_run_writes(model_dir, data, tmp_path):
+    """`python -m dpo.train --backend unsloth --load-in-4bit` on the GPU suite's Llama: the estimate (Unsloth
+    imported first, the LoRA built on the meta device) runs inside the run, which trains and checkpoints;
+    the checkpoint's trainable tensors hold exactly the bytes the estimate counted."""
+    import json
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    args = ["--model", str(model_dir), "--dataset", str(data), "--output-dir", str(out), "--max-steps", "2",
+            "--save-steps", "1", "--per-device-batch-size", "2", "--lora-r", "8", "--max-length", "64",
+            "--device", "cuda", "--backend", "unsloth", "--load-in-4bit", "--memory-budget", "none"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1", "TQDM_DISABLE": "1",
+           "UNSLOTH_COMPILE_LOCATION": str(tmp_path / "unsloth-cache")}
+    done = subprocess.run([sys.executable, "-m", "dpo.train", *args], capture_output=True, text=True, timeout=600,
+                          cwd=root, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "not enough disk space" not in done.stderr
+    code = ("import json, torch\nfrom dpo import diskspace\nfrom dpo.config import config_from_args\n"
+            f"cfg = config_from_args({args!r})\n"
+            "print(json.dumps(diskspace.trainable_shapes(cfg, torch.device('cuda'))))\n")
+    estimate = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=root,
+                              env=env)
+    assert estimate.returncode == 0, estimate.stderr[-3000:]
+    shapes = json.loads(estimate.stdout.strip().splitlines()[-1])
+    saved = load_file(str(checkpoint.list_checkpoints(out)[-1] / checkpoint.ADAPTER_FILE))
+    assert sum(t.numel() * t.element_size() for t in saved.values()) == sum(n * s for n, s in shapes)
+    assert len(checkpoint.list_checkpoints(out)) >= 1 and (out / "adapter").is_dir()
+
+
 def test_the_estimate_covers_what_a_run_really_writes(tiny_llama_dir, data, tmp_path, monkeypatch):
     """Checkpoints every 2 of 7 steps keeping 2: 3 at once (pruning waits for the new one), each no
     larger than estimated; adapter/ and the rest no larger than estimated; the estimate not far above."""
