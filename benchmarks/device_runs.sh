@@ -191,6 +191,20 @@ ours-hf:base:2x4 ours-unsloth:precompute+lean:8x1 trl-hf:base:8x1"; fi
       --profile --merge --out "$f" --batch "$batch" --deadline-s 110 --hard-stop-s 220 --run-timeout-s 110
     cp "$f" "$OUT/"
     ;;
+  h200-end)
+    # (one H200, about 6 minutes) the 1B batch again with the profiler's summary out of the timed steps
+    # (TRL+Unsloth 2x4 and ours-cli, 20 steps, ours profiled), then the Unsloth GPU tests h200-where's time
+    # limit cut (the two DPO ones passed there).
+    models llama3.2-1b-lora
+    mkdir -p /tmp/res; f=/tmp/res/gpu_throughput_h200.json
+    python -m benchmarks.run --shape llama3.2-1b-lora --runs trl-unsloth:base:2x4 ours-cli:base:2x4 --steps 20 \
+      --profile --out "$f" --batch "h200-end $(date -u +%FT%H:%M)" --deadline-s 130 --hard-stop-s 190 --run-timeout-s 130
+    cp "$f" "$OUT/"
+    DPO_TOKENIZER_DIR=$PWD/.whl/tok DPO_GPU_RESULTS=$OUT/eq_test_gpu_unsloth.json UNSLOTH_COMPILE_LOCATION=/tmp/uc-u \
+      timeout $(( 420 - ($(date +%s) - T0) )) python -m pytest -m gpu -q -p no:cacheprovider --basetemp=/tmp/pt-u \
+      tests/test_gpu_unsloth.py -k "orpo or hf_backend or chunked" > "$OUT/suite_test_gpu_unsloth.txt" 2>&1
+    tail -n 5 "$OUT/suite_test_gpu_unsloth.txt"
+    ;;
   h200-final)
     # (one H200) one batch: TRL+Unsloth 2x4 and ours-cli (no memory flag) over 50 steps (pairs/s and the 50-step
     # end to end), then ours-cli under the two memory budgets (12 steps), then a profiled ours-cli run for the
@@ -229,7 +243,7 @@ ours-hf:base:2x4 ours-unsloth:precompute+lean:8x1 trl-hf:base:8x1"; fi
     wait
     tail -n 15 "$OUT/gpu_plans_suite.txt"
     ;;
-  *) echo "usage: $0 single|scaling|suite|final|rows-1b|rows-8b|rows-8b-same-card|packing|h200-a|h200-b|h200-c|h200-profile|h200-diag|h200-suite|h200-final|h200-last|h200-where"; exit 2 ;;
+  *) echo "usage: $0 single|scaling|suite|final|rows-1b|rows-8b|rows-8b-same-card|packing|h200-a|h200-b|h200-c|h200-profile|h200-diag|h200-suite|h200-final|h200-last|h200-where|h200-end"; exit 2 ;;
 esac
 echo "phase ${1} took $(( $(date +%s) - T0 )) s"
 tail -n 3 /tmp/log_*.txt 2>/dev/null | cut -c1-400

@@ -105,6 +105,8 @@ class StepProfiler:
         self.prof.start()
 
     def step(self) -> None:
+        if self.calls >= self.skip + self.active:
+            return  # done and summarised
         self.calls += 1
         if self.calls == self.skip:
             self.t0 = time.perf_counter()
