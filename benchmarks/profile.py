@@ -18,8 +18,8 @@
 
 from __future__ import annotations
 
-import time
 import bisect
+import time
 from collections import defaultdict
 
 FAMILIES = (  # first match wins; names lower-cased
@@ -41,32 +41,33 @@ def family(name: str) -> str:
     return "other elementwise/reduction"
 
 
+def merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """[start, end) intervals merged where they overlap or touch: disjoint, in order."""
+    out: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if end <= start:
+            continue
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
 def union_length(intervals: list[tuple[float, float]]) -> float:
     """Total length covered by [start, end) intervals."""
-    total, end_so_far = 0.0, float("-inf")
-    for start, end in sorted(intervals):
-        if end <= end_so_far:
-            continue
-        total += end - max(start, end_so_far)
-        end_so_far = end
-    return total
+    return sum(end - start for start, end in merged(intervals))
 
 
 OUTSIDE = "outside the step"
 
 
 def idle_intervals(busy: list[tuple[float, float]], window: tuple[float, float]) -> list[tuple[float, float]]:
-    """The parts of `window` that no busy interval covers, in order."""
-    idle, cursor = [], window[0]
-    for start, end in sorted(busy):
-        if start > cursor:
-            idle.append((cursor, min(start, window[1])))
-        cursor = max(cursor, end)
-        if cursor >= window[1]:
-            break
-    if cursor < window[1]:
-        idle.append((cursor, window[1]))
-    return [(a, b) for a, b in idle if b > a]
+    """The parts of `window` that no busy interval covers, in order: the gaps between the merged busy spans."""
+    lo, hi = window
+    edges = [lo] + [t for span in merged(busy) for t in span] + [hi]
+    gaps = zip(edges[0::2], edges[1::2])  # (before the first span), between spans, (after the last)
+    return [(max(a, lo), min(b, hi)) for a, b in gaps if min(b, hi) > max(a, lo)]
 
 
 def idle_by_region(busy: list[tuple[float, float]], regions: list[tuple[float, float, str]],
