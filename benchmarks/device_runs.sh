@@ -216,6 +216,23 @@ ours-hf:base:2x4 ours-unsloth:precompute+lean:8x1 trl-hf:base:8x1"; fi
       --merge --out "$f" --batch "$batch" --deadline-s 120 --hard-stop-s 150 --run-timeout-s 90
     [ $(( $(date +%s) - T0 )) -lt 470 ] && { TAG=profile one 0 ours-cli base llama3-8b-qlora 2 4 --profile; wait; }
     ;;
+  h200-close)
+    # (one H200, about 8 minutes) one batch for every 8B target of issue 14, all through dpo.train.run with the
+    # fixed harness (the profiler's summary out of the timed steps): TRL+Unsloth 2x4 and ours-cli (no memory flag,
+    # profiled at steps 3-4, timed after them) over 50 steps, then ours-cli under a budget equal to the peak
+    # TRL+Unsloth just measured, then under 16 GiB (12 steps each).
+    models llama3-8b-qlora
+    mkdir -p /tmp/res; f=/tmp/res/gpu_throughput_h200.json; batch="h200-close $(date -u +%FT%H:%M)"
+    python -m benchmarks.run --shape llama3-8b-qlora --runs trl-unsloth:base:2x4 ours-cli:base:2x4 --steps 50 --profile \
+      --out "$f" --batch "$batch" --deadline-s 280 --hard-stop-s 400 --run-timeout-s 260
+    cp "$f" "$OUT/"
+    peak=$(python -c "import json; r=[r for r in json.load(open('$f'))['runs'] if r['system']=='trl-unsloth']; \
+print(f\"{r[0]['peak_mem_gib']:.2f}\")" 2>/dev/null || echo 6.71)
+    echo "TRL+Unsloth peak in this batch: $peak GiB"
+    python -m benchmarks.run --shape llama3-8b-qlora --runs ours-cli:base:2x4:$peak ours-cli:base:2x4:16 --steps 12 \
+      --merge --out "$f" --batch "$batch" --deadline-s 120 --hard-stop-s 240 --run-timeout-s 115
+    cp "$f" "$OUT/"
+    ;;
   h200-suite)
     # (one H200) the GPU suite, one pytest process per file at once (the card has room; these check numbers,
     # not time), then ours-cli's 8B step with and without dpo/unsloth_varlen.py, one after the other.
@@ -243,7 +260,7 @@ ours-hf:base:2x4 ours-unsloth:precompute+lean:8x1 trl-hf:base:8x1"; fi
     wait
     tail -n 15 "$OUT/gpu_plans_suite.txt"
     ;;
-  *) echo "usage: $0 single|scaling|suite|final|rows-1b|rows-8b|rows-8b-same-card|packing|h200-a|h200-b|h200-c|h200-profile|h200-diag|h200-suite|h200-final|h200-last|h200-where|h200-end"; exit 2 ;;
+  *) echo "usage: $0 single|scaling|suite|final|rows-1b|rows-8b|rows-8b-same-card|packing|h200-a|h200-b|h200-c|h200-profile|h200-diag|h200-suite|h200-final|h200-last|h200-where|h200-end|h200-close"; exit 2 ;;
 esac
 echo "phase ${1} took $(( $(date +%s) - T0 )) s"
 tail -n 3 /tmp/log_*.txt 2>/dev/null | cut -c1-400
