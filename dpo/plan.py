@@ -291,7 +291,10 @@ class Plan:
             changes["precompute_ref_batch_size"] = c.ref_batch
         return changes
 
-    def format(self) -> str:
+    def format(self, every_setting: bool = False) -> str:
+        """The plan as printed at start: the choice, the predicted peak, why, and a table of the settings
+        considered: the fastest of each micro-batch, checkpointing and packing (every one with `every_setting`,
+        as --plan prints it)."""
         c, b = self.choice, self.chosen.breakdown
         lines = [f"plan: {c.micro_batch} x {c.grad_accum} (micro-batch x grad-accum = {self.pairs_per_step} pairs "
                  f"per step), checkpointing {c.checkpointing}, packing {'on' if c.packing else 'off'}, reference "
@@ -301,13 +304,28 @@ class Plan:
                  f"{b.train_gib:.2f}, reference pass {b.ref_gib:.2f}) of a {self.budget_gib:.2f} GiB budget "
                  f"(limit {self.limit_gib:.2f} GiB with headroom); estimated {self.chosen.step_s:.2f} s per step"]
         lines += [f"  why: {r}" for r in self.reasons]
-        lines.append("| micro x accum | checkpointing | packing | peak GiB | fits | est. s/step |")
-        lines.append("| --- | --- | --- | ---: | --- | ---: |")
-        for k in sorted(self.considered, key=lambda k: (-k.choice.micro_batch, k.step_s)):
+        rows = sorted(self.considered, key=lambda k: (-k.choice.micro_batch, k.step_s, k.peak_gib))
+        if not every_setting:  # one row per micro-batch/checkpointing/packing: the chosen one, else the fastest
+            seen, shown = set(), []  # that fits, else the one that needs the least memory
+            for k in sorted(rows, key=lambda k: (k is not self.chosen, k.peak_gib > self.limit_gib,
+                                                 k.step_s if k.peak_gib <= self.limit_gib else k.peak_gib)):
+                group = (k.choice.micro_batch, k.choice.checkpointing, k.choice.packing)
+                if group not in seen:
+                    seen.add(group)
+                    shown.append(k)
+            rows = [k for k in rows if k in shown]
+        lines.append("| micro x accum | checkpointing | packing | LM-head chunk | embeddings | peak GiB | fits "
+                     "| est. s/step |")
+        lines.append("| --- | --- | --- | ---: | --- | ---: | --- | ---: |")
+        for k in rows:
             mark = " (chosen)" if k is self.chosen else ""
             lines.append(f"| {k.choice.micro_batch} x {k.choice.grad_accum}{mark} | {k.choice.checkpointing} | "
-                         f"{'on' if k.choice.packing else 'off'} | {k.peak_gib:.2f} | "
+                         f"{'on' if k.choice.packing else 'off'} | {k.choice.logprob_chunk} | "
+                         f"{'CPU' if k.choice.embeddings_on_cpu else 'GPU'} | {k.peak_gib:.2f} | "
                          f"{'yes' if k.peak_gib <= self.limit_gib else 'no'} | {k.step_s:.2f} |")
+        if len(rows) < len(self.considered):
+            lines.append(f"({len(rows)} of {len(self.considered)} settings considered: of each micro-batch, checkpointing "
+                         "and packing the fastest that fits, else the least memory; --plan lists every one)")
         return "\n".join(lines)
 
 

@@ -131,7 +131,7 @@ def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None 
         cfg, chosen = plan_run(cfg, rows, device, not loss.needs_reference)
         run_config = cfg.run_dict()
         if chosen is not None and dist.is_main:
-            print(chosen.format())
+            print(chosen.format(every_setting=cfg.plan))
     if cfg.plan:  # --plan: show it and stop, writing nothing
         if device.type != "cuda" or cfg.memory_budget == "none":
             print("dpo: no plan: CPU runs, several ranks and --memory-budget none run as configured")

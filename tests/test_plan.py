@@ -101,6 +101,33 @@ def test_plan_fits_the_budget_and_prefers_the_largest_micro_batch():
     assert "plan: 8 x 1" in text and "(chosen)" in text and "why:" in text
 
 
+def test_the_printed_table_tells_its_rows_apart_and_shows_the_rest_with_plan():
+    p = P.plan(shape("llama3-8b-qlora"), fit_memory.benchmark_lengths(64), 16, pairs_per_step=8, max_length=1024)
+    short, full = p.format(), p.format(every_setting=True)
+
+    def table_rows(text):
+        return [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+
+    assert len(table_rows(full)) == len(p.considered)
+    # every row names what sets it apart: no two rows of either table print the same settings
+    for text in (short, full):
+        settings = [tuple(cell.replace(" (chosen)", "").strip() for cell in row.split("|")[1:6])
+                    for row in table_rows(text)]
+        assert len(settings) == len(set(settings))
+    groups = {(k.choice.micro_batch, k.choice.checkpointing, k.choice.packing) for k in p.considered}
+    assert len(table_rows(short)) == len(groups) < len(p.considered)
+    assert sum("(chosen)" in row for row in table_rows(short)) == 1
+    assert f"of {len(p.considered)} settings considered" in short and "settings considered" not in full
+    # a group where nothing fits shows its smallest setting (how far off it is), one that fits its fastest
+    for k in p.considered:
+        group = [j for j in p.considered if (j.choice.micro_batch, j.choice.checkpointing, j.choice.packing)
+                 == (k.choice.micro_batch, k.choice.checkpointing, k.choice.packing)]
+        fitting = [j for j in group if j.peak_gib <= p.limit_gib]
+        best = p.chosen if p.chosen in group else (min(fitting, key=lambda j: j.step_s) if fitting
+                                                   else min(group, key=lambda j: j.peak_gib))
+        assert f"| {best.peak_gib:.2f} |" in short
+
+
 def test_user_flags_win_over_the_plan():
     p = P.plan(shape("llama3-8b-qlora"), fit_memory.benchmark_lengths(64), 80, pairs_per_step=8, max_length=1024,
                fixed={"micro_batch": 2, "checkpointing": "offload"})
