@@ -66,6 +66,15 @@ def test_a_profiled_run_says_where_the_host_was_while_the_device_waited(tmp_path
     steps = prof["profiled_steps"]  # wall_s covers them all; the spans are per step
     assert prof["gpu_busy_s"] == 0 and sum(idle.values()) * steps == pytest.approx(prof["wall_s"], rel=0.05)
     assert idle["dpo:backward"] == pytest.approx(host["dpo:backward"], rel=1e-6)  # nothing nests in it
+    row = json.loads(out.read_text())
+    assert row["gpu_busy_share"] == 0 and row["gpu_busy_share_timed"] == 0  # no kernels on the CPU
+
+
+def test_the_timed_busy_share_is_a_profiled_steps_kernel_time_over_a_timed_step():
+    from benchmarks.system import busy_shares
+
+    prof = {"profiled_steps": 2, "kernel_time_s": 0.4, "gpu_busy_frac": 0.5}  # 0.2 s of kernels a step
+    assert busy_shares(prof, timed_step_s=0.25) == {"gpu_busy_share": 0.5, "gpu_busy_share_timed": pytest.approx(0.8)}
 
 
 def test_kernel_families():
