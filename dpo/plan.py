@@ -246,10 +246,12 @@ def fit_errors(model: MemoryModel, rows: list[MeasuredRow]) -> list[tuple[Measur
 
 # --- the plan -----------------------------------------------------------------------------------
 
-# Step-time estimate, to rank settings that fit (not fitted; from the H100 rows of benchmarks/results:
-# about 10 ms of host-bound launches per layer per micro-batch, ~400 TFLOP/s achieved in matmuls).
-LAUNCH_S_PER_LAYER = 0.010
-ACHIEVED_FLOPS = 4.0e14
+# Step-time estimate, to rank settings that fit and to print with the plan. The host launches each layer's
+# kernels while the GPU runs earlier ones, so a step takes the longer of the two: host time per layer and pass
+# of each micro-batch, or matmul FLOPs at the card's measured bf16 matmul rate. Both from the H200 runs of
+# `python -m dpo.train` (benchmarks/results/gpu_throughput_h200.json; `python -m benchmarks.fit_step_time --refit`).
+LAUNCH_S_PER_LAYER = 0.0034491504294212943
+ACHIEVED_FLOPS = 789077551024869.4
 
 
 class DoesNotFit(ValueError):
@@ -329,18 +331,38 @@ class Plan:
         return "\n".join(lines)
 
 
-def step_seconds(shape: ModelShape, choice: Choice, lengths: Lengths, max_length: int | None) -> float:
-    """A rough step time: launches per micro-batch plus matmul FLOPs (forward, backward, any recompute
-    and a live reference forward) over the tokens a step runs (the mean micro-batch, in data order)."""
+@dataclass(frozen=True)
+class StepWork:
+    """What one optimizer step costs, before any rate: layer passes launched, matmul FLOPs and the small
+    fixed extras (seconds)."""
+
+    layer_launches: float  # layers x micro-batches x passes: each costs LAUNCH_S_PER_LAYER of host-bound launches
+    flops: float  # 2 x params x tokens x passes
+    extras_s: float
+
+    def seconds(self, launch_s_per_layer: float = LAUNCH_S_PER_LAYER, flops_per_s: float = ACHIEVED_FLOPS) -> float:
+        """The longer of the host's launches and the GPU's matmuls (they overlap), plus the extras."""
+        return max(self.layer_launches * launch_s_per_layer, self.flops / flops_per_s) + self.extras_s
+
+
+def step_work(shape: ModelShape, choice: Choice, lengths: Lengths, max_length: int | None) -> StepWork:
+    """The work of a step over the tokens it runs (the mean micro-batch, in data order). Passes: forward,
+    backward (twice a forward's matmuls, and about twice its host time in the H200 profile), any recompute
+    of checkpointing and a live reference forward."""
     b = choice.micro_batch
     chunks = [lengths[i:i + b] for i in range(0, len(lengths) - b + 1, b)] or [lengths]
     tokens = sum(forward_tokens(m, max_length, choice.packing) for m in chunks) / len(chunks)
     passes = 3 + (choice.checkpointing != "off") + (not choice.precompute_ref)
-    flops = 2 * shape.params() * passes * tokens * choice.grad_accum
-    launches = LAUNCH_S_PER_LAYER * shape.layers * choice.grad_accum
     # tie-breakers: more LM-head chunks are more launches; host embeddings a copy per micro-batch
     extras = choice.grad_accum * (0.002 * (256 / choice.logprob_chunk) + 0.005 * choice.embeddings_on_cpu)
-    return launches + flops / ACHIEVED_FLOPS + extras
+    return StepWork(shape.layers * passes * choice.grad_accum, 2 * shape.params() * passes * tokens * choice.grad_accum,
+                    extras)
+
+
+def step_seconds(shape: ModelShape, choice: Choice, lengths: Lengths, max_length: int | None) -> float:
+    """A rough step time: launches per micro-batch plus matmul FLOPs (forward, backward, any recompute
+    and a live reference forward) over the tokens a step runs (the mean micro-batch, in data order)."""
+    return step_work(shape, choice, lengths, max_length).seconds()
 
 
 def candidate_choices(pairs_per_step: int, backend: str, packing_available: bool, precompute: bool,
@@ -407,7 +429,8 @@ def plan(shape: ModelShape, lengths: Lengths, budget_gib: float, *, pairs_per_st
                          f"the smallest, micro-batch {least.choice.micro_batch} with checkpointing "
                          f"{least.choice.checkpointing}, needs {least.peak_gib:.2f} GiB")
     largest = max(k.choice.micro_batch for k in fitting)
-    chosen = min((k for k in fitting if k.choice.micro_batch == largest), key=lambda k: k.step_s)
+    # the fastest; of equally fast (host-bound) settings, the one that needs the least memory
+    chosen = min((k for k in fitting if k.choice.micro_batch == largest), key=lambda k: (k.step_s, k.peak_gib))
     return Plan(chosen, budget_gib, limit, pairs_per_step, reasons(chosen, considered, limit, fixed), considered)
 
 
@@ -435,8 +458,9 @@ def reasons(chosen: Candidate, considered: list[Candidate], limit: float, fixed:
         out.append(f"checkpointing {c.checkpointing}: off would need {other.peak_gib:.2f} GiB")
     unpacked = alternative(packing=False) if c.packing else None
     if unpacked is not None:
-        out.append(f"packing on: {unpacked.step_s:.2f} -> {chosen.step_s:.2f} s per step estimated (no pad tokens), "
-                   f"peak {unpacked.peak_gib:.2f} -> {chosen.peak_gib:.2f} GiB")
+        faster = (f"{unpacked.step_s:.2f} -> {chosen.step_s:.2f} s per step estimated" if unpacked.step_s > chosen.step_s
+                  else "the same step time estimated (launches bound it either way)")
+        out.append(f"packing on: no pad tokens: peak {unpacked.peak_gib:.2f} -> {chosen.peak_gib:.2f} GiB, {faster}")
     if c.precompute_ref:
         out.append(f"reference precomputed at {c.ref_batch} pairs per batch: no reference forward in each step")
     return out

@@ -37,6 +37,31 @@ def test_committed_coefficients_are_what_the_rows_give():
         assert getattr(fresh, name) == pytest.approx(getattr(P.FITTED, name), rel=1e-6, abs=1e-9), name
 
 
+STEP_TIME_TOLERANCE = 0.25  # the rows come from four H200 machines, which differed by 20-30% on the same run
+
+
+def test_step_time_constants_are_what_the_h200_rows_give_and_every_row_is_near():
+    """LAUNCH_S_PER_LAYER is the fit of the committed H200 step times, ACHIEVED_FLOPS the matmul rate measured
+    there (refit with `python -m benchmarks.fit_step_time --refit`); each row's estimate within tolerance."""
+    from benchmarks import fit_step_time
+
+    rows = fit_step_time.step_rows()
+    assert len(rows) >= 5 and {r.label.split()[1] for r in rows} == {"llama3-8b-qlora", "llama3.2-1b-lora"}
+    assert P.ACHIEVED_FLOPS == pytest.approx(fit_step_time.matmul_rate(), rel=1e-9)
+    assert P.LAUNCH_S_PER_LAYER == pytest.approx(fit_step_time.fit(rows, P.ACHIEVED_FLOPS), rel=1e-9)
+    errors = {r.label: r.work.seconds() / r.step_s - 1 for r in rows}
+    assert max(map(abs, errors.values())) <= STEP_TIME_TOLERANCE, errors
+
+
+def test_a_step_takes_the_longer_of_the_hosts_launches_and_the_gpus_matmuls():
+    work = P.StepWork(layer_launches=100, flops=8e14, extras_s=0.01)
+    assert work.seconds(0.002, 4e14) == pytest.approx(2.0 + 0.01)  # matmuls: 2 s, launches 0.2 s
+    assert work.seconds(0.05, 4e14) == pytest.approx(5.0 + 0.01)  # launches: 5 s
+    s, lengths = shape("llama3-8b-qlora"), fit_memory.benchmark_lengths(64)
+    off, ckpt = (P.step_work(s, P.Choice(8, 1, c, True, precompute_ref=True), lengths, 1024) for c in ("off", "offload"))
+    assert ckpt.layer_launches == off.layer_launches * 4 / 3 and ckpt.flops == pytest.approx(off.flops * 4 / 3)
+
+
 def test_weights_match_the_measured_model_memory():
     """Model memory after load (benchmarks/results/gpu_throughput_one_card.json) against weights_bytes."""
     runs = json.loads((fit_memory.RESULTS / "gpu_throughput_one_card.json").read_text())["runs"]
