@@ -233,6 +233,20 @@ print(f\"{r[0]['peak_mem_gib']:.2f}\")" 2>/dev/null || echo 6.71)
       --merge --out "$f" --batch "$batch" --deadline-s 120 --hard-stop-s 240 --run-timeout-s 115
     cp "$f" "$OUT/"
     ;;
+  h200-tests)
+    # (one H200, under 9 minutes) the Unsloth GPU tests earlier calls' time limits cut (ORPO, the hf backend,
+    # the chunked LM head; the two DPO ones passed in h200-where) beside every plan's equivalence run, each file
+    # in its own process (they check numbers, not time, so they may share the card).
+    gpu_test() {  # NAME pytest-args...: one pytest process in the background, its results under $OUT
+      local n=$1; shift
+      DPO_TOKENIZER_DIR=$PWD/.whl/tok DPO_GPU_RESULTS=$OUT/eq_$n.json UNSLOTH_COMPILE_LOCATION=/tmp/uc-$n \
+        timeout 520 python -m pytest -m gpu -q -p no:cacheprovider --basetemp=/tmp/pt-$n "$@" > "$OUT/suite_$n.txt" 2>&1 &
+    }
+    gpu_test test_gpu_unsloth tests/test_gpu_unsloth.py -k "orpo or hf_backend or chunked"
+    gpu_test test_gpu_plans tests/test_gpu_plans.py
+    wait
+    for f in "$OUT"/suite_*.txt; do echo "$f: $(tail -n 1 "$f")"; done
+    ;;
   h200-suite)
     # (one H200) the GPU suite, one pytest process per file at once (the card has room; these check numbers,
     # not time), then ours-cli's 8B step with and without dpo/unsloth_varlen.py, one after the other.
@@ -260,7 +274,7 @@ print(f\"{r[0]['peak_mem_gib']:.2f}\")" 2>/dev/null || echo 6.71)
     wait
     tail -n 15 "$OUT/gpu_plans_suite.txt"
     ;;
-  *) echo "usage: $0 single|scaling|suite|final|rows-1b|rows-8b|rows-8b-same-card|packing|h200-a|h200-b|h200-c|h200-profile|h200-diag|h200-suite|h200-final|h200-last|h200-where|h200-end|h200-close"; exit 2 ;;
+  *) echo "usage: $0 single|scaling|suite|final|rows-1b|rows-8b|rows-8b-same-card|packing|h200-a|h200-b|h200-c|h200-profile|h200-diag|h200-suite|h200-final|h200-last|h200-where|h200-end|h200-close|h200-tests"; exit 2 ;;
 esac
 echo "phase ${1} took $(( $(date +%s) - T0 )) s"
 tail -n 3 /tmp/log_*.txt 2>/dev/null | cut -c1-400
