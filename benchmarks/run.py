@@ -181,9 +181,13 @@ def measure(args) -> None:
 # --- rendering ---------------------------------------------------------------------------------
 
 
-def label(r: dict) -> str:
+def label(r: dict, short: bool = False) -> str:
+    """The run's name in tables; `short` (charts): the batch by its first word, without its time."""
     name = r["system"] + ("" if r.get("variant", "base") == "base" else f" +{r['variant']}")
-    return name + (f" [{r['batch']}]" if r.get("batch") else "")
+    if r.get("memory_budget_gib") is not None:
+        name += f" --memory-budget {r['memory_budget_gib']:g}"
+    batch = str(r.get("batch") or "")
+    return name + (f" [{batch.split(' ')[0] if short else batch}]" if batch else "")
 
 
 def baseline(results: dict, r: dict) -> dict | None:
@@ -209,7 +213,7 @@ def warm_caches(r: dict) -> bool:
 
 def table(results: dict) -> str:
     """One row per run; pairs/s and peak memory also as multiples of TRL+Unsloth's in the same batch."""
-    rows = ["| shape | system | micro x accum | pairs/s | tokens/s | s/step | e2e s | peak GiB | MFU | "
+    rows = ["| shape | system | micro x accum | pairs/s | tokens/s | s/step | e2e s | peak GiB (planned) | MFU | "
             "x TRL+Unsloth: pairs/s, e2e, peak |",
             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     warm = False
@@ -221,10 +225,14 @@ def table(results: dict) -> str:
         mark = WARM_MARK if warm_caches(r) else ""
         warm |= bool(mark)
         b = baseline(results, r)
-        vs = "—" if b is None or b is r else (f"{ratio(r['pairs_per_s'], b['pairs_per_s'])}, "
-                                             f"{ratio(b['e2e_s'], r['e2e_s'])}{WARM_MARK if mark or warm_caches(b) else ''}, "
+        # end to end compares runs of the same number of steps only
+        e2e = (ratio(b["e2e_s"], r["e2e_s"]) + (WARM_MARK if mark or warm_caches(b) else "")
+               if b is not None and b.get("steps") == r.get("steps") else "—")
+        vs = "—" if b is None or b is r else (f"{ratio(r['pairs_per_s'], b['pairs_per_s'])}, {e2e}, "
                                              f"{ratio(r['peak_mem_gib'], b['peak_mem_gib'])}")
         peak = "—" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"  # None on the CPU
+        if r.get("predicted_peak_gib") is not None:  # the plan's prediction, where one was made
+            peak += f" ({r['predicted_peak_gib']:.2f})"
         mfu = "—" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
         rows.append(f"| {r['shape']} | {label(r)} | {r['micro_batch']} x {r['grad_accum']} | {r['pairs_per_s']:.2f} | "
                     f"{r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | {r['e2e_s']:.0f}{mark} | {peak} | {mfu} | {vs} |")
@@ -233,6 +241,13 @@ def table(results: dict) -> str:
                     "(`compile_caches` in the JSON), so its first step compiled less than a user's first run would: "
                     "its e2e is too short. Steady-state columns are not affected.")
     return "\n".join(rows)
+
+
+def cut(r: dict) -> str:
+    """micro-batch x grad-accum as asked, and as the plan ran it where that differs."""
+    asked, ran = f"{r['micro_batch']}x{r['grad_accum']}", r.get("ran_as") or {}
+    planned = f"{ran.get('per_device_batch_size')}x{ran.get('grad_accum')}" if ran else asked
+    return asked if planned == asked else f"{asked} asked, ran {planned}"
 
 
 def chart(results: dict, png: Path) -> None:
@@ -246,13 +261,13 @@ def chart(results: dict, png: Path) -> None:
     fig, axes = plt.subplots(1, max(1, len(shapes)), figsize=(7 * max(1, len(shapes)), 5), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
         rs = sorted([r for r in runs if r["shape"] == shape], key=lambda r: (r["micro_batch"], r["pairs_per_s"]))
-        names = [f"{label(r)}\n{r['micro_batch']}x{r['grad_accum']}" for r in rs]
+        names = [f"{label(r, short=True)}\n{cut(r)}" for r in rs]
         colors = ["tab:blue" if r["system"].startswith("ours") else "tab:gray" for r in rs]
         ax.barh(names, [r["pairs_per_s"] for r in rs], color=colors)
         for i, r in enumerate(rs):
             ax.text(r["pairs_per_s"], i, f" {r['pairs_per_s']:.2f} ({r['peak_mem_gib']:.1f} GiB)", va="center",
                     fontsize=8)
-        ax.set_title(f"{shape}: pairs per second (higher is better)")
+        ax.set_title(f"{shape}: pairs/s (higher is better)")
         ax.set_xlabel("pairs/s, steady state; blue = ours, grey = TRL")
         ax.margins(x=0.35)
     fig.suptitle(textwrap.fill(f"DPO training throughput on {results.get('device', '?')}", 70), fontsize=10)
@@ -260,11 +275,16 @@ def chart(results: dict, png: Path) -> None:
     fig.savefig(png, dpi=110)
 
 
-def render(path: Path, section: str = "gpu-throughput") -> None:
+def render(path: Path, section: str = "gpu-throughput", batches: list[str] | None = None) -> None:
+    """The table and chart of `path` (only the runs of `batches`, named by their first word, where given)
+    into its .md and .png and README section `section`."""
     results = load(path)
+    if batches:
+        results["runs"] = [r for r in results["runs"] if str(r.get("batch") or "").split(" ")[0] in batches]
     md = table(results)
-    path.with_suffix(".md").write_text(md + "\n")
-    chart(results, path.with_suffix(".png"))
+    out = path.with_name(path.stem + "".join(f"_{b}" for b in batches or []))  # a file per selection
+    out.with_suffix(".md").write_text(md + "\n")
+    chart(results, out.with_suffix(".png"))
     readme = ROOT / "README.md"
     start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
     text = readme.read_text()
@@ -277,7 +297,7 @@ def render(path: Path, section: str = "gpu-throughput") -> None:
             span = f"{min(rates):.0f}" if len(rates) == 1 else f"{min(rates):.0f} to {max(rates):.0f}"
             note += f"; matmul rate measured on the same card{'s' if len(rates) > 1 else ''}: {span} TFLOP/s (bf16)"
         note += f". Raw numbers: `{path.relative_to(ROOT)}`.{(' ' + results['conditions']) if 'conditions' in results else ''}\n\n"
-        readme.write_text(before + start + note + md + f"\n\n![throughput]({path.with_suffix('.png').relative_to(ROOT)})\n" + end + after)
+        readme.write_text(before + start + note + md + f"\n\n![throughput]({out.with_suffix('.png').relative_to(ROOT)})\n" + end + after)
     print(md)
 
 
@@ -311,9 +331,11 @@ def main() -> None:
     ap.add_argument("--model-root", default="/tmp/dpo-bench-models")
     ap.add_argument("--render", metavar="JSON", help="only render the table, chart and README section")
     ap.add_argument("--section", default="gpu-throughput", help="the README section --render replaces")
+    ap.add_argument("--batches", nargs="+", default=None, metavar="NAME",
+                    help="with --render: only the runs of these batches (the first word of each run's batch)")
     args = ap.parse_args()
     if args.render:
-        render(render_target(ap, args.render, args.section), args.section)
+        render(render_target(ap, args.render, args.section), args.section, args.batches)
         return
     if not args.shape:
         ap.error("--shape is needed to measure (or --render JSON to only render)")

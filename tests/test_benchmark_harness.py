@@ -241,6 +241,16 @@ def test_a_cpu_run_without_peak_memory_renders():
     assert _rows(cpu)["ours-unsloth 2 x 4 "].endswith("| — | 10.0% | 2.50x, 2.00x, — |")
 
 
+def test_end_to_end_compares_runs_of_equal_steps_and_a_planned_row_names_its_budget_and_prediction():
+    results = {"runs": [_row("trl-unsloth", "A", 2, 4, 2.0, 60.0, 8.0, steps=50),
+                        _row("ours-cli", "A", 2, 4, 8.0, 20.0, 20.0, steps=50, predicted_peak_gib=21.5),
+                        _row("ours-cli", "A", 2, 4, 6.0, 10.0, 6.0, steps=12, memory_budget_gib=6.95)]}
+    rows = _rows(results)
+    assert rows["ours-cli [A] 2 x 4 "].endswith("| 20.00 (21.50) | 10.0% | 4.00x, 3.00x, 2.50x |")
+    # 12 steps against TRL's 50: no end-to-end ratio, the steady-state ones stand
+    assert rows["ours-cli --memory-budget 6.95 [A] 2 x 4 "].endswith("| 6.00 | 10.0% | 3.00x, —, 0.75x |")
+
+
 def test_runs_of_two_batches_are_two_rows_when_merged():
     assert run.key(_row("trl-unsloth", "D", 2, 4, 1, 1, 1)) != run.key(_row("trl-unsloth", "E", 2, 4, 1, 1, 1))
 
