@@ -236,14 +236,24 @@ print(f\"{r[0]['peak_mem_gib']:.2f}\")" 2>/dev/null || echo 6.71)
   h200-tests)
     # (one H200, under 9 minutes) the Unsloth GPU tests earlier calls' time limits cut (ORPO, the hf backend,
     # the chunked LM head; the two DPO ones passed in h200-where) beside every plan's equivalence run, each file
-    # in its own process (they check numbers, not time, so they may share the card).
+    # in its own process (they check numbers, not time, so they may share the card). `h200-tests rest`: the
+    # other GPU files, the same way.
     gpu_test() {  # NAME pytest-args...: one pytest process in the background, its results under $OUT
       local n=$1; shift
       DPO_TOKENIZER_DIR=$PWD/.whl/tok DPO_GPU_RESULTS=$OUT/eq_$n.json UNSLOTH_COMPILE_LOCATION=/tmp/uc-$n \
         timeout 520 python -m pytest -m gpu -q -p no:cacheprovider --basetemp=/tmp/pt-$n "$@" > "$OUT/suite_$n.txt" 2>&1 &
     }
-    gpu_test test_gpu_unsloth tests/test_gpu_unsloth.py -k "orpo or hf_backend or chunked"
-    gpu_test test_gpu_plans tests/test_gpu_plans.py
+    case "${2:-}" in
+      rest)  # the rest of `pytest -m gpu` on one card (test_distributed's cases need two GPUs)
+        gpu_test test_gpu_unsloth_dpo tests/test_gpu_unsloth.py -k "not (orpo or hf_backend or chunked)"
+        gpu_test test_gpu_kernel tests/test_gpu_kernel.py
+        gpu_test test_gpu_packing tests/test_gpu_packing.py
+        gpu_test test_memory_options tests/test_memory_options.py
+        gpu_test test_diskspace tests/test_diskspace.py ;;
+      *)
+        gpu_test test_gpu_unsloth tests/test_gpu_unsloth.py -k "orpo or hf_backend or chunked"
+        gpu_test test_gpu_plans tests/test_gpu_plans.py ;;
+    esac
     wait
     for f in "$OUT"/suite_*.txt; do echo "$f: $(tail -n 1 "$f")"; done
     ;;
