@@ -227,7 +227,7 @@ ours-hf:base:2x4 ours-unsloth:precompute+lean:8x1 trl-hf:base:8x1"; fi
       --out "$f" --batch "$batch" --deadline-s 280 --hard-stop-s 400 --run-timeout-s 260
     cp "$f" "$OUT/"
     peak=$(python -c "import json; r=[r for r in json.load(open('$f'))['runs'] if r['system']=='trl-unsloth']; \
-print(f\"{r[0]['peak_mem_gib']:.2f}\")" 2>/dev/null || echo 6.71)
+print(f\"{r[0]['peak_mem_gib']:.2f}\")" 2>/dev/null) || { echo "no TRL+Unsloth peak in $f: no budget row"; exit 1; }
     echo "TRL+Unsloth peak in this batch: $peak GiB"
     python -m benchmarks.run --shape llama3-8b-qlora --runs ours-cli:base:2x4:$peak ours-cli:base:2x4:16 --steps 12 \
       --merge --out "$f" --batch "$batch" --deadline-s 120 --hard-stop-s 240 --run-timeout-s 115

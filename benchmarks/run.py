@@ -281,6 +281,8 @@ def render(path: Path, section: str = "gpu-throughput", batches: list[str] | Non
     results = load(path)
     if batches:
         results["runs"] = [r for r in results["runs"] if str(r.get("batch") or "").split(" ")[0] in batches]
+        if not results["runs"]:
+            raise ValueError(f"--batches: no run of {path.name} is in batch {', '.join(batches)}")
     md = table(results)
     out = path.with_name(path.stem + "".join(f"_{b}" for b in batches or []))  # a file per selection
     out.with_suffix(".md").write_text(md + "\n")
@@ -335,7 +337,10 @@ def main() -> None:
                     help="with --render: only the runs of these batches (the first word of each run's batch)")
     args = ap.parse_args()
     if args.render:
-        render(render_target(ap, args.render, args.section), args.section, args.batches)
+        try:
+            render(render_target(ap, args.render, args.section), args.section, args.batches)
+        except ValueError as e:  # nothing selected: refuse before the README loses its table
+            ap.error(str(e))
         return
     if not args.shape:
         ap.error("--shape is needed to measure (or --render JSON to only render)")

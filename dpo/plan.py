@@ -302,9 +302,10 @@ class Plan:
                  f"per step), checkpointing {c.checkpointing}, packing {'on' if c.packing else 'off'}, reference "
                  f"{'precomputed' if c.precompute_ref else 'live'}, LM-head chunk {c.logprob_chunk}, embeddings on "
                  f"{'CPU' if c.embeddings_on_cpu else 'GPU'}",
-                 f"predicted peak {b.peak_gib:.2f} GiB (weights+LoRA+optimizer {b.fixed_gib:.2f}, training pass "
-                 f"{b.train_gib:.2f}, reference pass {b.ref_gib:.2f}) of a {self.budget_gib:.2f} GiB budget "
-                 f"(limit {self.limit_gib:.2f} GiB with headroom); estimated {self.chosen.step_s:.2f} s per step"]
+                 f"predicted peak {b.peak_gib:.2f} GiB (weights+LoRA+optimizer {b.fixed_gib:.2f} + the larger of the "
+                 f"training pass {b.train_gib:.2f} and the reference pass {b.ref_gib:.2f}) of a {self.budget_gib:.2f} "
+                 f"GiB budget (limit {self.limit_gib:.2f} GiB with headroom); about {self.chosen.step_s:.2f} s per step "
+                 "(an estimate fitted on an H200)"]
         lines += [f"  why: {r}" for r in self.reasons]
         rows = sorted(self.considered, key=lambda k: (-k.choice.micro_batch, k.step_s, k.peak_gib))
         if not every_setting:  # one row per micro-batch/checkpointing/packing: the chosen one, else the fastest
@@ -360,8 +361,9 @@ def step_work(shape: ModelShape, choice: Choice, lengths: Lengths, max_length: i
 
 
 def step_seconds(shape: ModelShape, choice: Choice, lengths: Lengths, max_length: int | None) -> float:
-    """A rough step time: launches per micro-batch plus matmul FLOPs (forward, backward, any recompute
-    and a live reference forward) over the tokens a step runs (the mean micro-batch, in data order)."""
+    """A rough step time: the longer of the host's launches (per layer and pass of each micro-batch) and the
+    matmul FLOPs (forward, backward, any recompute and a live reference forward) over the tokens a step runs
+    (the mean micro-batch, in data order), plus small extras. See StepWork."""
     return step_work(shape, choice, lengths, max_length).seconds()
 
 
@@ -406,7 +408,8 @@ def plan(shape: ModelShape, lengths: Lengths, budget_gib: float, *, pairs_per_st
          precompute: bool = True, fixed: dict | None = None, headroom: float = 0.1,
          model: MemoryModel = FITTED, in_order: bool = False) -> Plan:
     """The largest micro-batch whose predicted peak stays under budget x (1 - headroom), then the
-    fastest setting at that micro-batch. More budget never gives a smaller micro-batch.
+    fastest setting at that micro-batch (of equally fast ones, the smallest peak). More budget never gives a
+    smaller micro-batch.
 
     lengths: (prompt, chosen, rejected) tokens of the pairs; fixed: Choice fields the user set
     (flags win over the plan); precompute: whether the reference may be precomputed (not when
@@ -458,8 +461,8 @@ def reasons(chosen: Candidate, considered: list[Candidate], limit: float, fixed:
         out.append(f"checkpointing {c.checkpointing}: off would need {other.peak_gib:.2f} GiB")
     unpacked = alternative(packing=False) if c.packing else None
     if unpacked is not None:
-        faster = (f"{unpacked.step_s:.2f} -> {chosen.step_s:.2f} s per step estimated" if unpacked.step_s > chosen.step_s
-                  else "the same step time estimated (launches bound it either way)")
+        before, after = f"{unpacked.step_s:.2f}", f"{chosen.step_s:.2f}"
+        faster = f"{before} -> {after} s per step estimated" if before != after else "the same step time estimated"
         out.append(f"packing on: no pad tokens: peak {unpacked.peak_gib:.2f} -> {chosen.peak_gib:.2f} GiB, {faster}")
     if c.precompute_ref:
         out.append(f"reference precomputed at {c.ref_batch} pairs per batch: no reference forward in each step")

@@ -260,6 +260,8 @@ def test_runs_of_two_batches_are_two_rows_when_merged():
     (["benchmarks.run", "--render", "benchmarks/results/gpu_throughput.json", "--section", "nowhere"],
      "has no '<!-- nowhere:start -->'"),
     (["benchmarks.multi_gpu", "--render", "no/such/multi.json"], "--render: no such results file"),
+    (["benchmarks.run", "--render", "benchmarks/results/gpu_throughput_h200.json", "--section", "gpu-throughput-h200",
+      "--batches", "no-such-batch"], "--batches: no run of gpu_throughput_h200.json is in batch no-such-batch"),
 ])
 def test_render_refuses_a_missing_file_or_section_in_one_line_and_leaves_the_readme(args, message):
     readme = (ROOT / "README.md").read_text()

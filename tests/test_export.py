@@ -665,7 +665,7 @@ def test_gemma_layouts_llama_cpp_cannot_run_are_refused_in_one_line(tok, tmp_pat
         assert "\n" not in str(e.value)
 
 
-def test_only_gelu_models_f32_files_get_the_f16_bound_in_llama_cpp(tok):
+def test_gelu_models_f32_and_f16_files_get_the_gelu_tables_bound_on_top_in_llama_cpp(tok):
     assert export.llamacpp_rtol("f32", build_tiny("gemma2", len(tok)).config) == pytest.approx(
         export.LLAMACPP_RTOL["f32"] + export.GELU_TABLE_RTOL)
     assert export.llamacpp_rtol("f16", build_tiny("gemma2", len(tok)).config) == pytest.approx(

@@ -144,13 +144,30 @@ def test_the_printed_table_tells_its_rows_apart_and_shows_the_rest_with_plan():
     assert sum("(chosen)" in row for row in table_rows(short)) == 1
     assert f"of {len(p.considered)} settings considered" in short and "settings considered" not in full
     # a group where nothing fits shows its smallest setting (how far off it is), one that fits its fastest
+    shown = {}
+    for row in table_rows(short):
+        cells = [cell.replace(" (chosen)", "").strip() for cell in row.split("|")[1:-1]]
+        shown[tuple(cells[:3])] = (cells[3], cells[4], cells[5])  # LM-head chunk, embeddings, peak
     for k in p.considered:
+        c = k.choice
         group = [j for j in p.considered if (j.choice.micro_batch, j.choice.checkpointing, j.choice.packing)
-                 == (k.choice.micro_batch, k.choice.checkpointing, k.choice.packing)]
+                 == (c.micro_batch, c.checkpointing, c.packing)]
         fitting = [j for j in group if j.peak_gib <= p.limit_gib]
         best = p.chosen if p.chosen in group else (min(fitting, key=lambda j: j.step_s) if fitting
                                                    else min(group, key=lambda j: j.peak_gib))
-        assert f"| {best.peak_gib:.2f} |" in short
+        key = (f"{c.micro_batch} x {c.grad_accum}", c.checkpointing, "on" if c.packing else "off")
+        assert shown[key] == (str(best.choice.logprob_chunk), "CPU" if best.choice.embeddings_on_cpu else "GPU",
+                              f"{best.peak_gib:.2f}"), key
+
+
+def test_of_equally_fast_settings_the_plan_takes_the_smaller_peak():
+    """Packed and padded micro-batches bound by the same launches estimate the same step time: packed needs
+    less memory, and the reason says the times are equal rather than printing "0.17 -> 0.17"."""
+    p = P.plan(shape("llama3.2-1b-lora", load_in_4bit=False), fit_memory.benchmark_lengths(160), 137,
+               pairs_per_step=8, max_length=1024, in_order=True)
+    padded = next(k for k in p.considered if k.choice == dataclasses.replace(p.choice, packing=False))
+    assert padded.step_s == p.chosen.step_s and padded.peak_gib > p.chosen.peak_gib and p.choice.packing
+    assert any("packing on" in r and "the same step time estimated" in r for r in p.reasons)
 
 
 def test_user_flags_win_over_the_plan():
