@@ -25,6 +25,7 @@ import numpy as np
 
 from benchmarks import system
 from benchmarks.fit_memory import benchmark_lengths
+from benchmarks.run import batch_name
 from benchmarks.workload import SHAPES
 from dpo import plan as planmod
 
@@ -55,7 +56,7 @@ def step_rows(name: str = FILE) -> list[StepRow]:
     for run in json.loads((RESULTS / name).read_text())["runs"]:
         if run.get("system") != "ours-cli" or "error" in run or "ran_as" not in run or not run.get("step_s"):
             continue
-        batch = str(run.get("batch", "")).split()[0]
+        batch = batch_name(run)
         if (batch, run.get("memory_budget_gib")) in LEFT_OUT:
             continue
         shape = SHAPES[run["shape"]]

@@ -181,13 +181,18 @@ def measure(args) -> None:
 # --- rendering ---------------------------------------------------------------------------------
 
 
+def batch_name(r: dict) -> str:
+    """A run's batch by its first word (the batch is "NAME TIME"; "" where the run has none)."""
+    return str(r.get("batch") or "").split(" ")[0]
+
+
 def label(r: dict, short: bool = False) -> str:
     """The run's name in tables; `short` (charts): the batch by its first word, without its time."""
     name = r["system"] + ("" if r.get("variant", "base") == "base" else f" +{r['variant']}")
     if r.get("memory_budget_gib") is not None:
         name += f" --memory-budget {r['memory_budget_gib']:g}"
     batch = str(r.get("batch") or "")
-    return name + (f" [{batch.split(' ')[0] if short else batch}]" if batch else "")
+    return name + (f" [{batch_name(r) if short else batch}]" if batch else "")
 
 
 def baseline(results: dict, r: dict) -> dict | None:
@@ -280,7 +285,7 @@ def render(path: Path, section: str = "gpu-throughput", batches: list[str] | Non
     into its .md and .png and README section `section`."""
     results = load(path)
     if batches:
-        results["runs"] = [r for r in results["runs"] if str(r.get("batch") or "").split(" ")[0] in batches]
+        results["runs"] = [r for r in results["runs"] if batch_name(r) in batches]
         if not results["runs"]:
             raise ValueError(f"--batches: no run of {path.name} is in batch {', '.join(batches)}")
     md = table(results)
