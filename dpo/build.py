@@ -11,30 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
-from dpo import data as data_mod
 from dpo import models, tasks
 from dpo import objective_data as od
 from dpo.cli import first_line
-from dpo.config import ConfigError, TrainConfig
+from dpo.config import ConfigError, TrainConfig, field_names
+from dpo.objectives import DataOptions, objective_for
 from dpo.sources import DataError, DataSpec, load_rows, read_records
-
-
-@dataclass
-class ObjectiveDataReport:
-    """What the data of a SimPO/CPO/ORPO or KTO run holds (the DPO pairs have dpo.report's DataReport)."""
-
-    objective: str
-    source: str
-    kept: int
-    dropped: int = 0
-
-    def format(self) -> str:
-        unit = "rows (desirable and undesirable)" if self.objective == "kto" else "pairs"
-        why = f"; {self.dropped} dropped: the prompt alone fills --max-length" if self.dropped else ""
-        return f"dpo: {self.objective}: {self.kept} {unit} from {self.source}{why}"
-
-
-SIDED_NO_LIMIT = 1 << 30  # CPO/ORPO tokenization with no --max-length: nothing is cut
 
 
 def seed_everything(seed: int) -> None:
@@ -71,31 +53,63 @@ def read_spec_rows(spec: DataSpec, unpaired: bool = False):
     return load_rows(spec)
 
 
+def data_options(cfg: TrainConfig) -> DataOptions:
+    """How the run's rows become items (dpo.objectives.DataOptions), from its config."""
+    return DataOptions(cfg.max_length, cfg.max_prompt_length, drop_identical=not cfg.keep_identical,
+                       batch_size=cfg.per_device_batch_size, source=cfg.dataset or "")
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """The run's data after its one tokenization: the rows read, the tokenizer, the items and the report."""
+
+    rows: list
+    tokenizer: object
+    items: list
+    report: object
+
+
+def prepare_data(cfg: TrainConfig, rows) -> PreparedData:
+    """The tokenizer, loaded once before the model, and the rows prepared by the run's objective."""
+    path = models.resolve_model_path(cfg.model)
+    try:
+        tokenizer = models.load_tokenizer(path, cfg.trust_remote_code)
+    except (OSError, ValueError) as e:  # no such hub model, remote code refused, ...
+        raise ConfigError(f"--model: cannot load {path}: {first_line(e)}") from None
+    items, report = load_training_pairs(cfg, tokenizer, rows)
+    return PreparedData(rows, tokenizer, items, report)
+
+
+def check_same_tokenization(tokenizer, data: PreparedData, sample: int = 8) -> None:
+    """The model's own tokenizer (Unsloth brings one) must tokenize as the one the data was prepared with:
+    the same vocabulary, special tokens and chat template, and the same ids for the first `sample` rows'
+    texts. A difference stops the run in one line."""
+    prepared = data.tokenizer
+    if tokenizer is prepared:
+        return
+    fields = [v for r in data.rows[:sample] for v in vars(r).values()]
+    texts = [t for t in fields if isinstance(t, str) and t]
+    compared = ("bos_token_id", "eos_token_id") + (("chat_template",) if any(isinstance(v, list) for v in fields) else ())
+    same = (tokenizer.get_vocab() == prepared.get_vocab()
+            and all(getattr(tokenizer, k) == getattr(prepared, k) for k in compared)
+            and all(tokenizer(t, add_special_tokens=False)["input_ids"]
+                    == prepared(t, add_special_tokens=False)["input_ids"] for t in texts))
+    if not same:
+        raise ConfigError(f"--model: the model's tokenizer ({type(tokenizer).__name__}) tokenizes unlike the one "
+                          f"the data was prepared with ({type(prepared).__name__})")
+
+
 def load_training_pairs(cfg: TrainConfig, tokenizer, rows=None):
-    """(training items, report): DPO's TokenizedPairs; SidedPairs for SimPO/CPO/ORPO (tokenized as TRL's
-    CPO/ORPO trainers do); KTO's TokenizedRows (paired rows split into desirable and undesirable ones)."""
+    """(training items, report): the rows prepared by the run's objective (dpo.objectives): DPO's
+    TokenizedPairs; SidedPairs for SimPO/CPO/ORPO (tokenized as TRL's CPO/ORPO trainers do); KTO's
+    TokenizedRows (paired rows split into desirable and undesirable ones)."""
     rows = read_rows(cfg) if rows is None else rows
-    loss = cfg.loss_settings()
-    if loss.objective == "dpo":
-        return data_mod.prepare_pairs(tokenizer, rows, cfg.max_length, cfg.max_prompt_length,
-                                      drop_identical=not cfg.keep_identical)
-    source = cfg.dataset or ""
-    if not rows:
-        raise DataError(f"{source}: the dataset is empty (no rows)")
-    if loss.unpaired:
-        unpaired = rows if isinstance(rows[0], od.UnpairedRow) else od.unpair_rows(list(rows))
-        tokenized = [od.tokenize_unpaired(tokenizer, r) for r in unpaired]
-        kept = [t for t in tokenized if od.kto_keeps(t, cfg.max_length)]
-        if not kept:
-            raise DataError(f"{source}: every prompt fills --max-length {cfg.max_length}; nothing is left to train on")
-        return kept, ObjectiveDataReport("kto", source, len(kept), len(tokenized) - len(kept))
-    max_length = cfg.max_length if cfg.max_length is not None else SIDED_NO_LIMIT
-    pairs = [od.tokenize_sided(tokenizer, r, max_length) for r in rows]
-    return pairs, ObjectiveDataReport(loss.objective, source, len(pairs))
+    return objective_for(cfg.loss_settings()).prepare(tokenizer, rows, data_options(cfg))
 
 
-def build_model(cfg: TrainConfig, device: torch.device):
-    """Base model + LoRA (fresh, or the starting adapter with its frozen reference copy)."""
+def build_model(cfg: TrainConfig, device: torch.device, tokenizer=None):
+    """(model, tokenizer): base model + LoRA (fresh, or the starting adapter with its frozen reference copy).
+    `tokenizer`: the one the data was prepared with (loaded here when None; Unsloth brings its own)."""
     path = models.resolve_model_path(cfg.model)
     dtype = resolve_dtype(cfg.dtype, device)
     try:
@@ -114,7 +128,7 @@ def build_model(cfg: TrainConfig, device: torch.device):
     if cfg.load_in_4bit and device.type != "cuda":
         raise ConfigError("--load-in-4bit: needs a CUDA GPU (bitsandbytes NF4)")
     try:
-        tokenizer = models.load_tokenizer(path, cfg.trust_remote_code)
+        tokenizer = tokenizer if tokenizer is not None else models.load_tokenizer(path, cfg.trust_remote_code)
         seed_everything(cfg.seed)  # LoRA init depends on it, as in TRL
         model = models.load_model(path, dtype, str(device), cfg.trust_remote_code, cfg.load_in_4bit)
     except (OSError, ValueError) as e:  # no such hub model, no model.safetensors, remote code refused, ...
@@ -158,8 +172,7 @@ def cpu_threads(requested: int, ranks: int = 1) -> int:
 # --- the plan (GPU runs): micro-batch, checkpointing, packing, ... chosen for the card ---------------
 
 # TrainConfig fields the plan sets; a resumed run takes them from its checkpoint instead of planning again.
-PLANNED_FIELDS = ("per_device_batch_size", "grad_accum", "gradient_checkpointing", "packing", "precompute_ref",
-                  "precompute_ref_batch_size", "logprob_chunk", "embeddings_on_cpu")
+PLANNED_FIELDS = field_names(planned=True)
 
 
 def user_fixed_choices(cfg: TrainConfig) -> dict:
@@ -175,30 +188,29 @@ def user_fixed_choices(cfg: TrainConfig) -> dict:
     return fixed
 
 
-def plan_run(cfg: TrainConfig, rows, device: torch.device, reference_free: bool):
+def plan_run(cfg: TrainConfig, items: list, device: torch.device, reference_free: bool):
     """(cfg with the plan's settings, the Plan) on a CUDA device with --memory-budget other than none;
     (cfg, None) otherwise. Raises ConfigError when no setting fits the budget."""
     import dataclasses
 
     from dpo import plan as plan_mod
 
-    if device.type != "cuda" or cfg.memory_budget == "none":
+    if device.type != "cuda" or not cfg.budget.plans:
         return cfg, None
-    if cfg.loss_settings().objective != "dpo":  # the planner models DPO's passes only
-        print(f"dpo: no plan: the planner models DPO; {cfg.loss_settings().objective} runs as configured")
+    objective = objective_for(cfg.loss_settings())
+    if not objective.plannable:
+        print(f"dpo: no plan: the planner models DPO's passes; {objective.name} runs as configured")
         return cfg, None
     from transformers import AutoConfig
 
     path = models.resolve_model_path(cfg.model)
-    tokenizer = models.load_tokenizer(path, cfg.trust_remote_code)
-    pairs, _ = load_training_pairs(cfg, tokenizer, rows)
     shape = plan_mod.ModelShape.from_config(AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code),
                                             load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r,
                                             lora_targets=cfg.lora_targets)
-    budget = (plan_mod.auto_budget_gib(torch.cuda.mem_get_info(device)[0]) if cfg.memory_budget == "auto"
-              else float(cfg.memory_budget))
+    budget = (plan_mod.auto_budget_gib(torch.cuda.mem_get_info(device)[0]) if cfg.budget.kind == "auto"
+              else cfg.budget.gib)
     try:
-        chosen = plan_mod.plan(shape, plan_mod.lengths_of(pairs), budget,
+        chosen = plan_mod.plan(shape, plan_mod.lengths_of(items), budget,
                                pairs_per_step=cfg.per_device_batch_size * cfg.grad_accum, max_length=cfg.max_length,
                                backend=models.pick_backend(cfg.backend), optim=cfg.optim,
                                precompute=not reference_free, fixed=user_fixed_choices(cfg), in_order=not cfg.shuffle)

@@ -8,22 +8,17 @@ objective and its settings, the steps and optimizer, the held-out numbers before
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
+from dpo.config import TrainConfig
 from dpo.files import write_text_atomic
 from dpo.smollm2 import DEFAULT_MODEL
 
 # The embedded default is a GGUF copy of this hub model: a card names what loads anywhere.
 DEFAULT_MODEL_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
-_SETTINGS = (  # (config key, what the card calls it)
-    ("loss_type", "loss types"), ("loss_weights", "loss weights"), ("beta", "beta"),
-    ("label_smoothing", "label smoothing"), ("reference_free", "reference-free"),
-    ("learning_rate", "learning rate"), ("lr_scheduler", "schedule"), ("warmup_steps", "warmup steps"),
-    ("per_device_batch_size", "pairs per micro-batch"), ("grad_accum", "gradient accumulation"),
-    ("max_length", "max length (tokens)"), ("lora_r", "LoRA r"), ("lora_alpha", "LoRA alpha"),
-    ("lora_targets", "LoRA targets"), ("seed", "seed"), ("dtype", "dtype"),
-)
+_SETTINGS = tuple((f.name, f.metadata["card"]) for f in fields(TrainConfig) if f.metadata.get("card"))
 
 
 def base_model_name(model: str) -> str:

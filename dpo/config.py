@@ -53,138 +53,190 @@ def _as_flags(settings: dict) -> str:
 DEFAULT_RUN_HELP = (f"With no --dataset: the built-in default run, --dataset {DEFAULT_RUN['dataset']} with these "
                     "settings in place of the defaults above (flags given still win): "
                     + _as_flags({k: v for k, v in DEFAULT_RUN.items() if k != "dataset"}))
-# Keys that say how this invocation starts (fresh, resumed, replacing), not what the run is: they are
-# left out of the config.json a run writes, so that file can be passed back with --config --resume.
-RUN_CONTROL_KEYS = ("resume", "resume_from", "overwrite", "plan")
-# LossSettings fields of the objectives beyond DPO: a refusal that starts with one names its flag.
-OBJECTIVE_SETTINGS = ("simpo_gamma", "cpo_alpha", "kto_desirable_weight", "kto_undesirable_weight", "ld_alpha",
-                      "use_weighting")
 ATTENTION_ROUTES = ("auto", "flash_varlen", "flex", "sdpa", "eager")
+RESUME_POLICIES = ("locked", "free")
 
 
-def _opt(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+def _opt(default, help: str, *, resume: str, start: bool = False, planned: bool = False, card: str | None = None,
+         only_for: str | None = None, path: bool = False, **kw):
+    """A config field with its help and its policy, which every list of field names is derived from:
+
+    resume    "locked": a resume must keep the value (it defines the run: its data, loss, optimizer and
+              sequence of steps; a checkpoint continued under another value would be another run stitched
+              onto the first); "free": may change (hardware and speed choices, outputs, logging)
+    start     how this invocation starts (fresh, resumed, replacing), not what the run is: left out of the
+              config.json a run writes, so that file can be passed back with --config --resume
+    planned   set by the memory planner (dpo/plan.py); a resumed run takes it from its checkpoint
+    card      the model card's label for the setting (None: the card does not show it)
+    only_for  the one objective or loss type that reads it (python -m dpo.evaluate says when it is unused)
+    path      a file or folder path (printed commands give it absolute)
+    """
+    if resume not in RESUME_POLICIES:
+        raise ValueError(f"resume policy must be one of {RESUME_POLICIES}, got {resume!r}")
+    return field(default=default, metadata={"help": help, "resume": resume, "start": start, "planned": planned,
+                                            "card": card, "only_for": only_for, "path": path, **kw})
 
 
 @dataclass
 class TrainConfig:
     # What to train on
-    model: str = _opt(DEFAULT_MODEL, "Model: a local folder, a hub name, or the embedded default")
-    dataset: str | None = _opt(None, "Preference data: .jsonl, .jsonl.gz, .json, .parquet, .csv, a folder, or a hub name")
-    dataset_split: str = _opt("train", "Split of a hub dataset")
-    dataset_config: str | None = _opt(None, "Configuration name of a hub dataset")
-    prompt_column: str = _opt("prompt", "Column holding the prompt")
-    chosen_column: str = _opt("chosen", "Column holding the preferred completion")
-    rejected_column: str = _opt("rejected", "Column holding the dispreferred completion")
+    model: str = _opt(DEFAULT_MODEL, "Model: a local folder, a hub name, or the embedded default",
+        resume="locked", path=True)
+    dataset: str | None = _opt(None, "Preference data: .jsonl, .jsonl.gz, .json, .parquet, .csv, a folder, or a hub name",
+        resume="locked", path=True)
+    dataset_split: str = _opt("train", "Split of a hub dataset", resume="locked")
+    dataset_config: str | None = _opt(None, "Configuration name of a hub dataset", resume="locked")
+    prompt_column: str = _opt("prompt", "Column holding the prompt", resume="locked")
+    chosen_column: str = _opt("chosen", "Column holding the preferred completion", resume="locked")
+    rejected_column: str = _opt("rejected", "Column holding the dispreferred completion", resume="locked")
     implicit_prompt: str = _opt("last_assistant", "Prompt of chosen/rejected-only rows: last_assistant (the last "
                                 "shared '\\n\\nAssistant:') or trl (TRL's common-prefix rule)",
-                                choices=("last_assistant", "trl"))
-    keep_identical: bool = _opt(False, "Keep pairs whose chosen equals rejected (dropped by default: no signal)")
-    max_prompt_length: int | None = _opt(None, "Keep only the last N prompt tokens (ours; TRL has no such option)")
+                                choices=("last_assistant", "trl"), resume="locked")
+    keep_identical: bool = _opt(False, "Keep pairs whose chosen equals rejected (dropped by default: no signal)",
+        resume="locked")
+    max_prompt_length: int | None = _opt(None, "Keep only the last N prompt tokens (ours; TRL has no such option)",
+        resume="locked")
     eval_dataset: str | None = _opt(None, "Held-out pairs (same formats as --dataset; builtin:NAME:eval for a "
-                                    "built-in task); eval_ metrics go to metrics.jsonl")
-    eval_steps: int = _opt(0, "Evaluate on --eval-dataset every N steps (0: before and after training only)")
-    threads: int = _opt(0, "CPU threads for torch (0: the cores not busy with other work)")
+                                    "built-in task); eval_ metrics go to metrics.jsonl", resume="free", path=True)
+    eval_steps: int = _opt(0, "Evaluate on --eval-dataset every N steps (0: before and after training only)",
+        resume="free")
+    threads: int = _opt(0, "CPU threads for torch (0: the cores not busy with other work)", resume="free")
     report_to: str = _opt("none", "Also send every metrics row to trackers: a comma list of tensorboard, wandb, "
-                          "mlflow (none: metrics.jsonl only)")
-    output_dir: str = _opt("runs/dpo", "Where metrics.jsonl, config.json, checkpoints/ and adapter/ are written")
-    adapter: str | None = _opt(None, "Start from this LoRA adapter folder; its frozen copy is then the reference")
+                          "mlflow (none: metrics.jsonl only)", resume="free")
+    output_dir: str = _opt("runs/dpo", "Where metrics.jsonl, config.json, checkpoints/ and adapter/ are written",
+        resume="free", path=True)
+    adapter: str | None = _opt(None, "Start from this LoRA adapter folder; its frozen copy is then the reference",
+        resume="locked", path=True)
     # How long
-    max_steps: int = _opt(-1, "Optimizer steps to run (-1: run --num-epochs over the data)")
-    num_epochs: float = _opt(1.0, "Passes over the data when --max-steps is -1")
-    per_device_batch_size: int = _opt(8, "Pairs per micro-batch (TRL: per_device_train_batch_size)")
-    grad_accum: int = _opt(1, "Micro-batches per optimizer step (TRL: gradient_accumulation_steps)")
+    max_steps: int = _opt(-1, "Optimizer steps to run (-1: run --num-epochs over the data)", resume="locked")
+    num_epochs: float = _opt(1.0, "Passes over the data when --max-steps is -1", resume="locked")
+    per_device_batch_size: int = _opt(8, "Pairs per micro-batch (TRL: per_device_train_batch_size)",
+        resume="locked", planned=True, card="pairs per micro-batch")
+    grad_accum: int = _opt(1, "Micro-batches per optimizer step (TRL: gradient_accumulation_steps)",
+        resume="locked", planned=True, card="gradient accumulation")
     # Optimisation (defaults are TRL DPOConfig's)
-    learning_rate: float = _opt(1e-6, "Peak learning rate (TRL default 1e-6)")
-    lr_scheduler: str = _opt("linear", "Schedule after warmup", choices=LR_SCHEDULERS)
-    warmup_steps: float = _opt(0.0, "Warmup steps; a value below 1 is a fraction of all steps (as TRL)")
-    weight_decay: float = _opt(0.0, "AdamW weight decay")
-    adam_beta1: float = _opt(0.9, "AdamW beta1")
-    adam_beta2: float = _opt(0.999, "AdamW beta2")
-    adam_epsilon: float = _opt(1e-8, "AdamW epsilon")
-    optim: str = _opt("adamw_torch", "Optimizer (adamw_8bit needs CUDA and bitsandbytes)", choices=OPTIMIZERS)
-    max_grad_norm: float = _opt(1.0, "Clip the gradient's global norm to this (0 disables clipping)")
-    seed: int = _opt(42, "Seed for LoRA init, data order and dropout")
-    shuffle: bool = _opt(True, "Shuffle pairs each epoch (--no-shuffle keeps file order)")
+    learning_rate: float = _opt(1e-6, "Peak learning rate (TRL default 1e-6)", resume="locked", card="learning rate")
+    lr_scheduler: str = _opt("linear", "Schedule after warmup", choices=LR_SCHEDULERS,
+        resume="locked", card="schedule")
+    warmup_steps: float = _opt(0.0, "Warmup steps; a value below 1 is a fraction of all steps (as TRL)",
+        resume="locked", card="warmup steps")
+    weight_decay: float = _opt(0.0, "AdamW weight decay", resume="locked")
+    adam_beta1: float = _opt(0.9, "AdamW beta1", resume="locked")
+    adam_beta2: float = _opt(0.999, "AdamW beta2", resume="locked")
+    adam_epsilon: float = _opt(1e-8, "AdamW epsilon", resume="locked")
+    optim: str = _opt("adamw_torch", "Optimizer (adamw_8bit needs CUDA and bitsandbytes)", choices=OPTIMIZERS,
+        resume="locked")
+    max_grad_norm: float = _opt(1.0, "Clip the gradient's global norm to this (0 disables clipping)", resume="locked")
+    seed: int = _opt(42, "Seed for LoRA init, data order and dropout", resume="locked", card="seed")
+    shuffle: bool = _opt(True, "Shuffle pairs each epoch (--no-shuffle keeps file order)", resume="locked")
     # DPO
     beta: float = _opt(0.1, "DPO beta: strength of the KL penalty to the reference (SimPO, CPO, KTO: their "
-                       "beta; ORPO: its lambda, as in TRL)")
+                       "beta; ORPO: its lambda, as in TRL)", resume="locked", card="beta")
     loss_type: list[str] = _opt(("sigmoid",), f"One or more DPO loss types ({', '.join(LOSS_TYPES)}), or one "
-                                f"objective alone: {', '.join(OBJECTIVES)} (each equal to its TRL 1.15 trainer)")
-    loss_weights: list[float] | None = _opt(None, "Weight of each --loss-type (none: 1 each)")
+                                f"objective alone: {', '.join(OBJECTIVES)} (each equal to its TRL 1.15 trainer)",
+                                    resume="locked", card="loss types")
+    loss_weights: list[float] | None = _opt(None, "Weight of each --loss-type (none: 1 each)",
+        resume="locked", card="loss weights")
     label_smoothing: float = _opt(0.0, "Label smoothing (robust, exo_pair, aot, aot_unpaired; simpo and cpo: "
-                                  "in [0, 0.5))")
-    discopop_tau: float = _opt(0.05, "Temperature of the discopop loss type")
-    simpo_gamma: float = _opt(0.5, "SimPO's target reward margin gamma (--loss-type simpo)")
+                                  "in [0, 0.5))", resume="locked", card="label smoothing")
+    discopop_tau: float = _opt(0.05, "Temperature of the discopop loss type", resume="locked", only_for="discopop")
+    simpo_gamma: float = _opt(0.5, "SimPO's target reward margin gamma (--loss-type simpo)",
+        resume="locked", only_for="simpo")
     cpo_alpha: float | None = _opt(None, "Weight of the chosen NLL term of --loss-type cpo (none: 1.0) or simpo "
-                                   "(none: 0.0, pure SimPO), as TRL's CPOTrainer")
-    kto_desirable_weight: float = _opt(1.0, "KTO's weight of the desirable rows' loss (lambda_D)")
-    kto_undesirable_weight: float = _opt(1.0, "KTO's weight of the undesirable rows' loss (lambda_U)")
+                                   "(none: 0.0, pure SimPO), as TRL's CPOTrainer", resume="locked")
+    kto_desirable_weight: float = _opt(1.0, "KTO's weight of the desirable rows' loss (lambda_D)",
+        resume="locked", only_for="kto")
+    kto_undesirable_weight: float = _opt(1.0, "KTO's weight of the undesirable rows' loss (lambda_U)",
+        resume="locked", only_for="kto")
     ld_alpha: float | None = _opt(None, "LD-DPO: weight in [0, 1] of the completion tokens past the shorter "
-                                  "completion of each pair (none: off; 1: plain DPO)")
+                                  "completion of each pair (none: off; 1: plain DPO)", resume="locked")
     use_weighting: bool = _opt(False, "WPO: weigh each pair's DPO loss by the policy's probability of its "
-                               "chosen and rejected completions (TRL's use_weighting)")
-    reference_free: bool = _opt(False, "Use no reference model (reference log-probs are 0)")
-    precompute_ref: bool = _opt(False, "Compute the reference log-probs of all pairs once before training")
-    precompute_ref_batch_size: int | None = _opt(None, "Pairs per batch for --precompute-ref (default: 4x the micro-batch)")
-    max_length: int | None = _opt(DEFAULT_MAX_LENGTH, "Max tokens of prompt+completion; longer sequences are cut at the end")
+                               "chosen and rejected completions (TRL's use_weighting)", resume="locked")
+    reference_free: bool = _opt(False, "Use no reference model (reference log-probs are 0)",
+        resume="locked", card="reference-free")
+    precompute_ref: bool = _opt(False, "Compute the reference log-probs of all pairs once before training",
+        resume="free", planned=True)
+    precompute_ref_batch_size: int | None = _opt(None, "Pairs per batch for --precompute-ref (default: 4x the micro-batch)",
+        resume="free", planned=True)
+    max_length: int | None = _opt(DEFAULT_MAX_LENGTH, "Max tokens of prompt+completion; longer sequences are cut at the end",
+        resume="locked", card="max length (tokens)")
     # Model and memory
     dtype: str = _opt("auto", "Weights and compute dtype (auto: bfloat16 on CUDA, float32 on CPU; no float16: "
-                      "DPO's log-prob sums overflow its range)", choices=DTYPES)
-    gradient_checkpointing: bool = _opt(True, "Recompute activations in backward to save memory")
+                      "DPO's log-prob sums overflow its range)", choices=DTYPES, resume="free", card="dtype")
+    gradient_checkpointing: bool = _opt(True, "Recompute activations in backward to save memory",
+        resume="free", planned=True)
     packing: bool = _opt(False, "Pack each micro-batch's sequences into one row: no pad tokens, positions restart per "
                          "sequence, attention never crosses sequences (checked on the first micro-batch; padded if "
-                         "the model's forward cannot keep them apart)")
+                         "the model's forward cannot keep them apart)", resume="free", planned=True)
     attention: str = _opt("auto", "Attention kernel for --packing on the hf backend (auto: flash-attn varlen, else "
-                          "FlexAttention, else sdpa)", choices=ATTENTION_ROUTES)
+                          "FlexAttention, else sdpa)", choices=ATTENTION_ROUTES, resume="free")
     memory_budget: str = _opt("auto", "GPU memory the run may use, in GiB, for the planner that picks micro-batch, "
                               "checkpointing, packing, reference precompute, LM-head chunk and embedding placement "
                               "(auto: the card's free memory less 1 GiB; none: no plan). Flags set to other than their "
-                              "default win over the plan. CPU runs and runs of several ranks are not planned")
-    plan: bool = _opt(False, "Print the plan for this run (see --memory-budget) and exit")
-    logprobs: str = _opt("chunked", "chunked: never build the full [B,T,V] logits; full: plain log_softmax", choices=LOGPROB_MODES)
+                              "default win over the plan. CPU runs and runs of several ranks are not planned",
+                                  resume="free")
+    plan: bool = _opt(False, "Print the plan for this run (see --memory-budget) and exit", resume="free", start=True)
+    logprobs: str = _opt("chunked", "chunked: never build the full [B,T,V] logits; full: plain log_softmax", choices=LOGPROB_MODES,
+        resume="free")
     logprob_chunk: int = _opt(256, "Tokens per LM-head chunk of --logprobs chunked (smaller: less memory, more "
-                              "launches)")
+                              "launches)", resume="free", planned=True)
     embeddings_on_cpu: bool = _opt(False, "Keep the frozen input-embedding table in CPU memory (exact; frees "
                                    "vocab x hidden x 2 bytes of GPU memory, 0.98 GiB for Llama-3-8B; not for "
-                                   "models that tie it to the LM head)")
-    disable_dropout: bool = _opt(True, "Zero every dropout, LoRA's included (as TRL's default)")
-    lora_r: int = _opt(16, "LoRA rank")
-    lora_alpha: int = _opt(16, "LoRA alpha (scale = alpha / r)")
-    lora_dropout: float = _opt(0.0, "LoRA dropout (inactive while --disable-dropout is on)")
-    lora_targets: list[str] = _opt(DEFAULT_LORA_TARGETS, "Module names that get LoRA adapters")
-    backend: str = _opt("auto", "auto: unsloth where CUDA and unsloth are present, else hf", choices=BACKENDS)
-    load_in_4bit: bool = _opt(False, "Load the base weights in 4-bit NF4 (QLoRA; needs CUDA and bitsandbytes)")
-    trust_remote_code: bool = _opt(False, "Allow model code from the model folder or hub (off: safer)")
-    device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
+                                   "models that tie it to the LM head)", resume="free", planned=True)
+    disable_dropout: bool = _opt(True, "Zero every dropout, LoRA's included (as TRL's default)", resume="locked")
+    lora_r: int = _opt(16, "LoRA rank", resume="locked", card="LoRA r")
+    lora_alpha: int = _opt(16, "LoRA alpha (scale = alpha / r)", resume="locked", card="LoRA alpha")
+    lora_dropout: float = _opt(0.0, "LoRA dropout (inactive while --disable-dropout is on)", resume="locked")
+    lora_targets: list[str] = _opt(DEFAULT_LORA_TARGETS, "Module names that get LoRA adapters",
+        resume="locked", card="LoRA targets")
+    backend: str = _opt("auto", "auto: unsloth where CUDA and unsloth are present, else hf", choices=BACKENDS,
+        resume="free")
+    load_in_4bit: bool = _opt(False, "Load the base weights in 4-bit NF4 (QLoRA; needs CUDA and bitsandbytes)",
+        resume="free")
+    trust_remote_code: bool = _opt(False, "Allow model code from the model folder or hub (off: safer)", resume="free")
+    device: str = _opt("auto", "cpu, cuda, cuda:N or auto", resume="free")
     # Checkpoints, resuming, faults
     save_steps: int = _opt(0, "Write a checkpoint (adapter, optimizer, scheduler, RNG, data position) every N "
-                           "optimizer steps; 0: only at the end")
-    save_total_limit: int = _opt(2, "Keep only the newest K checkpoints (0: keep all)")
+                           "optimizer steps; 0: only at the end", resume="free")
+    save_total_limit: int = _opt(2, "Keep only the newest K checkpoints (0: keep all)", resume="free")
     resume: bool = _opt(False, "Continue the run in --output-dir from its latest checkpoint, exactly as if never "
-                        "interrupted")
+                        "interrupted", resume="free", start=True)
     resume_from: str | None = _opt(None, "Continue from this checkpoint folder (or the latest one of this run "
-                                   "folder); the run goes on in --output-dir")
+                                   "folder); the run goes on in --output-dir", resume="free", start=True, path=True)
     overwrite: bool = _opt(False, "Start over in an --output-dir that holds another run (its checkpoints are "
-                           "deleted)", aliases=("--overwrite-output-dir",))
+                           "deleted)", aliases=("--overwrite-output-dir",), resume="free", start=True)
     on_nan: str = _opt("stop", "A non-finite loss or gradient norm: stop (naming the step, the rows and the last "
-                       "checkpoint) or skip that optimizer step (no update; counted and reported)", choices=ON_NAN)
+                       "checkpoint) or skip that optimizer step (no update; counted and reported)", choices=ON_NAN,
+                           resume="free")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
 
     def run_dict(self) -> dict[str, Any]:
         """The config that defines the run (to_dict without the start-up keys): what config.json holds."""
-        return {k: v for k, v in self.to_dict().items() if k not in RUN_CONTROL_KEYS}
+        start = field_names(start=True)
+        return {k: v for k, v in self.to_dict().items() if k not in start}
 
     def loss_settings(self) -> LossSettings:
-        """The loss settings of this run as one validated object (training and evaluation take it)."""
+        """The loss settings of this run as one validated object (training and evaluation take it), built
+        once for the values the fields hold."""
+        values = tuple(_hashable(getattr(self, f.name)) for f in fields(LossSettings))
+        cached = self.__dict__.get("_loss_settings")
+        if cached is not None and cached[0] == values:
+            return cached[1]
         try:
-            return LossSettings.from_config(self)
-        except ValueError as e:  # name the objective's own setting where the message starts with it
-            named = [n for n in OBJECTIVE_SETTINGS if str(e).startswith(n)]
+            settings = LossSettings.from_config(self)
+        except ValueError as e:  # name the setting where the message starts with it
+            named = [f.name for f in fields(LossSettings) if str(e).startswith(f.name)]
             flags = _flag(named[0]) if named else "--loss-type/--loss-weights/--label-smoothing"
             raise ConfigError(f"{flags}: {e}") from None
+        self.__dict__["_loss_settings"] = (values, settings)
+        return settings
+
+    @property
+    def budget(self) -> "MemoryBudget":
+        """--memory-budget as a typed value (checked by validate)."""
+        return MemoryBudget.parse(self.memory_budget)
 
     def validate(self) -> None:
         """Raise ConfigError naming the flag for every value that cannot work."""
@@ -207,13 +259,10 @@ class TrainConfig:
             parse_report_to(self.report_to)
         except TrackerError as e:
             raise ConfigError(str(e)) from None
-        if self.memory_budget not in ("auto", "none"):
-            try:
-                budget = float(self.memory_budget)
-            except ValueError:
-                budget = float("nan")
-            if not budget > 0:
-                bad("memory_budget", f"must be a number of GiB > 0, auto or none, got {self.memory_budget!r}")
+        try:
+            MemoryBudget.parse(self.memory_budget)
+        except ValueError as e:
+            bad("memory_budget", str(e))
         if self.threads < 0:
             bad("threads", f"must be >= 0, got {self.threads}")
         if self.eval_dataset is not None and looks_local(self.eval_dataset) and not _exists(self.eval_dataset):
@@ -293,6 +342,41 @@ class TrainConfig:
 
 class ConfigError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """What --memory-budget asks of the planner: "auto" (the card's free memory less 1 GiB), "none" (no
+    plan: the run as configured) or `gib` GiB."""
+
+    kind: str  # "auto", "none" or "gib"
+    gib: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "MemoryBudget":
+        if text in ("auto", "none"):
+            return cls(text)
+        try:
+            gib = float(text)
+        except (TypeError, ValueError):
+            gib = float("nan")
+        if not gib > 0:
+            raise ValueError(f"must be a number of GiB > 0, auto or none, got {text!r}")
+        return cls("gib", gib)
+
+    @property
+    def plans(self) -> bool:
+        return self.kind != "none"
+
+
+def field_names(cls=TrainConfig, **policy) -> tuple[str, ...]:
+    """The names of the fields whose metadata matches `policy`, in field order: field_names(resume="locked"),
+    field_names(planned=True), ..."""
+    return tuple(f.name for f in fields(cls) if all(f.metadata.get(k) == v for k, v in policy.items()))
+
+
+def _hashable(value):
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _bad(flag: str, why: str):

@@ -59,7 +59,7 @@ def objective_data(args, tokenizer, rows):
     """(ObjectiveReport, --out records) of the rows under --loss-type simpo/cpo/orpo/kto, tokenized as
     training tokenizes them (dpo.build.load_training_pairs)."""
     from dpo import objective_data as od
-    from dpo.build import SIDED_NO_LIMIT
+    from dpo.objectives.sided import SIDED_NO_LIMIT
 
     if not rows:
         raise DataError(f"{args.dataset}: the dataset is empty (no rows)")

@@ -224,12 +224,18 @@ def sizes_for_run(cfg, trainable: list[tuple[int, int]], *, num_rows: int, start
 
 
 def check_disk(cfg, *, num_rows: int, start_step: int, needs_reference: bool, unpaired: bool, dist,
-               device: torch.device) -> bool:
+               device: torch.device, may_precompute: bool = False) -> bool:
     """Before the model loads: whether this run writes checkpoints (room_for_checkpoints decides, on the
     main rank, and every rank is told: they must agree on when a checkpoint is saved). Raises
     CheckpointError when the run does not fit. A model that cannot be built here on the meta device is
-    reported (one warning line) and left to each save's own check."""
+    reported (one warning line) and left to each save's own check. `may_precompute`: the plan, made after
+    this check, may turn on --precompute-ref on a GPU: its reference cache is counted then."""
+    import dataclasses
+
     from dpo import distributed
+
+    if may_precompute and device.type == "cuda":
+        cfg = dataclasses.replace(cfg, precompute_ref=True)
 
     checkpoints = True
     if dist.is_main:

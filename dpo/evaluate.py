@@ -2,7 +2,7 @@
 
 Under any objective training takes (`--loss-type` and its settings, the same flags, defaults and refusals
 as `python -m dpo.train`, read into one dpo.loss_settings.LossSettings): its TRL trainer's eval metrics,
-with the names of training's eval rows (dpo.metrics), and the length-normalised accuracy (dpo.scoring),
+with the names of training's eval rows (dpo.metrics), and the length-normalised accuracy (dpo.objectives),
 each a mean over the pairs (KTO: over its unpaired rows; a paired file is split as training splits it);
 SimPO, CPO and ORPO read no reference. For a `builtin:` task also greedy generations of the policy and
 the reference, scored by the task's reward, and their KL to the reference (dpo.generation). The work is
@@ -31,8 +31,7 @@ _TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 # The loss flags are training's (same names, help and defaults), read into the one LossSettings.
 LOSS_FIELDS = tuple(f.name for f in dataclasses.fields(LossSettings))
 # Settings that only one objective reads: given with another, the flag would change nothing.
-ONLY_FOR = {"simpo_gamma": "simpo", "kto_desirable_weight": "kto", "kto_undesirable_weight": "kto",
-            "discopop_tau": "discopop"}
+ONLY_FOR = {f.name: f.metadata["only_for"] for f in dataclasses.fields(TrainConfig) if f.metadata.get("only_for")}
 
 
 class EvalError(Exception):

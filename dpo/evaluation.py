@@ -9,11 +9,9 @@
 
 The data is a preference file/folder/hub dataset (all its rows, or the first `eval_size`) or a built-in
 task's held-out split (`builtin:NAME`), which also has a ground-truth reward: then `after` generates
-greedily from the policy and the reference and scores both (dpo.generation). The metrics themselves
-come from log-probs through the pure `dpo.scoring.eval_metrics` (each a mean over pairs); SimPO, CPO and
-ORPO pairs (tokenized as training does) through `dpo.scoring.sided_eval_metrics`, with no reference;
-KTO's unpaired rows (a paired file split as training splits it) through `dpo.scoring.kto_eval_metrics`,
-in batches that each carry their own KL estimate.
+greedily from the policy and the reference and scores both (dpo.generation). The data is prepared
+and scored as training prepares and scores it, by the run's objective (dpo.objectives): the same
+`prepare`, `collate` and `score` under no_grad, then the objective's `eval_row` over every item.
 """
 
 from __future__ import annotations
@@ -27,146 +25,59 @@ import torch
 
 from dpo import generation, models, progress, tasks
 from dpo import data as data_mod
-from dpo.data import TokenizedPair, collate
-from dpo.loss_settings import LossSettings
-from dpo.report import ObjectiveReport, kto_report, sided_report
-from dpo import objective_data as od
 from dpo.build import read_spec_rows
-from dpo.objective_data import SidedPair, TokenizedRow, collate_sided, tokenize_sided
-from dpo.objective_logps import completion_token_counts, ld_logps, ld_masks, prompt_token_mask, wpo_pair_weights
-from dpo.scoring import (METRIC_NAMES, SIDED_OBJECTIVES, PairLogps, SidedLogps, UnpairedSums, eval_metrics,
-                         kto_eval_metrics, sided_eval_metrics)
+from dpo.loss_settings import LossSettings
+from dpo.objectives import DataOptions, Objective, Scorer, objective_for
+from dpo.objectives.base import on_cpu
+from dpo.objectives.dpo import METRIC_NAMES
+from dpo.report import ObjectiveReport
 
-__all__ = ["METRIC_NAMES", "Evaluation", "GenerationSettings", "PairLogps", "evaluate_pairs", "pair_logps",
-           "sided_logps", "unpaired_sums", "format_metrics", "format_before_after"]
-
-SIDED_NO_LIMIT = 1 << 30  # CPO/ORPO tokenization with no max_length: nothing is cut (as dpo.build)
+__all__ = ["METRIC_NAMES", "Evaluation", "GenerationSettings", "evaluate_items", "score_items", "format_metrics",
+           "format_before_after"]
 
 
-def pair_logps(model, tokenizer, pairs: list[TokenizedPair], *, batch_size: int, logprobs: str = "chunked",
-               max_length: int | None = None, reference: bool = False, ref_model=None,
-               ld_alpha: float | None = None, wpo: bool = False) -> PairLogps:
-    """Log-probs of every pair's chosen and rejected completion (float32, on the CPU), no gradients.
+def score_items(model, tokenizer, items: list, *, objective: Objective, batch_size: int, logprobs: str = "chunked",
+                max_length: int | None = None, reference: bool = False, ref_model=None) -> list:
+    """Every item scored as training scores a micro-batch (`objective.score`), in batches of `batch_size`
+    (file order), without gradients; the scores float32 in CPU memory, one per batch.
 
     reference=True: under the reference (`ref_model`, or `model` in dpo.models.reference_mode).
-    ld_alpha: LD-DPO's weighted sums (as training takes them); wpo: also WPO's pair weights.
-    `max_length` must be the one the pairs were prepared with (the collator cuts completions to it).
+    `max_length` must be the one the items were prepared with (the collator cuts to it).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pad = models.pad_id(tokenizer)
-    device = next(model.parameters()).device
-    lps: list[torch.Tensor] = []
-    counts: list[torch.Tensor] = []
-    weights: list[torch.Tensor] = []
+    scorer = Scorer(next(model.parameters()).device, logprobs)
+    out = []
     scope = models.as_reference(model, ref_model) if reference else contextlib.nullcontext(model)
     desc = "eval (reference)" if reference else "eval (policy)"
-    with torch.no_grad(), models.eval_mode(model), scope as net, progress.bar(len(pairs), desc, "pair") as bar:
-        for start in range(0, len(pairs), batch_size):
-            batch = collate(pairs[start : start + batch_size], pad, max_length).to(device)
-            b = batch.num_pairs
-            lp, w = _dpo_logps(net, batch, logprobs, ld_alpha, wpo)
-            lp = lp.float().cpu()
-            if w is not None:
-                weights.append(w.float().cpu())
-            n = batch.completion_mask.sum(dim=1).cpu()
-            lps.append(torch.stack([lp[:b], lp[b:]], dim=1))
-            counts.append(torch.stack([n[:b], n[b:]], dim=1))
-            bar.update(b)
-    lp = torch.cat(lps) if lps else torch.zeros(0, 2)
-    n = torch.cat(counts) if counts else torch.zeros(0, 2, dtype=torch.long)
-    return PairLogps(lp[:, 0], lp[:, 1], n[:, 0], n[:, 1], torch.cat(weights) if wpo and weights else None)
-
-
-def _dpo_logps(model, batch, logprobs: str, ld_alpha: float | None, wpo: bool):
-    """([2B] log-probs as the DPO loss takes them, [B] WPO weights or None) of one batch on the device."""
-    if ld_alpha is None and not wpo:
-        return models.completion_logps(model, batch, logprobs), None
-    scored = models.ScoredForward(model, batch, logprobs)
-    cm = batch.completion_mask
-    if ld_alpha is None:
-        lp = scored.sums(cm)
-    else:
-        shared, tail = ld_masks(cm)
-        lp = ld_logps(scored.sums(shared), scored.sums(tail), ld_alpha)
-    return lp, (wpo_pair_weights(scored.wpo_weights(cm)) if wpo else None)
-
-
-def sided_logps(model, tokenizer, pairs: list[SidedPair], *, batch_size: int, logprobs: str = "chunked",
-                include_prompt: bool = False, reference: bool = False, ref_model=None) -> list[SidedLogps]:
-    """SimPO/CPO/ORPO pairs scored in batches of `batch_size` (file order), as training scores a micro-batch
-    (dpo.trainer.Trainer.sided_loss): one forward of [chosen rows; rejected rows]; no gradients, float32
-    on the CPU. include_prompt: the NLL reads prompt and completion (ORPO). reference=True: the starting
-    model (`ref_model`, or `model` in dpo.models.reference_mode), i.e. the policy before training."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    pad = models.pad_id(tokenizer)
-    device = next(model.parameters()).device
-    out: list[SidedLogps] = []
-    scope = models.as_reference(model, ref_model) if reference else contextlib.nullcontext(model)
-    desc = "eval (start model)" if reference else "eval (policy)"
-    with torch.no_grad(), models.eval_mode(model), scope as net, progress.bar(len(pairs), desc, "pair") as bar:
-        for start in range(0, len(pairs), batch_size):
-            batch = collate_sided(pairs[start : start + batch_size], pad).to(device)
-            b, cm = batch.num_pairs, batch.completion_mask
-            scored = models.ScoredForward(net, batch, logprobs)
-            sums, counts = scored.sums(cm).float().cpu(), completion_token_counts(cm).cpu()
-            nll_logps, nll_tokens = sums[:b], counts[:b]
-            if include_prompt:
-                prompt = prompt_token_mask(batch.attention_mask, cm)
-                nll_logps = nll_logps + scored.sums(prompt, slice(0, b)).float().cpu()
-                nll_tokens = completion_token_counts(batch.attention_mask[:b]).cpu()
-            out.append(SidedLogps(sums[:b], sums[b:], counts[:b], counts[b:], nll_logps, nll_tokens))
-            bar.update(b)
+    with torch.no_grad(), models.eval_mode(model), scope as net, \
+            progress.bar(len(items), desc, objective.unit) as bar:
+        for start in range(0, len(items), batch_size):
+            part = items[start : start + batch_size]
+            out.append(on_cpu(objective.score(scorer, net, objective.collate(part, pad, max_length))))
+            bar.update(len(part))
     return out
 
 
-def unpaired_sums(model, tokenizer, rows: list[TokenizedRow], *, batch_size: int, max_length: int | None,
-                  logprobs: str = "chunked", reference: bool = False, ref_model=None) -> list[UnpairedSums]:
-    """KTO rows scored in batches of `batch_size` (file order), each with its mismatched KL rows (the
-    completions rotated by one inside the batch, as TRL's KTOTrainer builds them), as training scores a
-    micro-batch (dpo.trainer.Trainer.kto_loss); no gradients, float32 on the CPU. reference=True: under
-    the reference (`ref_model`, or `model` in dpo.models.reference_mode)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    pad = models.pad_id(tokenizer)
-    device = next(model.parameters()).device
-    kl_ids = od.kl_completions([r.completion_ids for r in rows], batch_size)
-    out: list[UnpairedSums] = []
-    scope = models.as_reference(model, ref_model) if reference else contextlib.nullcontext(model)
-    desc = "eval (reference)" if reference else "eval (policy)"
-    with torch.no_grad(), models.eval_mode(model), scope as net, progress.bar(len(rows), desc, "row") as bar:
-        for start in range(0, len(rows), batch_size):
-            part = slice(start, start + batch_size)
-            ub = od.collate_unpaired(rows[part], pad, max_length, kl_ids[part])
-            sums = []
-            for batch in (ub.batch.to(device), ub.kl_batch.to(device)):
-                sums.append(models.ScoredForward(net, batch, logprobs).sums(batch.completion_mask).float().cpu())
-            out.append(UnpairedSums(sums[0], sums[1], ub.desirable))
-            bar.update(len(ub.desirable))
-    return out
-
-
-def evaluate_pairs(model, tokenizer, pairs: list[TokenizedPair], *, loss: LossSettings, batch_size: int,
-                   logprobs: str = "chunked", ref_model=None, max_length: int | None = None,
-                   ref_logps: PairLogps | None = None) -> dict[str, float]:
-    """The eval metrics of the policy `model` on held-out pairs (no gradients; train/eval mode restored):
-    `dpo.scoring.eval_metrics` of its log-probs and the reference's, plus `eval_seconds`.
-
-    The reference is `ref_model` when given, else `model` under dpo.models.reference_mode (LoRA off, or
-    the frozen start adapter); `ref_logps` (from `pair_logps(..., reference=True)`) skips computing it.
+def evaluate_items(model, tokenizer, items: list, *, loss: LossSettings, batch_size: int, logprobs: str = "chunked",
+                   ref_model=None, max_length: int | None = None, ref_scores: list | None = None) -> dict[str, float]:
+    """The eval metrics of the policy `model` on held-out items under any objective (no gradients; train/eval
+    mode restored): the objective's `eval_row` of the policy's scores and the reference's, plus
+    `eval_seconds`. The reference is `ref_model` when given, else `model` under dpo.models.reference_mode
+    (LoRA off, or the frozen start adapter); `ref_scores` (from `score_items(..., reference=True)`) skips it.
     """
-    if not pairs:
+    if not items:
         raise ValueError("no pairs to evaluate")
-    if ref_logps is not None and len(ref_logps) != len(pairs):
-        raise ValueError(f"ref_logps holds {len(ref_logps)} pairs, but {len(pairs)} pairs were given")
+    objective = objective_for(loss)
+    if ref_scores is not None and sum(len(s) for s in ref_scores) != len(items):
+        raise ValueError(f"ref_scores hold {sum(len(s) for s in ref_scores)} items, but {len(items)} were given")
     started = time.time()
-    kw = dict(batch_size=batch_size, logprobs=logprobs, max_length=max_length, ld_alpha=loss.ld_alpha,
-              wpo=loss.use_weighting)
-    if ref_logps is None:
-        ref_logps = pair_logps(model, tokenizer, pairs, reference=True, ref_model=ref_model, **kw)
-    policy = pair_logps(model, tokenizer, pairs, **kw)
-    metrics = eval_metrics(policy, ref_logps, loss, batch_size)
+    kw = dict(objective=objective, batch_size=batch_size, logprobs=logprobs, max_length=max_length)
+    if ref_scores is None and objective.eval_reference:
+        ref_scores = score_items(model, tokenizer, items, reference=True, ref_model=ref_model, **kw)
+    policy = score_items(model, tokenizer, items, **kw)
+    metrics = objective.eval_row(policy, ref_scores, batch_size)
     metrics["eval_seconds"] = round(time.time() - started, 3)
     return metrics
 
@@ -181,18 +92,17 @@ class GenerationSettings:
 
 
 class Evaluation:
-    """Before/after evaluation on held-out pairs; for a built-in task also greedy generations, their
-    ground-truth reward and their KL to the reference (see the module doc).
+    """Before/after evaluation on held-out items under the run's objective; for a built-in task also greedy
+    generations, their ground-truth reward and their KL to the reference (see the module doc).
 
     `task` (a dpo.tasks.Task) and `prompts` (its held-out prompts) make the generations; without a task
-    there are none. The reference is `ref_model` when given, else the model in reference mode.
-    SimPO/CPO/ORPO (`pairs` are SidedPairs) use no reference: "before" is the starting model scored as the
-    policy (the same model as the reference: the adapter off, or the frozen start adapter).
+    there are none. The reference is `ref_model` when given, else the model in reference mode. An objective
+    that reads no reference (SimPO, CPO, ORPO) is scored "before" as the starting model (the same model as
+    the reference: the adapter off, or the frozen start adapter).
     """
 
-    def __init__(self, name: str, tokenizer, pairs: list[TokenizedPair] | list[SidedPair] | list[TokenizedRow], *,
-                 loss: LossSettings, max_length: int | None, logprobs: str = "chunked",
-                 batch_size: int = tasks.DEFAULT_EVAL["batch_size"],
+    def __init__(self, name: str, tokenizer, pairs: list, *, loss: LossSettings, max_length: int | None,
+                 logprobs: str = "chunked", batch_size: int = tasks.DEFAULT_EVAL["batch_size"],
                  data_report: data_mod.DataReport | ObjectiveReport | None = None, task=None,
                  prompts: list | None = None,
                  generation_settings: GenerationSettings | None = None, ref_model=None):
@@ -200,12 +110,11 @@ class Evaluation:
             raise ValueError(f"{name}: no pairs to evaluate")
         self.name, self.tokenizer, self.pairs = name, tokenizer, pairs
         self.loss, self.max_length, self.logprobs, self.batch_size = loss, max_length, logprobs, batch_size
+        self.objective = objective_for(loss)
         self.data_report, self.task, self.prompts = data_report, task, list(prompts or [])
         self.generation_settings = generation_settings or GenerationSettings()
         self.ref_model = ref_model
-        self.sided = loss.objective in SIDED_OBJECTIVES  # SimPO/CPO/ORPO: SidedPairs, no reference
-        self.ref_sums: list[UnpairedSums] | None = None  # KTO: the reference's, computed once
-        self.ref_logps: PairLogps | None = None
+        self.ref_scores: list | None = None  # the reference's, computed once (the reference never changes)
         self.before_metrics: dict | None = None
         self.after_metrics: dict | None = None
         self.generations: dict | None = None
@@ -218,10 +127,9 @@ class Evaluation:
         name = cfg.eval_dataset or (cfg.dataset if tasks.is_builtin(cfg.dataset) else None)
         if name is None:
             return None
-        loss = LossSettings.from_config(cfg)
         spec = dict(prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
                     rejected_column=cfg.rejected_column, implicit_prompt=cfg.implicit_prompt)
-        return cls.of_dataset(name, tokenizer, loss=loss, max_length=cfg.max_length,
+        return cls.of_dataset(name, tokenizer, loss=cfg.loss_settings(), max_length=cfg.max_length,
                               max_prompt_length=cfg.max_prompt_length, drop_identical=not cfg.keep_identical,
                               logprobs=cfg.logprobs, spec=spec)
 
@@ -230,8 +138,8 @@ class Evaluation:
                    max_prompt_length: int | None = None, drop_identical: bool = True, eval_size: int | None = None,
                    seed: int = 0, spec: dict | None = None, **kwargs) -> "Evaluation":
         """On `builtin:NAME` (`eval_size` held-out rows, default 48, made with `seed`) or on a preference
-        dataset (its first `eval_size` rows, default all; `spec`: more DataSpec fields, e.g. columns).
-        DataError for a bad dataset; `kwargs` go to the constructor."""
+        dataset (its first `eval_size` rows, default all; `spec`: more DataSpec fields, e.g. columns),
+        prepared as training prepares its data. DataError for a bad dataset; `kwargs` go to the constructor."""
         task = prompts = None
         if tasks.is_builtin(dataset):
             task, _ = tasks.parse_builtin(dataset)
@@ -245,60 +153,31 @@ class Evaluation:
                 rows.format = fmt
             elif eval_size is not None:
                 rows = rows[:eval_size]
-        if loss.unpaired:  # as training and TRL's KTOTrainer: pairs split, rows whose prompt fills max_length dropped
-            unpaired = rows if rows and isinstance(rows[0], od.UnpairedRow) else od.unpair_rows(list(rows))
-            tokenized = [od.tokenize_unpaired(tokenizer, r) for r in unpaired]
-            pairs = [t for t in tokenized if od.kto_keeps(t, max_length)]
-            report = kto_report(len(rows), tokenized, pairs, max_length, dataset)
-            if not pairs:
-                raise data_mod.DataError(f"{dataset}: every prompt fills max_length {max_length}; no row to evaluate")
-        elif loss.objective in SIDED_OBJECTIVES:  # tokenized as training and TRL's CPO/ORPO trainers do: none dropped
-            limit = max_length if max_length is not None else SIDED_NO_LIMIT
-            pairs = [tokenize_sided(tokenizer, r, limit) for r in rows]
-            uncut = pairs if max_length is None else [tokenize_sided(tokenizer, r, SIDED_NO_LIMIT) for r in rows]
-            report = sided_report(loss.objective, uncut, max_length, dataset)
-        else:
-            pairs, report = data_mod.prepare_pairs(tokenizer, rows, max_length, max_prompt_length,
-                                                   drop_identical=drop_identical)
-        return cls(dataset, tokenizer, pairs, loss=loss, max_length=max_length, data_report=report, task=task,
+        options = DataOptions(max_length, max_prompt_length, drop_identical,
+                              batch_size=kwargs.get("batch_size", tasks.DEFAULT_EVAL["batch_size"]), source=dataset)
+        items, report = objective_for(loss).prepare(tokenizer, rows, options)
+        return cls(dataset, tokenizer, items, loss=loss, max_length=max_length, data_report=report, task=task,
                    prompts=prompts, **kwargs)
 
-    def _reference(self, model) -> PairLogps:
-        """The reference's log-probs of the pairs, computed once (the reference never changes)."""
-        if self.ref_logps is None:
-            self.ref_logps = pair_logps(model, self.tokenizer, self.pairs, batch_size=self.batch_size,
-                                        logprobs=self.logprobs, max_length=self.max_length, reference=True,
-                                        ref_model=self.ref_model, ld_alpha=self.loss.ld_alpha,
-                                        wpo=self.loss.use_weighting)  # its weights: the policy's before training
-        return self.ref_logps
+    def _score(self, model, reference: bool) -> list:
+        return score_items(model, self.tokenizer, self.pairs, objective=self.objective, batch_size=self.batch_size,
+                           logprobs=self.logprobs, max_length=self.max_length, reference=reference,
+                           ref_model=self.ref_model)
 
-    def _sided_metrics(self, model, reference: bool = False) -> dict[str, float]:
-        started = time.time()
-        batches = sided_logps(model, self.tokenizer, self.pairs, batch_size=self.batch_size, logprobs=self.logprobs,
-                              include_prompt=self.loss.nll_includes_prompt, reference=reference,
-                              ref_model=self.ref_model)
-        return {**sided_eval_metrics(batches, self.loss), "eval_seconds": round(time.time() - started, 3)}
+    def _reference(self, model) -> list:
+        """The reference's scores of the items, computed once (the reference never changes)."""
+        if self.ref_scores is None:
+            self.ref_scores = self._score(model, reference=True)
+        return self.ref_scores
 
-    def _unpaired(self, model, reference: bool) -> list[UnpairedSums]:
-        return unpaired_sums(model, self.tokenizer, self.pairs, batch_size=self.batch_size, max_length=self.max_length,
-                             logprobs=self.logprobs, reference=reference, ref_model=self.ref_model)
-
-    def _kto_metrics(self, model, policy_is_reference: bool = False) -> dict[str, float]:
-        started = time.time()
-        if self.ref_sums is None:
-            self.ref_sums = self._unpaired(model, reference=True)
-        policy = self.ref_sums if policy_is_reference else self._unpaired(model, reference=False)
-        return {**kto_eval_metrics(policy, self.ref_sums, self.loss), "eval_seconds": round(time.time() - started, 3)}
+    def _row(self, policy: list, ref: list | None, started: float) -> dict[str, float]:
+        return {**self.objective.eval_row(policy, ref, self.batch_size), "eval_seconds": round(time.time() - started, 3)}
 
     def metrics(self, model) -> dict[str, float]:
         """The eval metrics (TRL's names with `eval_`, and ours) of the policy `model` now."""
-        if self.sided:
-            return self._sided_metrics(model)
-        if self.loss.unpaired:
-            return self._kto_metrics(model)
-        return evaluate_pairs(model, self.tokenizer, self.pairs, loss=self.loss, batch_size=self.batch_size,
-                              logprobs=self.logprobs, max_length=self.max_length, ref_model=self.ref_model,
-                              ref_logps=self._reference(model))
+        started = time.time()
+        ref = self._reference(model) if self.objective.eval_reference else None
+        return self._row(self._score(model, reference=False), ref, started)
 
     def before(self, model, policy_is_reference: bool = True) -> dict[str, float]:
         """The starting model's metrics. Before the first step the policy equals the reference (a fresh
@@ -306,16 +185,13 @@ class Evaluation:
         reference scored against itself, with no policy pass; in a resumed run they are still the
         start's. policy_is_reference=False scores the policy instead."""
         started = time.time()
-        if self.sided:
-            self.before_metrics = self._sided_metrics(model, reference=policy_is_reference)
-        elif self.loss.unpaired:
-            self.before_metrics = self._kto_metrics(model, policy_is_reference)
-        elif policy_is_reference:
-            ref = self._reference(model)
-            self.before_metrics = {**eval_metrics(ref, ref, self.loss, self.batch_size),
-                                   "eval_seconds": round(time.time() - started, 3)}
-        else:
+        if not policy_is_reference:
             self.before_metrics = self.metrics(model)
+        elif self.objective.eval_reference:
+            ref = self._reference(model)
+            self.before_metrics = self._row(ref, ref, started)
+        else:
+            self.before_metrics = self._row(self._score(model, reference=True), None, started)
         self.seconds["before"] = round(time.time() - started, 2)
         return self.before_metrics
 
@@ -336,7 +212,7 @@ class Evaluation:
     def describe_data(self) -> str:
         """One line: how many pairs of what were scored, and how many rows were dropped (and why)."""
         what = f"{self.task.dataset} (names never seen in training)" if self.task is not None else self.name
-        unit = "rows (desirable and undesirable)" if self.loss.unpaired else "pairs"
+        unit = "rows (desirable and undesirable)" if self.objective.unit == "row" else "pairs"
         line = f"{len(self.pairs)} {unit} of {what}"
         report = self.data_report
         read = getattr(report, "items", None) or getattr(report, "rows_read", 0)  # KTO: rows after unpairing
@@ -350,11 +226,10 @@ class Evaluation:
         if self.after_metrics is None:
             raise RuntimeError("call after(model) first")
         before = self.before_metrics
-        if before is None and (self.sided or self.loss.unpaired):
-            before = {}  # nothing to show without a pass of the starting model (before(model) makes one)
-        elif before is None:
-            before = eval_metrics(self.ref_logps, self.ref_logps, self.loss, self.batch_size)
-        start = "the starting model" if self.sided else "the reference model"
+        if before is None:  # the reference against itself, where it was scored; else nothing to show
+            ref = self.ref_scores
+            before = self.objective.eval_row(ref, ref, self.batch_size) if ref else {}
+        start = "the reference model" if self.objective.eval_reference else "the starting model"
         lines = [f"held-out evaluation: {self.describe_data()}; before = {start}",
                  format_before_after(before, self.after_metrics, gen_after=self.generations)]
         gen = self.generations

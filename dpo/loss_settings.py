@@ -1,27 +1,18 @@
 """Every loss setting as one validated object (`LossSettings`), built once from the run's config and
-taken by training and evaluation, and `objective_loss`: the one call that turns a batch's log-probs
-into the loss under those settings (DPO's loss types in `dpo/losses.py`, the other objectives in
-`dpo/objective_losses.py`).
+taken by training and evaluation: which objective it names and what that objective needs (a reference,
+length-normalised log-probs, an NLL term). The objective that computes the loss under these settings
+is `dpo.objectives.objective_for(settings)`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+from dpo.losses import _as_list, validate_loss_config
+from dpo.objective_losses import OBJECTIVES
 
-from dpo.losses import LossOutput, PreferenceLogps, _as_list, preference_loss, validate_loss_config
-from dpo.objective_losses import (
-    OBJECTIVES,
-    UnpairedLogps,
-    cpo_loss,
-    kto_loss,
-    orpo_log_odds,
-    simpo_loss,
-)
 
 def _validate_objective(s: "LossSettings") -> None:
     """Raise ValueError, with one sentence, for objective settings TRL would refuse or that cannot work."""
@@ -128,94 +119,8 @@ class LossSettings:
 
     @classmethod
     def from_config(cls, cfg) -> "LossSettings":
-        """The loss settings of a run config (any object with these attribute names; new ones optional)."""
-        optional = {name: getattr(cfg, name) for name in (
-            "discopop_tau", "simpo_gamma", "cpo_alpha", "kto_desirable_weight", "kto_undesirable_weight",
-            "ld_alpha", "use_weighting") if hasattr(cfg, name)}
-        return cls(beta=cfg.beta, loss_type=tuple(_as_list(cfg.loss_type)), loss_weights=cfg.loss_weights,
-                   label_smoothing=cfg.label_smoothing, reference_free=cfg.reference_free, **optional)
-
-    def __call__(self, logps, **extra) -> LossOutput:
-        """The loss of one batch under these settings (see `objective_loss`)."""
-        return objective_loss(self, logps, **extra)
-
-
-def objective_loss(
-    settings: LossSettings,
-    logps: PreferenceLogps | UnpairedLogps,
-    *,
-    nll: Tensor | None = None,
-    pair_weights: Tensor | None = None,
-) -> LossOutput:
-    """The loss of one micro-batch under any objective, with TRL's metric values in `extra`.
-
-    dpo:          `logps` PreferenceLogps of summed log-probs (LD-DPO: already length-desensitised);
-                  pair_weights [B] for WPO (settings.use_weighting).
-    simpo, orpo:  PreferenceLogps whose chosen/rejected are per-token MEAN log-probs (ref fields unused).
-    cpo:          PreferenceLogps of summed log-probs (ref fields unused).
-    simpo, cpo, orpo: `nll` = chosen_nll(...) of the batch when settings.nll_weight > 0 (required then).
-    kto:          UnpairedLogps; returns per-row losses in `pair_loss`, desirable rewards in
-                  `chosen_rewards` and undesirable ones in `rejected_rewards` (different lengths).
-    """
-    obj = settings.objective
-    if obj == "dpo":
-        return preference_loss(
-            logps, beta=settings.beta, loss_types=settings.loss_type, loss_weights=settings.loss_weights,
-            label_smoothing=settings.label_smoothing, discopop_tau=settings.discopop_tau,
-            reference_free=settings.reference_free,
-            pair_weights=pair_weights if settings.use_weighting else None,
-        )
-    if obj == "kto":
-        return _kto_output(settings, logps)
-    return _reference_free_output(settings, logps, nll)
-
-
-def _reference_free_output(settings: LossSettings, logps: PreferenceLogps, nll: Tensor | None) -> LossOutput:
-    obj, beta = settings.objective, settings.beta
-    c, r = logps.chosen, logps.rejected
-    extra: dict[str, Tensor] = {}
-    if obj == "simpo":
-        per_pair = simpo_loss(c, r, beta=beta, gamma=settings.simpo_gamma, label_smoothing=settings.label_smoothing)
-    elif obj == "cpo":
-        per_pair = cpo_loss(c, r, beta=beta, label_smoothing=settings.label_smoothing)
-    else:  # orpo
-        log_odds = orpo_log_odds(c, r)
-        per_pair = -(beta * F.logsigmoid(log_odds))
-        extra["log_odds_ratio"] = F.logsigmoid(log_odds).mean().detach()
-        extra["log_odds_chosen"] = log_odds.mean().detach()
-    loss = per_pair.mean()
-    weight = settings.nll_weight
-    if weight > 0:
-        if nll is None:
-            raise ValueError(f"the {obj} loss needs the chosen NLL of the batch (nll=chosen_nll(...)).")
-        # ORPO: TRL adds the NLL unweighted (nll - mean(beta*ratio)); multiplying by 1.0 would be exact anyway.
-        loss = nll + loss if obj == "orpo" else loss + weight * nll
-    # TRL logs nll_loss 0 when cpo_alpha is 0 (it skips the NLL); ORPO always has it (checked above).
-    extra["nll_loss"] = (nll if nll is not None else torch.zeros((), device=c.device)).detach()
-    return LossOutput(
-        loss=loss,
-        per_pair={obj: per_pair},
-        pair_loss=per_pair.detach(),
-        chosen_rewards=(beta * c).detach(),
-        rejected_rewards=(beta * r).detach(),
-        extra=extra,
-    )
-
-
-def _kto_output(settings: LossSettings, logps: UnpairedLogps) -> LossOutput:
-    beta = settings.beta
-    logratios = logps.logps - logps.ref_logps.detach()
-    desirable = logps.desirable.bool()
-    per_row = kto_loss(
-        logratios, desirable, logps.kl, beta=beta,
-        desirable_weight=settings.kto_desirable_weight, undesirable_weight=settings.kto_undesirable_weight,
-    )
-    rewards = (beta * logratios).detach()
-    return LossOutput(
-        loss=per_row.nanmean(),
-        per_pair={"kto": per_row},
-        pair_loss=per_row.detach(),
-        chosen_rewards=rewards[desirable],
-        rejected_rewards=rewards[~desirable],
-        extra={"kl": logps.kl.detach()},
-    )
+        """The loss settings of a run config: the attributes named as these fields (those it lacks keep
+        their defaults)."""
+        values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if hasattr(cfg, f.name)}
+        values["loss_type"] = tuple(_as_list(values.get("loss_type", cls.loss_type)))
+        return cls(**values)

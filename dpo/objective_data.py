@@ -43,6 +43,7 @@ class TokenizedRow:
     completion_ids: list[int]
     label: bool
     row_id: int = 0
+    kl_completion_ids: list[int] | None = None  # the completion of this row's mismatched KL row (kl_completions)
 
 
 def unpair_rows(rows: list[PreferenceRow], block: int = UNPAIR_BLOCK) -> list[UnpairedRow]:
@@ -101,6 +102,14 @@ class UnpairedBatch:
     batch: Batch  # the N rows: input_ids, attention_mask, completion_mask [N, T]
     desirable: torch.Tensor  # [N] bool
     kl_batch: Batch | None  # the N mismatched rows (prompt_i + kl_completion_i), or None
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return self.batch.attention_mask
+
+    @property
+    def row_ids(self) -> list[int]:
+        return self.batch.row_ids
 
 
 def _cut(prompt: list[int], completion: list[int], max_length: int | None) -> tuple[list[int], list[int]]:
@@ -165,6 +174,16 @@ def split_sided(
             answer = answer[: max(0, max_length - len(prompt))]
         out += [prompt, answer]
     return SidedPair(*out, row_id=row_id)
+
+
+def cut_sided(pair: SidedPair, max_length: int | None) -> SidedPair:
+    """The pair with each completion cut so that prompt + completion fits max_length (the prompt is kept
+    whole, as TRL's CPO/ORPO tokenize_row cuts), unchanged when max_length is None."""
+    if max_length is None:
+        return pair
+    chosen = pair.chosen_ids[: max(0, max_length - len(pair.chosen_prompt_ids))]
+    rejected = pair.rejected_ids[: max(0, max_length - len(pair.rejected_prompt_ids))]
+    return dataclasses.replace(pair, chosen_ids=chosen, rejected_ids=rejected)
 
 
 def _common_text_prefix(a: str, b: str) -> str:

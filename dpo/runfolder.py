@@ -36,6 +36,7 @@ from dpo.checkpoint import (
     load_checkpoint,
 )
 from dpo.cli import one_line
+from dpo.config import field_names
 from dpo.files import remove_tree, replace_dir, write_json_atomic, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
@@ -45,59 +46,10 @@ ADAPTER_DIR = "adapter"
 RESUME_FLAG = "--resume"
 OVERWRITE_FLAG = "--overwrite-output-dir"
 
-# Config keys that must be equal when a run is resumed: each changes which pairs there are, their
-# order, the loss, the adapter's shape or the optimizer/schedule, so a "resumed" run with a different
-# value would be a different run stitched onto the first. optimizer.load_state_dict() also silently
-# restores the saved lr/betas/eps/weight_decay, so a changed optimizer flag would otherwise be ignored
-# without a word. Hardware and speed choices (device, dtype, backend, load_in_4bit,
-# gradient_checkpointing, logprobs, logprob_chunk, embeddings_on_cpu) and output_dir may change.
-# The one list: check_output_dir and load_resume_checkpoint both compare against it.
-RESUME_LOCKED_KEYS: tuple[str, ...] = (
-    "model",
-    "dataset",
-    "dataset_split",
-    "dataset_config",
-    "prompt_column",
-    "chosen_column",
-    "rejected_column",
-    "implicit_prompt",
-    "keep_identical",
-    "max_prompt_length",
-    "loss_type",
-    "loss_weights",
-    "beta",
-    "label_smoothing",
-    "reference_free",
-    "max_length",
-    "per_device_batch_size",
-    "grad_accum",
-    "seed",
-    "shuffle",
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "lora_targets",
-    "disable_dropout",
-    "adapter",
-    "optim",
-    "lr_scheduler",
-    "learning_rate",
-    "warmup_steps",
-    "weight_decay",
-    "adam_beta1",
-    "adam_beta2",
-    "adam_epsilon",
-    "max_grad_norm",
-    "max_steps",
-    "num_epochs",
-    "discopop_tau",
-    "simpo_gamma",
-    "cpo_alpha",
-    "kto_desirable_weight",
-    "kto_undesirable_weight",
-    "ld_alpha",
-    "use_weighting",
-)
+# Config keys that must be equal when a run is resumed: the fields that declare resume="locked"
+# (dpo/config.py says why each kind is locked or free). check_output_dir and load_resume_checkpoint both
+# compare against it.
+RESUME_LOCKED_KEYS: tuple[str, ...] = field_names(resume="locked")
 
 
 # --- comparing configs ---------------------------------------------------------------------------

@@ -36,7 +36,8 @@ import torch
 
 from dpo.sources import DataError
 from dpo import diskspace, distributed, host_memory, models, tasks, trackers
-from dpo.build import build_model, cpu_threads, load_training_pairs, plan_run, planned_as_before, read_rows
+from dpo.build import (PreparedData, build_model, check_same_tokenization, cpu_threads, plan_run, planned_as_before,
+                       prepare_data, read_rows)
 from dpo.checkpoint import Checkpoint, CheckpointError, restore_rng
 from dpo.card import write_run_card
 from dpo.cli import first_line
@@ -115,35 +116,38 @@ def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None 
         torch.set_num_threads(threads)
         if dist.is_main:
             print(f"dpo: {threads} CPU thread(s) per process (--threads to change)")
-    run_config = cfg.run_dict()
     commands = Commands(cfg, argv)
+    # 1. Checks that cost a second: the output folder, the checkpoint to resume, the data, the model path.
     if dist.is_main:
-        check_output_dir(cfg.output_dir, run_config, resume=bool(cfg.resume or cfg.resume_from),
+        check_output_dir(cfg.output_dir, cfg.run_dict(), resume=bool(cfg.resume or cfg.resume_from),
                          overwrite=cfg.overwrite)
-    if (cfg.resume or cfg.resume_from) and cfg.memory_budget != "none" and device.type == "cuda":
-        cfg = resumed_plan(cfg)
-        run_config = cfg.run_dict()
-    resumed = load_resume_checkpoint(cfg, run_config)
+    resuming_a_plan = (cfg.resume or cfg.resume_from) and cfg.budget.plans and device.type == "cuda"
+    cfg = resumed_plan(cfg) if resuming_a_plan else cfg
+    resumed = load_resume_checkpoint(cfg, cfg.run_dict())
     rows = read_rows(cfg)
     models.resolve_model_path(cfg.model)  # the default model missing: say so before anything loads
-    chosen = None  # the plan, when one is made
+    checkpoints = None if cfg.plan else diskspace.check_disk(  # False: no room for them, the adapter only
+        cfg, num_rows=len(rows), start_step=resumed.step if resumed else 0, needs_reference=loss.needs_reference,
+        unpaired=loss.unpaired, dist=dist, device=device, may_precompute=resumed is None and cfg.budget.plans)
+    try:  # a tracker whose package is missing: say so now, not after the model loads
+        sinks = (trackers.make_sinks(trackers.parse_report_to(cfg.report_to), cfg.output_dir)
+                 if dist.is_main and not cfg.plan else [])
+    except trackers.TrackerError as e:
+        raise ConfigError(str(e)) from None
+    # 2. The one tokenization, then the plan from its lengths: the config the run uses from here on.
+    data = prepare_data(cfg, rows)
+    chosen = None
     if resumed is None and not dist.enabled:  # ranks could plan apart (each its own free memory): not planned
-        cfg, chosen = plan_run(cfg, rows, device, not loss.needs_reference)
-        run_config = cfg.run_dict()
+        cfg, chosen = plan_run(cfg, data.items, device, not loss.needs_reference)
         if chosen is not None and dist.is_main:
             print(chosen.format(every_setting=cfg.plan))
     if cfg.plan:  # --plan: show it and stop, writing nothing
-        if device.type != "cuda" or cfg.memory_budget == "none":
+        if chosen is None:
             print("dpo: no plan: CPU runs, several ranks and --memory-budget none run as configured")
         distributed.teardown(dist)
         return {"plan_only": True, "config": cfg}
-    checkpoints = diskspace.check_disk(cfg, num_rows=len(rows), start_step=resumed.step if resumed else 0,
-                                       needs_reference=loss.needs_reference, unpaired=loss.unpaired, dist=dist,
-                                       device=device)  # False: no room for them, the adapter only (one warning)
-    try:  # a tracker whose package is missing: say so now, not after the model loads
-        sinks = trackers.make_sinks(trackers.parse_report_to(cfg.report_to), cfg.output_dir) if dist.is_main else []
-    except trackers.TrackerError as e:
-        raise ConfigError(str(e)) from None
+    run_config = cfg.run_dict()
+    # 3. The run folder, then the model, the loop and the saves (_Session).
     writer = RunWriter(cfg.output_dir, enabled=dist.is_main, sinks=sinks)
     if cfg.overwrite and dist.is_main:
         writer.clear_previous_run()
@@ -153,7 +157,7 @@ def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None 
 
     with StopSignals() as signals:
         saver = Checkpointer(cfg, run_config, signals, commands, enabled=dist.is_main, checkpoints=checkpoints)
-        session = _Session(cfg, loss, run_config, resumed, rows, writer, saver, signals, commands, dist, device, hooks)
+        session = _Session(cfg, loss, run_config, resumed, data, writer, saver, signals, commands, dist, device, hooks)
         try:
             result = session.train_and_save()
         except StopNow as e:  # a signal before the first step, or a second one: out at once
@@ -181,10 +185,10 @@ def summary(result: dict, resumed: Checkpoint | None) -> str:
 class _Session:
     """One run after its checks: build the trainer, evaluate, loop, save. Holds what the phases share."""
 
-    def __init__(self, cfg: TrainConfig, loss: LossSettings, run_config: dict, resumed: Checkpoint | None, rows,
-                 writer: RunWriter, saver: Checkpointer, signals: StopSignals, commands: Commands,
+    def __init__(self, cfg: TrainConfig, loss: LossSettings, run_config: dict, resumed: Checkpoint | None,
+                 data: PreparedData, writer: RunWriter, saver: Checkpointer, signals: StopSignals, commands: Commands,
                  dist: distributed.DistInfo, device: torch.device, hooks: RunHooks):
-        self.cfg, self.loss, self.run_config, self.resumed, self.rows = cfg, loss, run_config, resumed, rows
+        self.cfg, self.loss, self.run_config, self.resumed, self.data = cfg, loss, run_config, resumed, data
         self.writer, self.saver, self.signals, self.commands = writer, saver, signals, commands
         self.dist, self.device, self.hooks = dist, device, hooks
         self.trainer: Trainer | None = None
@@ -201,7 +205,7 @@ class _Session:
         try:
             history = self.loop(held_out)
         except NonFiniteStep as e:
-            raise stopped_on_nan(e, trainer, self.saver, self.commands, self.rows) from None
+            raise stopped_on_nan(e, trainer, self.saver, self.commands, self.data.rows) from None
         if self.signals.received is not None and trainer.step < trainer.total_steps:
             path = self.saver.save(trainer)
             name = signal.Signals(self.signals.received).name
@@ -224,10 +228,11 @@ class _Session:
 
     def build_trainer(self):
         cfg, dist = self.cfg, self.dist
-        model, tokenizer = build_model(cfg, self.device)
+        model, tokenizer = build_model(cfg, self.device, self.data.tokenizer)
         if self.hooks.model_built is not None:
             self.hooks.model_built(model)
-        pairs, report = load_training_pairs(cfg, tokenizer, self.rows)
+        pairs, report = self.data.items, self.data.report
+        check_same_tokenization(tokenizer, self.data)
         if dist.is_main:
             print(report.format())
             if dist.enabled:

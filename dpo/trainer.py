@@ -1,23 +1,19 @@
-"""The DPO trainer: one optimizer step, written out, and the plan of which pairs each step takes.
+"""The trainer: one optimizer step, written out, and the plan of which items each step takes.
 
 One optimizer step:
-    for each of grad_accum micro-batches of B pairs:
-        policy logps[2B]     = completion_logps(model, [chosen rows; rejected rows])   (one forward)
-        reference logps[2B]  = the same under no_grad with the adapter off (or the frozen start adapter)
-        loss                 = LossSettings(...)(logps)         mean over the B pairs
-        (loss / grad_accum).backward()                          as TRL/HF Trainer scale accumulation
+    for each of grad_accum micro-batches:
+        batch      = objective.collate(items)                         (dpo.objectives)
+        reference  = objective.score(reference model, batch)          no_grad; precomputed once where it can be
+        policy     = objective.score(model, batch)                    with gradients
+        loss       = objective.loss(policy, reference)                mean over the micro-batch's pairs (KTO: rows)
+        (loss / grad_accum).backward()                                as TRL/HF Trainer scale accumulation
     clip the global grad norm, AdamW step, schedule step
-The objectives beyond DPO change only the micro-batch (`objective_micro_batch`), each as its TRL 1.15 trainer:
-    DPO + ld_alpha / use_weighting   one forward scored with LD-DPO's shared/tail masks; WPO's pair weights
-                                      from the same forward, without gradient (DPOTrainer)
-    simpo, cpo, orpo                 SidedPairs (objective_data.tokenize_sided), no reference; mean or summed
-                                      log-probs and the chosen NLL from one forward (CPOTrainer, ORPOTrainer)
-    kto                              unpaired rows; policy on the rows (grad) and on the mismatched KL rows
-                                      (no grad), reference on both; the batch's KL estimate (KTOTrainer)
-Metrics carry TRL's names (dpo.metrics) and are the mean over the step's micro-batches, as TRL logs them
-(each over the micro-batches that logged it: a KTO micro-batch without desirable rows has no rewards/chosen).
-A non-finite loss or gradient norm never reaches the weights (`on_nan`: stop raises NonFiniteStep, skip
-drops the update and marks the row).
+For DPO a micro-batch of B pairs is one forward of 2B rows (chosen rows, then rejected rows); each
+objective's module says what it scores and how (DPO with LD-DPO and WPO; SimPO, CPO, ORPO; KTO), as its
+TRL 1.15 trainer does. Metrics carry TRL's names and are the mean over the step's micro-batches, as TRL
+logs them (each over the micro-batches that logged it: a KTO micro-batch without desirable rows has no
+rewards/chosen). A non-finite loss or gradient norm never reaches the weights (`on_nan`: stop raises
+NonFiniteStep, skip drops the update and marks the row).
 
 The loop that calls `train_step` until the end (with checkpoints, signals, evaluation and the run
 folder) is `dpo.train.run`: the one loop the CLI, the benchmarks and the tests drive.
@@ -26,6 +22,7 @@ folder) is `dpo.train.run`: the one loop the CLI, the benchmarks and the tests d
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import warnings
@@ -39,19 +36,13 @@ from dpo.build import resolve_dtype
 from dpo.cli import first_line
 from dpo.checkpoint import Checkpoint, CheckpointError, capture_rng, restore_trainable_state
 from dpo.config import TrainConfig
-from dpo.data import Batch, TokenizedPair, collate
+from dpo.data import TokenizedPair
 from dpo.losses import PreferenceLogps
-from dpo.objective_losses import UnpairedLogps, chosen_nll, kto_kl_estimate
+from dpo.objective_losses import UnpairedLogps
 from dpo.loss_settings import LossSettings
-from dpo.metrics import objective_batch_row
-from dpo.objective_data import collate_sided, collate_unpaired, kl_completions
-from dpo.objective_logps import (completion_token_counts, ld_logps, ld_masks, mean_logps, prompt_token_mask,
-                                 wpo_pair_weights)
+from dpo.objectives import Scorer, objective_for
+from dpo.objectives.base import region
 from dpo.schedule import build_optimizer, build_scheduler
-
-# Named spans of a step (dpo:data, dpo:forward, ...): a profiler attributes the GPU's idle time to the one
-# the host was in (benchmarks/profile.py). Without a profiler running, entering one costs about a microsecond.
-region = torch.profiler.record_function
 
 
 def epoch_order(num_pairs: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
@@ -160,10 +151,13 @@ class Trainer:
         self.model, self.tokenizer, self.cfg, self.pairs, self.ref_model = model, tokenizer, cfg, train_pairs, ref_model
         self.loss = loss if loss is not None else LossSettings.from_config(cfg)
         self.device = device or next(model.parameters()).device
+        self.dist = dist  # this rank and the world: each rank trains on its shard of every micro-batch
+        self.objective = objective_for(self.loss, self._mean_over_ranks if dist.enabled else None)
+        # packing is set by start_packing() (--packing), after its self-check
+        self.scorer = Scorer(self.device, cfg.logprobs, cfg.logprob_chunk)
         # bf16 runs use autocast on CUDA (LoRA weights stay float32, as PEFT makes them)
         self.autocast_bf16 = self.device.type == "cuda" and resolve_dtype(cfg.dtype, self.device) == torch.bfloat16
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.dist = dist  # this rank and the world: each rank trains on its shard of every micro-batch
         self.total_steps = total_steps(cfg, len(train_pairs), dist.world_size)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
@@ -177,55 +171,13 @@ class Trainer:
         self.num_tokens = 0
         self.skipped_steps: list[int] = []  # steps dropped for a non-finite loss/grad norm (--on-nan skip)
         self.rng_at_step_start: dict | None = None  # for a checkpoint of the last good step
-        self.ref_cache: torch.Tensor | None = None  # [num_pairs, 2] after precompute_reference()
+        self.ref_cache: torch.Tensor | None = None  # [num_pairs, k] after precompute_reference()
         self.data_fingerprint = data_fingerprint(train_pairs)
         self._plan = step_plan(len(train_pairs), cfg, dist.world_size)
-        self.packing = False  # set by start_packing() (--packing), after its self-check
-        # KTO: each row's mismatched completion for the KL estimate, fixed once as TRL does (sequential data)
-        self.kl_ids = (kl_completions([r.completion_ids for r in train_pairs], cfg.per_device_batch_size)
-                       if self.loss.unpaired else None)
 
     # -- one micro-batch ---------------------------------------------------------------------
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16)
-
-    def completion_logps(self, model, batch: Batch) -> torch.Tensor:
-        """[2B] summed completion log-probs of a collated batch (in CPU memory): padded, or packed into one
-        row when packing is on (the same numbers to rounding: dpo.packing); LD-DPO's weighted sums
-        under --ld-alpha."""
-        return self.dpo_logps(model, batch)[0]
-
-    def dpo_logps(self, model, batch: Batch, wpo_weights: bool = False):
-        """([2B] log-probs as the DPO loss takes them, [B] WPO pair weights or None): one forward.
-
-        LD-DPO: shared + ld_alpha * tail sums (objective_logps.ld_masks); WPO: the pair weights from the
-        same forward, without gradient (TRL 1.15's DPOTrainer computes both from the policy's logits)."""
-        if self.packing:
-            with region("dpo:data"):
-                packed = packing.pack_batch(batch).to(self.device)
-            return packing.packed_completion_logps(model, packed, self.cfg.logprobs, self.cfg.logprob_chunk), None
-        with region("dpo:data"):
-            batch = batch.to(self.device)
-        if self.loss.ld_alpha is None and not wpo_weights:
-            return models.completion_logps(model, batch, self.cfg.logprobs, self.cfg.logprob_chunk), None
-        scored = self.scored(model, batch)
-        cm = batch.completion_mask
-        if self.loss.ld_alpha is None:
-            logps = scored.sums(cm)
-        else:
-            shared, tail = ld_masks(cm)
-            logps = ld_logps(scored.sums(shared), scored.sums(tail), self.loss.ld_alpha)
-        return logps, (wpo_pair_weights(scored.wpo_weights(cm)) if wpo_weights else None)
-
-    def scored(self, model, batch: Batch) -> models.ScoredForward:
-        """One forward of a batch already on the device, scorable under any token mask."""
-        return models.ScoredForward(model, batch, self.cfg.logprobs, self.cfg.logprob_chunk)
-
-    def reference_logps(self, batch: Batch) -> torch.Tensor:
-        if not self.loss.needs_reference:
-            return torch.zeros(batch.input_ids.shape[0], device=self.device)
-        with torch.no_grad(), self._autocast(), self._reference() as model:
-            return self.completion_logps(model, batch)
 
     @contextlib.contextmanager
     def _reference(self):
@@ -236,19 +188,38 @@ class Trainer:
             with models.reference_mode(self.model):
                 yield self.model
 
+    def reference_scores(self, batch):
+        """The reference's scores of a collated batch, without gradient; None for an objective that reads none."""
+        if not self.objective.needs_reference:
+            return None
+        with torch.no_grad(), self._autocast(), self._reference() as model:
+            return self.objective.score(self.scorer, model, batch, extras=False)
+
+    def micro_batch(self, items: list, ref=None):
+        """(LossOutput, logps, batch) of one micro-batch: the objective's batch, the reference scored without
+        gradient (unless `ref` is given: precomputed), the policy with gradient, then the objective's loss."""
+        with region("dpo:data"):
+            batch = self.objective.collate(items, self.pad_id, self.cfg.max_length)  # in CPU memory
+        if ref is None:
+            ref = self.reference_scores(batch)
+        with self._autocast():
+            policy = self.objective.score(self.scorer, self.model, batch)
+        out, logps = self.objective.loss(policy, ref)
+        return out, logps, batch
+
     def start_packing(self) -> None:
         """--packing: the attention route (hf backend; Unsloth patches its own), then a self-check on the
-        first micro-batch: a model whose forward lets packed sequences see each other runs padded.
-        Only plain DPO packs: the other objectives score more than one token mask per forward."""
-        if self.loss.objective != "dpo" or self.loss.ld_alpha is not None or self.loss.use_weighting:
+        first micro-batch: a model whose forward lets packed sequences see each other runs padded."""
+        if not self.objective.can_pack:
             print("dpo: warning: packing is off: it serves plain DPO loss types only (not ld_alpha, use_weighting "
-                  f"or {self.loss.objective}); running padded")
+                  f"or {self.objective.name}); running padded")
             return
         if models.pick_backend(self.cfg.backend) == "hf":
             route = packing.choose_attention(self.device.type, requested=self.cfg.attention)
             packing.use_attention(self.model, route)
         _, first = next(step_plan(len(self.pairs), self.cfg, self.dist.world_size))
-        batch = collate([self.pairs[i] for i in self._my_shard(first[0])], self.pad_id, self.cfg.max_length)
+        batch = self.objective.collate([self.pairs[i] for i in self._my_shard(first[0])], self.pad_id,
+                                       self.cfg.max_length)
         try:
             with self._autocast():
                 agrees, diff = packing.packing_agrees(self.model, batch.to(self.device), self.cfg.logprobs,
@@ -259,10 +230,14 @@ class Trainer:
             agrees, why = False, f"a packed forward failed: {first_line(e)}"
         if not agrees:
             print(f"dpo: warning: packing is off: {why}; running padded")
-        self.packing = agrees
+        self.scorer = dataclasses.replace(self.scorer, packing=agrees)
+
+    @property
+    def packing(self) -> bool:
+        return self.scorer.packing
 
     def precompute_reference(self, batch_size: int | None = None) -> None:
-        """Reference log-probs of every pair, once, before training (no_grad, length-sorted batches).
+        """Reference scores of every pair, once, before training (no_grad, length-sorted batches).
 
         The reference never changes, so each step then runs only the policy; the batches here can be
         larger than training's, since nothing is kept for a backward pass.
@@ -273,88 +248,33 @@ class Trainer:
         needed = {i for _ in range(self.total_steps) for micro in next(plan)[1] for i in self._my_shard(micro)}
         order = sorted(needed, key=lambda i: len(self.pairs[i].prompt_ids)
                        + max(len(self.pairs[i].chosen_ids), len(self.pairs[i].rejected_ids)))
-        cache = torch.full((len(self.pairs), 2), float("nan"), dtype=torch.float32)
+        cache = None
         self.model.eval()
         with progress.bar(len(order), "reference log-probs (precompute)", "pair") as bar:
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
-                batch = collate([self.pairs[i] for i in idx], self.pad_id, self.cfg.max_length)
-                ref = self.reference_logps(batch).float().cpu()
-                cache[idx, 0], cache[idx, 1] = ref[: len(idx)], ref[len(idx) :]
+                batch = self.objective.collate([self.pairs[i] for i in idx], self.pad_id, self.cfg.max_length)
+                values = self.objective.reference_values(self.reference_scores(batch))
+                if cache is None:
+                    cache = torch.full((len(self.pairs), values.shape[1]), float("nan"), dtype=torch.float32)
+                cache[idx] = values.float().cpu()
                 bar.update(len(idx))
         self.ref_cache = cache
 
     def _my_shard(self, global_micro: list[int]) -> list[int]:
         return distributed.shard(global_micro, self.dist, self.cfg.per_device_batch_size)
 
-    def micro_batch_loss(self, pairs: list[TokenizedPair], ref: torch.Tensor | None = None):
-        """Loss of one micro-batch; `ref` ([2B] reference log-probs) is computed here unless given."""
-        with region("dpo:data"):
-            batch = collate(pairs, self.pad_id, self.cfg.max_length)  # in CPU memory (packing reads it there)
-        if ref is None:
-            ref = self.reference_logps(batch)
-        with self._autocast():
-            policy, pair_weights = self.dpo_logps(self.model, batch, wpo_weights=self.loss.use_weighting)
-        b = batch.num_pairs
-        tokens = batch.completion_mask.sum(dim=1).to(self.device)
-        logps = PreferenceLogps(chosen=policy[:b], rejected=policy[b:], ref_chosen=ref[:b], ref_rejected=ref[b:],
-                                chosen_tokens=tokens[:b], rejected_tokens=tokens[b:])
-        return self.loss(logps, pair_weights=pair_weights), logps, batch
-
-    def sided_loss(self, pairs: list):
-        """SimPO, CPO or ORPO on one micro-batch of SidedPairs (no reference), as TRL's CPO/ORPO trainers:
-        mean (SimPO, ORPO) or summed (CPO) completion log-probs, plus the chosen NLL where the loss has one
-        (ORPO's over prompt and completion)."""
-        batch = collate_sided(pairs, self.pad_id)
-        on_device, b = batch.to(self.device), batch.num_pairs
-        cm, settings = on_device.completion_mask, self.loss
-        with self._autocast():
-            scored = self.scored(self.model, on_device)
-            sums, counts = scored.sums(cm), completion_token_counts(cm)
-            nll = None
-            if settings.nll_weight > 0:
-                nll_logps, nll_tokens = sums[:b], counts[:b]
-                if settings.nll_includes_prompt:
-                    prompt = prompt_token_mask(on_device.attention_mask, cm)
-                    nll_logps = nll_logps + scored.sums(prompt, slice(0, b))
-                    nll_tokens = completion_token_counts(on_device.attention_mask[:b])
-                nll = chosen_nll(nll_logps, nll_tokens)
-        policy = mean_logps(sums, counts) if settings.length_normalised else sums
-        zeros = torch.zeros_like(policy[:b])
-        logps = PreferenceLogps(policy[:b], policy[b:], zeros, zeros, counts[:b], counts[b:])
-        return settings(logps, nll=nll), logps, batch
-
-    def kto_loss(self, indices: list[int]):
-        """KTO on one micro-batch of unpaired rows: policy log-probs (with grad), the policy on the mismatched
-        KL rows and the reference on both (without), the batch's KL estimate, then the loss."""
-        ub = collate_unpaired([self.pairs[i] for i in indices], self.pad_id, self.cfg.max_length,
-                              [self.kl_ids[i] for i in indices])
-        batch, kl_batch = ub.batch.to(self.device), ub.kl_batch.to(self.device)
-        with self._autocast():
-            policy = self.scored(self.model, batch).sums(batch.completion_mask)
-            with torch.no_grad():
-                kl_policy = self.scored(self.model, kl_batch).sums(kl_batch.completion_mask)
-        with torch.no_grad(), self._autocast(), self._reference() as ref_model:
-            ref = self.scored(ref_model, batch).sums(batch.completion_mask)
-            ref_kl = self.scored(ref_model, kl_batch).sums(kl_batch.completion_mask)
-        kl = kto_kl_estimate(kl_policy, ref_kl, self._mean_over_ranks if self.dist.enabled else None)
-        logps = UnpairedLogps(policy, ref, ub.desirable.to(self.device), kl)
-        return self.loss(logps), logps, ub.batch
-
     def _mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         (total,) = distributed.sum_across([float(value)], self.dist, self.device)
         return torch.tensor(total / self.dist.world_size, dtype=value.dtype, device=value.device)
 
-    def objective_micro_batch(self, indices: list[int]):
-        """(LossOutput, logps, Batch) of one micro-batch, by the run's objective."""
-        if self.loss.unpaired:
-            return self.kto_loss(indices)
-        if self.loss.objective != "dpo":
-            return self.sided_loss([self.pairs[i] for i in indices])
+    def micro_batch_of(self, indices: list[int]):
+        """(LossOutput, logps, batch) of the micro-batch of these item indices (the precomputed reference
+        where there is one)."""
         ref = None
         if self.ref_cache is not None:
-            ref = torch.cat([self.ref_cache[indices, 0], self.ref_cache[indices, 1]]).to(self.device)
-        return self.micro_batch_loss([self.pairs[i] for i in indices], ref)
+            ref = self.objective.reference_from_values(self.ref_cache[indices].to(self.device))
+        return self.micro_batch([self.pairs[i] for i in indices], ref)
 
     # -- one optimizer step -------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -371,11 +291,11 @@ class Trainer:
         metrics, tokens, bad_rows = StepMetrics(), 0, []
         for idx in micro_batches:
             with region("dpo:forward"):
-                out, logps, batch = self.objective_micro_batch(idx)
+                out, logps, batch = self.micro_batch_of(idx)
             with region("dpo:backward"):
                 (out.loss / len(micro_batches)).backward()
             with region("dpo:metrics"):
-                metrics.add(objective_batch_row(out, logps))
+                metrics.add(self.objective.batch_row(out, logps))
                 tokens += int(batch.attention_mask.sum())
                 bad_rows += nonfinite_rows(out.loss.detach(), logps, batch.row_ids)
         # Several ranks: average gradients and metrics over them (equal shards: mean of means is the mean).

@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpo import evaluate, evaluation, generation, models, scoring, tasks
+from dpo import evaluate, evaluation, generation, models, tasks
 from dpo.data import PreferenceRow, tokenize_row
 from dpo.loss_settings import LossSettings
+from dpo.objectives import objective_for
 
 from .conftest import build_tiny_llama
 
@@ -83,7 +84,7 @@ def direct_metrics(model, pairs):
 @pytest.mark.parametrize("logprobs", ["chunked", "full"])
 def test_metrics_equal_a_direct_computation(tokenizer, pairs, logprobs):
     model = lora_model(tokenizer, perturb=True)
-    got = evaluation.evaluate_pairs(model, tokenizer, pairs, loss=LOSS, batch_size=3, logprobs=logprobs)
+    got = evaluation.evaluate_items(model, tokenizer, pairs, loss=LOSS, batch_size=3, logprobs=logprobs)
     # 7 pairs in batches of 3, 3, 1: a mean of batch means would weigh the last pair 3 times (issue 17, item 6)
     want = direct_metrics(model, pairs)
     for key, value in want.items():
@@ -94,39 +95,39 @@ def test_metrics_equal_a_direct_computation(tokenizer, pairs, logprobs):
 
 def test_policy_equal_to_reference_gives_trivial_implicit_metrics(tokenizer, pairs):
     model = lora_model(tokenizer, perturb=False)  # fresh LoRA: B = 0, so policy == reference exactly
-    got = evaluation.evaluate_pairs(model, tokenizer, pairs, loss=LOSS, batch_size=4)
+    got = evaluation.evaluate_items(model, tokenizer, pairs, loss=LOSS, batch_size=4)
     assert got["eval_rewards/accuracies"] == 0.0
     assert got["eval_rewards/margins"] == 0.0
     assert got["eval_rewards/chosen"] == 0.0 == got["eval_rewards/rejected"]
     assert got["eval_loss"] == pytest.approx(math.log(2), abs=1e-7)
     assert got["eval_length_normalised_accuracy"] == got["eval_ref_length_normalised_accuracy"]
     # and the same numbers come from the reference's log-probs alone (no policy pass)
-    ref = evaluation.pair_logps(model, tokenizer, pairs, batch_size=4, reference=True)
-    again = scoring.eval_metrics(ref, ref, LOSS, batch_size=4)
+    ref = evaluation.score_items(model, tokenizer, pairs, objective=objective_for(LOSS), batch_size=4, reference=True)
+    again = objective_for(LOSS).eval_row(ref, ref, batch_size=4)
     for key in evaluation.METRIC_NAMES + ("eval_length_normalised_accuracy",):
         assert again[key] == pytest.approx(got[key], abs=1e-6), key
 
 
 def test_cached_reference_and_separate_ref_model(tokenizer, pairs):
     model = lora_model(tokenizer, perturb=True)
-    plain = evaluation.evaluate_pairs(model, tokenizer, pairs, loss=LOSS, batch_size=2)
-    ref = evaluation.pair_logps(model, tokenizer, pairs, batch_size=5, reference=True)
-    cached = evaluation.evaluate_pairs(model, tokenizer, pairs, loss=LOSS, batch_size=2, ref_logps=ref)
+    plain = evaluation.evaluate_items(model, tokenizer, pairs, loss=LOSS, batch_size=2)
+    ref = evaluation.score_items(model, tokenizer, pairs, objective=objective_for(LOSS), batch_size=5, reference=True)
+    cached = evaluation.evaluate_items(model, tokenizer, pairs, loss=LOSS, batch_size=2, ref_scores=ref)
     # a full model as the policy, the base (same init) as an explicit reference model
     merged = lora_model(tokenizer, perturb=True).merge_and_unload()
     base = build_tiny_llama(len(tokenizer))
-    explicit = evaluation.evaluate_pairs(merged, tokenizer, pairs, loss=LOSS, batch_size=2, ref_model=base)
+    explicit = evaluation.evaluate_items(merged, tokenizer, pairs, loss=LOSS, batch_size=2, ref_model=base)
     for key in evaluation.METRIC_NAMES:
         assert cached[key] == pytest.approx(plain[key], abs=1e-5), key
         assert explicit[key] == pytest.approx(plain[key], abs=1e-4), key
-    with pytest.raises(ValueError, match="pairs"):
-        evaluation.evaluate_pairs(model, tokenizer, pairs[:3], loss=LOSS, batch_size=2, ref_logps=ref)
+    with pytest.raises(ValueError, match="items"):
+        evaluation.evaluate_items(model, tokenizer, pairs[:3], loss=LOSS, batch_size=2, ref_scores=ref)
 
 
 def test_training_mode_is_restored(tokenizer, pairs):
     model = lora_model(tokenizer, perturb=True)
     model.train()
-    evaluation.evaluate_pairs(model, tokenizer, pairs[:2], loss=LOSS, batch_size=2)
+    evaluation.evaluate_items(model, tokenizer, pairs[:2], loss=LOSS, batch_size=2)
     assert model.training
     assert any(p.requires_grad for p in model.parameters())
 
@@ -241,7 +242,7 @@ def test_held_out_eval_before_and_after(tokenizer):
                                                 eval_size=5, batch_size=2,
                                                 generation_settings=evaluation.GenerationSettings(2, 3))
     before = held_out.before(model)
-    direct = evaluation.evaluate_pairs(model, tokenizer, held_out.pairs, loss=LOSS, batch_size=2, max_length=128)
+    direct = evaluation.evaluate_items(model, tokenizer, held_out.pairs, loss=LOSS, batch_size=2, max_length=128)
     for key in evaluation.METRIC_NAMES + ("eval_length_normalised_accuracy",):
         assert before[key] == pytest.approx(direct[key], abs=1e-6), key
     with torch.no_grad():  # "training": move the adapter

@@ -14,7 +14,7 @@ import pytest
 
 from dpo import evaluate, models, tasks
 from dpo.loss_settings import LossSettings
-from dpo.metrics import metric_names
+from dpo.objectives import objective_for
 
 from .conftest import write_jsonl
 from .test_trl_equivalence import MAX_LENGTH, ROWS, run_ours
@@ -67,7 +67,7 @@ def test_evaluate_cli_equals_trainings_held_out_eval(case, tiny_llama_dir, tmp_p
     out, err = capsys.readouterr()
     assert code == 0, err
     ours = json.loads(out_json.read_text())["metrics"]
-    names = {f"eval_{k}" for k in metric_names(loss)}
+    names = {f"eval_{k}" for k in objective_for(loss).metric_names}
     assert names <= set(trained) and set(ours) == set(trained) - {"step"}
     diffs = {k: abs(ours[k] - trained[k]) / max(1.0, abs(trained[k])) for k in sorted(ours) if k != "eval_seconds"}
     record_property("max_diff", json.dumps(diffs))

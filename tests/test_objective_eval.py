@@ -12,11 +12,11 @@ import torch
 
 from dpo.config import TrainConfig
 from dpo.loss_settings import LossSettings
-from dpo.metrics import metric_names
+from dpo.objectives import objective_for
 from dpo.objective_data import tokenize_sided
 from dpo.data import PreferenceRow
 from dpo.losses import PreferenceLogps
-from dpo.scoring import SidedLogps, sided_eval_metrics
+from dpo.objectives.sided import SidedScores
 
 from .test_objectives_run import CASES, _rel, _trl_objective_trainer
 from .test_trl_equivalence import MAX_LENGTH, ROWS, our_model, perturb_lora
@@ -48,7 +48,7 @@ def test_sided_held_out_metrics_equal_trl_evaluate(case, tokenizer, tmp_path, re
                             batch_size=EVAL_BATCH)
     before = evaluation.before(model)
     ours = evaluation.metrics(model)
-    names = [f"eval_{k}" for k in metric_names(loss)]
+    names = [f"eval_{k}" for k in objective_for(loss).metric_names]
     timing = ("runtime", "per_second", "_time")
     trl_names = {k for k in theirs if k.startswith("eval_") and "logits" not in k and not any(t in k for t in timing)}
     assert set(names) == trl_names
@@ -61,11 +61,11 @@ def test_sided_held_out_metrics_equal_trl_evaluate(case, tokenizer, tmp_path, re
         assert d <= 1e-4, f"{case} {k}: relative diff {d:.3e} > 1e-4"
 
 
-def _batch(seed: int, n: int) -> SidedLogps:
+def _batch(seed: int, n: int) -> SidedScores:
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(1, 9, (2, n), generator=g).float()
     sums = -torch.rand(2, n, generator=g) * tokens * 3
-    return SidedLogps(sums[0], sums[1], tokens[0], tokens[1], sums[0] * 1.5, tokens[0] + 2)
+    return SidedScores(sums[0], sums[1], tokens[0], tokens[1], sums[0] * 1.5, tokens[0] + 2)
 
 
 @pytest.mark.parametrize("objective", ["simpo", "cpo", "orpo"])
@@ -74,14 +74,14 @@ def test_sided_eval_loss_is_the_batch_size_weighted_mean_of_batch_losses(objecti
     the per-pair metrics are means over pairs, the NLL each batch's token mean weighted by its pairs."""
     loss = LossSettings(loss_type=(objective,), beta=0.5, cpo_alpha=0.4 if objective == "simpo" else None)
     batches = [_batch(1, 5), _batch(2, 2)]
-    row = sided_eval_metrics(batches, loss)
+    row = objective_for(loss).eval_row(batches)
     losses, nlls = [], []
-    for b in batches:  # each batch as training scores a micro-batch (dpo.trainer.Trainer.sided_loss)
+    for b in batches:  # each batch as training scores a micro-batch
         c, r = (b.chosen / b.chosen_tokens, b.rejected / b.rejected_tokens) if objective != "cpo" \
             else (b.chosen, b.rejected)
         nll = -b.nll_logps.sum() / b.nll_tokens.sum()
         zeros = torch.zeros_like(c)
-        out = loss(PreferenceLogps(c, r, zeros, zeros, b.chosen_tokens, b.rejected_tokens), nll=nll)
+        out = objective_for(loss).output(PreferenceLogps(c, r, zeros, zeros, b.chosen_tokens, b.rejected_tokens), nll=nll)
         losses.append(len(b) * float(out.loss))
         nlls.append(len(b) * float(nll))
     assert row["eval_loss"] == pytest.approx(sum(losses) / 7, rel=1e-6)
@@ -104,7 +104,7 @@ def test_an_orpo_run_logs_held_out_rows_with_trls_names(tiny_llama_dir, tmp_path
     rows = [json.loads(line) for line in (tmp_path / "ours" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in evals] == [0, 2, 3]
-    names = {f"eval_{k}" for k in metric_names(LossSettings(loss_type=("orpo",), beta=0.2))}
+    names = {f"eval_{k}" for k in objective_for(LossSettings(loss_type=("orpo",), beta=0.2)).metric_names}
     for r in evals:
         assert names <= set(r) and r["eval_num_pairs"] == 5
     assert evals[0]["eval_loss"] != evals[-1]["eval_loss"]
@@ -134,7 +134,7 @@ def test_kto_held_out_metrics_equal_trl_evaluate(eval_batch, tokenizer, tmp_path
     evaluation = Evaluation("rows", tokenizer, rows, loss=loss, max_length=MAX_LENGTH, batch_size=eval_batch)
     before = evaluation.before(model)
     ours = evaluation.metrics(model)
-    names = [f"eval_{k}" for k in metric_names(loss)]
+    names = [f"eval_{k}" for k in objective_for(loss).metric_names]
     timing = ("runtime", "per_second", "_time")
     trl_names = {k for k in theirs if k.startswith("eval_") and not any(t in k for t in timing)
                  and not any(t in k for t in ("logits", "entropy", "num_tokens"))}

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from dpo.data import DataError, PreferenceRow
 from dpo.losses import PreferenceLogps, preference_loss, sigmoid_loss
 from dpo.objective_losses import UnpairedLogps, chosen_nll, cpo_loss, kto_kl_estimate, kto_loss, log1mexp, orpo_log_odds, orpo_loss, simpo_loss
-from dpo.loss_settings import LossSettings, objective_loss
-from dpo.metrics import metric_names, objective_batch_row
+from dpo.loss_settings import LossSettings
+from dpo.objectives import objective_for
 from dpo.objective_data import kl_completions, split_sided, unpair_rows, unpaired_row
 from dpo.objective_logps import (
     ld_logps_from_token_logps, ld_masks, mean_logps, wpo_sequence_weights, wpo_token_terms_from_logits,
@@ -217,7 +217,7 @@ def test_settings_properties(loss_type, objective, reference, unpaired, normalis
     assert (s.objective, s.needs_reference, s.unpaired, s.length_normalised, s.nll_weight) == (
         objective, reference, unpaired, normalised, nll)
     assert s.nll_includes_prompt == (objective == "orpo")
-    assert metric_names(s)[0] == "loss"
+    assert objective_for(s).metric_names[0] == "loss"
     assert LossSettings(loss_type="simpo", cpo_alpha=0.3).nll_weight == 0.3
     assert not LossSettings(reference_free=True).needs_reference
 
@@ -231,28 +231,30 @@ def test_from_config_reads_the_new_fields_when_present():
 
 
 def test_metric_names_are_trls_per_objective():
-    assert metric_names(LossSettings(loss_type="orpo"))[-3:] == ("nll_loss", "log_odds_ratio", "log_odds_chosen")
-    assert "kl" in metric_names(LossSettings(loss_type="kto"))
-    assert "rewards/accuracies" not in metric_names(LossSettings(loss_type="kto"))  # TRL's KTO does not log it
+    assert objective_for(LossSettings(loss_type="orpo")).metric_names[-3:] == ("nll_loss", "log_odds_ratio", "log_odds_chosen")
+    assert "kl" in objective_for(LossSettings(loss_type="kto")).metric_names
+    assert "rewards/accuracies" not in objective_for(LossSettings(loss_type="kto")).metric_names  # TRL's KTO does not log it
 
 
 def test_reference_free_objectives_need_their_nll_and_report_it():
     logps = PreferenceLogps(t(-1.0, -2.0), t(-2.0, -1.5), t(0, 0), t(0, 0), t(3, 4), t(2, 2))
     with pytest.raises(ValueError, match="NLL"):
-        objective_loss(LossSettings(loss_type="cpo"), logps)
-    out = objective_loss(LossSettings(loss_type="cpo", cpo_alpha=0.5), logps, nll=torch.tensor(2.0, dtype=torch.float64))
+        objective_for(LossSettings(loss_type="cpo")).output(logps)
+    cpo = objective_for(LossSettings(loss_type="cpo", cpo_alpha=0.5))
+    out = cpo.output(logps, nll=torch.tensor(2.0, dtype=torch.float64))
     assert out.loss.item() == pytest.approx(cpo_loss(logps.chosen, logps.rejected, beta=0.1).mean().item() + 1.0)
-    row = objective_batch_row(out, logps)
-    assert row["nll_loss"] == 2.0 and set(row) == set(metric_names(LossSettings(loss_type="cpo")))
+    row = cpo.batch_row(out, logps)
+    assert row["nll_loss"] == 2.0 and set(row) == set(objective_for(LossSettings(loss_type="cpo")).metric_names)
 
 
 def test_kto_row_leaves_out_a_side_the_batch_lacks():
     s = LossSettings(loss_type="kto")
+    kto = objective_for(s)
     only_good = UnpairedLogps(t(-3.0, -4.0), t(-3.5, -4.0), torch.tensor([True, True]), torch.tensor(0.1))
-    row = objective_batch_row(objective_loss(s, only_good), only_good)
+    row = kto.batch_row(kto.output(only_good), only_good)
     assert "rewards/chosen" in row and "rewards/rejected" not in row and "rewards/margins" not in row
     both = UnpairedLogps(t(-3.0, -4.0), t(-3.5, -4.0), torch.tensor([True, False]), torch.tensor(0.1))
-    row = objective_batch_row(objective_loss(s, both), both)
+    row = kto.batch_row(kto.output(both), both)
     assert row["rewards/margins"] == pytest.approx(0.1 * 0.5 - 0.0)
 
 

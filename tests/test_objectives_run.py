@@ -13,7 +13,7 @@ import pytest
 from dpo.config import ConfigError, TrainConfig
 from dpo.data import TokenizedPair
 from dpo.loss_settings import LossSettings
-from dpo.metrics import metric_names
+from dpo.objectives import objective_for
 
 from .conftest import write_jsonl
 from .conftest import build_tiny_llama
@@ -232,7 +232,7 @@ def test_ld_and_wpo_held_out_metrics_equal_trl_evaluate(option, tokenizer, tmp_p
                             max_length=MAX_LENGTH, batch_size=len(ROWS))
     evaluation.before(model)
     ours = evaluation.metrics(model)
-    names = [f"eval_{k}" for k in metric_names(LossSettings(**option))]
+    names = [f"eval_{k}" for k in objective_for(LossSettings(**option)).metric_names]
     # WPO's weights make the loss tiny: the loss relative to its size; the rest absolute, relative above 1
     diffs = {k: max_diff(ours[k], theirs[k]) / (abs(theirs[k]) if k == "eval_loss" else max(abs(theirs[k]), 1.0))
              for k in names}

@@ -18,8 +18,8 @@ from dpo.data import PreferenceRow, collate
 from dpo.logps import sequence_logps_from_hidden, sequence_logps_from_logits
 from dpo.losses import PreferenceLogps
 from dpo.objective_losses import UnpairedLogps, chosen_nll, kto_kl_estimate
-from dpo.loss_settings import LossSettings, objective_loss
-from dpo.metrics import metric_names, objective_batch_row
+from dpo.loss_settings import LossSettings
+from dpo.objectives import objective_for
 from dpo.objective_data import (
     collate_sided, collate_unpaired, kl_completions, kto_keeps, tokenize_sided, tokenize_unpaired, unpair_rows,
 )
@@ -115,9 +115,9 @@ def _backward_and_compare(out, logps, settings, model, trl_loss, theirs: dict, t
     """Backpropagate our loss `out` of `logps`: (our metrics row, max abs difference from TRL's loss, each
     metric and the LoRA gradients, our gradients)."""
     out.loss.backward()
-    ours = objective_batch_row(out, logps)
+    ours = objective_for(settings).batch_row(out, logps)
     diffs = {"loss": max_diff(out.loss.detach(), trl_loss.detach())}
-    diffs.update(_compare_metrics(ours, theirs, metric_names(settings)[1:]))
+    diffs.update(_compare_metrics(ours, theirs, objective_for(settings).metric_names[1:]))
     our_grads = _grads(model)
     diffs["grad"] = max(max_diff(our_grads[n], trl_grads[n]) for n in trl_grads)
     return ours, diffs, our_grads
@@ -168,7 +168,7 @@ def _our_reference_free_loss(model, batch, settings, path):
         nll = chosen_nll(fwd.sums(mask, slice(0, B)), completion_token_counts(mask[:B]))
     zeros = torch.zeros_like(pol[:B])
     logps = PreferenceLogps(pol[:B], pol[B:], zeros, zeros, counts[:B], counts[B:])
-    return objective_loss(settings, logps, nll=nll), logps, sums
+    return objective_for(settings).output(logps, nll=nll), logps, sums
 
 
 @pytest.mark.parametrize("path", ["full", "chunked"])
@@ -248,7 +248,7 @@ def test_kto_equals_trl(path, tokenizer, tmp_path, record_property):
         ref_kl = Forward(model, ub.kl_batch, path).sums(ub.kl_batch.completion_mask)
     settings = LossSettings(loss_type="kto", beta=0.5, kto_desirable_weight=1.3, kto_undesirable_weight=0.7)
     unpaired = UnpairedLogps(logps, ref, ub.desirable, kto_kl_estimate(kl_logps, ref_kl))
-    out = objective_loss(settings, unpaired)
+    out = objective_for(settings).output(unpaired)
     ours, diffs, _ = _backward_and_compare(out, unpaired, settings, model, trl_loss, theirs, trl_grads)
     assert ours["kl"] > 1e-3, "the KL estimate must be non-zero for the check to mean something"
     assert abs(ours["rewards/margins"]) > 1e-3
@@ -292,7 +292,7 @@ def test_dpo_option_equals_trl(option, path, tokenizer, tmp_path, record_propert
         assert (pair_weights - 1).abs().max() > 1e-3  # weights far from 1, or the check proves nothing
     counts = completion_token_counts(cm)
     logps = PreferenceLogps(pol[:B], pol[B:], ref[:B], ref[B:], counts[:B], counts[B:])
-    out = objective_loss(settings, logps, pair_weights=pair_weights)
+    out = objective_for(settings).output(logps, pair_weights=pair_weights)
     ours, diffs, _ = _backward_and_compare(out, logps, settings, model, trl_loss, theirs, trl_grads)
     assert abs(ours["rewards/margins"]) > 1e-3
     if option == "use_weighting":  # the weights make loss and gradients small: compare relative to their size

@@ -125,7 +125,7 @@ def test_one_batch_equals_trl_compute_loss(tokenizer, tmp_path, logprobs, record
     cfg = TrainConfig(dataset="x", max_length=MAX_LENGTH, per_device_batch_size=4, logprobs=logprobs, beta=0.1)
     ours = Trainer(model, tokenizer, cfg, pairs)
     model.train()
-    out, logps, _ = ours.micro_batch_loss(pairs)
+    out, logps, _ = ours.micro_batch(pairs)
     out.loss.backward()
     our_grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 

@@ -198,7 +198,7 @@ def unsloth_mode(path: str, out: str) -> None:
 
     ours = Trainer(model, tok, our_config(warmup_steps=warmup), pairs, device=torch.device("cuda"))
     model.train()
-    loss_out, logps, _ = ours.micro_batch_loss(pairs)
+    loss_out, logps, _ = ours.micro_batch(pairs)
     our_grads = lora_grads(model, loss_out.loss)
     result["batch"] = {
         "trl": {"loss": trl_loss.item(), **{k: trl_metrics[k] for k in
@@ -257,7 +257,6 @@ def orpo_mode(path: str, out: str) -> None:
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     from dpo.data import PreferenceRow
-    from dpo.metrics import objective_batch_row
     from dpo.objective_data import collate_sided, tokenize_sided
     from dpo.trainer import Trainer
 
@@ -275,7 +274,7 @@ def orpo_mode(path: str, out: str) -> None:
     warmup = trainer.args.get_warmup_steps(ORPO_STEPS)
     result["trl_warmup_steps"] = warmup
 
-    # 1. One fixed batch on the same model object: TRL's compute_loss vs ours (dpo.trainer.Trainer.sided_loss).
+    # 1. One fixed batch on the same model object: TRL's compute_loss vs ours (dpo.trainer.Trainer.micro_batch).
     n = 2 * MICRO
     pairs = [tokenize_sided(tok, PreferenceRow(r["prompt"], r["chosen"], r["rejected"], i), MAX_LENGTH)
              for i, r in enumerate(rows()[:n])]
@@ -296,9 +295,9 @@ def orpo_mode(path: str, out: str) -> None:
     ours = Trainer(model, tok, our_config(warmup_steps=warmup, loss_type=["orpo"], beta=ORPO_BETA,
                                           max_steps=ORPO_STEPS), pairs, device=device)
     model.train()
-    loss_out, logps, _ = ours.sided_loss(pairs)
+    loss_out, logps, _ = ours.micro_batch(pairs)
     our_grads = lora_grads(model, loss_out.loss)
-    ours_row = objective_batch_row(loss_out, logps)
+    ours_row = ours.objective.batch_row(loss_out, logps)
     result["batch"] = {
         "trl": {"loss": trl_loss.item(), **{k: trl_metrics[k] for k in ours_row if k != "loss"}},
         "ours": ours_row,
@@ -349,7 +348,7 @@ def memory_mode(out: str) -> None:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         try:
-            out_, _, _ = trainer.micro_batch_loss(pairs)
+            out_, _, _ = trainer.micro_batch(pairs)
             out_.loss.backward()
             torch.cuda.synchronize()
             result[mode] = {"peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
@@ -370,7 +369,7 @@ def memory_mode(out: str) -> None:
                               pairs, device=torch.device("cuda"))
             torch.cuda.empty_cache()
             try:
-                out_, _, _ = trainer.micro_batch_loss(pairs)
+                out_, _, _ = trainer.micro_batch(pairs)
                 out_.loss.backward()
                 torch.cuda.synchronize()
                 result[mode]["fits_budget"] = True

@@ -1,4 +1,4 @@
-"""dpo.scoring: every eval metric is the mean over pairs, whatever the batch size (issue 17, item 6)."""
+"""dpo.objectives.dpo.eval_metrics: every eval metric is the mean over pairs, whatever the batch size (issue 17, item 6)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dpo.loss_settings import LossSettings
-from dpo.scoring import METRIC_NAMES, PairLogps, eval_metrics
+from dpo.objectives import objective_for
+from dpo.objectives.dpo import METRIC_NAMES, PairLogps, eval_metrics
 
 BETA = 0.1
-LOSS = LossSettings(beta=BETA)
+LOSS = objective_for(LossSettings(beta=BETA))
 
 
 def pair_logps(values: list[tuple[float, float, int, int]]) -> PairLogps:
