@@ -84,7 +84,7 @@ def test_objective_trajectory_equals_trl(case, tokenizer, tiny_llama_dir, tmp_pa
     trl_rows = _trl_log_history(kind, trl_cfg, tokenizer, tmp_path, lora_seed=2)
     history = run_ours(tiny_llama_dir, tmp_path, lora_seed=2, **{"per_device_batch_size": 2, **OURS, **ours_cfg})
     assert len(history) == 5
-    names = metric_names(LossSettings.from_config(TrainConfig(**ours_cfg)))
+    names = objective_for(LossSettings.from_config(TrainConfig(**ours_cfg))).metric_names
     worst: dict[str, float] = {}
     for step, (ours, theirs) in enumerate(zip(history, trl_rows), start=1):
         for k in (*names, "grad_norm", "learning_rate"):
