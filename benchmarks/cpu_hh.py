@@ -6,7 +6,7 @@ DPOTrainer with the same settings, evaluated before and after on the same held-o
 Train rows: the first 90% of the file; held out: the first `--held-out` rows of the last 10%.
 Both systems see the same pairs in the same order (TRL: sequential sampling; ours: --no-shuffle),
 start from the same model with a fresh LoRA (B = 0, so policy == reference at step 0), and are
-evaluated by the same function (dpo.evaluation.evaluate_pairs), TRL's adapter included. Each system
+evaluated by the same function (dpo.eval.evaluation.evaluate_pairs), TRL's adapter included. Each system
 also reports its own steady-state speed (s/step, pairs/s): the CPU benchmark.
 """
 
@@ -28,9 +28,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def split_rows(path: Path, held_out: int):
-    from dpo import data
+    from dpo.data.sources import DataSpec, load_rows
 
-    rows = data.load_rows(data.DataSpec(path=str(path)))
+    rows = load_rows(DataSpec(path=str(path)))
     cut = int(0.9 * len(rows))
     return rows[:cut], rows[cut : cut + held_out]
 
@@ -43,7 +43,7 @@ def base_model():
 
 
 def evaluate(model, tok, pairs, ref_logps=None):
-    from dpo.evaluation import evaluate_pairs
+    from dpo.eval.evaluation import evaluate_pairs
     from dpo.loss_settings import LossSettings
 
     return evaluate_pairs(model, tok, pairs, loss=LossSettings(beta=SETTINGS["beta"]), batch_size=8,
@@ -156,7 +156,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from dpo import data, models, smollm2
+    from dpo import models, smollm2
+    from dpo.data import pairs as data
 
     torch.manual_seed(0)
     out = Path(args.out)

@@ -17,7 +17,8 @@ DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "hh-rlhf-helpful-base-te
 
 
 def main() -> None:
-    from dpo import data, smollm2
+    from dpo import smollm2
+    from dpo.data.sources import DataSpec, load_rows
     from transformers import AutoTokenizer
 
     ap = argparse.ArgumentParser(description=__doc__)
@@ -26,7 +27,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     tok = AutoTokenizer.from_pretrained(smollm2.plain_copy(with_model=False))
-    rows = data.load_rows(data.DataSpec(path=args.data))
+    rows = load_rows(DataSpec(path=args.data))
     pairs, _ = data.prepare_pairs(tok, rows, max_length=None)
     lengths = [[len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)] for p in pairs]
     random.Random(args.seed).shuffle(lengths)

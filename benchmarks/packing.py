@@ -104,7 +104,8 @@ def main(argv=None) -> None:
 
     import torch
 
-    from dpo import data, packing
+    from dpo import packing
+    from dpo.data import pairs as data
 
     model, tok = build(a)
     route_name = f"unsloth:{model.config._attn_implementation}"

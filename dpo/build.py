@@ -5,18 +5,21 @@ dtype and the CPU threads. Pure set-up: `dpo.train.run` calls these, then hands 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from dataclasses import dataclass
 
 import torch
 
-from dpo import models, tasks
-from dpo import objective_data as od
+from dpo import models
+from dpo import plan as plan_mod
+from dpo.data import tasks
+from dpo.data import objective_rows as od
 from dpo.cli import first_line
 from dpo.config import ConfigError, TrainConfig, field_names
 from dpo.objectives import DataOptions, objective_for
-from dpo.sources import DataError, DataSpec, load_rows, read_records
+from dpo.data.sources import DataError, DataSpec, load_rows
 
 
 def seed_everything(seed: int) -> None:
@@ -26,31 +29,13 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-
-
 def read_rows(cfg: TrainConfig):
     """The training rows: a built-in task's (`builtin:NAME`), else the file, folder or hub dataset.
     KTO also reads unpaired rows (prompt, completion, label), the format TRL's KTOTrainer reads."""
     rows = tasks.load_builtin(cfg.dataset)
     if rows is not None:
         return rows
-    return read_spec_rows(DataSpec.from_config(cfg), unpaired=cfg.loss_settings().unpaired)
-
-
-def read_spec_rows(spec: DataSpec, unpaired: bool = False):
-    """The rows of a file, folder or hub dataset: preference pairs; with `unpaired` (KTO) a file of
-    (prompt, completion, label) rows is read as UnpairedRows, each label checked (DataError naming
-    file, row and problem)."""
-    if unpaired:
-        records = read_records(spec)
-        if records and isinstance(records[0][2], dict) and {"completion", "label"} & set(records[0][2]):
-            return [od.unpaired_row(value, i, f"{source} {location}")
-                    for i, (source, location, value) in enumerate(records)]
-    return load_rows(spec)
+    return od.read_spec_rows(DataSpec.from_config(cfg), unpaired=cfg.loss_settings().unpaired)
 
 
 def data_options(cfg: TrainConfig) -> DataOptions:
@@ -111,7 +96,7 @@ def build_model(cfg: TrainConfig, device: torch.device, tokenizer=None):
     """(model, tokenizer): base model + LoRA (fresh, or the starting adapter with its frozen reference copy).
     `tokenizer`: the one the data was prepared with (loaded here when None; Unsloth brings its own)."""
     path = models.resolve_model_path(cfg.model)
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = models.resolve_dtype(cfg.dtype, device)
     try:
         backend = models.pick_backend(cfg.backend)
     except RuntimeError as e:
@@ -191,10 +176,6 @@ def user_fixed_choices(cfg: TrainConfig) -> dict:
 def plan_run(cfg: TrainConfig, items: list, device: torch.device, reference_free: bool):
     """(cfg with the plan's settings, the Plan) on a CUDA device with --memory-budget other than none;
     (cfg, None) otherwise. Raises ConfigError when no setting fits the budget."""
-    import dataclasses
-
-    from dpo import plan as plan_mod
-
     if device.type != "cuda" or not cfg.budget.plans:
         return cfg, None
     objective = objective_for(cfg.loss_settings())
@@ -221,6 +202,4 @@ def plan_run(cfg: TrainConfig, items: list, device: torch.device, reference_free
 
 def planned_as_before(cfg: TrainConfig, checkpoint_config: dict) -> TrainConfig:
     """A resumed run keeps the settings its plan chose (the card's free memory may differ now)."""
-    import dataclasses
-
     return dataclasses.replace(cfg, **{k: checkpoint_config[k] for k in PLANNED_FIELDS if k in checkpoint_config})

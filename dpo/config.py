@@ -15,16 +15,16 @@ from dataclasses import dataclass, field, fields
 from typing import Any, get_args, get_origin, get_type_hints
 
 from dpo.cli import Parser, optional
-from dpo.data import DEFAULT_MAX_LENGTH
+from dpo.data.pairs import DEFAULT_MAX_LENGTH
 from dpo.models import model_folder_problem
-from dpo.sources import looks_local
+from dpo.data.sources import looks_local
 from dpo.losses import LOSS_TYPES
-from dpo.objective_losses import OBJECTIVES
+from dpo.losses import OBJECTIVES
 from dpo.loss_settings import LossSettings
 from dpo.models import DEFAULT_LORA_TARGETS
 from dpo.smollm2 import DEFAULT_MODEL
-from dpo.tasks import DEFAULT_RUN
-from dpo.trackers import TrackerError, parse_report_to
+from dpo.data.tasks import DEFAULT_RUN
+from dpo.run.trackers import TrackerError, parse_report_to
 
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
 

@@ -2,11 +2,11 @@
 
 Under any objective training takes (`--loss-type` and its settings, the same flags, defaults and refusals
 as `python -m dpo.train`, read into one dpo.loss_settings.LossSettings): its TRL trainer's eval metrics,
-with the names of training's eval rows (dpo.metrics), and the length-normalised accuracy (dpo.objectives),
+with the names of training's eval rows (dpo.objectives.metrics), and the length-normalised accuracy (dpo.objectives),
 each a mean over the pairs (KTO: over its unpaired rows; a paired file is split as training splits it);
 SimPO, CPO and ORPO read no reference. For a `builtin:` task also greedy generations of the policy and
-the reference, scored by the task's reward, and their KL to the reference (dpo.generation). The work is
-dpo.evaluation.Evaluation's; this module is the command line. Defaults are training's (`python -m dpo.train`)
+the reference, scored by the task's reward, and their KL to the reference (dpo.eval.generation). The work is
+dpo.eval.evaluation.Evaluation's; this module is the command line. Defaults are training's (`python -m dpo.train`)
 and the built-in tasks'.
 """
 
@@ -21,9 +21,14 @@ from typing import Any
 
 import torch
 
-from dpo import cli, models, tasks
+from dpo import cli, models, smollm2
+from dpo.data import tasks
+from dpo.data.sources import DataError
+from dpo.eval.evaluation import Evaluation, GenerationSettings, format_metrics
+from dpo.eval.generation import format_samples
+from dpo.files import write_json_atomic
 from dpo.config import LOGPROB_MODES, ConfigError, TrainConfig, add_field_arguments
-from dpo.sources import looks_local
+from dpo.data.sources import looks_local
 from dpo.loss_settings import LossSettings
 
 PROG = "python -m dpo.evaluate"
@@ -123,18 +128,14 @@ def loss_settings(args) -> LossSettings:
 
 def check_dataset(dataset: str) -> None:
     """Cheap dataset checks, so that a missing file fails before the model loads."""
-    from dpo import data as data_mod
-
     if tasks.is_builtin(dataset):
         tasks.parse_builtin(dataset)
     elif looks_local(dataset) and not os.path.exists(os.path.expanduser(dataset)):
-        raise data_mod.DataError(f"--dataset: no such file or folder: {dataset}")
+        raise DataError(f"--dataset: no such file or folder: {dataset}")
 
 
 def load_model(args, device: torch.device):
     """(model, tokenizer): the base model, with the adapter on top when given, in eval mode."""
-    from dpo import smollm2
-
     try:
         path = models.resolve_model_path(args.model)
     except smollm2.MissingDefaultModel as e:
@@ -157,9 +158,6 @@ def load_model(args, device: torch.device):
 
 
 def run(args) -> dict[str, Any]:
-    from dpo.evaluation import Evaluation, GenerationSettings, format_metrics
-    from dpo.files import write_json_atomic
-
     device = check_args(args)
     loss = loss_settings(args)
     check_dataset(args.dataset)
@@ -204,8 +202,6 @@ def _no_adapter(loss: LossSettings) -> str:
 
 
 def print_generations(gen: dict[str, Any], args) -> None:
-    from dpo.generation import format_samples
-
     print(f"\ngenerations: {gen['num_prompts']} held-out prompts, greedy, up to {args.max_new_tokens} tokens; "
           f"task reward ({gen['task']}) mean: policy {gen['policy_reward_mean']:.3f}, "
           f"reference {gen['reference_reward_mean']:.3f}; reward > 0: policy "
@@ -219,8 +215,6 @@ def print_generations(gen: dict[str, Any], args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dpo.data import DataError
-
     args = build_parser().parse_args(argv)
     try:
         run(args)

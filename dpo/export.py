@@ -37,12 +37,13 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dpo import card, llamacpp
+from dpo import llamacpp
+from dpo.run import card
 from dpo.cli import Parser, first_line, python_command
 from dpo.files import write_json_atomic
 from dpo.gguf_file import ARCHITECTURES, K_QUANTS, QUANTIZATIONS, ExportError, write_gguf  # noqa: F401 (re-exported)
 from dpo.gguf_file import _permute_qk  # noqa: F401 (tests reach it here)
-from dpo.sources import looks_local
+from dpo.data.sources import looks_local
 
 FORMATS = ("adapter", "merged", "gguf")
 MERGED_DTYPES = ("bfloat16", "float16", "float32")

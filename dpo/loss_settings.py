@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 from dpo.losses import _as_list, validate_loss_config
-from dpo.objective_losses import OBJECTIVES
+from dpo.losses import OBJECTIVES
 
 
 def _validate_objective(s: "LossSettings") -> None:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from dpo import logps as logps_math
-from dpo import objective_logps as ol
-from dpo.data import Batch
+from dpo import smollm2
+from dpo.data.pairs import Batch
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 REF_ADAPTER = "ref"
@@ -22,9 +22,14 @@ REF_ADAPTER = "ref"
 FUSED_TARGETS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
 def resolve_model_path(name: str) -> str:
     """`smollm2-135m-instruct` (the embedded default) -> its plain local copy; anything else as given."""
-    from dpo import smollm2
 
     if name == smollm2.DEFAULT_MODEL:
         return str(smollm2.plain_copy())
@@ -359,8 +364,8 @@ class ScoredForward:
     def wpo_weights(self, completion_mask: torch.Tensor) -> torch.Tensor:
         ids = self.batch.input_ids
         if self.mode == "full":
-            return ol.wpo_sequence_weights(*ol.wpo_token_terms_from_logits(self.logits, ids), completion_mask)
-        return ol.wpo_weights_from_hidden(self.hidden, self.lm_head, ids, completion_mask, self.chunk_size)
+            return logps_math.wpo_sequence_weights(*logps_math.wpo_token_terms_from_logits(self.logits, ids), completion_mask)
+        return logps_math.wpo_weights_from_hidden(self.hidden, self.lm_head, ids, completion_mask, self.chunk_size)
 
 
 # --- the Unsloth backend (GPU only) -------------------------------------------------------------

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 import torch
 
 from dpo import logps as logps_math
-from dpo.data import Batch, TokenizedPair, collate
+from dpo import models
+from dpo.data.pairs import Batch, TokenizedPair, collate
 
 ROUTES = ("flash_varlen", "flex", "sdpa", "eager")
 
@@ -190,8 +191,6 @@ def use_attention(model, route: AttentionRoute) -> str:
     """Switch a loaded (possibly PEFT-wrapped) model to the route's attention implementation.
 
     ValueError (one line) where this model or install cannot (transformers checks the kernel)."""
-    from dpo import models
-
     lm = models._causal_lm(model)
     try:
         lm.set_attn_implementation(models.attention_keeping_softcap(lm.config, route.attn_implementation))
@@ -215,8 +214,6 @@ def packed_completion_logps(model, packed: PackedBatch, mode: str = "chunked", c
 
     The packed twin of models.completion_logps: same modes, same HostEmbedding handling.
     """
-    from dpo import models
-
     kw = forward_inputs(packed, check_model_can_pack(model))
     if mode == "full":
         logits = model(input_ids=packed.input_ids, **kw).logits
@@ -248,8 +245,6 @@ def packing_agrees(model, batch: Batch, mode: str = "chunked", chunk_size: int =
     log-probs then differ by far more than rounding, and the trainer falls back to padding.
     rtol: 2 bfloat16 units of roundoff by default (the GPU suite's bound on summed log-probs).
     """
-    from dpo import models
-
     with torch.no_grad():
         padded = models.completion_logps(model, batch, mode, chunk_size)
         packed = packed_completion_logps(model, pack_batch(batch), mode, chunk_size)

@@ -47,3 +47,14 @@ def build_optimizer(named_params, *, name: str, lr: float, weight_decay: float, 
 
         return bnb.optim.AdamW8bit(groups, lr=lr, betas=betas, eps=eps)
     raise ValueError(f"unknown optimizer {name!r}")
+
+
+def steps_per_epoch(num_pairs: int, batch_size: int, grad_accum: int) -> int:
+    return max(1, math.ceil(math.ceil(num_pairs / batch_size) / grad_accum))
+
+
+def total_steps(cfg, num_pairs: int, world_size: int = 1) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    per_step = steps_per_epoch(num_pairs, cfg.per_device_batch_size * world_size, cfg.grad_accum)
+    return max(1, math.ceil(cfg.num_epochs * per_step))

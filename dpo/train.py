@@ -8,7 +8,7 @@ run(cfg):
     loop: trainer.train_step() -> metrics row to the run folder -> checkpoint every --save-steps
     final checkpoint, adapter/, evaluation after, curves.png
 
-Nothing lost (dpo.lifecycle writes, checkpoints, resumes and handles signals; dpo.checkpoint stores):
+Nothing lost (dpo.run.lifecycle writes, checkpoints, resumes and handles signals; dpo.run.checkpoint stores):
 - A checkpoint every --save-steps and at the end: trainable tensors, optimizer, scheduler, RNG
   states, the step (= the data position: step_plan is deterministic) and the run's config; with
   --precompute-ref also the reference log-probs (ref_logps.safetensors), so a resume need not
@@ -25,6 +25,7 @@ step, 128+signal when stopped by a signal.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -34,18 +35,23 @@ from typing import Callable
 
 import torch
 
-from dpo.sources import DataError
-from dpo import diskspace, distributed, host_memory, models, tasks, trackers
+from dpo.data.sources import DataError
+from dpo import distributed, host_memory, models
+from dpo.run import diskspace
+from dpo.data import tasks
+from dpo.run import trackers
 from dpo.build import (PreparedData, build_model, check_same_tokenization, cpu_threads, plan_run, planned_as_before,
                        prepare_data, read_rows)
-from dpo.checkpoint import Checkpoint, CheckpointError, restore_rng
-from dpo.card import write_run_card
+from dpo.run.checkpoint import Checkpoint, CheckpointError, restore_rng
+from dpo.run.card import write_run_card
 from dpo.cli import first_line
 from dpo.config import ConfigError, TrainConfig, config_from_args
-from dpo.lifecycle import Checkpointer, Commands, StopNow, StopSignals, TrainingStopped, load_reference_cache
-from dpo.runfolder import RunWriter, check_output_dir, drop_later_checkpoints, load_resume_checkpoint
+from dpo.run.lifecycle import Checkpointer, Commands, StopNow, StopSignals, TrainingStopped, load_reference_cache
+from dpo.run.folder import (RunWriter, check_output_dir, drop_later_checkpoints, find_resume_checkpoint,
+                            load_resume_checkpoint)
+from dpo.run.plots import plot_curves
 from dpo.loss_settings import LossSettings
-from dpo.evaluation import Evaluation
+from dpo.eval.evaluation import Evaluation
 from dpo.smollm2 import MissingDefaultModel
 from dpo.trainer import NonFiniteStep, Trainer
 
@@ -64,10 +70,6 @@ class RunHooks:
 
 def resumed_plan(cfg: TrainConfig) -> TrainConfig:
     """The plan's settings of the checkpoint this run resumes (not planned again: free memory may differ)."""
-    import json
-
-    from dpo.runfolder import find_resume_checkpoint
-
     path = find_resume_checkpoint(cfg)
     saved = path / "config.json" if path is not None else None
     if saved is None or not saved.is_file():
@@ -291,8 +293,6 @@ class _Session:
 def draw_curves(writer: RunWriter) -> list[str]:
     """OUTPUT_DIR/curves.png from metrics.jsonl ([its path], or [] when it could not be drawn: a plotting
     failure is reported, never fatal)."""
-    from dpo.plots import plot_curves
-
     try:
         path = plot_curves(writer.metrics_path, os.path.join(writer.dir, "curves.png"))
     except Exception as e:  # noqa: BLE001  (the run's results are saved already)

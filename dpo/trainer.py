@@ -32,17 +32,16 @@ from dataclasses import dataclass, field
 import torch
 
 from dpo import distributed, models, packing, progress
-from dpo.build import resolve_dtype
 from dpo.cli import first_line
-from dpo.checkpoint import Checkpoint, CheckpointError, capture_rng, restore_trainable_state
+from dpo.run.checkpoint import Checkpoint, CheckpointError, capture_rng, restore_trainable_state
 from dpo.config import TrainConfig
-from dpo.data import TokenizedPair
+from dpo.data.pairs import TokenizedPair
 from dpo.losses import PreferenceLogps
-from dpo.objective_losses import UnpairedLogps
+from dpo.losses import UnpairedLogps
 from dpo.loss_settings import LossSettings
 from dpo.objectives import Scorer, objective_for
 from dpo.objectives.base import region
-from dpo.schedule import build_optimizer, build_scheduler
+from dpo.schedule import build_optimizer, build_scheduler, steps_per_epoch, total_steps
 
 
 def epoch_order(num_pairs: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
@@ -51,17 +50,6 @@ def epoch_order(num_pairs: int, epoch: int, seed: int, shuffle: bool) -> list[in
         return list(range(num_pairs))
     g = torch.Generator().manual_seed(seed + epoch)
     return torch.randperm(num_pairs, generator=g).tolist()
-
-
-def steps_per_epoch(num_pairs: int, batch_size: int, grad_accum: int) -> int:
-    return max(1, math.ceil(math.ceil(num_pairs / batch_size) / grad_accum))
-
-
-def total_steps(cfg: TrainConfig, num_pairs: int, world_size: int = 1) -> int:
-    if cfg.max_steps > 0:
-        return cfg.max_steps
-    per_step = steps_per_epoch(num_pairs, cfg.per_device_batch_size * world_size, cfg.grad_accum)
-    return max(1, math.ceil(cfg.num_epochs * per_step))
 
 
 def step_plan(num_pairs: int, cfg: TrainConfig, world_size: int = 1):
@@ -156,7 +144,7 @@ class Trainer:
         # packing is set by start_packing() (--packing), after its self-check
         self.scorer = Scorer(self.device, cfg.logprobs, cfg.logprob_chunk)
         # bf16 runs use autocast on CUDA (LoRA weights stay float32, as PEFT makes them)
-        self.autocast_bf16 = self.device.type == "cuda" and resolve_dtype(cfg.dtype, self.device) == torch.bfloat16
+        self.autocast_bf16 = self.device.type == "cuda" and models.resolve_dtype(cfg.dtype, self.device) == torch.bfloat16
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.total_steps = total_steps(cfg, len(train_pairs), dist.world_size)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -1,4 +1,4 @@
-"""dpo.checkpoint: exact resume, atomic writes, verified and pickle-free loading.
+"""dpo.run.checkpoint: exact resume, atomic writes, verified and pickle-free loading.
 
 No model is needed: a couple of "LoRA" parameters, a real AdamW with a few steps behind it (so its
 state holds real moments) and the loop's own LambdaLR stand in for a training run.
@@ -17,20 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from dpo import checkpoint as ckpt
-from dpo import runfolder
-from dpo.checkpoint import (
-    CheckpointError,
-    capture_rng,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    restore_rng,
-    restore_trainable_state,
-    save_checkpoint,
-    trainable_state,
-)
-from dpo.runfolder import RESUME_LOCKED_KEYS, check_output_dir, config_differences, trim_metrics
+from dpo.run import checkpoint as ckpt
+from dpo.run import folder as runfolder
+from dpo.run.checkpoint import (
+    CheckpointError, capture_rng, latest_checkpoint, list_checkpoints, load_checkpoint, restore_rng, restore_trainable_state, save_checkpoint, trainable_state)
+from dpo.run.folder import RESUME_LOCKED_KEYS, check_output_dir, config_differences, trim_metrics
 from dpo.config import TrainConfig
 from dpo.schedule import build_optimizer, build_scheduler
 

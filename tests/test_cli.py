@@ -143,7 +143,7 @@ def test_float16_in_a_config_file_is_refused_too(tmp_path, data, capsys):
 
 def test_no_dataset_flag_is_the_default_run_with_its_measured_settings(tmp_path, monkeypatch):
     """`python -m dpo.train` alone trains on the built-in task with tasks.DEFAULT_RUN; flags still win."""
-    from dpo import tasks
+    from dpo.data import tasks
 
     seen = []
     monkeypatch.setattr(train, "run", lambda cfg, argv=None: seen.append(cfg))

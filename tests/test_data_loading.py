@@ -15,8 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from dpo import data
-from dpo.data import DataError, DataSpec, PreferenceRow
+from dpo.data import pairs as data
+from dpo.data.cli import main as data_main
+from dpo.data.prompts import extract_implicit_conversation, extract_implicit_prompt, trl_extract_prompt
+from dpo.data.sources import Rows, load_rows
+from dpo.data.sources import DataError, DataSpec, PreferenceRow
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,8 +57,8 @@ def write_parquet(path: Path, records) -> Path:
     return path
 
 
-def load(path, **kw) -> data.Rows:
-    return data.load_rows(DataSpec(str(path), **kw))
+def load(path, **kw) -> Rows:
+    return load_rows(DataSpec(str(path), **kw))
 
 
 def load_error(path, **kw) -> str:
@@ -174,10 +177,10 @@ DIALOGUE = "\n\nHuman: What is 2+2?\n\nAssistant: It is 4.\n\nHuman: And 3+3?\n\
 
 
 def test_implicit_prompt_ends_at_the_last_shared_assistant_marker():
-    prompt, chosen, rejected = data.extract_implicit_prompt(DIALOGUE + " It is 6.", DIALOGUE + " It is 7.")
+    prompt, chosen, rejected = extract_implicit_prompt(DIALOGUE + " It is 6.", DIALOGUE + " It is 7.")
     assert (prompt, chosen, rejected) == (DIALOGUE, " It is 6.", " It is 7.")
     # TRL's rule puts the shared opening words in the prompt, less the trailing space.
-    assert data.trl_extract_prompt(DIALOGUE + " It is 6.", DIALOGUE + " It is 7.") == (
+    assert trl_extract_prompt(DIALOGUE + " It is 6.", DIALOGUE + " It is 7.") == (
         DIALOGUE + " It is", " 6.", " 7.")
 
 
@@ -185,7 +188,7 @@ def test_implicit_prompt_when_dialogues_differ_before_the_last_turn():
     """One reply holds an extra turn: the prompt is what both share, the extra turn stays in the completion."""
     chosen = DIALOGUE + " Six.\n\nAssistant: Anything else?"
     rejected = DIALOGUE + " No idea."
-    assert data.extract_implicit_prompt(chosen, rejected) == (
+    assert extract_implicit_prompt(chosen, rejected) == (
         DIALOGUE, " Six.\n\nAssistant: Anything else?", " No idea.")
 
 
@@ -197,19 +200,19 @@ def test_trl_rule_copies_trls_quirks():
              (DIALOGUE + " Yes", DIALOGUE + " No")]
     for chosen, rejected in cases:
         theirs = extract_prompt({"chosen": chosen, "rejected": rejected})
-        assert data.trl_extract_prompt(chosen, rejected) == (theirs["prompt"], theirs["chosen"], theirs["rejected"])
+        assert trl_extract_prompt(chosen, rejected) == (theirs["prompt"], theirs["chosen"], theirs["rejected"])
 
 
 def test_implicit_conversations():
     user = {"role": "user", "content": "Hi"}
     a1, a2 = {"role": "assistant", "content": "Hello"}, {"role": "assistant", "content": "Bye"}
     follow = {"role": "user", "content": "More?"}
-    assert data.extract_implicit_conversation([user, a1], [user, a2]) == ([user], [a1], [a2])
+    assert extract_implicit_conversation([user, a1], [user, a2]) == ([user], [a1], [a2])
     # They share an assistant turn and differ later: the prompt ends before a turn both answer.
-    assert data.extract_implicit_conversation([user, a1, follow, a1], [user, a1, follow, a2]) == (
+    assert extract_implicit_conversation([user, a1, follow, a1], [user, a1, follow, a2]) == (
         [user, a1, follow], [a1], [a2])
     # Identical conversations split before the last assistant turn (then dropped as identical pairs).
-    assert data.extract_implicit_conversation([user, a1], [user, a1]) == ([user], [a1], [a1])
+    assert extract_implicit_conversation([user, a1], [user, a1]) == ([user], [a1], [a1])
 
 
 def test_hh_style_rows_load_with_an_implicit_prompt(tmp_path):
@@ -313,7 +316,7 @@ def test_parquet_null_field_names_the_row(tmp_path):
 
 
 def run_main(capsys, *argv):
-    rc = data.main([str(a) for a in argv])
+    rc = data_main([str(a) for a in argv])
     out = capsys.readouterr()
     return rc, out.out, out.err
 

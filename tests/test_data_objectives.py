@@ -7,11 +7,12 @@ import json
 
 import pytest
 
-from dpo import data
+from dpo.data import pairs as data
+from dpo.data.cli import main as data_main
 from dpo.build import load_training_pairs
 from dpo.config import TrainConfig
-from dpo.objective_data import tokenize_sided
-from dpo.sources import PreferenceRow
+from dpo.data.objective_rows import tokenize_sided
+from dpo.data.sources import PreferenceRow
 
 from .conftest import write_jsonl
 
@@ -26,7 +27,7 @@ def cli(monkeypatch, tokenizer, capsys):
     monkeypatch.setattr(data, "load_tokenizer", lambda model: tokenizer)
 
     def run(*args):
-        code = data.main([str(a) for a in args])
+        code = data_main([str(a) for a in args])
         out = capsys.readouterr()
         return code, out.out, out.err
     return run

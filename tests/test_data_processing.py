@@ -10,8 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dpo import data
-from dpo.data import DataError, PreferenceRow
+from dpo.data import pairs as data
+from dpo.data.cli import main as data_main
+from dpo.data.sources import DataSpec, load_rows
+from dpo.files import write_jsonl_atomic
+from dpo.data.sources import DataError, PreferenceRow
 
 SPECIAL = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
@@ -187,7 +190,7 @@ def test_cli_out_file(tmp_path, capsys, tokenizers, monkeypatch):
     monkeypatch.setattr(data, "load_tokenizer", lambda model: tokenizers["plain"])
     src = write_jsonl(tmp_path / "in.jsonl", RECORDS)
     out = tmp_path / "out.jsonl"
-    assert data.main(["--dataset", str(src), "--max-length", "20", "--out", str(out)]) == 0
+    assert data_main(["--dataset", str(src), "--max-length", "20", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "kept: 1\ndropped: 2\n  identical_pair: 1\n  prompt_fills_max_length: 1\n" in printed
     assert printed.endswith(f"wrote 3 rows (1 kept) to {out}\n")
@@ -199,7 +202,7 @@ def test_cli_out_file(tmp_path, capsys, tokenizers, monkeypatch):
                         "chosen_tokens": len(pair.chosen_ids), "rejected_tokens": len(pair.rejected_ids),
                         "prompt_tokens_cut": 0, "dropped_reason": None}
     # The written rows load again and give the same pairs.
-    again = data.load_rows(data.DataSpec(str(out)))
+    again = load_rows(DataSpec(str(out)))
     assert [data.tokenize_row(tokenizers["plain"], r) for r in again][0] == pair
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]  # no temp file left
 
@@ -209,7 +212,7 @@ def test_cli_writes_nothing_when_every_row_is_dropped(tmp_path, capsys, tokenize
     src = write_jsonl(tmp_path / "in.jsonl", RECORDS[1:2])
     out = tmp_path / "out.jsonl"
     out.write_text("previous contents\n")
-    assert data.main(["--dataset", str(src), "--out", str(out)]) == 2
+    assert data_main(["--dataset", str(src), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err == (f"python -m dpo.data: error: {src}: all 1 rows were dropped (identical_pair: 1; max_length=1024); "
                    "nothing is left to train on\n")
@@ -226,7 +229,7 @@ def test_write_is_atomic_when_writing_fails(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        data.write_jsonl_atomic(str(out), records())
+        write_jsonl_atomic(str(out), records())
     assert out.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
 
 
@@ -244,7 +247,7 @@ def test_cli_hub_dataset_flags(capsys, tokenizers, monkeypatch):
     monkeypatch.setattr(data, "load_tokenizer", lambda model: tokenizers["plain"])
     argv = ["--dataset", "org/prefs", "--dataset-split", "test", "--dataset-config", "small", "--prompt-column", "q",
             "--chosen-column", "good", "--rejected-column", "bad", "--keep-identical"]
-    assert data.main(argv) == 0
+    assert data_main(argv) == 0
     assert calls == [("org/prefs", "small", "test")]
     out = capsys.readouterr().out
     assert out.startswith("data: org/prefs (hub, split 'test', config 'small') (text, explicit prompt)\nrows read: 3\n"

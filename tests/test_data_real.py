@@ -19,7 +19,9 @@ import types
 
 import pytest
 
-from dpo import data
+from dpo.data import pairs as data
+from dpo.data.cli import main as data_main
+from dpo.data.sources import DataSpec, load_rows
 
 from .conftest import HH_HARMLESS, HH_HELPFUL, ULTRAFEEDBACK, require_file
 
@@ -89,7 +91,7 @@ class Cache:
     def ours(self, path, max_length, subset: list[int] | None = None, rule="last_assistant") -> dict:
         """Our RowResults keyed by row index in the file (row ids count from 0 over the whole file)."""
         def make():
-            rows = data.load_rows(data.DataSpec(str(path), implicit_prompt=rule))
+            rows = load_rows(DataSpec(str(path), implicit_prompt=rule))
             picked = [rows[i] for i in subset] if subset is not None else rows
             return {r.row.row_id: r for r in data.process_rows(self.tok, picked, max_length)}
 
@@ -257,7 +259,7 @@ def test_conversational_rows_match_trl(tok, tmp_path, kind):
     records = explicit if kind == "explicit" else implicit
     path = tmp_path / "conv.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    rows = data.load_rows(data.DataSpec(str(path)))
+    rows = load_rows(DataSpec(str(path)))
     assert rows.format == f"conversation, {kind} prompt" + (" (last_assistant)" if kind == "implicit" else "")
     pairs, report = data.prepare_pairs(tok, rows, 1024)
     trl = trl_prepare(tok, records, 1024, tmp_path)
@@ -298,7 +300,7 @@ def parse_report(text: str) -> dict:
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    rc = data.main(list(argv))
+    rc = data_main(list(argv))
     captured = capsys.readouterr()
     return rc, captured.out, captured.err
 

@@ -10,8 +10,12 @@ import time
 
 import pytest
 
-from dpo import cli, data, data_cli, progress, sources
-from dpo.sources import DataError, DataSpec, looks_local
+from dpo import cli, progress
+from dpo.data import pairs as data
+from dpo.data.sources import looks_local
+from dpo.data import cli as data_cli
+from dpo.data import sources
+from dpo.data.sources import DataError, DataSpec, looks_local
 
 
 @pytest.mark.parametrize("path", ["./x", "../x", "/abs/x", "~/x", "x.jsonl", "X.JSONL.GZ", "dir/x.parquet",
@@ -37,7 +41,7 @@ def test_an_existing_file_or_folder_is_local_whatever_its_name(tmp_path, monkeyp
 
 
 def test_one_rule_everywhere_in_the_data_modules():
-    assert data.looks_local is sources.looks_local
+    assert looks_local is sources.looks_local
 
 
 def test_a_missing_deep_path_is_reported_missing_not_looked_up_on_the_hub(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""The disk space a run writes, checked before the model loads (dpo.diskspace): the estimate against what
+"""The disk space a run writes, checked before the model loads (dpo.run.diskspace): the estimate against what
 a run really writes, the decision for each amount of free space (faked), and real small disks (tmpfs,
 where this machine lets us mount one): no room for checkpoints, no room at all, a disk that fills up
 during the run (CPU, tiny Llama)."""
@@ -15,8 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpo import checkpoint, diskspace, train
-from dpo.checkpoint import CheckpointError
+from dpo import train
+from dpo.run import checkpoint
+from dpo.run import diskspace
+from dpo.run.checkpoint import CheckpointError
 from dpo.config import config_from_args
 
 from .conftest import write_jsonl

@@ -101,7 +101,7 @@ def test_a_signal_seen_by_one_rank_stops_every_rank_at_the_same_step(monkeypatch
     from types import SimpleNamespace
 
     from dpo import distributed, train
-    from dpo.lifecycle import StopSignals
+    from dpo.run.lifecycle import StopSignals
 
     seen = []
 

@@ -1,4 +1,4 @@
-"""dpo.evaluation, dpo.generation and the `python -m dpo.evaluate` CLI on a tiny random Llama: metrics equal a
+"""dpo.eval.evaluation, dpo.eval.generation and the `python -m dpo.evaluate` CLI on a tiny random Llama: metrics equal a
 direct computation (each a mean over pairs), generation report, CLI errors."""
 
 from __future__ import annotations
@@ -11,8 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpo import evaluate, evaluation, generation, models, tasks
-from dpo.data import PreferenceRow, tokenize_row
+from dpo import evaluate, models
+from dpo.eval import evaluation
+from dpo.eval import generation
+from dpo.data import tasks
+from dpo.data.sources import PreferenceRow
+from dpo.data.pairs import tokenize_row
 from dpo.loss_settings import LossSettings
 from dpo.objectives import objective_for
 

@@ -12,7 +12,8 @@ import json
 
 import pytest
 
-from dpo import evaluate, models, tasks
+from dpo import evaluate, models
+from dpo.data import tasks
 from dpo.loss_settings import LossSettings
 from dpo.objectives import objective_for
 

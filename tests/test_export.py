@@ -570,7 +570,7 @@ def test_an_oserror_while_writing_names_the_path_and_cause(run_dir, tmp_path, ca
 
 
 def test_a_finished_run_gets_its_own_adapter_card(tmp_path, tok):
-    from dpo import card
+    from dpo.run import card
 
     run = make_run(tmp_path, tok)
     (run / "eval.json").write_text(json.dumps({"num_pairs": 8, "before": {"eval_loss": 0.693}, "after": {"eval_loss": 0.5}}))

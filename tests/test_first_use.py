@@ -13,7 +13,7 @@ import pytest
 
 from dpo import build, train
 from dpo.config import TrainConfig, config_from_args
-from dpo.lifecycle import Commands, TrainingStopped
+from dpo.run.lifecycle import Commands, TrainingStopped
 
 from .conftest import write_jsonl
 

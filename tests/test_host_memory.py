@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from dpo import tasks
+from dpo.data import tasks
 from dpo.config import TrainConfig
 from dpo.train import run
 

@@ -119,7 +119,7 @@ def test_without_checkpointing_the_lookup_output_needs_no_grad():
 
 
 def test_a_batch_moved_to_the_device_keeps_its_host_ids_for_the_lookup():
-    from dpo.data import Batch
+    from dpo.data.pairs import Batch
 
     ids = torch.tensor([[5, 6, 7], [8, 9, 2]])
     ones = torch.ones_like(ids)

@@ -1,4 +1,4 @@
-"""dpo.objective_data on real HH-RLHF rows against TRL 1.15's own processing for KTO, CPO and ORPO,
+"""dpo.data.objective_rows on real HH-RLHF rows against TRL 1.15's own processing for KTO, CPO and ORPO,
 at two max lengths. TRL's code runs as plain functions on a stub `self` (no model, no trainer)."""
 
 from __future__ import annotations
@@ -7,8 +7,9 @@ import types
 
 import pytest
 
-from dpo import data
-from dpo.objective_data import kl_completions, kto_keeps, tokenize_sided, tokenize_unpaired, unpair_rows
+from dpo.data import pairs as data
+from dpo.data.sources import DataSpec, load_rows
+from dpo.data.objective_rows import kl_completions, kto_keeps, tokenize_sided, tokenize_unpaired, unpair_rows
 
 from .conftest import HH_HELPFUL, require_file
 
@@ -18,7 +19,7 @@ EVERY = 12  # every 12th row of the file keeps the suite fast (about 190 pairs)
 
 @pytest.fixture(scope="module")
 def hh_rows():
-    rows = data.load_rows(data.DataSpec(path=str(require_file(HH_HELPFUL)), implicit_prompt="trl"))
+    rows = load_rows(DataSpec(path=str(require_file(HH_HELPFUL)), implicit_prompt="trl"))
     return [r for i, r in enumerate(rows) if i % EVERY == 0]
 
 
@@ -67,8 +68,8 @@ def test_cpo_orpo_tokenization_equals_trl_tokenize_row(tok, hh_rows, max_length)
 def test_conversational_pairs_render_as_trl_apply_chat_template(tok):
     from trl.data_utils import maybe_apply_chat_template
 
-    from dpo.data import PreferenceRow
-    from dpo.objective_data import render_chat_pair
+    from dpo.data.sources import PreferenceRow
+    from dpo.data.objective_rows import render_chat_pair
 
     user = [{"role": "user", "content": "Name a colour."}]
     prefilled = user + [{"role": "assistant", "content": "Sure:"}]

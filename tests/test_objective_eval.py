@@ -13,8 +13,8 @@ import torch
 from dpo.config import TrainConfig
 from dpo.loss_settings import LossSettings
 from dpo.objectives import objective_for
-from dpo.objective_data import tokenize_sided
-from dpo.data import PreferenceRow
+from dpo.data.objective_rows import tokenize_sided
+from dpo.data.sources import PreferenceRow
 from dpo.losses import PreferenceLogps
 from dpo.objectives.sided import SidedScores
 
@@ -33,7 +33,7 @@ def _sided_pairs(tokenizer):
 
 @pytest.mark.parametrize("case", SIDED)
 def test_sided_held_out_metrics_equal_trl_evaluate(case, tokenizer, tmp_path, record_property):
-    from dpo.evaluation import Evaluation
+    from dpo.eval.evaluation import Evaluation
 
     kind, trl_cfg, ours_cfg = CASES[case]
     with use_cpu_kernel():
@@ -117,8 +117,8 @@ def test_an_orpo_run_logs_held_out_rows_with_trls_names(tiny_llama_dir, tmp_path
 def test_kto_held_out_metrics_equal_trl_evaluate(eval_batch, tokenizer, tmp_path, record_property):
     """KTO: the 16 unpaired rows of ROWS in batches of 3 (the last holds 1 row, some no desirable row) or 4,
     each batch's KL from its own mismatched rows; every eval_ metric KTOTrainer.evaluate() logs."""
-    from dpo.evaluation import Evaluation
-    from dpo.objective_data import kto_keeps, tokenize_unpaired, unpair_rows
+    from dpo.eval.evaluation import Evaluation
+    from dpo.data.objective_rows import kto_keeps, tokenize_unpaired, unpair_rows
 
     _, trl_cfg, ours_cfg = CASES["kto"]
     with use_cpu_kernel():
@@ -151,7 +151,7 @@ def test_kto_held_out_metrics_equal_trl_evaluate(eval_batch, tokenizer, tmp_path
 def test_a_kto_run_evaluates_an_unpaired_file(tiny_llama_dir, tmp_path):
     """--loss-type kto --eval-dataset FILE of (prompt, completion, label) rows: step 0 and the end get KTO's
     eval rows; a bad label in the eval file is one line naming file, row and problem."""
-    from dpo.sources import DataError
+    from dpo.data.sources import DataError
 
     from .conftest import write_jsonl
     from .test_trl_equivalence import run_ours

@@ -1,4 +1,4 @@
-"""Properties of the objectives beyond DPO (dpo/losses.py, dpo/objective_logps.py, dpo/objective_data.py),
+"""Properties of the objectives beyond DPO (dpo/losses.py, dpo/logps.py, dpo/data/objective_rows.py),
 their settings, metric names and data shaping. Their equality with TRL's trainers: test_objectives_trl.py."""
 
 from __future__ import annotations
@@ -10,16 +10,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dpo.data import DataError, PreferenceRow
+from dpo.data.sources import DataError, PreferenceRow
 from dpo.losses import PreferenceLogps, preference_loss, sigmoid_loss
-from dpo.objective_losses import UnpairedLogps, chosen_nll, cpo_loss, kto_kl_estimate, kto_loss, log1mexp, orpo_log_odds, orpo_loss, simpo_loss
+from dpo.losses import (
+    UnpairedLogps, chosen_nll, cpo_loss, kto_kl_estimate, kto_loss, log1mexp, orpo_log_odds, orpo_loss, simpo_loss)
 from dpo.loss_settings import LossSettings
 from dpo.objectives import objective_for
-from dpo.objective_data import kl_completions, split_sided, unpair_rows, unpaired_row
-from dpo.objective_logps import (
-    ld_logps_from_token_logps, ld_masks, mean_logps, wpo_sequence_weights, wpo_token_terms_from_logits,
-    wpo_weights_from_hidden,
-)
+from dpo.data.objective_rows import kl_completions, split_sided, unpair_rows, unpaired_row
+from dpo.logps import (
+    ld_logps_from_token_logps, ld_masks, mean_logps, wpo_sequence_weights, wpo_token_terms_from_logits, wpo_weights_from_hidden)
 
 finite = st.floats(-50.0, 50.0, allow_nan=False, allow_infinity=False)
 mean_lp = st.floats(-20.0, -1e-3, allow_nan=False)  # a mean token log-prob: negative

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from dpo.config import ConfigError, TrainConfig
-from dpo.data import TokenizedPair
+from dpo.data.pairs import TokenizedPair
 from dpo.loss_settings import LossSettings
 from dpo.objectives import objective_for
 
@@ -135,7 +135,7 @@ def test_objective_flags_parse():
 def test_kto_reads_unpaired_rows(tokenizer, tiny_llama_dir, tmp_path):
     """A file of (prompt, completion, label) rows trains KTO; a bad label is refused naming the row."""
     from dpo.build import load_training_pairs, read_rows
-    from dpo.sources import DataError
+    from dpo.data.sources import DataError
 
     rows = [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
             for r in ROWS for side in ("chosen", "rejected")]
@@ -196,8 +196,8 @@ def test_kto_on_several_ranks_is_refused_in_one_line(tmp_path, monkeypatch, no_m
 def test_a_builtin_task_run_evaluates_under_every_objective(tokenizer):
     """A built-in task evaluates on its held-out split by itself: DPO (with LD-DPO or WPO), SimPO, CPO, ORPO
     (on pairs tokenized as they train) and KTO (on the pairs split into rows)."""
-    from dpo.evaluation import Evaluation
-    from dpo.objective_data import SidedPair, TokenizedRow
+    from dpo.eval.evaluation import Evaluation
+    from dpo.data.objective_rows import SidedPair, TokenizedRow
 
     for other in (dict(), dict(ld_alpha=0.5), dict(use_weighting=True), dict(loss_type=["simpo"]),
                   dict(loss_type=["cpo"]), dict(loss_type=["orpo"]), dict(loss_type=["kto"], shuffle=False)):
@@ -218,7 +218,7 @@ def test_ld_and_wpo_held_out_metrics_equal_trl_evaluate(option, tokenizer, tmp_p
     8 pairs in one batch, same LoRA weights (reference: the adapter off)."""
     from datasets import Dataset
 
-    from dpo.evaluation import Evaluation
+    from dpo.eval.evaluation import Evaluation
 
     from .test_trl_equivalence import MAX_LENGTH, max_diff, our_model, our_pairs
 

@@ -1,7 +1,7 @@
 """The objectives beyond DPO (SimPO, CPO, ORPO, KTO, LD-DPO, WPO) against TRL 1.15's own trainers:
 one batch on a tiny random Llama with the SmolLM2 tokenizer, CPU, float32; same LoRA weights on both
 sides. TRL's trainer computes its loss, metrics and LoRA gradients; ours come from the pure functions
-in dpo/losses.py, dpo/objective_logps.py and dpo/objective_data.py on the batch we shape ourselves
+in dpo/losses.py, dpo/logps.py and dpo/data/objective_rows.py on the batch we shape ourselves
 (and that batch must equal TRL's, token for token).
 """
 
@@ -14,19 +14,17 @@ import pytest
 import torch
 
 from dpo import models
-from dpo.data import PreferenceRow, collate
+from dpo.data.sources import PreferenceRow
+from dpo.data.pairs import collate
 from dpo.logps import sequence_logps_from_hidden, sequence_logps_from_logits
 from dpo.losses import PreferenceLogps
-from dpo.objective_losses import UnpairedLogps, chosen_nll, kto_kl_estimate
+from dpo.losses import UnpairedLogps, chosen_nll, kto_kl_estimate
 from dpo.loss_settings import LossSettings
 from dpo.objectives import objective_for
-from dpo.objective_data import (
-    collate_sided, collate_unpaired, kl_completions, kto_keeps, tokenize_sided, tokenize_unpaired, unpair_rows,
-)
-from dpo.objective_logps import (
-    completion_token_counts, ld_logps, ld_masks, mean_logps, nll_mask, wpo_pair_weights, wpo_sequence_weights,
-    wpo_token_terms_from_logits, wpo_weights_from_hidden,
-)
+from dpo.data.objective_rows import (
+    collate_sided, collate_unpaired, kl_completions, kto_keeps, tokenize_sided, tokenize_unpaired, unpair_rows)
+from dpo.logps import (
+    completion_token_counts, ld_logps, ld_masks, mean_logps, nll_mask, wpo_pair_weights, wpo_sequence_weights, wpo_token_terms_from_logits, wpo_weights_from_hidden)
 
 from .conftest import build_tiny_llama
 from .test_trl_equivalence import LORA, MAX_LENGTH, ROWS, max_diff, our_model, our_pairs, perturb_lora, trl_trainer

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpo import models, packing
-from dpo.data import TokenizedPair, collate
+from dpo.data.pairs import TokenizedPair, collate
 from tests.conftest import build_tiny_llama
 
 VOCAB = 40

@@ -197,7 +197,7 @@ def test_config_changes_are_train_config_fields():
 
 
 def test_auto_budget_and_lengths_of():
-    from dpo.data import TokenizedPair
+    from dpo.data.pairs import TokenizedPair
 
     assert P.auto_budget_gib(10 * P.GIB, margin_gib=1.5) == 8.5
     assert P.lengths_of([TokenizedPair([1, 2], [3], [4, 5, 6])]) == [(2, 1, 3)]

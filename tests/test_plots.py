@@ -1,4 +1,4 @@
-"""dpo.plots: the training-curves PNG is written atomically, at a fixed size, from train and eval rows."""
+"""dpo.run.plots: the training-curves PNG is written atomically, at a fixed size, from train and eval rows."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from dpo import plots
+from dpo.run import plots
 
 WIDTH, HEIGHT = int(plots.FIG_SIZE_IN[0] * plots.DPI), int(plots.FIG_SIZE_IN[1] * plots.DPI)
 

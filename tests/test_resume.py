@@ -22,8 +22,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpo import checkpoint, lifecycle, models, runfolder, train
-from dpo.checkpoint import load_checkpoint
+from dpo import models, train
+from dpo.run import checkpoint
+from dpo.run import lifecycle
+from dpo.run import folder as runfolder
+from dpo.run.checkpoint import load_checkpoint
 from dpo.cli import python_command
 from dpo.trainer import epoch_order
 from .conftest import write_jsonl

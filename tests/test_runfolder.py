@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpo import checkpoint, train
-from dpo.checkpoint import CheckpointError
-from dpo.runfolder import RESUME_LOCKED_KEYS, check_output_dir
+from dpo import train
+from dpo.run import checkpoint
+from dpo.run.checkpoint import CheckpointError
+from dpo.run.folder import RESUME_LOCKED_KEYS, check_output_dir
 from dpo.config import TrainConfig
-from dpo.runfolder import RunWriter
+from dpo.run.folder import RunWriter
 
 from .conftest import write_jsonl
 from .test_resume import ROWS, flags, metrics, one_line_error

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from dpo import tasks
-from dpo.data import DataError, prepare_pairs
-from dpo.tasks import builtin_task, prompt_text, rows_for, sentiment_score
+from dpo.data import tasks
+from dpo.data.sources import DataError
+from dpo.data.pairs import prepare_pairs
+from dpo.data.tasks import builtin_task, prompt_text, rows_for, sentiment_score
 
 
 def prompts(rows):

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from dpo import trackers
-from dpo.runfolder import RunWriter
-from dpo.trackers import TrackerError, make_sinks, parse_report_to
+from dpo.run import trackers
+from dpo.run.folder import RunWriter
+from dpo.run.trackers import TrackerError, make_sinks, parse_report_to
 
 RUN_CONFIG = {"beta": 0.1, "loss_type": ["sigmoid"], "model": "tiny", "learning_rate": 5e-4}
 ROWS = [{"step": 0, "eval_loss": 0.693, "eval_rewards/accuracies": 0.0},
@@ -190,7 +190,7 @@ def write_rows(run_dir: Path, report_to: str, config: dict = RUN_CONFIG) -> byte
     for row in ROWS:
         writer.append_metrics(row)
     curves = run_dir / "curves.png"
-    from dpo.plots import plot_curves
+    from dpo.run.plots import plot_curves
 
     plot_curves(run_dir / "metrics.jsonl", curves)
     writer.close(files=[curves])

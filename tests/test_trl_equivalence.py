@@ -13,9 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from dpo import models
-from dpo.checkpoint import latest_checkpoint
+from dpo.run.checkpoint import latest_checkpoint
 from dpo.config import TrainConfig
-from dpo.data import PreferenceRow, collate, tokenize_row
+from dpo.data.sources import PreferenceRow
+from dpo.data.pairs import collate, tokenize_row
 from dpo.build import seed_everything
 from dpo.train import RunHooks, run
 from dpo.trainer import Trainer

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from dpo import models, packing
-from dpo.data import Batch
+from dpo.data.pairs import Batch
 from dpo.loss_settings import LossSettings
 from dpo.losses import LossOutput
 

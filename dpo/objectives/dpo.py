@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dpo import metrics
-from dpo.data import Batch, TokenizedPair, collate, prepare_pairs
+from dpo.objectives import metrics
+from dpo.data.pairs import Batch, TokenizedPair, collate, prepare_pairs
 from dpo.losses import LossOutput, PreferenceLogps, preference_loss
-from dpo.objective_logps import ld_logps, ld_masks, wpo_pair_weights
+from dpo.logps import ld_logps, ld_masks, wpo_pair_weights
 from dpo.objectives.base import DataOptions, Objective, Scorer
 
 METRIC_NAMES = tuple(metrics.prefixed(dict.fromkeys(metrics.PREFERENCE_METRICS), "eval_"))

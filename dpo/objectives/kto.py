@@ -21,14 +21,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dpo import metrics
-from dpo.data import DataError
+from dpo.objectives import metrics
+from dpo.data.sources import DataError
 from dpo.losses import LossOutput
-from dpo.objective_data import (TokenizedRow, UnpairedBatch, UnpairedRow, collate_unpaired, kl_completions,
-                                kto_keeps, tokenize_unpaired, unpair_rows)
-from dpo.objective_losses import UnpairedLogps, kto_kl_estimate, kto_loss
+from dpo.data.objective_rows import (
+    TokenizedRow, UnpairedBatch, UnpairedRow, collate_unpaired, kl_completions, kto_keeps, tokenize_unpaired, unpair_rows)
+from dpo.losses import UnpairedLogps, kto_kl_estimate, kto_loss
 from dpo.objectives.base import DataOptions, Objective, Scorer
-from dpo.report import ObjectiveReport, kto_report
+from dpo.data.report import ObjectiveReport, kto_report
 
 METRIC_NAMES = ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
 

@@ -1,5 +1,5 @@
 """SimPO, CPO and ORPO: reference-free, paired, tokenized and scored as TRL 1.15's CPOTrainer and
-ORPOTrainer do (objective_data.tokenize_sided), with the pure formulas of dpo/objective_losses.py.
+ORPOTrainer do (objective_data.tokenize_sided), with the pure formulas of dpo/losses.py.
 
 One micro-batch of B pairs is one forward of 2B rows (chosen rows, then rejected rows):
     chosen, rejected[B]   summed completion log-probs; SimPO and ORPO take per-token means
@@ -19,15 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dpo import metrics
-from dpo.data import Batch, DataError
+from dpo.objectives import metrics
+from dpo.data.pairs import Batch
+from dpo.data.sources import DataError
 from dpo.losses import LossOutput, PreferenceLogps
-from dpo.objective_data import SidedPair, collate_sided, cut_sided, tokenize_sided
-from dpo.objective_logps import completion_token_counts, mean_logps, prompt_token_mask
-from dpo.objective_losses import chosen_nll, cpo_loss, orpo_log_odds, simpo_loss
+from dpo.data.objective_rows import SidedPair, collate_sided, cut_sided, tokenize_sided
+from dpo.logps import completion_token_counts, mean_logps, prompt_token_mask
+from dpo.losses import chosen_nll, cpo_loss, orpo_log_odds, simpo_loss
 from dpo.objectives.base import DataOptions, Objective, Scorer
 from dpo.objectives.dpo import PairLogps, length_normalised_accuracy
-from dpo.report import ObjectiveReport, sided_report
+from dpo.data.report import ObjectiveReport, sided_report
 
 SIDED_NO_LIMIT = 1 << 30  # tokenization with no max_length: nothing is cut
 

@@ -97,7 +97,8 @@ def our_config(**kw):
 
 
 def our_pairs(tokenizer):
-    from dpo.data import PreferenceRow, tokenize_row
+    from dpo.data.sources import PreferenceRow
+    from dpo.data.pairs import tokenize_row
 
     return [tokenize_row(tokenizer, PreferenceRow(r["prompt"], r["chosen"], r["rejected"], i))
             for i, r in enumerate(rows())]
@@ -164,7 +165,7 @@ def unsloth_mode(path: str, out: str) -> None:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from dpo.data import collate
+    from dpo.data.pairs import collate
     from dpo.trainer import Trainer
 
     result = {"trainer_class": None}
@@ -256,8 +257,8 @@ def orpo_mode(path: str, out: str) -> None:
     from datasets import Dataset
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-    from dpo.data import PreferenceRow
-    from dpo.objective_data import collate_sided, tokenize_sided
+    from dpo.data.sources import PreferenceRow
+    from dpo.data.objective_rows import collate_sided, tokenize_sided
     from dpo.trainer import Trainer
 
     result = {"trainer_class": None}
@@ -324,7 +325,7 @@ def memory_mode(out: str) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from dpo import models
-    from dpo.data import TokenizedPair
+    from dpo.data.pairs import TokenizedPair
     from dpo.trainer import Trainer
 
     cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
@@ -388,7 +389,7 @@ def packing_mode(path: str, out: str, backend: str = "hf") -> None:
     if backend == "unsloth":
         import unsloth  # noqa: F401  (first: it patches transformers, peft and trl)
     from dpo import models, packing
-    from dpo.data import collate
+    from dpo.data.pairs import collate
 
     varlen_calls = []
     if backend == "unsloth":

@@ -1,12 +1,12 @@
 """A run's life on disk: what it writes, its checkpoints during the loop, resuming, and stopping.
 
-- Checkpointer: OUTPUT_DIR/checkpoints/step-N through dpo.checkpoint (atomic, verified), every
-  --save-steps and at the end (none where the disk has no room: dpo.diskspace); with --precompute-ref
+- Checkpointer: OUTPUT_DIR/checkpoints/step-N through dpo.run.checkpoint (atomic, verified), every
+  --save-steps and at the end (none where the disk has no room: dpo.run.diskspace); with --precompute-ref
   the reference log-probs go with it.
 - StopSignals: the first SIGINT/SIGTERM lets the step finish and saves; a second stops at once.
 - Commands: the command lines the messages print (resume this run, or start it over).
 
-What the run folder holds (RunWriter, the resume rules) is dpo.runfolder's. The loop itself (dpo.train)
+What the run folder holds (RunWriter, the resume rules) is dpo.run.folder's. The loop itself (dpo.train)
 only calls these; none of them knows the DPO math.
 """
 
@@ -21,17 +21,11 @@ from pathlib import Path
 
 from dpo import distributed
 from dpo.cli import python_command
-from dpo.checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    capture_rng,
-    latest_checkpoint,
-    save_checkpoint,
-    trainable_state,
-)
+from dpo.run.checkpoint import (
+    Checkpoint, CheckpointError, capture_rng, latest_checkpoint, save_checkpoint, trainable_state)
 from dpo.cli import one_line
 from dpo.config import TrainConfig
-from dpo.runfolder import RunWriter, step_of
+from dpo.run.folder import RunWriter, step_of
 
 REF_CACHE_FILE = "ref_logps.safetensors"  # extra checkpoint file: the precomputed reference log-probs
 
@@ -153,13 +147,13 @@ class StopSignals:
 
 
 class Checkpointer:
-    """Writes OUTPUT_DIR/checkpoints/step-N (dpo.checkpoint: atomic, verified) and remembers the last one."""
+    """Writes OUTPUT_DIR/checkpoints/step-N (dpo.run.checkpoint: atomic, verified) and remembers the last one."""
 
     def __init__(self, cfg: TrainConfig, run_config: dict, signals: StopSignals, commands: Commands,
                  enabled: bool = True, checkpoints: bool = True):
         self.cfg, self.run_config, self.signals, self.commands = cfg, run_config, signals, commands
         self.enabled = enabled  # several ranks: the main one writes, the others only wait for it
-        # False: the disk has no room for them (dpo.diskspace): none every --save-steps nor at the end;
+        # False: the disk has no room for them (dpo.run.diskspace): none every --save-steps nor at the end;
         # a stop (signal, non-finite step) still tries one, and saves the adapter when it cannot
         self.checkpoints = checkpoints
         self.last: Path | None = latest_checkpoint(cfg.output_dir)

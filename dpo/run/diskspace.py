@@ -1,7 +1,7 @@
 """The disk space a run will write, checked before the model loads.
 
-What a run writes to OUTPUT_DIR (see dpo.runfolder), and what each costs:
-- checkpoints/: each as save_checkpoint asks for it (dpo.checkpoint.expected_checkpoint_bytes): the
+What a run writes to OUTPUT_DIR (see dpo.run.folder), and what each costs:
+- checkpoints/: each as save_checkpoint asks for it (dpo.run.checkpoint.expected_checkpoint_bytes): the
   trainable tensors, the optimizer's state (AdamW: two moments of the trainable tensors' size), the
   reference log-probs with --precompute-ref, the JSON files. A new checkpoint is complete before the
   oldest beyond --save-total-limit K is pruned, so K + 1 exist at once (all of them with K = 0).
@@ -21,6 +21,7 @@ room_for_checkpoints() decides, before the model loads:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -31,7 +32,9 @@ from pathlib import Path
 
 import torch
 
-from dpo.checkpoint import CheckpointError, expected_checkpoint_bytes
+from dpo import distributed, models
+from dpo.run.checkpoint import CheckpointError, expected_checkpoint_bytes
+from dpo.schedule import total_steps
 from dpo.cli import first_line
 
 # Files save_pretrained writes for a tokenizer (measured in the model folder: adapter/ gets the same).
@@ -166,9 +169,6 @@ def trainable_shapes(cfg, device: torch.device) -> list[tuple[int, int]] | None:
     (or the starting --adapter) built as dpo.build builds it, on the meta device (no weights read).
     None when the model's config cannot be read (loading the model then says why, in one line). The
     Unsloth backend builds the same LoRA (peft's, on the same targets)."""
-    from dpo import models
-    from dpo.build import resolve_dtype
-
     try:
         if models.pick_backend(cfg.backend) == "unsloth":
             import unsloth  # noqa: F401  (before transformers and peft, which it patches: see models.load_unsloth)
@@ -182,7 +182,7 @@ def trainable_shapes(cfg, device: torch.device) -> list[tuple[int, int]] | None:
     except (OSError, ValueError):
         return None
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(cfg.dtype, device),
+        model = AutoModelForCausalLM.from_config(config, dtype=models.resolve_dtype(cfg.dtype, device),
                                                  trust_remote_code=cfg.trust_remote_code)
         if cfg.adapter:
             from peft import PeftConfig, get_peft_model
@@ -207,9 +207,6 @@ def sizes_for_run(cfg, trainable: list[tuple[int, int]], *, num_rows: int, start
                   needs_reference: bool = True, unpaired: bool = False) -> RunSizes:
     """What this run writes, for `num_rows` rows of data (an upper bound on its pairs: some may be
     dropped; a paired file read for KTO gives two rows a pair) from `start_step` on."""
-    from dpo import models
-    from dpo.trainer import total_steps
-
     pairs = num_rows * (2 if unpaired else 1)
     total = total_steps(cfg, pairs, world_size)
     at_once = checkpoints_at_once(checkpoints_written(start_step, total, cfg.save_steps), cfg.save_total_limit)
@@ -230,10 +227,6 @@ def check_disk(cfg, *, num_rows: int, start_step: int, needs_reference: bool, un
     CheckpointError when the run does not fit. A model that cannot be built here on the meta device is
     reported (one warning line) and left to each save's own check. `may_precompute`: the plan, made after
     this check, may turn on --precompute-ref on a GPU: its reference cache is counted then."""
-    import dataclasses
-
-    from dpo import distributed
-
     if may_precompute and device.type == "cuda":
         cfg = dataclasses.replace(cfg, precompute_ref=True)
 

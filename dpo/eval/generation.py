@@ -1,6 +1,6 @@
 """Greedy generations of the policy and of the reference, scored by a task's ground-truth reward, and
 how far the policy has moved from the reference on them (`kl_to_reference`): the generation part of
-a built-in task's evaluation (dpo.evaluation.Evaluation.after) and of `python -m dpo.evaluate`.
+a built-in task's evaluation (dpo.eval.evaluation.Evaluation.after) and of `python -m dpo.evaluate`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from dpo import models, progress
-from dpo.data import Batch, TokenizedPair, collate
+from dpo.data.tasks import prompt_text
+from dpo.data.pairs import Batch, TokenizedPair, collate
 
 KL_DEFINITION = (
     "Along the policy's own greedy completions (teacher-forced, every generated token up to and including "
@@ -206,7 +207,6 @@ def _mean(values) -> float:
 
 
 def _prompt_display(prompt) -> str:
-    from dpo.tasks import prompt_text
 
     return prompt_text(prompt)
 

@@ -5,7 +5,7 @@ dataset (which of the two: `looks_local`, the one rule for every path the projec
 accepts three row formats:
 - explicit prompt: prompt, chosen and rejected strings;
 - implicit prompt (Anthropic HH-RLHF): only chosen and rejected, each a whole dialogue; the prompt is
-  cut from what they share (dpo.prompts);
+  cut from what they share (dpo.data.prompts);
 - conversational: the same fields as lists of {"role", "content"} messages (explicit or implicit).
 Other columns are ignored (`tools` and `chat_template_kwargs`, which TRL renders, are refused).
 Anything else stops the load with one `DataError` naming the file, the row (line for JSON Lines) and
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dpo.progress import iterate as progress
-from dpo.prompts import IMPLICIT_PROMPT_RULES, split_implicit
+from dpo.data.prompts import IMPLICIT_PROMPT_RULES, split_implicit
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv", ".csv.gz")
 

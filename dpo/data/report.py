@@ -7,13 +7,22 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
-from dpo.prompts import ASSISTANT_MARKER, HUMAN_MARKER
-from dpo.sources import PreferenceRow, is_conversational
+from dpo.data.prompts import ASSISTANT_MARKER, HUMAN_MARKER
+from dpo.data.sources import PreferenceRow, is_conversational
 
-if TYPE_CHECKING:
-    from dpo.data import RowResult
+
+
+@dataclass
+class RowResult:
+    """One row after tokenization: its pair (prompt already cut to max_prompt_length) and fate."""
+
+    row: PreferenceRow
+    pair: Any  # its dpo.data.pairs.TokenizedPair
+    dropped: str | None = None  # one of dpo.data.pairs' drop reasons, or None when kept
+    prompt_tokens_cut: int = 0  # tokens max_prompt_length removed from the prompt's start
+    boundary_merge: int = 0  # prompt tokens that merged into the completion (TRL warns about these)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Preference rows to token ids and batches: tokenization as TRL 1.15 does it, the keep/drop decision
 for each pair, and collation into [chosen rows; rejected rows].
 
-One pair's way: a file row -> PreferenceRow(prompt, chosen, rejected) (dpo.sources) -> TokenizedPair(
+One pair's way: a file row -> PreferenceRow(prompt, chosen, rejected) (dpo.data.sources) -> TokenizedPair(
 prompt_ids, chosen_ids, rejected_ids) -> Batch(input_ids[2B,T], attention_mask[2B,T], completion_mask[2B,T]).
 
 Tokenization follows TRL 1.15's DPOTrainer exactly, so that our numbers can be checked against it:
@@ -14,38 +14,29 @@ Tokenization follows TRL 1.15's DPOTrainer exactly, so that our numbers can be c
 - with `max_length`, a pair whose prompt alone fills `max_length` is dropped (no completion token
   would survive truncation); completions are cut later, in the collator (keep_start).
 
-Where we differ from TRL on purpose (`prepare_pairs` counts each in its DataReport, dpo.report):
+Where we differ from TRL on purpose (`prepare_pairs` counts each in its DataReport, dpo.data.report):
 - pairs whose completions are token-for-token identical are dropped ("identical_pair"): their loss
   is a constant with zero gradient and would only dilute the batch mean;
 - pairs left with no prompt token or an empty completion are dropped: the loss code assumes the
   first completion token follows a prompt token and is scored;
 - `max_prompt_length` (ours, not TRL's) keeps the END of a long prompt (a leading BOS is kept);
-- implicit prompts are cut at the last shared "\\n\\nAssistant:" by default (dpo.prompts).
+- implicit prompts are cut at the last shared "\\n\\nAssistant:" by default (dpo.data.prompts).
 
-The other data modules: dpo.sources (readers, row checks, `looks_local`, DataSpec, `load_rows`),
-dpo.prompts (implicit prompts), dpo.report (the data report), dpo.data_cli (`python -m dpo.data`).
+The other data modules: dpo.data.sources (readers, row checks, `looks_local`, DataSpec, `load_rows`),
+dpo.data.prompts (implicit prompts), dpo.data.report (the data report), dpo.data.cli (`python -m dpo.data`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from dpo import smollm2
 from dpo.progress import iterate as progress
-from dpo.prompts import common_prefix_length
-from dpo.report import DataReport, build_report
-from dpo.sources import DataError, PreferenceRow, is_conversational
-
-# Re-exported from their new modules so that `from dpo.data import X` keeps working (to be dropped
-# once every importer names the module that owns X).
-from dpo.files import write_jsonl_atomic  # noqa: F401
-from dpo.prompts import (  # noqa: F401
-    ASSISTANT_MARKER, HUMAN_MARKER, IMPLICIT_PROMPT_RULES, extract_implicit_conversation, extract_implicit_prompt,
-    trl_extract_prompt)
-from dpo.report import processed_record, summarize  # noqa: F401
-from dpo.sources import SUFFIXES, DataSpec, Record, Rows, load_rows, looks_local, read_records  # noqa: F401
+from dpo.data.prompts import common_prefix_length
+from dpo.data.report import DataReport, RowResult, build_report
+from dpo.data.sources import DataError, PreferenceRow, is_conversational
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, so `python -m dpo.data` rejects bad data fast
     import torch
@@ -182,17 +173,6 @@ EMPTY_COMPLETION = "empty_completion"  # chosen or rejected has no token after t
 PROMPT_FILLS_MAX_LENGTH = "prompt_fills_max_length"  # no completion token would survive max_length
 
 
-@dataclass
-class RowResult:
-    """One row after tokenization: its pair (prompt already cut to max_prompt_length) and fate."""
-
-    row: PreferenceRow
-    pair: TokenizedPair
-    dropped: str | None = None  # one of the reasons above, or None when kept
-    prompt_tokens_cut: int = 0  # tokens max_prompt_length removed from the prompt's start
-    boundary_merge: int = 0  # prompt tokens that merged into the completion (TRL warns about these)
-
-
 def process_rows(tokenizer, rows: list[PreferenceRow], max_length: int | None,
                  max_prompt_length: int | None = None, *, drop_identical: bool = True) -> list[RowResult]:
     """Tokenize every row as training will and decide, for each, whether it is kept."""
@@ -252,8 +232,6 @@ def require_kept(results: list[RowResult], report: "DataReport") -> None:
 
 def load_tokenizer(model: str):
     """The tokenizer of a local model folder; smollm2-135m-instruct means the embedded default model."""
-    from dpo import smollm2
-
     try:
         path = str(smollm2.plain_copy(with_model=False)) if model == smollm2.DEFAULT_MODEL else model
         from transformers import AutoTokenizer
@@ -261,14 +239,3 @@ def load_tokenizer(model: str):
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:  # missing folder, no tokenizer files, default model not installed
         raise DataError(f"{model}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m dpo.data` (dpo.data_cli.main, imported here lazily: that module imports this one)."""
-    from dpo.data_cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

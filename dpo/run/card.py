@@ -11,6 +11,7 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
+from dpo.cli import python_command
 from dpo.config import TrainConfig
 from dpo.files import write_text_atomic
 from dpo.smollm2 import DEFAULT_MODEL
@@ -64,7 +65,7 @@ def model_card(run_dir: Path, kind: str, how_to_load: str, commands: list[str]) 
 
 
 def _data_section(cfg: dict) -> list[str]:
-    data = cfg.get("dataset") or "the built-in preference task (dpo/tasks.py)"
+    data = cfg.get("dataset") or "the built-in preference task (dpo/data/tasks.py)"
     lines = ["## Data", "", f"- training pairs: `{data}`"]
     if cfg.get("dataset_split") and cfg.get("dataset"):
         lines.append(f"- split: `{cfg['dataset_split']}`")
@@ -136,8 +137,6 @@ def merged_loading(folder) -> str:
 def write_run_card(run_dir) -> Path:
     """The card of a finished run's own adapter (RUN/adapter/README.md), for training to call at its end,
     after eval.json is written (it replaces the blank template PEFT's save_pretrained leaves there)."""
-    from dpo.cli import python_command
-
     run_dir = Path(run_dir)
     base = base_model_name(str(read_run(run_dir)["config"].get("model", "unknown")))
     command = python_command("dpo.train", ["--config", str(run_dir / "config.json")])

@@ -10,7 +10,7 @@ A file with no metric rows raises `ValueError`; a single row still gives a reada
 drawn as markers). A truncated last line (a run still writing) is ignored; a bad line elsewhere is
 an error naming its line number.
 
-    python -m dpo.plots RUN/metrics.jsonl RUN/curves.png
+    python -m dpo.run.plots RUN/metrics.jsonl RUN/curves.png
 """
 
 from __future__ import annotations
@@ -241,7 +241,7 @@ def _save_png(fig, out_png: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dpo.plots", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dpo.run.plots", description=__doc__.split("\n\n")[0])
     parser.add_argument("metrics", help="path of a run's metrics.jsonl (or the run directory)")
     parser.add_argument("out_png", nargs="?", help="PNG to write (default: curves.png beside the metrics)")
     args = parser.parse_args(argv)

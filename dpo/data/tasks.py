@@ -30,6 +30,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from dpo.data.sources import DataError, PreferenceRow, Rows
+
 BUILTIN_PREFIX = "builtin:"
 DEFAULT_TASK = "sentiment"
 DEFAULT_DATASET = BUILTIN_PREFIX + DEFAULT_TASK  # the default run's --dataset
@@ -59,7 +61,7 @@ DEFAULT_RUN = {
     "max_length": 128,
     "gradient_checkpointing": True,
 }
-# ... and its held-out evaluation (dpo.evaluation.Evaluation, GenerationSettings).
+# ... and its held-out evaluation (dpo.eval.evaluation.Evaluation, GenerationSettings).
 DEFAULT_EVAL = {
     "n_pairs": 48,
     "batch_size": 16,
@@ -376,9 +378,7 @@ def is_builtin(dataset: str | None) -> bool:
 
 
 def parse_builtin(dataset: str) -> tuple[Task, str]:
-    """`builtin:NAME` or `builtin:NAME:eval` -> (task, split). Raises dpo.data.DataError when unknown."""
-    from dpo.data import DataError
-
+    """`builtin:NAME` or `builtin:NAME:eval` -> (task, split). Raises DataError when unknown."""
     rest = dataset[len(BUILTIN_PREFIX):]
     name, _, split = rest.partition(":")
     split = split or "train"
@@ -392,7 +392,7 @@ def parse_builtin(dataset: str) -> tuple[Task, str]:
 
 def rows_for(dataset: str | None, n: int | None = None, seed: int = 0) -> list[dict[str, Any]] | None:
     """Rows of a `builtin:NAME[:train|:eval]` dataset (n of them: DEFAULT_TRAIN_ROWS or DEFAULT_EVAL_ROWS
-    when None); None for any other dataset string. Unknown task names raise dpo.data.DataError."""
+    when None); None for any other dataset string. Unknown task names raise DataError."""
     if not is_builtin(dataset):
         return None
     task, split = parse_builtin(dataset)
@@ -402,9 +402,7 @@ def rows_for(dataset: str | None, n: int | None = None, seed: int = 0) -> list[d
 
 
 def preference_rows(rows: list[dict[str, Any]], source: str = "builtin"):
-    """The rows as dpo.data.Rows of PreferenceRow, ready for dpo.data.prepare_pairs."""
-    from dpo.data import PreferenceRow, Rows
-
+    """The rows as Rows of PreferenceRow, ready for dpo.data.pairs.prepare_pairs."""
     out = Rows(PreferenceRow(r["prompt"], r["chosen"], r["rejected"], i, source, f"row {i + 1}")
                for i, r in enumerate(rows))
     out.format = "conversation, explicit prompt"

@@ -4,7 +4,7 @@ Validates every row, tokenizes as training will (same max length default as trai
 data report and, with --out, writes each processed row with its token counts and why it was dropped.
 --loss-type simpo|cpo|orpo|kto: tokenizes as that objective trains (dpo.build: TRL's CPO/ORPO
 tokenization, or KTO's unpaired rows, a paired file split into desirable and undesirable rows) and
-reports what it keeps, drops and cuts (dpo.report.ObjectiveReport).
+reports what it keeps, drops and cuts (dpo.data.report.ObjectiveReport).
 """
 
 from __future__ import annotations
@@ -12,15 +12,17 @@ from __future__ import annotations
 import os
 import sys
 
-from dpo import data
+from dpo.data import objective_rows as od
+from dpo.data import pairs as data
 from dpo.cli import Parser, one_line, optional
 from dpo.files import write_jsonl_atomic
 from dpo.losses import LOSS_TYPES
-from dpo.objective_losses import OBJECTIVES
-from dpo.prompts import IMPLICIT_PROMPT_RULES
-from dpo.report import build_report, kto_report, processed_record, sided_report
+from dpo.losses import OBJECTIVES
+from dpo.data.prompts import IMPLICIT_PROMPT_RULES
+from dpo.data.report import build_report, kto_report, processed_record, sided_report
 from dpo.smollm2 import DEFAULT_MODEL
-from dpo.sources import DataError, DataSpec, load_rows
+from dpo.data.sources import DataError, DataSpec, load_rows
+from dpo.objectives.sided import SIDED_NO_LIMIT
 
 PROG = "python -m dpo.data"
 
@@ -58,9 +60,6 @@ def build_parser() -> Parser:
 def objective_data(args, tokenizer, rows):
     """(ObjectiveReport, --out records) of the rows under --loss-type simpo/cpo/orpo/kto, tokenized as
     training tokenizes them (dpo.build.load_training_pairs)."""
-    from dpo import objective_data as od
-    from dpo.objectives.sided import SIDED_NO_LIMIT
-
     if not rows:
         raise DataError(f"{args.dataset}: the dataset is empty (no rows)")
     if args.loss_type != "kto":
@@ -96,9 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
             raise DataError(f"{args.out}: the folder to write --out into does not exist")
         if objective:
-            from dpo.build import read_spec_rows  # KTO: unpaired rows, each label checked (file and row named)
-
-            rows = read_spec_rows(DataSpec.from_config(args), unpaired=objective == "kto")
+            rows = od.read_spec_rows(  # KTO: unpaired rows, each label checked (file and row named)
+                DataSpec.from_config(args), unpaired=objective == "kto")
         else:
             rows = load_rows(DataSpec.from_config(args))  # before the tokenizer: bad data fails in a second
         tokenizer = data.load_tokenizer(args.model)  # looked up on the module, so tests can substitute it

@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
-from dpo.data import Batch, DataError, PreferenceRow, _ids, _with_eos, common_prefix_length, pad_rows
+from dpo.data.pairs import Batch, _ids, _with_eos, pad_rows
+from dpo.data.sources import DataError, DataSpec, PreferenceRow, load_rows, read_records
+from dpo.data.prompts import common_prefix_length
 
 UNPAIR_BLOCK = 1000  # `datasets.Dataset.map(batched=True)`'s default batch size, which TRL's unpairing uses
 
@@ -67,6 +69,18 @@ def unpaired_row(value: Any, row_id: int, where: str) -> UnpairedRow:
     if not isinstance(label, bool):
         raise DataError(f"{where}: label must be true or false, got {label!r}")
     return UnpairedRow(value["prompt"], value["completion"], label, row_id, where)
+
+
+def read_spec_rows(spec: DataSpec, unpaired: bool = False):
+    """The rows of a file, folder or hub dataset: preference pairs; with `unpaired` (KTO) a file of
+    (prompt, completion, label) rows is read as UnpairedRows, each label checked (DataError naming
+    file, row and problem)."""
+    if unpaired:
+        records = read_records(spec)
+        if records and isinstance(records[0][2], dict) and {"completion", "label"} & set(records[0][2]):
+            return [unpaired_row(value, i, f"{source} {location}")
+                    for i, (source, location, value) in enumerate(records)]
+    return load_rows(spec)
 
 
 def tokenize_unpaired(tokenizer, row: UnpairedRow) -> TokenizedRow:

@@ -2,14 +2,14 @@
 
     config.json     the run's config (its RESUME_LOCKED_KEYS decide whether a later run may continue it)
     metrics.jsonl   one JSON row per optimizer step and per evaluation: the first of the metric sinks
-    checkpoints/    step-NNNNNN/ folders, written by dpo.checkpoint
+    checkpoints/    step-NNNNNN/ folders, written by dpo.run.checkpoint
     adapter/        the trained PEFT adapter, loadable anywhere (its base is the model's hub name)
 
 - check_output_dir: refuse a folder that holds another run or cannot be written, before a model loads;
   it leaves no folder behind (a refused run leaves the place as it found it).
 - RunWriter: writes config.json, the metric rows (to metrics.jsonl and to every tracker sink) and
   adapter/, main rank only; it creates the folder at its first write, and a failing tracker never costs
-  a metrics.jsonl row. (The room on disk for all this is checked before the model loads: dpo.diskspace.)
+  a metrics.jsonl row. (The room on disk for all this is checked before the model loads: dpo.run.diskspace.)
 - find/load_resume_checkpoint, drop_later_checkpoints, trim_metrics, clear_previous_run: what --resume,
   --resume-from and --overwrite keep and remove.
 """
@@ -25,16 +25,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dpo.checkpoint import (
-    CHECKPOINTS_DIR,
-    CONFIG_FILE,
-    TMP_PREFIX,
-    Checkpoint,
-    CheckpointError,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-)
+from dpo import smollm2
+from dpo.run.checkpoint import (
+    CHECKPOINTS_DIR, CONFIG_FILE, TMP_PREFIX, Checkpoint, CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint)
 from dpo.cli import one_line
 from dpo.config import field_names
 from dpo.files import remove_tree, replace_dir, write_json_atomic, write_text_atomic
@@ -270,8 +263,6 @@ def trim_metrics(metrics_path: str | os.PathLike, step: int) -> int:
 def _fix_base_model_name(adapter_dir: Path) -> None:
     """The embedded default model loads from a local cache folder: record its hub name instead, so the
     adapter loads on any machine (PEFT's AutoPeftModel reads base_model_name_or_path)."""
-    from dpo import smollm2
-
     config_path = adapter_dir / "adapter_config.json"
     if not config_path.is_file():
         return
@@ -305,7 +296,7 @@ class MetricsFile:
 class RunWriter:
     """Everything a run writes to OUTPUT_DIR: config.json, the metric rows, adapter/.
 
-    Every metric row goes to each sink: metrics.jsonl first, then the trackers (dpo.trackers). A
+    Every metric row goes to each sink: metrics.jsonl first, then the trackers (dpo.run.trackers). A
     tracker that fails is reported once and dropped; metrics.jsonl keeps every row. The folder is
     made at the first write, so a run refused before training leaves none. With several ranks only
     the main one writes (`enabled`); the others' calls do nothing."""
@@ -320,7 +311,7 @@ class RunWriter:
 
     def start(self, run_config: dict, resumed: Checkpoint | None = None) -> None:
         """Before the first step: write config.json, start metrics.jsonl (see start_metrics), give each
-        tracker the config. (Whether the disk has room is dpo.diskspace's, before the model loads.)"""
+        tracker the config. (Whether the disk has room is dpo.run.diskspace's, before the model loads.)"""
         if not self.enabled:
             return
         self.write_json(CONFIG_FILE, run_config)

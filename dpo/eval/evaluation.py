@@ -9,7 +9,7 @@
 
 The data is a preference file/folder/hub dataset (all its rows, or the first `eval_size`) or a built-in
 task's held-out split (`builtin:NAME`), which also has a ground-truth reward: then `after` generates
-greedily from the policy and the reference and scores both (dpo.generation). The data is prepared
+greedily from the policy and the reference and scores both (dpo.eval.generation). The data is prepared
 and scored as training prepares and scores it, by the run's objective (dpo.objectives): the same
 `prepare`, `collate` and `score` under no_grad, then the objective's `eval_row` over every item.
 """
@@ -23,14 +23,17 @@ from typing import Any
 
 import torch
 
-from dpo import generation, models, progress, tasks
-from dpo import data as data_mod
-from dpo.build import read_spec_rows
+from dpo import models, progress
+from dpo.eval import generation
+from dpo.data import tasks
+from dpo.data import pairs as data_mod
+from dpo.data.sources import DataSpec, Rows
+from dpo.data.objective_rows import read_spec_rows
 from dpo.loss_settings import LossSettings
 from dpo.objectives import DataOptions, Objective, Scorer, objective_for
 from dpo.objectives.base import on_cpu
 from dpo.objectives.dpo import METRIC_NAMES
-from dpo.report import ObjectiveReport
+from dpo.data.report import ObjectiveReport
 
 __all__ = ["METRIC_NAMES", "Evaluation", "GenerationSettings", "evaluate_items", "score_items", "format_metrics",
            "format_before_after"]
@@ -95,7 +98,7 @@ class Evaluation:
     """Before/after evaluation on held-out items under the run's objective; for a built-in task also greedy
     generations, their ground-truth reward and their KL to the reference (see the module doc).
 
-    `task` (a dpo.tasks.Task) and `prompts` (its held-out prompts) make the generations; without a task
+    `task` (a dpo.data.tasks.Task) and `prompts` (its held-out prompts) make the generations; without a task
     there are none. The reference is `ref_model` when given, else the model in reference mode. An objective
     that reads no reference (SimPO, CPO, ORPO) is scored "before" as the starting model (the same model as
     the reference: the adapter off, or the frozen start adapter).
@@ -147,9 +150,9 @@ class Evaluation:
             rows = tasks.preference_rows(raw, source=f"{task.dataset} (held-out)")
             prompts = [r["prompt"] for r in raw]
         else:
-            rows = read_spec_rows(data_mod.DataSpec(path=dataset, **(spec or {})), unpaired=loss.unpaired)
-            if eval_size is not None and isinstance(rows, data_mod.Rows):
-                rows, fmt = data_mod.Rows(rows[:eval_size]), rows.format
+            rows = read_spec_rows(DataSpec(path=dataset, **(spec or {})), unpaired=loss.unpaired)
+            if eval_size is not None and isinstance(rows, Rows):
+                rows, fmt = Rows(rows[:eval_size]), rows.format
                 rows.format = fmt
             elif eval_size is not None:
                 rows = rows[:eval_size]

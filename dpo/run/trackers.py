@@ -2,7 +2,7 @@
 
 Each sink gets the run config once (start), every metric row that goes to metrics.jsonl (write:
 train rows and `eval_` rows, by their "step"), files worth keeping such as curves.png (add_file),
-and a close. dpo.runfolder.RunWriter drives them; a sink that raises is dropped there with a
+and a close. dpo.run.folder.RunWriter drives them; a sink that raises is dropped there with a
 warning, and metrics.jsonl keeps every row.
 
 - tensorboard: event files in OUTPUT_DIR/tensorboard/ (torch.utils.tensorboard, which needs the
