@@ -15,18 +15,35 @@ from dataclasses import dataclass, field, fields
 from typing import Any, get_args, get_origin, get_type_hints
 
 from dpo.cli import Parser, optional
-from dpo.data.pairs import DEFAULT_MAX_LENGTH
-from dpo.models import model_folder_problem
-from dpo.data.sources import looks_local
-from dpo.losses import LOSS_TYPES
-from dpo.losses import OBJECTIVES
 from dpo.loss_settings import LossSettings
-from dpo.models import DEFAULT_LORA_TARGETS
+from dpo.losses import LOSS_TYPES, OBJECTIVES
+from dpo.paths import looks_local, model_folder_problem
 from dpo.smollm2 import DEFAULT_MODEL
-from dpo.data.tasks import DEFAULT_RUN
-from dpo.run.trackers import TrackerError, parse_report_to
 
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
+# The default max length of prompt+completion tokens, as TRL's DPOConfig and `python -m dpo.train`.
+DEFAULT_MAX_LENGTH = 1024
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+class TrackerError(ValueError):
+    """A --report-to value that cannot work; str() is the one line to show."""
+
+
+def parse_report_to(text: str | None) -> tuple[str, ...]:
+    """"tensorboard,wandb" -> ("tensorboard", "wandb"); "none", "" or None -> (). One-line TrackerError
+    for an unknown name, or for "none" beside a tracker."""
+    names = [n.strip().lower() for n in (text or "").split(",") if n.strip()]
+    for name in names:
+        if name != "none" and name not in TRACKERS:
+            raise TrackerError(f"--report-to: unknown tracker {name!r} (choose from {', '.join(TRACKERS)}, "
+                               "or none; several with commas: tensorboard,wandb)")
+    if "none" in names and len(set(names)) > 1:
+        raise TrackerError(f"--report-to: 'none' cannot be combined with a tracker (got {text!r})")
+    return tuple(dict.fromkeys(n for n in names if n != "none"))
+
 
 LR_SCHEDULERS = ("linear", "cosine", "constant")
 OPTIMIZERS = ("adamw_torch", "adamw_8bit")
@@ -40,21 +57,6 @@ FLOAT16_REFUSAL = ("float16 is not supported: DPO sums the log-probs of every co
 LOGPROB_MODES = ("chunked", "full")
 BACKENDS = ("auto", "hf", "unsloth")
 ON_NAN = ("stop", "skip")
-
-
-def _as_flags(settings: dict) -> str:
-    """{"max_steps": 8, "shuffle": False} -> "--max-steps 8 --no-shuffle": settings as a user types them."""
-    def one(k, v):
-        flag = k.replace("_", "-")
-        return (f"--{flag}" if v else f"--no-{flag}") if isinstance(v, bool) else f"--{flag} {v}"
-    return " ".join(one(k, v) for k, v in settings.items())
-
-
-DEFAULT_RUN_HELP = (f"With no --dataset: the built-in default run, --dataset {DEFAULT_RUN['dataset']} with these "
-                    "settings in place of the defaults above (flags given still win): "
-                    + _as_flags({k: v for k, v in DEFAULT_RUN.items() if k != "dataset"}))
-ATTENTION_ROUTES = ("auto", "flash_varlen", "flex", "sdpa", "eager")
-RESUME_POLICIES = ("locked", "free")
 
 
 def _opt(default, help: str, *, resume: str, start: bool = False, planned: bool = False, card: str | None = None,
@@ -419,9 +421,9 @@ class _HelpFormat(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptio
     """Defaults in the help, and the epilog as written (argparse would break flags at their hyphens)."""
 
 
-def build_parser(prog: str = "python -m dpo.train", cls=TrainConfig) -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m dpo.train", cls=TrainConfig, epilog: str | None = None) -> argparse.ArgumentParser:
     parser = Parser(prog=prog, name="dpo", description="Train a LoRA adapter with Direct Preference Optimization.",
-                    epilog=textwrap.fill(DEFAULT_RUN_HELP, 100, break_on_hyphens=False), formatter_class=_HelpFormat)
+                    epilog=epilog and textwrap.fill(epilog, 100, break_on_hyphens=False), formatter_class=_HelpFormat)
     parser.add_argument("--config", help="YAML or JSON file of options; flags given here win", default=None)
     add_field_arguments(parser, cls=cls)
     return parser
@@ -474,11 +476,12 @@ def read_config_file(path: str) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-def config_from_args(argv: list[str] | None = None, cls=TrainConfig, base: dict | None = None):
-    """Flags (and --config FILE) -> a validated config. Raises ConfigError on bad values.
+def config_from_args(argv: list[str] | None = None, cls=TrainConfig, base: dict | None = None,
+                     epilog: str | None = None):
+    """Flags (and --config FILE) -> a validated config. Raises ConfigError on bad values. `epilog` ends --help.
 
     Precedence: dataclass defaults < `base` (e.g. the default run's settings) < config file < flags."""
-    args = vars(build_parser(cls=cls).parse_args(argv))
+    args = vars(build_parser(cls=cls, epilog=epilog).parse_args(argv))
     file_path = args.pop("config", None)
     values = dict(base or {})
     values.update(read_config_file(file_path) if file_path else {})

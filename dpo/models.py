@@ -14,9 +14,10 @@ import torch
 
 from dpo import logps as logps_math
 from dpo import smollm2
+from dpo.config import DEFAULT_LORA_TARGETS
+from dpo.paths import MODEL_FOLDER_NEEDS, model_folder_problem
 from dpo.data.pairs import Batch
 
-DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 REF_ADAPTER = "ref"
 # Fused projections some families use (Phi-3): LoRA on the fused matrix stands for LoRA on its parts.
 FUSED_TARGETS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -54,29 +55,6 @@ def resolve_device(name: str) -> torch.device:
 
 
 # What a loadable model folder holds (weights as safetensors only: this project loads no pickles).
-MODEL_FOLDER_NEEDS = "config.json, the weights as *.safetensors and the tokenizer (tokenizer.json or tokenizer_config.json)"
-
-
-def model_folder_problem(path: str) -> str | None:
-    """Why the local folder `path` cannot be loaded as a model, as one line; None when it looks like one."""
-    folder = os.path.expanduser(path)
-    if not os.path.exists(folder):
-        return f"no such model folder: {path}"
-    if not os.path.isdir(folder):
-        return f"{path} is a file, not a model folder (a model folder holds {MODEL_FOLDER_NEEDS})"
-    names = set(os.listdir(folder))
-    if "adapter_config.json" in names and "config.json" not in names:
-        return (f"{path} holds a LoRA adapter, not a model: pass it as --adapter, with its base model as --model")
-    missing = [what for what, present in (
-        ("config.json", "config.json" in names),
-        ("weights (*.safetensors)", any(n.endswith(".safetensors") for n in names)),
-        ("a tokenizer (tokenizer.json or tokenizer_config.json)", bool(names & {"tokenizer.json", "tokenizer_config.json"})),
-    ) if not present]
-    if len(missing) == 3:
-        return f"{path} holds no model: a model folder needs {MODEL_FOLDER_NEEDS}"
-    if missing:
-        return f"{path} is not a complete model folder: it lacks {' and '.join(missing)}"
-    return None
 
 
 def pad_id(tokenizer) -> int:

@@ -323,15 +323,31 @@ def stopped_at_once(signum: int, saver: Checkpointer, commands: Commands, starte
                            f"Resume with: {commands.resume()}", 128 + signum, saver.last)
 
 
+def _as_flags(settings: dict) -> str:
+    """{"max_steps": 8, "shuffle": False} -> "--max-steps 8 --no-shuffle": settings as a user types them."""
+    def one(k, v):
+        flag = k.replace("_", "-")
+        return (f"--{flag}" if v else f"--no-{flag}") if isinstance(v, bool) else f"--{flag} {v}"
+    return " ".join(one(k, v) for k, v in settings.items())
+
+
+DEFAULT_RUN_HELP = (f"With no --dataset: the built-in default run, --dataset {tasks.DEFAULT_RUN['dataset']} with these "
+                    "settings in place of the defaults above (flags given still win): "
+                    + _as_flags({k: v for k, v in tasks.DEFAULT_RUN.items() if k != "dataset"}))
+ATTENTION_ROUTES = ("auto", "flash_varlen", "flex", "sdpa", "eager")
+RESUME_POLICIES = ("locked", "free")
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m dpo.train`: 0 done, 2 refused (one line, no traceback), 3 non-finite step, 128+N stopped by
     signal N (130 SIGINT, 143 SIGTERM) after saving a checkpoint."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        cfg = config_from_args(argv)
+        cfg = config_from_args(argv, epilog=DEFAULT_RUN_HELP)
         if cfg.dataset is None:  # the default run: the built-in task with settings measured to move the model
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            cfg = config_from_args(argv, base={**tasks.DEFAULT_RUN, "output_dir": f"runs/default-{stamp}"})
+            cfg = config_from_args(argv, base={**tasks.DEFAULT_RUN, "output_dir": f"runs/default-{stamp}"},
+                                   epilog=DEFAULT_RUN_HELP)
             print(f"dpo: no --dataset given: the default run ({cfg.model} on {cfg.dataset}, {cfg.max_steps} steps "
                   f"of {cfg.per_device_batch_size * cfg.grad_accum} pairs; --help lists every option)")
         run(cfg, argv)

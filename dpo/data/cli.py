@@ -22,7 +22,6 @@ from dpo.data.prompts import IMPLICIT_PROMPT_RULES
 from dpo.data.report import build_report, kto_report, processed_record, sided_report
 from dpo.smollm2 import DEFAULT_MODEL
 from dpo.data.sources import DataError, DataSpec, load_rows
-from dpo.objectives.sided import SIDED_NO_LIMIT
 
 PROG = "python -m dpo.data"
 
@@ -63,7 +62,7 @@ def objective_data(args, tokenizer, rows):
     if not rows:
         raise DataError(f"{args.dataset}: the dataset is empty (no rows)")
     if args.loss_type != "kto":
-        pairs = [od.tokenize_sided(tokenizer, r, SIDED_NO_LIMIT) for r in rows]  # uncut: the report counts cuts
+        pairs = [od.tokenize_sided(tokenizer, r, od.SIDED_NO_LIMIT) for r in rows]  # uncut: the report counts cuts
         report = sided_report(args.loss_type, pairs, args.max_length, args.dataset)
         records = [{"row_id": r.row_id, "where": r.where, "chosen_prompt_tokens": len(x.chosen_prompt_ids),
                     "chosen_tokens": len(x.chosen_ids), "rejected_prompt_tokens": len(x.rejected_prompt_ids),

@@ -24,6 +24,7 @@ from dpo.data.pairs import Batch, _ids, _with_eos, pad_rows
 from dpo.data.sources import DataError, DataSpec, PreferenceRow, load_rows, read_records
 from dpo.data.prompts import common_prefix_length
 
+SIDED_NO_LIMIT = 1 << 30  # CPO/ORPO tokenization with no max_length: nothing is cut
 UNPAIR_BLOCK = 1000  # `datasets.Dataset.map(batched=True)`'s default batch size, which TRL's unpairing uses
 
 

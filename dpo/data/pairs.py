@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from dpo import smollm2
+from dpo.config import DEFAULT_MAX_LENGTH
 from dpo.progress import iterate as progress
 from dpo.data.prompts import common_prefix_length
 from dpo.data.report import DataReport, RowResult, build_report
@@ -40,9 +41,6 @@ from dpo.data.sources import DataError, PreferenceRow, is_conversational
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, so `python -m dpo.data` rejects bad data fast
     import torch
-
-# The default max length of prompt+completion tokens, as TRL's DPOConfig and `python -m dpo.train`.
-DEFAULT_MAX_LENGTH = 1024
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,10 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from dpo.paths import SUFFIXES, looks_local
 from dpo.progress import iterate as progress
 from dpo.data.prompts import IMPLICIT_PROMPT_RULES, split_implicit
 
-SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv", ".csv.gz")
 
 
 @dataclass(frozen=True)
@@ -49,17 +49,6 @@ class PreferenceRow:
 
 def is_conversational(row: PreferenceRow) -> bool:
     return isinstance(row.prompt, list)
-
-
-def looks_local(path: str) -> bool:
-    """The one rule for "a local path, not a hub name" (datasets and models alike).
-
-    A hub name is "name" or "org/name". Anything that exists here, starts like a path ("/", ".",
-    "~"), has a data file suffix, or holds more than one "/" is local; so a missing local file is
-    reported as missing instead of being looked up on the hub.
-    """
-    return (os.path.exists(os.path.expanduser(path)) or path.startswith((".", "/", "~"))
-            or path.lower().endswith(SUFFIXES) or path.count("/") > 1)
 
 
 @dataclass

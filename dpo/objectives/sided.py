@@ -23,15 +23,12 @@ from dpo.objectives import metrics
 from dpo.data.pairs import Batch
 from dpo.data.sources import DataError
 from dpo.losses import LossOutput, PreferenceLogps
-from dpo.data.objective_rows import SidedPair, collate_sided, cut_sided, tokenize_sided
+from dpo.data.objective_rows import SIDED_NO_LIMIT, SidedPair, collate_sided, cut_sided, tokenize_sided
 from dpo.logps import completion_token_counts, mean_logps, prompt_token_mask
 from dpo.losses import chosen_nll, cpo_loss, orpo_log_odds, simpo_loss
 from dpo.objectives.base import DataOptions, Objective, Scorer
 from dpo.objectives.dpo import PairLogps, length_normalised_accuracy
 from dpo.data.report import ObjectiveReport, sided_report
-
-SIDED_NO_LIMIT = 1 << 30  # tokenization with no max_length: nothing is cut
-
 
 @dataclass
 class SidedScores:

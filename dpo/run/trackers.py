@@ -34,30 +34,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-TRACKERS = ("tensorboard", "wandb", "mlflow")
+from dpo.config import TRACKERS, TrackerError, parse_report_to
+
 # The module each tracker imports (mlflow: from the mlflow-skinny package).
 _MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 EXTRA_HINT = "pip install -e '.[trackers]'"
 MLFLOW_EXPERIMENT = "dpo"
 PARAM_VALUE_MAX = 500  # MLflow keeps longer values since 2.x, older stores refuse past 500 characters
 MLFLOW_PARAMS_PER_BATCH = 100  # MLflow's limit on the params of one log_batch call
-
-
-class TrackerError(ValueError):
-    """A --report-to value that cannot work; str() is the one line to show."""
-
-
-def parse_report_to(text: str | None) -> tuple[str, ...]:
-    """"tensorboard,wandb" -> ("tensorboard", "wandb"); "none", "" or None -> (). One-line TrackerError
-    for an unknown name, or for "none" beside a tracker."""
-    names = [n.strip().lower() for n in (text or "").split(",") if n.strip()]
-    for name in names:
-        if name != "none" and name not in TRACKERS:
-            raise TrackerError(f"--report-to: unknown tracker {name!r} (choose from {', '.join(TRACKERS)}, "
-                               "or none; several with commas: tensorboard,wandb)")
-    if "none" in names and len(set(names)) > 1:
-        raise TrackerError(f"--report-to: 'none' cannot be combined with a tracker (got {text!r})")
-    return tuple(dict.fromkeys(n for n in names if n != "none"))
 
 
 def check_installed(names: Sequence[str]) -> None:
