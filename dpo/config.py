@@ -57,6 +57,9 @@ FLOAT16_REFUSAL = ("float16 is not supported: DPO sums the log-probs of every co
 LOGPROB_MODES = ("chunked", "full")
 BACKENDS = ("auto", "hf", "unsloth")
 ON_NAN = ("stop", "skip")
+ATTENTION_ROUTES = ("auto", "flash_varlen", "flex", "sdpa", "eager")
+RESUME_POLICIES = ("locked", "free")
+PREFIX_SHARING = ("auto", "on", "off")
 
 
 def _opt(default, help: str, *, resume: str, start: bool = False, planned: bool = False, card: str | None = None,
@@ -170,6 +173,11 @@ class TrainConfig:
     packing: bool = _opt(False, "Pack each micro-batch's sequences into one row: no pad tokens, positions restart per "
                          "sequence, attention never crosses sequences (checked on the first micro-batch; padded if "
                          "the model's forward cannot keep them apart)", resume="free", planned=True)
+    prefix_sharing: str = _opt("auto", "Compute each pair's prompt once: one row of [prompt | chosen | rejected] "
+                               "segments per micro-batch, each side attending to the prompt and itself (plain DPO "
+                               "loss types; auto: wherever the model's forward passes the check on the first "
+                               "micro-batch, else as --packing says; on: refuse where it does not; off: never)",
+                               choices=PREFIX_SHARING, resume="free", planned=True)
     attention: str = _opt("auto", "Attention kernel for --packing on the hf backend (auto: flash-attn varlen, else "
                           "FlexAttention, else sdpa)", choices=ATTENTION_ROUTES, resume="free")
     memory_budget: str = _opt("auto", "GPU memory the run may use, in GiB, for the planner that picks micro-batch, "
@@ -296,7 +304,8 @@ class TrainConfig:
         if str(self.dtype).lower() in FLOAT16_NAMES:
             bad("dtype", FLOAT16_REFUSAL)
         for name, choices in (("lr_scheduler", LR_SCHEDULERS), ("optim", OPTIMIZERS), ("dtype", DTYPES),
-                              ("logprobs", LOGPROB_MODES), ("attention", ATTENTION_ROUTES), ("backend", BACKENDS), ("on_nan", ON_NAN)):
+                              ("logprobs", LOGPROB_MODES), ("attention", ATTENTION_ROUTES), ("backend", BACKENDS),
+                              ("on_nan", ON_NAN), ("prefix_sharing", PREFIX_SHARING)):
             if getattr(self, name) not in choices:
                 bad(name, f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
 

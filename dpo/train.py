@@ -241,8 +241,10 @@ class _Session:
                 print(f"dpo: {dist.world_size} ranks, {cfg.per_device_batch_size} pairs each per micro-batch "
                       f"({cfg.per_device_batch_size * dist.world_size * cfg.grad_accum} pairs per optimizer step)")
         trainer = self.trainer = Trainer(model, tokenizer, cfg, pairs, device=self.device, dist=dist, loss=self.loss)
-        if cfg.packing:
-            trainer.start_packing()
+        try:
+            trainer.choose_layout()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.resumed is not None:
             trainer.load_state(self.resumed)
             if cfg.precompute_ref and self.loss.needs_reference:
@@ -331,11 +333,9 @@ def _as_flags(settings: dict) -> str:
     return " ".join(one(k, v) for k, v in settings.items())
 
 
-DEFAULT_RUN_HELP = (f"With no --dataset: the built-in default run, --dataset {tasks.DEFAULT_RUN['dataset']} with these "
-                    "settings in place of the defaults above (flags given still win): "
+DEFAULT_RUN_HELP = (f"With no --dataset: the built-in default run, --dataset {tasks.DEFAULT_RUN['dataset']} with "
+                    "these settings in place of the defaults above (flags given still win): "
                     + _as_flags({k: v for k, v in tasks.DEFAULT_RUN.items() if k != "dataset"}))
-ATTENTION_ROUTES = ("auto", "flash_varlen", "flex", "sdpa", "eager")
-RESUME_POLICIES = ("locked", "free")
 
 
 def main(argv: list[str] | None = None) -> int:

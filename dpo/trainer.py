@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dpo import distributed, models, packing, progress
+from dpo import distributed, models, packing, progress, sharing
 from dpo.cli import first_line
 from dpo.run.checkpoint import Checkpoint, CheckpointError, capture_rng, restore_trainable_state
 from dpo.config import TrainConfig
@@ -141,7 +141,7 @@ class Trainer:
         self.device = device or next(model.parameters()).device
         self.dist = dist  # this rank and the world: each rank trains on its shard of every micro-batch
         self.objective = objective_for(self.loss, self._mean_over_ranks if dist.enabled else None)
-        # packing is set by start_packing() (--packing), after its self-check
+        # the layout (padded, packed, prefix-shared) is chosen by choose_layout(), after its self-check
         self.scorer = Scorer(self.device, cfg.logprobs, cfg.logprob_chunk)
         # bf16 runs use autocast on CUDA (LoRA weights stay float32, as PEFT makes them)
         self.autocast_bf16 = self.device.type == "cuda" and models.resolve_dtype(cfg.dtype, self.device) == torch.bfloat16
@@ -195,30 +195,51 @@ class Trainer:
         out, logps = self.objective.loss(policy, ref)
         return out, logps, batch
 
-    def start_packing(self) -> None:
-        """--packing: the attention route (hf backend; Unsloth patches its own), then a self-check on the
-        first micro-batch: a model whose forward lets packed sequences see each other runs padded."""
-        if not self.objective.can_pack:
-            print("dpo: warning: packing is off: it serves plain DPO loss types only (not ld_alpha, use_weighting "
-                  f"or {self.objective.name}); running padded")
+    def choose_layout(self) -> None:
+        """How plain completion log-probs run: prefix-shared (--prefix-sharing), packed (--packing) or padded.
+        Each is checked against the padded path on the first micro-batch: a model whose forward does not keep
+        the layout's sequences apart falls back, saying so (an asked-for "on" that fails is refused)."""
+        asked = self.cfg.prefix_sharing
+        wants_sharing, wants_packing = asked != "off", self.cfg.packing
+        if not (wants_sharing or wants_packing):
             return
-        if models.pick_backend(self.cfg.backend) == "hf":
-            route = packing.choose_attention(self.device.type, requested=self.cfg.attention)
-            packing.use_attention(self.model, route)
+        if not self.objective.can_pack:
+            what = "prefix sharing" if asked == "on" or not wants_packing else "packing"
+            if asked == "on" or wants_packing:
+                print(f"dpo: warning: {what} is off: it serves plain DPO loss types only (not ld_alpha, use_weighting "
+                      f"or {self.objective.name}); running padded")
+            return
+        hf = models.pick_backend(self.cfg.backend) == "hf"
         _, first = next(step_plan(len(self.pairs), self.cfg, self.dist.world_size))
         batch = self.objective.collate([self.pairs[i] for i in self._my_shard(first[0])], self.pad_id,
-                                       self.cfg.max_length)
+                                       self.cfg.max_length).to(self.device)
+        if wants_sharing:
+            if hf:  # the shared layout's mask is a dense one: sdpa (Unsloth patches its own attention)
+                packing.use_attention(self.model, packing.AttentionRoute("sdpa", "sdpa", "prefix sharing"))
+            agrees, why = self._layout_agrees(sharing.sharing_agrees, batch, "the prefix-shared layout")
+            if agrees:
+                self.scorer = dataclasses.replace(self.scorer, sharing=True)
+                return
+            if asked == "on":
+                raise ValueError(f"--prefix-sharing on: {why}; use --prefix-sharing auto or off")
+            if asked == "auto" and not wants_packing:
+                print(f"dpo: prefix sharing is off: {why}; running padded")
+        if wants_packing:
+            if hf:
+                packing.use_attention(self.model, packing.choose_attention(self.device.type, requested=self.cfg.attention))
+            agrees, why = self._layout_agrees(packing.packing_agrees, batch, "packed sequences")
+            if not agrees:
+                print(f"dpo: warning: packing is off: {why}; running padded")
+            self.scorer = dataclasses.replace(self.scorer, packing=agrees)
+
+    def _layout_agrees(self, check, batch, what: str) -> tuple[bool, str]:
         try:
             with self._autocast():
-                agrees, diff = packing.packing_agrees(self.model, batch.to(self.device), self.cfg.logprobs,
-                                                      self.cfg.logprob_chunk)
-            why = f"this model's forward lets packed sequences see each other (log-probs differ by {diff:.2e} " \
-                  "relative from the padded path)"
-        except Exception as e:  # noqa: BLE001  (a patched forward that cannot take packed input: run padded)
-            agrees, why = False, f"a packed forward failed: {first_line(e)}"
-        if not agrees:
-            print(f"dpo: warning: packing is off: {why}; running padded")
-        self.scorer = dataclasses.replace(self.scorer, packing=agrees)
+                agrees, diff = check(self.model, batch, self.cfg.logprobs, self.cfg.logprob_chunk)
+            return agrees, (f"this model's forward does not keep {what} apart (log-probs differ by {diff:.2e} "
+                            "relative from the padded path)")
+        except Exception as e:  # noqa: BLE001  (a patched forward that cannot take the layout: run padded)
+            return False, f"a forward of {what} failed: {first_line(e)}"
 
     @property
     def packing(self) -> bool:
@@ -276,7 +297,7 @@ class Trainer:
         self.rng_at_step_start = capture_rng()
         _, global_micro_batches = next(self._plan)
         micro_batches = [self._my_shard(m) for m in global_micro_batches]
-        metrics, tokens, bad_rows = StepMetrics(), 0, []
+        metrics, tokens, computed, bad_rows = StepMetrics(), 0, 0, []
         for idx in micro_batches:
             with region("dpo:forward"):
                 out, logps, batch = self.micro_batch_of(idx)
@@ -285,6 +306,7 @@ class Trainer:
             with region("dpo:metrics"):
                 metrics.add(self.objective.batch_row(out, logps))
                 tokens += int(batch.attention_mask.sum())
+                computed += self.scorer.computed_tokens(batch)[0]
                 bad_rows += nonfinite_rows(out.loss.detach(), logps, batch.row_ids)
         # Several ranks: average gradients and metrics over them (equal shards: mean of means is the mean).
         distributed.average_gradients(self.params, self.dist)
@@ -312,7 +334,7 @@ class Trainer:
         self.step += 1
         self.num_tokens += tokens
         row = {"step": self.step, **metrics.means(), "grad_norm": grad_norm, "learning_rate": lr,
-               "num_tokens": self.num_tokens}
+               "num_tokens": self.num_tokens, "tokens_computed": computed}
         if problem is not None:  # JSON null, not NaN, for the values that are not numbers
             row = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in row.items()}
             row["skipped"] = f"non-finite {problem}"

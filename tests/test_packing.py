@@ -224,12 +224,14 @@ def test_a_packed_run_follows_the_padded_runs_trajectory(tiny_llama_dir, tmp_pat
                           device="cpu", dtype="float32", shuffle=False, **kw)
         return run(cfg)["history"]
 
-    padded, packed = trajectory("padded"), trajectory("packed", packing=True)
+    padded, packed = trajectory("padded", prefix_sharing="off"), trajectory("packed", packing=True, prefix_sharing="off")
     for a, b in zip(padded, packed, strict=True):
         for k in ("loss", "rewards/chosen", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm"):
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), k
         assert b["num_tokens"] == a["num_tokens"]
     assert padded[0]["loss"] != padded[-1]["loss"]
+    totals = [0] + [r["num_tokens"] for r in packed]  # num_tokens: a running total
+    assert [r["tokens_computed"] for r in packed] == [b - a for a, b in zip(totals, totals[1:])]  # no pad tokens
 
 
 def test_plan_on_the_cpu_says_there_is_none_and_writes_nothing(tiny_llama_dir, tmp_path, capsys):

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from dpo import models, packing
+from dpo import models, packing, sharing
 from dpo.data.pairs import Batch
 from dpo.loss_settings import LossSettings
 from dpo.losses import LossOutput
@@ -48,24 +48,39 @@ class DataOptions:
 @dataclass(frozen=True)
 class Scorer:
     """How a batch goes through a model: the device, the log-prob path ("chunked": hidden states and the
-    LM head a chunk at a time; "full": whole logits), the LM-head chunk, and packing (one row per
-    micro-batch, no pad tokens; plain completion log-probs only)."""
+    LM head a chunk at a time; "full": whole logits), the LM-head chunk, and the layout of plain completion
+    log-probs: padded rows, packed (one row per micro-batch, no pad tokens) or prefix-shared (one row, each
+    pair's prompt computed once: dpo/sharing.py)."""
 
     device: torch.device
     logprobs: str = "chunked"
     chunk_size: int = 256
     packing: bool = False
+    sharing: bool = False
 
     def on_device(self, batch):
         with region("dpo:data"):
             return batch.to(self.device)
+
+    def computed_tokens(self, batch) -> tuple[int, int]:
+        """(tokens the forward of this collated batch computes, tokens the unshared forwards would): padded
+        rows count their pad positions, a shared row each prompt once."""
+        if self.sharing:
+            unshared, shared = sharing.token_counts(batch)
+            return shared, unshared
+        real = int(batch.attention_mask.sum())
+        return (real if self.packing else batch.attention_mask.numel()), real
 
     def forward(self, model, batch: Batch) -> models.ScoredForward:
         """One forward of the batch, scorable under any token mask (`ScoredForward.sums`)."""
         return models.ScoredForward(model, self.on_device(batch), self.logprobs, self.chunk_size)
 
     def completion_logps(self, model, batch: Batch) -> torch.Tensor:
-        """[R] summed completion log-probs of every row: one packed forward when packing is on, else padded."""
+        """[R] summed completion log-probs of every row: one shared or packed forward where on, else padded."""
+        if self.sharing:
+            with region("dpo:data"):
+                shared = sharing.share_batch(batch).to(self.device)
+            return sharing.shared_completion_logps(model, shared, self.logprobs, self.chunk_size)
         if self.packing:
             with region("dpo:data"):
                 packed = packing.pack_batch(batch).to(self.device)
