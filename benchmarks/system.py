@@ -13,8 +13,10 @@ prompt+chosen and prompt+rejected rows.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
+import signal
 import time
 
 from benchmarks.workload import H100_BF16_DENSE_PEAK, SHAPES, pair_rows
@@ -80,7 +82,7 @@ def busy_shares(profile: dict, timed_step_s: float) -> dict:
 def run_ours(a, rows, out: dict) -> None:
     """Ours through `dpo.train.run`, the function `python -m dpo.train` calls: the rows as a data file, a
     run folder of its own; hooks only read the clock (after the model is built, after each step)."""
-    if a.system in ("ours-unsloth", "ours-cli"):
+    if a.system == "ours-unsloth" or (a.system == "ours-cli" and a.device == "cuda"):
         import unsloth  # noqa: F401  (before transformers/peft; ours-cli's backend auto picks it on CUDA)
     import tempfile
 
@@ -245,7 +247,12 @@ def main() -> None:
     ap.add_argument("--memory-budget", default=None,
                     help="ours-cli: dpo.train's --memory-budget (GiB, auto or none; default auto)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--stacks-file", default=None,
+                    help="SIGUSR1 writes every thread's Python stack here (the harness asks where a run hangs)")
     a = ap.parse_args()
+    if a.stacks_file:
+        stacks = open(a.stacks_file, "w")  # kept open for the process's life: the handler writes to its fd
+        faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
 
     shape = SHAPES[a.shape]
     a.load_in_4bit = shape.load_in_4bit and a.device == "cuda"
@@ -266,9 +273,11 @@ def main() -> None:
         out["mfu"] = 8 * shape.matmul_params() * out["tokens_per_s"] / H100_BF16_DENSE_PEAK / out.get("gpus", 1)
     if int(os.environ.get("RANK", 0)) != 0:
         return  # rank 0 writes the run (its own peak memory; the speed counts every rank's tokens)
-    with open(a.out, "w") as f:
+    tmp = f"{a.out}.tmp"
+    with open(tmp, "w") as f:  # then renamed: the harness takes a present file as the whole result
         json.dump(out, f, indent=2)
-    print(json.dumps(out))
+    os.replace(tmp, a.out)
+    print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":
