@@ -80,3 +80,22 @@ def test_cpu_hh_trains_one_step_of_ours_and_trls_on_a_tiny_model(tmp_path, tiny_
     assert len(ours["history"]) == len(trl["history"]) == 1
     assert ours["history"][0]["loss"] == pytest.approx(trl["history"][0]["loss"], rel=1e-4)  # policy == reference
     assert ours["before"]["eval_rewards/margins"] == 0 and (out / "cpu_hh_smollm2.png").is_file()
+
+
+def test_the_gpu_tests_suite_runs_each_file_as_pytest_m_gpu_in_a_process_of_its_own(tmp_path):
+    from benchmarks import run, suites
+
+    for name, body in {"test_a.py": "assert True", "test_b.py": "assert False"}.items():
+        (tmp_path / name).write_text(
+            "import os, pytest\n\n@pytest.mark.gpu\ndef test_it():\n"
+            f"    open(os.environ['DPO_GPU_RESULTS'] + '.pid', 'w').write(str(os.getpid()))\n    {body}\n\n"
+            "def test_not_gpu():\n    raise AssertionError('-m gpu selects only the GPU tests')\n")
+    suite = suites.Suite("t", "?", "t_tests.json", budget_s=300,
+                         tests=(str(tmp_path / "test_a.py"), str(tmp_path / "test_b.py")))
+    out = run.run_suite(suite, tmp_path / "res", str(tmp_path))
+    files = json.loads(out.read_text())["files"]
+    a, b = files[str(tmp_path / "test_a.py")], files[str(tmp_path / "test_b.py")]
+    assert a["returncode"] == 0 and "1 passed" in a["summary"] and "deselected" in a["summary"]
+    assert b["returncode"] == 1 and "1 failed" in b["summary"]
+    pids = {(tmp_path / "res" / "t_tests" / f"{n}.json.pid").read_text() for n in ("test_a", "test_b")}
+    assert len(pids) == 2  # two processes, each with its own DPO_GPU_RESULTS
