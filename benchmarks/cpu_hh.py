@@ -8,7 +8,7 @@ Train rows: the first 90% of the file; held out: the first `--held-out` rows of 
 Ours runs through `dpo.train.run`, the function `python -m dpo.train` calls. Both systems see the same
 pairs in the same order (TRL: sequential sampling; ours: --no-shuffle),
 start from the same model with a fresh LoRA (B = 0, so policy == reference at step 0), and are
-evaluated by the same function (dpo.evaluation.evaluate_pairs), TRL's adapter included. Each system
+evaluated by the same function (dpo.evaluation.evaluate_items), TRL's adapter included. Each system
 also reports its own steady-state speed (s/step, pairs/s): the CPU benchmark.
 """
 
@@ -44,12 +44,12 @@ def base_model(path: str):
     return models.load_model(path, torch.float32, "cpu"), models.load_tokenizer(path)
 
 
-def evaluate(model, tok, pairs, ref_logps=None):
-    from dpo.evaluation import evaluate_pairs
+def evaluate(model, tok, pairs):
+    from dpo.evaluation import evaluate_items
     from dpo.loss_settings import LossSettings
 
-    return evaluate_pairs(model, tok, pairs, loss=LossSettings(beta=SETTINGS["beta"]), batch_size=8,
-                          max_length=SETTINGS["max_length"], ref_logps=ref_logps)
+    return evaluate_items(model, tok, pairs, loss=LossSettings(beta=SETTINGS["beta"]), batch_size=8,
+                          max_length=SETTINGS["max_length"])
 
 
 def per_step(times: list[float], start: float) -> float:
