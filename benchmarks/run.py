@@ -113,6 +113,9 @@ def fresh_compile_caches(env: dict, root: str) -> dict:
     return {**env, **{var: os.path.join(base, var.lower()) for var in COMPILE_CACHE_VARS}}
 
 
+GRACE_S = 60.0  # how long a child may run on after writing its row (saving the adapter, exiting)
+
+
 @dataclass
 class Outcome:
     """How a row's process ended: on its own (`returncode`), or killed (`killed`: why; `stacks`: where it was)."""
@@ -122,13 +125,14 @@ class Outcome:
     stacks: str | None = None
 
 
-def result_written(path: Path) -> bool:
-    """The child has written its whole result (system.py writes it atomically: present means complete)."""
+def result_written(path: Path) -> float | None:
+    """When the child last wrote its result (system.py writes it whole, then renames it: present means
+    readable), None before it has."""
     try:
         json.loads(path.read_text())
-        return True
+        return path.stat().st_mtime
     except (OSError, ValueError):
-        return False
+        return None
 
 
 def stacks_of(pid: int, stacks_file: Path) -> str:
@@ -156,22 +160,23 @@ def stacks_of(pid: int, stacks_file: Path) -> str:
     return "\n".join(f for f in found if f)[-8000:]
 
 
-def run_child(cmd: list[str], timeout: float, env: dict | None, result: Path, grace_s: float = 30.0,
+def run_child(cmd: list[str], timeout: float, env: dict | None, result: Path, grace_s: float = GRACE_S,
               stacks_file: Path | None = None) -> Outcome:
     """Run `cmd` in a process group of its own until it ends, or kill the group: at `timeout`, or `grace_s`
-    after it has written `result` (a child that finished its row but hangs on the way out). Before the kill,
+    after it last wrote `result` (a child that measured its row but hangs on the way out). Before the kill,
     record where it hangs. Killing the whole group: a worker left behind (torchrun's, the compiler's) would
     hold the GPU, or keep writing into a cache being removed."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
-    deadline, written_at = time.monotonic() + timeout, None
+    deadline, written, written_at = time.monotonic() + timeout, None, None
     while True:
         try:
             return Outcome(returncode=proc.wait(timeout=0.5))
         except subprocess.TimeoutExpired:
             pass
         now = time.monotonic()
-        if written_at is None and result_written(result):
-            written_at = now
+        stamp = result_written(result)
+        if stamp is not None and stamp != written:  # written at the last step, and again when the run returns
+            written, written_at = stamp, now
         if written_at is not None and now - written_at > grace_s:
             why = f"hung at exit: still running {grace_s:.0f} s after writing its result"
         elif now > deadline:
@@ -207,7 +212,7 @@ CHILD = ["-m", "benchmarks.system"]  # the program that measures one row (a test
 
 
 def measure_row(run: dict, *, shape: str, model_dir: Path, steps: int, warmup: int, device: str, out_dir: Path,
-                timeout: float, batch: str | None, profile: bool = False, grace_s: float = 30.0) -> dict:
+                timeout: float, batch: str | None, profile: bool = False, grace_s: float = GRACE_S) -> dict:
     """One row in a process of its own with fresh compile caches. A row the child finished is kept with its
     numbers even when the child then hangs and is killed (`exit` says so, `hang_stacks` says where)."""
     name = f".run-{run['system']}-{run['variant'].replace('+', '_')}-{run['micro_batch']}x{run['grad_accum']}"

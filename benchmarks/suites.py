@@ -85,10 +85,11 @@ SUITES = {s.name: s for s in (
               "tests/test_distributed.py",
           ), notes="the files run at once on the card (they check numbers, not time); test_distributed's NCCL "
                    "cases need two GPUs and skip on one"),
-    Suite("cpu-smoke", "does the harness run: a tiny random model, 2 steps per system, on the CPU (CI runs it)",
+    Suite("cpu-smoke", "does the harness run: a tiny random model, 2 steps of ours and of TRL, on the CPU (CI runs it)",
           "cpu_smoke.json", budget_s=240, shape="tiny", device="cpu", warmup=1, hard_stop_margin_s=20, rows=(
               Row("ours-hf:base:1x2", steps=2, timeout_s=120),
               Row("ours-cli:base:1x2", steps=2, timeout_s=120),
+              Row("trl-hf:base:1x2", steps=2, timeout_s=180),
           )),
 )}
 

@@ -124,6 +124,10 @@ def run_ours(a, rows, out: dict) -> None:
         out["load_s"] = marks["setup_start"] - t
         out["model_mem_gib"] = torch.cuda.memory_allocated() / 2**30 if cuda else None
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # A profiled run times the steps after the profiled ones (the profiler slows the steps it watches).
+    timed_from = a.warmup + (PROFILED_STEPS if profiler is not None else 0)
+
     def step_done(row):
         sync()
         # The profiler first: after its last profiled step it summarises the trace (seconds), which must
@@ -134,11 +138,11 @@ def run_ours(a, rows, out: dict) -> None:
         tokens.append(row["num_tokens"])
         if len(ends) == 1 and cuda:  # weights + LoRA + optimizer state, between steps
             out["after_first_step_mem_gib"] = torch.cuda.memory_allocated() / 2**30
+        if len(ends) == a.steps:
+            write_row(a, {**out, **summarise(ends, tokens, marks["setup_start"], timed_from,
+                                             a.micro_batch * a.grad_accum * world), **AT_LAST_STEP})
 
     result = run(cfg, hooks=RunHooks(model_built=model_built, step_done=step_done))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    # A profiled run times the steps after the profiled ones (the profiler slows the steps it watches).
-    timed_from = a.warmup + (PROFILED_STEPS if profiler is not None else 0)
     out.update(summarise(ends, tokens, marks["setup_start"], timed_from, a.micro_batch * a.grad_accum * world))
     out["warmup_steps"] = timed_from
     if "profile" in out:
@@ -202,6 +206,12 @@ def run_trl(a, rows, out: dict) -> None:
         def on_step_end(self, args, state, control, **kw):
             sync()
             ends.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if state.global_step == a.steps and logs and "loss" in logs:  # the last step's row is in
+                done = [int(r["num_tokens"]) for r in state.log_history if "num_tokens" in r and "loss" in r]
+                write_row(a, {**out, **summarise(ends, done, setup_start, a.warmup, a.micro_batch * a.grad_accum),
+                              **AT_LAST_STEP})
 
     setup_start = time.perf_counter()
     args = DPOConfig(output_dir="/tmp/trl-bench", per_device_train_batch_size=a.micro_batch,
@@ -268,16 +278,30 @@ def main() -> None:
 
         traceback.print_exc()
         out["error"] = f"{type(e).__name__}: {str(e)[:500]}"
-    out.update(memory())
-    if "tokens_per_s" in out and a.device == "cuda":
-        out["mfu"] = 8 * shape.matmul_params() * out["tokens_per_s"] / H100_BF16_DENSE_PEAK / out.get("gpus", 1)
+    row = write_row(a, out)
+    if row is not None:
+        print(json.dumps(row), flush=True)
+
+
+def write_row(a, out: dict) -> dict | None:
+    """The run's row as it stands, with peak memory and MFU, to `a.out` (written whole, then renamed: the
+    harness takes a present file as a result). Rank 0 writes (its own peak memory; the speed counts every
+    rank's tokens); other ranks write nothing and get None."""
+    row = {**out, **memory()}
+    if "tokens_per_s" in row and a.device == "cuda":
+        row["mfu"] = 8 * SHAPES[a.shape].matmul_params() * row["tokens_per_s"] / H100_BF16_DENSE_PEAK / row.get("gpus", 1)
     if int(os.environ.get("RANK", 0)) != 0:
-        return  # rank 0 writes the run (its own peak memory; the speed counts every rank's tokens)
+        return None
     tmp = f"{a.out}.tmp"
-    with open(tmp, "w") as f:  # then renamed: the harness takes a present file as the whole result
-        json.dump(out, f, indent=2)
+    with open(tmp, "w") as f:
+        json.dump(row, f, indent=2)
     os.replace(tmp, a.out)
-    print(json.dumps(out), flush=True)
+    return row
+
+
+# Marks a row written at the last step, before the run returned: if the run then hangs (saving, closing,
+# exiting), the harness still has the measured numbers; the complete row replaces it when the run returns.
+AT_LAST_STEP = {"written": "at the last step, before the run returned"}
 
 
 if __name__ == "__main__":

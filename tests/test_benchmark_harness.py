@@ -357,3 +357,32 @@ def test_a_suite_scales_its_timeouts_to_the_card_and_sets_a_budget_at_the_peak_i
     results = json.loads(out.read_text())  # the third row's peer never ran: no row, no guess
     assert len(results["runs"]) == 2 and results["batch"].startswith("t ") and results["suite"] == "t"
     assert all(r["batch"] == results["batch"] and r["device"] == "NVIDIA H100 80GB HBM3" for r in results["runs"])
+
+
+def test_our_row_is_written_at_its_last_step_before_the_run_returns(tmp_path, monkeypatch):
+    """A run that hangs after its last step (saving the adapter, closing, exiting) still leaves its numbers."""
+    import dpo.train
+    from benchmarks import system, workload
+
+    out = tmp_path / "row.json"
+    seen = {}
+
+    def fake_run(cfg, argv=None, hooks=None):
+        hooks.model_built(None)
+        for step in range(1, cfg.max_steps + 1):
+            time.sleep(0.01)
+            hooks.step_done({"step": step, "num_tokens": 100 * step, "loss": 0.69})
+        seen.update(json.loads(out.read_text()))  # on disk while the run has yet to return
+        return {"history": [{"loss": 0.69}], "predicted_peak_gib": None,
+                "config": {k: 1 for k in ("backend", "per_device_batch_size", "grad_accum", "gradient_checkpointing",
+                                          "packing", "precompute_ref", "logprob_chunk", "embeddings_on_cpu")}}
+
+    monkeypatch.setattr(dpo.train, "run", fake_run)
+    a = argparse.Namespace(system="ours-hf", variant="base", shape="tiny", model_dir=str(tmp_path), micro_batch=1,
+                           grad_accum=2, steps=3, warmup=1, device="cpu", load_in_4bit=False, profile=False,
+                           profile_stacks=False, no_varlen=False, memory_budget=None, out=str(out))
+    row = {"system": "ours-hf", "steps": 3}
+    system.run_ours(a, workload.pair_rows(6), row)
+    assert seen["written"] == system.AT_LAST_STEP["written"] and seen["measured_steps"] == 2
+    assert seen["pairs_per_s"] == pytest.approx(row["pairs_per_s"]) and seen["tokens_per_s"] > 0
+    assert "written" not in row  # the complete row, written when the run returns, drops the mark
