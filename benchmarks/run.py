@@ -233,6 +233,8 @@ def measure_row(run: dict, *, shape: str, model_dir: Path, steps: int, warmup: i
     with tempfile.TemporaryDirectory(prefix="dpo-bench-", ignore_cleanup_errors=True) as caches:
         outcome = run_child(cmd, timeout, fresh_compile_caches(dict(os.environ), caches), run_out, grace_s, stacks)
     row = read_row(run_out)
+    for f in (run_out, stacks):  # the row goes into the results file, the stacks (if any) into the row
+        f.unlink(missing_ok=True)
     if isinstance(row, dict):
         res = {**row, "compile_caches": "cold", "batch": batch}
     else:  # nothing (or half a file) written: the child's end is the error
