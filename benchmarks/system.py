@@ -79,6 +79,12 @@ def busy_shares(profile: dict, timed_step_s: float) -> dict:
     return {"gpu_busy_share": profile["gpu_busy_frac"], "gpu_busy_share_timed": kernel_s_per_step / timed_step_s}
 
 
+def write_pairs(rows: list[dict], path: str) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for r in rows)
+    return path
+
+
 def run_ours(a, rows, out: dict) -> None:
     """Ours through `dpo.train.run`, the function `python -m dpo.train` calls: the rows as a data file, a
     run folder of its own; hooks only read the clock (after the model is built, after each step)."""
@@ -95,20 +101,17 @@ def run_ours(a, rows, out: dict) -> None:
     if variant.pop("precompute_at_micro_batch", False):
         variant["precompute_ref_batch_size"] = a.micro_batch
     folder = tempfile.mkdtemp(prefix="dpo-bench-")
-    data = os.path.join(folder, "pairs.jsonl")
-    with open(data, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for r in rows)
+    data = write_pairs(rows, os.path.join(folder, "pairs.jsonl"))
     # ours-cli: what `python -m dpo.train` does with no speed flags (the backend and the plan its own);
     # ours-unsloth / ours-hf: that backend, unplanned, with the variant's flags.
     backend = {"ours-cli": "auto", "ours-unsloth": "unsloth", "ours-hf": "hf"}[a.system]
     budget = (a.memory_budget or "auto") if a.system == "ours-cli" else "none"
     cfg = TrainConfig(model=a.model_dir, dataset=data, output_dir=os.path.join(folder, "run"), backend=backend,
-                      memory_budget=budget,
-                      load_in_4bit=a.load_in_4bit, max_length=MAX_LENGTH, per_device_batch_size=a.micro_batch,
-                      grad_accum=a.grad_accum, max_steps=a.steps, learning_rate=LR, beta=BETA, lora_r=LORA_R,
-                      lora_alpha=LORA_ALPHA, optim="adamw_8bit" if a.device == "cuda" else "adamw_torch",
-                      shuffle=False, dtype="bfloat16" if a.device == "cuda" else "float32", device=a.device,
-                      **variant)
+                      memory_budget=budget, load_in_4bit=a.load_in_4bit, max_length=MAX_LENGTH,
+                      per_device_batch_size=a.micro_batch, grad_accum=a.grad_accum, max_steps=a.steps,
+                      learning_rate=LR, beta=BETA, lora_r=LORA_R, lora_alpha=LORA_ALPHA,
+                      optim="adamw_8bit" if a.device == "cuda" else "adamw_torch", shuffle=False,
+                      dtype="bfloat16" if a.device == "cuda" else "float32", device=a.device, **variant)
     if a.no_varlen:  # the change's A/B: Unsloth's own packed attention (one SDPA call per sequence run)
         import dpo.unsloth_varlen
 
