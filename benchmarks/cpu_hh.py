@@ -2,11 +2,13 @@
 DPOTrainer with the same settings, evaluated before and after on the same held-out pairs.
 
     python -m benchmarks.cpu_hh [--steps 60] [--held-out 120] [--systems ours trl] [--out benchmarks/results]
+                                [--model DIR] [--data FILE]
 
 Train rows: the first 90% of the file; held out: the first `--held-out` rows of the last 10%.
-Both systems see the same pairs in the same order (TRL: sequential sampling; ours: --no-shuffle),
+Ours runs through `dpo.train.run`, the function `python -m dpo.train` calls. Both systems see the same
+pairs in the same order (TRL: sequential sampling; ours: --no-shuffle),
 start from the same model with a fresh LoRA (B = 0, so policy == reference at step 0), and are
-evaluated by the same function (dpo.eval.evaluation.evaluate_pairs), TRL's adapter included. Each system
+evaluated by the same function (dpo.evaluation.evaluate_items), TRL's adapter included. Each system
 also reports its own steady-state speed (s/step, pairs/s): the CPU benchmark.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,48 +38,57 @@ def split_rows(path: Path, held_out: int):
     return rows[:cut], rows[cut : cut + held_out]
 
 
-def base_model():
-    from dpo import models, smollm2
+def base_model(path: str):
+    from dpo import models
 
-    path = str(smollm2.plain_copy())
     return models.load_model(path, torch.float32, "cpu"), models.load_tokenizer(path)
 
 
-def evaluate(model, tok, pairs, ref_logps=None):
-    from dpo.eval.evaluation import evaluate_pairs
+def evaluate(model, tok, pairs):
+    from dpo.eval.evaluation import evaluate_items
     from dpo.loss_settings import LossSettings
 
-    return evaluate_pairs(model, tok, pairs, loss=LossSettings(beta=SETTINGS["beta"]), batch_size=8,
-                          max_length=SETTINGS["max_length"], ref_logps=ref_logps)
+    return evaluate_items(model, tok, pairs, loss=LossSettings(beta=SETTINGS["beta"]), batch_size=8,
+                          max_length=SETTINGS["max_length"])
 
 
-def run_ours(train_pairs, eval_pairs, steps: int, log) -> dict:
+def per_step(times: list[float], start: float) -> float:
+    """Seconds a step, from the ends of the steps: steady state (after the first) where there are two or more."""
+    return (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else times[-1] - start
+
+
+def run_ours(model_path: str, train_rows, eval_pairs, steps: int, log, workdir: Path) -> dict:
+    """Ours through `dpo.train.run`, the function `python -m dpo.train` calls (as the GPU benchmark rows run):
+    the training rows as a data file, a run folder of its own. The hooks evaluate the model with its fresh
+    LoRA before the first step (policy == reference) and read the clock after each step."""
     from dpo import models
     from dpo.config import TrainConfig
-    from dpo.train import Trainer, seed_everything
+    from dpo.train import RunHooks, run
 
-    model, tok = base_model()
-    seed_everything(SETTINGS["seed"])
-    model = models.add_lora(model, models.LoraSettings(SETTINGS["lora_r"], SETTINGS["lora_alpha"], 0.0, tuple(TARGETS)))
-    models.disable_dropout(model)
-    models.enable_gradient_checkpointing(model)
-    before = evaluate(model, tok, eval_pairs)
-    cfg = TrainConfig(dataset="hh", max_steps=steps, shuffle=False, device="cpu", **SETTINGS)
-    trainer = Trainer(model, tok, cfg, train_pairs)
-    times = []
+    tok = models.load_tokenizer(model_path)
+    data = workdir / "train.jsonl"
+    with open(data, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected}) + "\n"
+                     for r in train_rows)
+    cfg = TrainConfig(model=model_path, dataset=str(data), output_dir=str(workdir / "ours"), backend="hf",
+                      device="cpu", dtype="float32", max_steps=steps, shuffle=False, **SETTINGS)
+    before, times, t0 = {}, [], []
 
-    def on_step(row):
+    def model_built(model):
+        before.update(evaluate(model, tok, eval_pairs))
+        t0.append(time.perf_counter())
+
+    def step_done(row):
         times.append(time.perf_counter())
         log(f"ours step {row['step']}: loss {row['loss']:.4f} acc {row['rewards/accuracies']:.2f}")
 
-    t0 = time.perf_counter()
-    history = trainer.train(on_step)
-    after = evaluate(model, tok, eval_pairs)
-    return {"before": before, "after": after, "history": history, "train_s": times[-1] - t0,
-            "step_s": (times[-1] - times[0]) / (len(times) - 1)}
+    result = run(cfg, hooks=RunHooks(model_built=model_built, step_done=step_done))
+    after = evaluate(result["model"], tok, eval_pairs)
+    return {"before": before, "after": after, "history": result["history"], "train_s": times[-1] - t0[0],
+            "step_s": per_step(times, t0[0])}
 
 
-def run_trl(train_rows, eval_pairs, steps: int, log) -> dict:
+def run_trl(model_path: str, train_rows, eval_pairs, steps: int, log, workdir: Path) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
@@ -84,7 +96,7 @@ def run_trl(train_rows, eval_pairs, steps: int, log) -> dict:
 
     from tests.trl_cpu_kernel import use_cpu_kernel  # TRL's log-prob kernel is Triton-only
 
-    model, tok = base_model()
+    model, tok = base_model(model_path)
     times = []
 
     class Log(TrainerCallback):
@@ -95,7 +107,7 @@ def run_trl(train_rows, eval_pairs, steps: int, log) -> dict:
             if logs and "loss" in logs:
                 log(f"trl step {state.global_step}: loss {logs['loss']:.4f} acc {logs.get('rewards/accuracies', 0):.2f}")
 
-    args = DPOConfig(output_dir="/tmp/trl-hh", max_steps=steps, per_device_train_batch_size=8,
+    args = DPOConfig(output_dir=str(workdir / "trl"), max_steps=steps, per_device_train_batch_size=8,
                      gradient_accumulation_steps=1, learning_rate=SETTINGS["learning_rate"], beta=SETTINGS["beta"],
                      max_length=SETTINGS["max_length"], lr_scheduler_type="linear", warmup_steps=0, seed=0,
                      bf16=False, use_cpu=True, report_to=[], logging_steps=1, save_strategy="no",
@@ -112,7 +124,7 @@ def run_trl(train_rows, eval_pairs, steps: int, log) -> dict:
     after = evaluate(trainer.model, tok, eval_pairs)
     history = [r for r in trainer.state.log_history if "rewards/chosen" in r]
     return {"before": before, "after": after, "history": history, "train_s": times[-1] - t0,
-            "step_s": (times[-1] - times[0]) / (len(times) - 1)}
+            "step_s": per_step(times, t0)}
 
 
 def plot(results: dict, png: Path) -> None:
@@ -151,26 +163,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--held-out", type=int, default=120)
-    ap.add_argument("--systems", nargs="+", default=["ours", "trl"])
+    ap.add_argument("--systems", nargs="+", default=["ours", "trl"], choices=["ours", "trl"])
     ap.add_argument("--data", default=str(HH))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--model", default=None, help="a model folder (default: the embedded SmolLM2-135M-Instruct)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from dpo import models, smollm2
-    from dpo.data import pairs as data
+    from dpo.data.pairs import prepare_pairs
 
     torch.manual_seed(0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tok = models.load_tokenizer(str(smollm2.plain_copy()))
+    model_path = args.model or str(smollm2.plain_copy())
+    tok = models.load_tokenizer(model_path)
     train_rows, eval_rows = split_rows(Path(args.data), args.held_out)
-    train_pairs, train_report = data.prepare_pairs(tok, train_rows, SETTINGS["max_length"])
-    eval_pairs, _ = data.prepare_pairs(tok, eval_rows, SETTINGS["max_length"])
-    # TRL gets the rows our data layer kept (identical pairs and too-long prompts out), in the same order.
+    train_pairs, train_report = prepare_pairs(tok, train_rows, SETTINGS["max_length"])
+    eval_pairs, _ = prepare_pairs(tok, eval_rows, SETTINGS["max_length"])
+    # Both systems get the rows our data layer kept (identical pairs and too-long prompts out), in order.
     kept_ids = [p.row_id for p in train_pairs[: args.steps * 8]]
     by_id = {r.row_id: r for r in train_rows}
-    trl_rows = [by_id[i] for i in kept_ids]
-    results = {"model": "SmolLM2-135M-Instruct (float32, CPU)", "data": Path(args.data).name, "settings": SETTINGS,
+    kept_rows = [by_id[i] for i in kept_ids]
+    results = {"model": "SmolLM2-135M-Instruct (float32, CPU)" if args.model is None else args.model, "data": Path(args.data).name, "settings": SETTINGS,
                "steps": args.steps, "held_out": len(eval_pairs), "train_rows": len(train_rows),
                "device": f"CPU ({os.cpu_count()} cores)", "systems": {}}
     path = out / "cpu_hh_smollm2.json"
@@ -182,8 +196,8 @@ def main() -> None:
 
     for name in args.systems:
         t = time.time()
-        r = run_ours(train_pairs[: args.steps * 8], eval_pairs, args.steps, log) if name == "ours" else \
-            run_trl(trl_rows, eval_pairs, args.steps, log)
+        with tempfile.TemporaryDirectory(prefix=f"cpu-hh-{name}-") as work:
+            r = (run_ours if name == "ours" else run_trl)(model_path, kept_rows, eval_pairs, args.steps, log, Path(work))
         r["wall_s"] = time.time() - t
         r["pairs_per_s"] = 8 / r["step_s"]
         results["systems"][name] = r

@@ -3,7 +3,7 @@
     python -m benchmarks.fit_memory            # the table: each row, measured vs predicted peak
     python -m benchmarks.fit_memory --refit    # also the coefficients a fresh fit gives (to paste into FITTED)
 
-Rows: our trainer's runs in benchmarks/results/gpu_throughput*.json (one row per distinct run
+Rows: our trainer's runs in benchmarks/results/gpu_h100_variants*.json (one row per distinct run
 setting; repeated calls measured the same peak), and the padded/packed forward+backward rows of
 benchmarks/packing.py in benchmarks/results/packing_*.json once committed (no optimizer state, no
 reference pass). TRL's rows are another program and left out.
@@ -20,7 +20,7 @@ from benchmarks.workload import SHAPES, length_table
 from dpo import plan as planmod
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FILES = ("gpu_throughput.json", "gpu_throughput_one_card.json", "gpu_throughput_x4host.json")
+FILES = ("gpu_h100_variants.json", "gpu_h100_variants_one_card.json", "gpu_h100_variants_shared_host.json")
 OURS = {"ours-unsloth": "offload", "ours-hf": "recompute"}  # what gradient checkpointing means per backend
 
 

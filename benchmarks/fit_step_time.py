@@ -3,7 +3,7 @@
     python -m benchmarks.fit_step_time            # each row: measured vs estimated seconds per step
     python -m benchmarks.fit_step_time --refit    # also the constants a fresh fit gives (to paste into plan.py)
 
-Rows: `python -m dpo.train`'s own runs on the H200 (system ours-cli in benchmarks/results/gpu_throughput_h200.json),
+Rows: `python -m dpo.train`'s own runs on the H200 (system ours-cli in benchmarks/results/gpu_h200_vs_peers.json),
 each with the setting the plan ran (`ran_as`) and its steady-state seconds per step. The estimate is
 max(layer_launches x LAUNCH_S_PER_LAYER, flops / ACHIEVED_FLOPS) + extras: ACHIEVED_FLOPS is the bf16 matmul
 rate measured on the card in the same file, LAUNCH_S_PER_LAYER the least-squares host time per layer and pass
@@ -30,7 +30,7 @@ from benchmarks.workload import SHAPES
 from dpo import plan as planmod
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FILE = "gpu_throughput_h200.json"
+FILE = "gpu_h200_vs_peers.json"
 # Batches whose step times are not the code's as it is: before dpo/unsloth_varlen.py (a slower attention
 # call per layer), and h200-last's no-flag row, whose timed steps held the profiler's trace summary.
 LEFT_OUT = {("h200-a", None), ("h200-b", 6.71), ("h200-b", 16.0), ("h200-last", None)}

@@ -2,7 +2,7 @@
 
     python -m benchmarks.multi_gpu --shapes llama3.2-1b-lora llama3-8b-qlora --gpus 1 2 4 \
         --micro-batch 2 --grad-accum 4 --variant precompute+no-ckpt --out benchmarks/results/multi_gpu.json
-    python -m benchmarks.multi_gpu --render benchmarks/results/multi_gpu.json   # table + README section
+    python -m benchmarks.multi_gpu --render benchmarks/results/multi_gpu.json   # table + docs/benchmarks.md section
 
 Each run is `torchrun --nproc-per-node K -m benchmarks.system ...` with `--micro-batch` pairs per GPU
 (weak scaling: K GPUs take K times the pairs per step). tokens/s counts every rank's tokens (TRL's
@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.run import ROOT, load, render_target, run_group, save, versions
+from benchmarks.run import DOC, ROOT, load, render_target, run_group, save, versions
 from benchmarks.system import VARIANTS
 from benchmarks.workload import SHAPES
 
@@ -107,9 +107,9 @@ def table(results: dict) -> str:
 def render(path: Path) -> None:
     results = load(path)
     md = table(results)
-    readme = ROOT / "README.md"
+    page = DOC
     start, end = "<!-- multi-gpu:start -->", "<!-- multi-gpu:end -->"
-    text = readme.read_text()
+    text = page.read_text()
     if start in text and end in text:
         s = results.get("settings", {})
         note = (f"\nMeasured on {results.get('device')}: ours-unsloth +{s.get('variant')}, "
@@ -119,7 +119,7 @@ def render(path: Path) -> None:
             note += f"- pass {name}: {p}\n"
         note += "\n"
         before, rest = text.split(start, 1)
-        readme.write_text(before + start + note + md + "\n" + end + rest.split(end, 1)[1])
+        page.write_text(before + start + note + md + "\n" + end + rest.split(end, 1)[1])
     print(md)
 
 

@@ -13,8 +13,10 @@ prompt+chosen and prompt+rejected rows.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
+import signal
 import time
 
 from benchmarks.workload import H100_BF16_DENSE_PEAK, SHAPES, pair_rows
@@ -77,10 +79,16 @@ def busy_shares(profile: dict, timed_step_s: float) -> dict:
     return {"gpu_busy_share": profile["gpu_busy_frac"], "gpu_busy_share_timed": kernel_s_per_step / timed_step_s}
 
 
+def write_pairs(rows: list[dict], path: str) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for r in rows)
+    return path
+
+
 def run_ours(a, rows, out: dict) -> None:
     """Ours through `dpo.train.run`, the function `python -m dpo.train` calls: the rows as a data file, a
     run folder of its own; hooks only read the clock (after the model is built, after each step)."""
-    if a.system in ("ours-unsloth", "ours-cli"):
+    if a.system == "ours-unsloth" or (a.system == "ours-cli" and a.device == "cuda"):
         import unsloth  # noqa: F401  (before transformers/peft; ours-cli's backend auto picks it on CUDA)
     import tempfile
 
@@ -93,20 +101,17 @@ def run_ours(a, rows, out: dict) -> None:
     if variant.pop("precompute_at_micro_batch", False):
         variant["precompute_ref_batch_size"] = a.micro_batch
     folder = tempfile.mkdtemp(prefix="dpo-bench-")
-    data = os.path.join(folder, "pairs.jsonl")
-    with open(data, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for r in rows)
+    data = write_pairs(rows, os.path.join(folder, "pairs.jsonl"))
     # ours-cli: what `python -m dpo.train` does with no speed flags (the backend and the plan its own);
     # ours-unsloth / ours-hf: that backend, unplanned, with the variant's flags.
     backend = {"ours-cli": "auto", "ours-unsloth": "unsloth", "ours-hf": "hf"}[a.system]
     budget = (a.memory_budget or "auto") if a.system == "ours-cli" else "none"
     cfg = TrainConfig(model=a.model_dir, dataset=data, output_dir=os.path.join(folder, "run"), backend=backend,
-                      memory_budget=budget,
-                      load_in_4bit=a.load_in_4bit, max_length=MAX_LENGTH, per_device_batch_size=a.micro_batch,
-                      grad_accum=a.grad_accum, max_steps=a.steps, learning_rate=LR, beta=BETA, lora_r=LORA_R,
-                      lora_alpha=LORA_ALPHA, optim="adamw_8bit" if a.device == "cuda" else "adamw_torch",
-                      shuffle=False, dtype="bfloat16" if a.device == "cuda" else "float32", device=a.device,
-                      **variant)
+                      memory_budget=budget, load_in_4bit=a.load_in_4bit, max_length=MAX_LENGTH,
+                      per_device_batch_size=a.micro_batch, grad_accum=a.grad_accum, max_steps=a.steps,
+                      learning_rate=LR, beta=BETA, lora_r=LORA_R, lora_alpha=LORA_ALPHA,
+                      optim="adamw_8bit" if a.device == "cuda" else "adamw_torch", shuffle=False,
+                      dtype="bfloat16" if a.device == "cuda" else "float32", device=a.device, **variant)
     if a.no_varlen:  # the change's A/B: Unsloth's own packed attention (one SDPA call per sequence run)
         import dpo.unsloth_varlen
 
@@ -122,6 +127,10 @@ def run_ours(a, rows, out: dict) -> None:
         out["load_s"] = marks["setup_start"] - t
         out["model_mem_gib"] = torch.cuda.memory_allocated() / 2**30 if cuda else None
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # A profiled run times the steps after the profiled ones (the profiler slows the steps it watches).
+    timed_from = a.warmup + (PROFILED_STEPS if profiler is not None else 0)
+
     def step_done(row):
         sync()
         # The profiler first: after its last profiled step it summarises the trace (seconds), which must
@@ -132,11 +141,11 @@ def run_ours(a, rows, out: dict) -> None:
         tokens.append(row["num_tokens"])
         if len(ends) == 1 and cuda:  # weights + LoRA + optimizer state, between steps
             out["after_first_step_mem_gib"] = torch.cuda.memory_allocated() / 2**30
+        if len(ends) == a.steps:
+            write_row(a, {**out, **summarise(ends, tokens, marks["setup_start"], timed_from,
+                                             a.micro_batch * a.grad_accum * world), **AT_LAST_STEP})
 
     result = run(cfg, hooks=RunHooks(model_built=model_built, step_done=step_done))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    # A profiled run times the steps after the profiled ones (the profiler slows the steps it watches).
-    timed_from = a.warmup + (PROFILED_STEPS if profiler is not None else 0)
     out.update(summarise(ends, tokens, marks["setup_start"], timed_from, a.micro_batch * a.grad_accum * world))
     out["warmup_steps"] = timed_from
     if "profile" in out:
@@ -201,6 +210,12 @@ def run_trl(a, rows, out: dict) -> None:
             sync()
             ends.append(time.perf_counter())
 
+        def on_log(self, args, state, control, logs=None, **kw):
+            if state.global_step == a.steps and logs and "loss" in logs:  # the last step's row is in
+                done = [int(r["num_tokens"]) for r in state.log_history if "num_tokens" in r and "loss" in r]
+                write_row(a, {**out, **summarise(ends, done, setup_start, a.warmup, a.micro_batch * a.grad_accum),
+                              **AT_LAST_STEP})
+
     setup_start = time.perf_counter()
     args = DPOConfig(output_dir="/tmp/trl-bench", per_device_train_batch_size=a.micro_batch,
                      gradient_accumulation_steps=a.grad_accum, max_steps=a.steps, learning_rate=LR, beta=BETA,
@@ -245,7 +260,12 @@ def main() -> None:
     ap.add_argument("--memory-budget", default=None,
                     help="ours-cli: dpo.train's --memory-budget (GiB, auto or none; default auto)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--stacks-file", default=None,
+                    help="SIGUSR1 writes every thread's Python stack here (the harness asks where a run hangs)")
     a = ap.parse_args()
+    if a.stacks_file:
+        stacks = open(a.stacks_file, "w")  # kept open for the process's life: the handler writes to its fd
+        faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
 
     shape = SHAPES[a.shape]
     a.load_in_4bit = shape.load_in_4bit and a.device == "cuda"
@@ -261,14 +281,30 @@ def main() -> None:
 
         traceback.print_exc()
         out["error"] = f"{type(e).__name__}: {str(e)[:500]}"
-    out.update(memory())
-    if "tokens_per_s" in out and a.device == "cuda":
-        out["mfu"] = 8 * shape.matmul_params() * out["tokens_per_s"] / H100_BF16_DENSE_PEAK / out.get("gpus", 1)
+    row = write_row(a, out)
+    if row is not None:
+        print(json.dumps(row), flush=True)
+
+
+def write_row(a, out: dict) -> dict | None:
+    """The run's row as it stands, with peak memory and MFU, to `a.out` (written whole, then renamed: the
+    harness takes a present file as a result). Rank 0 writes (its own peak memory; the speed counts every
+    rank's tokens); other ranks write nothing and get None."""
+    row = {**out, **memory()}
+    if "tokens_per_s" in row and a.device == "cuda":
+        row["mfu"] = 8 * SHAPES[a.shape].matmul_params() * row["tokens_per_s"] / H100_BF16_DENSE_PEAK / row.get("gpus", 1)
     if int(os.environ.get("RANK", 0)) != 0:
-        return  # rank 0 writes the run (its own peak memory; the speed counts every rank's tokens)
-    with open(a.out, "w") as f:
-        json.dump(out, f, indent=2)
-    print(json.dumps(out))
+        return None
+    tmp = f"{a.out}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(row, f, indent=2)
+    os.replace(tmp, a.out)
+    return row
+
+
+# Marks a row written at the last step, before the run returned: if the run then hangs (saving, closing,
+# exiting), the harness still has the measured numbers; the complete row replaces it when the run returns.
+AT_LAST_STEP = {"written": "at the last step, before the run returned"}
 
 
 if __name__ == "__main__":

@@ -249,7 +249,7 @@ def fit_errors(model: MemoryModel, rows: list[MeasuredRow]) -> list[tuple[Measur
 # Step-time estimate, to rank settings that fit and to print with the plan. The host launches each layer's
 # kernels while the GPU runs earlier ones, so a step takes the longer of the two: host time per layer and pass
 # of each micro-batch, or matmul FLOPs at the card's measured bf16 matmul rate. Both from the H200 runs of
-# `python -m dpo.train` (benchmarks/results/gpu_throughput_h200.json; `python -m benchmarks.fit_step_time --refit`).
+# `python -m dpo.train` (benchmarks/results/gpu_h200_vs_peers.json; `python -m benchmarks.fit_step_time --refit`).
 LAUNCH_S_PER_LAYER = 0.0034491504294212943
 ACHIEVED_FLOPS = 789077551024869.4
 

@@ -163,16 +163,18 @@ def test_measure_gives_each_run_its_own_caches_and_never_reads_an_old_result(tmp
     (out.parent / ".run-ours-hf-base-1x1.json").write_text('{"pairs_per_s": 99}')  # left by an older call
     seen = []
 
-    def fake_run_group(cmd, timeout, env):
+    def fake_run_child(cmd, timeout, env, result, grace_s, stacks_file):
         seen.append({v: env[v] for v in run.COMPILE_CACHE_VARS})
         target = Path(cmd[cmd.index("--out") + 1])
+        assert target == result
         if "trl-hf" in cmd:  # writes its result; ours-hf crashes before writing; trl-unsloth leaves half a file
             target.write_text(json.dumps({"system": "trl-hf", "variant": "base", "shape": "tiny", "micro_batch": 1,
                                           "grad_accum": 1, "pairs_per_s": 1.0}))
         elif "trl-unsloth" in cmd:
             target.write_text('{"system": "trl-uns')
+        return run.Outcome(returncode=0)
 
-    monkeypatch.setattr(run, "run_group", fake_run_group)
+    monkeypatch.setattr(run, "run_child", fake_run_child)
     args = argparse.Namespace(out=str(out), merge=False, device="cpu", steps=2, warmup=1, shape="tiny",
                               model_root=str(tmp_path / "models"),
                               runs=["trl-hf:base:1x1", "ours-hf:base:1x1", "trl-unsloth:base:1x1"],
@@ -257,14 +259,130 @@ def test_runs_of_two_batches_are_two_rows_when_merged():
 
 @pytest.mark.parametrize("args, message", [
     (["benchmarks.run", "--render", "no/such/results.json"], "--render: no such results file: no/such/results.json"),
-    (["benchmarks.run", "--render", "benchmarks/results/gpu_throughput.json", "--section", "nowhere"],
-     "has no '<!-- nowhere:start -->'"),
+    (["benchmarks.run", "--render", "benchmarks/results/gpu_h100_variants.json", "--section", "nowhere"],
+     "docs/benchmarks.md has no '<!-- nowhere:start -->'"),
     (["benchmarks.multi_gpu", "--render", "no/such/multi.json"], "--render: no such results file"),
-    (["benchmarks.run", "--render", "benchmarks/results/gpu_throughput_h200.json", "--section", "gpu-throughput-h200",
-      "--batches", "no-such-batch"], "--batches: no run of gpu_throughput_h200.json is in batch no-such-batch"),
+    (["benchmarks.run", "--render", "benchmarks/results/gpu_h200_vs_peers.json", "--section", "gpu-h200-vs-peers",
+      "--batches", "no-such-batch"], "--batches: no run of gpu_h200_vs_peers.json is in batch no-such-batch"),
 ])
-def test_render_refuses_a_missing_file_or_section_in_one_line_and_leaves_the_readme(args, message):
-    readme = (ROOT / "README.md").read_text()
+def test_render_refuses_a_missing_file_or_section_in_one_line_and_leaves_the_page(args, message):
+    page = run.DOC.read_text()
     proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
-    assert (ROOT / "README.md").read_text() == readme
+    assert run.DOC.read_text() == page
+
+
+def test_every_rendered_section_of_the_benchmarks_page_names_a_results_file_that_exists():
+    """The markers --render writes into are on docs/benchmarks.md, each with its raw numbers' file."""
+    import re
+
+    page = run.DOC.read_text()
+    sections = re.findall(r"<!-- ([\w-]+):start -->(.*?)<!-- \1:end -->", page, re.S)
+    assert {"gpu-h200-vs-peers", "gpu-h100-variants", "multi-gpu"} <= {name for name, _ in sections}
+    for name, body in sections:
+        raw = re.search(r"Raw numbers: `([^`]+)`", body)
+        assert raw and (ROOT / raw.group(1)).is_file(), name
+        for png in re.findall(r"!\[[^]]*\]\(([^)]+)\)", body):
+            assert (run.DOC.parent / png).is_file(), png
+
+
+# A child that measures its row, writes it (atomically, as benchmarks.system does) and then does not exit.
+HANGING_CHILD = """
+import faulthandler, json, os, signal, sys, time
+args = sys.argv[1:]
+out, stacks = args[args.index("--out") + 1], args[args.index("--stacks-file") + 1]
+faulthandler.register(signal.SIGUSR1, file=open(stacks, "w"), all_threads=True)
+row = {"system": args[args.index("--system") + 1], "variant": "base", "shape": "tiny", "micro_batch": 2,
+       "grad_accum": 4, "steps": 50, "pairs_per_s": 26.83, "e2e_s": 55.3, "peak_mem_gib": 26.18}
+with open(out + ".tmp", "w") as f:
+    json.dump(row, f)
+os.replace(out + ".tmp", out)
+print(json.dumps(row), flush=True)
+def stuck_on_the_way_out():
+    time.sleep(600)
+stuck_on_the_way_out()
+"""
+
+
+@pytest.mark.parametrize("timeout, grace_s, exit_says", [(4.0, 600.0, "timeout after 4 s"),
+                                                          (600.0, 1.0, "hung at exit")])
+def test_a_row_whose_child_wrote_its_result_and_then_hangs_keeps_its_numbers_and_says_where(
+        tmp_path, monkeypatch, timeout, grace_s, exit_says):
+    monkeypatch.setattr(run, "CHILD", ["-c", HANGING_CHILD])
+    t = time.time()
+    res = run.measure_row(run.parse_run("ours-cli:base:2x4"), shape="tiny", model_dir=tmp_path, steps=50, warmup=2,
+                          device="cpu", out_dir=tmp_path, timeout=timeout, batch="B", grace_s=grace_s)
+    assert time.time() - t < 60  # killed at the timeout, or soon after the result: never left to run
+    assert "error" not in res and res["pairs_per_s"] == 26.83 and res["e2e_s"] == 55.3 and res["batch"] == "B"
+    assert res["exit"].startswith(exit_says)
+    assert "stuck_on_the_way_out" in res["hang_stacks"]  # where it hangs, from the child's own stacks
+
+
+def test_a_row_that_writes_nothing_before_its_timeout_is_a_timeout(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "CHILD", ["-c", "import time; time.sleep(600)"])
+    res = run.measure_row(run.parse_run("trl-unsloth:base:2x4"), shape="tiny", model_dir=tmp_path, steps=8, warmup=2,
+                          device="cpu", out_dir=tmp_path, timeout=2.0, batch="B")
+    assert res["error"] == "TimeoutExpired" and res["exit"] == "timeout after 2 s" and "pairs_per_s" not in res
+
+
+def test_timeouts_follow_the_card():
+    from benchmarks.suites import card_factor
+
+    assert card_factor("NVIDIA H200") == 1.0
+    assert card_factor("NVIDIA H100 80GB HBM3") > 1.3  # the same rows ran 1.3x to 1.5x slower on an H100
+    assert card_factor("CPU (2 cores)") == 1.0
+
+
+def test_a_suite_scales_its_timeouts_to_the_card_and_sets_a_budget_at_the_peak_its_peer_just_measured(
+        tmp_path, monkeypatch):
+    from benchmarks import suites
+
+    suite = suites.Suite("t", "?", "t.json", budget_s=10_000, rows=(
+        suites.Row("trl-unsloth:base:2x4", steps=12, timeout_s=100),
+        suites.Row("ours-cli:base:2x4", steps=12, budget=suites.PEAK + "trl-unsloth:base:2x4", timeout_s=50),
+        suites.Row("ours-cli:base:2x4", steps=12, budget=suites.PEAK + "trl-unsloth-precompute:base:8x1")))
+    monkeypatch.setattr(run, "begin", lambda *a, **k: ({"runs": [], "device": "NVIDIA H100 80GB HBM3"}, tmp_path))
+    calls = []
+
+    def fake_row(r, **kw):
+        calls.append((r, kw["timeout"], kw["steps"]))
+        return {**r, "shape": kw["shape"], "batch": kw["batch"], "peak_mem_gib": 6.7123, "pairs_per_s": 1.0,
+                "tokens_per_s": 1.0, "step_s": 1.0, "e2e_s": 1.0, "mfu": None}
+
+    monkeypatch.setattr(run, "measure_row", fake_row)
+    out = run.run_suite(suite, tmp_path, str(tmp_path))
+    factor = suites.card_factor("NVIDIA H100 80GB HBM3")
+    assert [c[1] for c in calls] == [pytest.approx(100 * factor), pytest.approx(50 * factor)]
+    assert calls[1][0]["memory_budget_gib"] == 6.71  # the peak TRL+Unsloth measured in this batch
+    results = json.loads(out.read_text())  # the third row's peer never ran: no row, no guess
+    assert len(results["runs"]) == 2 and results["batch"].startswith("t ") and results["suite"] == "t"
+    assert all(r["batch"] == results["batch"] and r["device"] == "NVIDIA H100 80GB HBM3" for r in results["runs"])
+
+
+def test_our_row_is_written_at_its_last_step_before_the_run_returns(tmp_path, monkeypatch):
+    """A run that hangs after its last step (saving the adapter, closing, exiting) still leaves its numbers."""
+    import dpo.train
+    from benchmarks import system, workload
+
+    out = tmp_path / "row.json"
+    seen = {}
+
+    def fake_run(cfg, argv=None, hooks=None):
+        hooks.model_built(None)
+        for step in range(1, cfg.max_steps + 1):
+            time.sleep(0.01)
+            hooks.step_done({"step": step, "num_tokens": 100 * step, "loss": 0.69})
+        seen.update(json.loads(out.read_text()))  # on disk while the run has yet to return
+        return {"history": [{"loss": 0.69}], "predicted_peak_gib": None,
+                "config": {k: 1 for k in ("backend", "per_device_batch_size", "grad_accum", "gradient_checkpointing",
+                                          "packing", "precompute_ref", "logprob_chunk", "embeddings_on_cpu")}}
+
+    monkeypatch.setattr(dpo.train, "run", fake_run)
+    a = argparse.Namespace(system="ours-hf", variant="base", shape="tiny", model_dir=str(tmp_path), micro_batch=1,
+                           grad_accum=2, steps=3, warmup=1, device="cpu", load_in_4bit=False, profile=False,
+                           profile_stacks=False, no_varlen=False, memory_budget=None, out=str(out))
+    row = {"system": "ours-hf", "steps": 3}
+    system.run_ours(a, workload.pair_rows(6), row)
+    assert seen["written"] == system.AT_LAST_STEP["written"] and seen["measured_steps"] == 2
+    assert seen["pairs_per_s"] == pytest.approx(row["pairs_per_s"]) and seen["tokens_per_s"] > 0
+    assert "written" not in row  # the complete row, written when the run returns, drops the mark

@@ -63,8 +63,8 @@ def test_a_step_takes_the_longer_of_the_hosts_launches_and_the_gpus_matmuls():
 
 
 def test_weights_match_the_measured_model_memory():
-    """Model memory after load (benchmarks/results/gpu_throughput_one_card.json) against weights_bytes."""
-    runs = json.loads((fit_memory.RESULTS / "gpu_throughput_one_card.json").read_text())["runs"]
+    """Model memory after load (benchmarks/results/gpu_h100_variants_one_card.json) against weights_bytes."""
+    runs = json.loads((fit_memory.RESULTS / "gpu_h100_variants_one_card.json").read_text())["runs"]
     seen = 0
     for run in runs:
         if run.get("model_mem_gib") is None:
