@@ -143,6 +143,7 @@ class Trainer:
         self.objective = objective_for(self.loss, self._mean_over_ranks if dist.enabled else None)
         # the layout (padded, packed, prefix-shared) is chosen by choose_layout(), after its self-check
         self.scorer = Scorer(self.device, cfg.logprobs, cfg.logprob_chunk)
+        self.backend = models.pick_backend(cfg.backend)  # hf or unsloth: which layouts its attention takes
         # bf16 runs use autocast on CUDA (LoRA weights stay float32, as PEFT makes them)
         self.autocast_bf16 = self.device.type == "cuda" and models.resolve_dtype(cfg.dtype, self.device) == torch.bfloat16
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -209,7 +210,16 @@ class Trainer:
                 print(f"dpo: warning: {what} is off: it serves plain DPO loss types only (not ld_alpha, use_weighting "
                       f"or {self.objective.name}); running padded")
             return
-        hf = models.pick_backend(self.cfg.backend) == "hf"
+        hf = self.backend == "hf"
+        if wants_sharing and not hf:  # its patched attention builds its own mask (on an H100 it hit a device assert)
+            if asked == "on":
+                raise ValueError("--prefix-sharing on: the unsloth backend's attention builds its own mask and cannot "
+                                 "take the shared layout; use --backend hf, or --prefix-sharing auto or off")
+            wants_sharing = False
+            print("dpo: prefix sharing is off: the unsloth backend's attention builds its own mask (the shared layout "
+                  "runs on --backend hf)" + ("; packing instead" if wants_packing else ""))
+            if not wants_packing:
+                return
         _, first = next(step_plan(len(self.pairs), self.cfg, self.dist.world_size))
         batch = self.objective.collate([self.pairs[i] for i in self._my_shard(first[0])], self.pad_id,
                                        self.cfg.max_length).to(self.device)

@@ -126,3 +126,24 @@ def test_prefix_sharing_on_for_an_objective_that_cannot_share_says_so(tiny_llama
     history = run(cfg)["history"]
     assert "prefix sharing is off: it serves plain DPO loss types only" in capsys.readouterr().out
     assert history[0]["tokens_computed"] >= history[0]["num_tokens"]
+
+
+def test_the_unsloth_backend_is_not_asked_to_share(tok, capsys, monkeypatch):
+    """Unsloth's patched attention builds its own mask (on an H100 the shared layout hit a device-side assert,
+    which no fallback survives): auto never tries it there, and on is refused in one line."""
+    from dpo.config import TrainConfig
+    from dpo.trainer import Trainer
+
+    monkeypatch.setattr(sharing, "sharing_agrees", lambda *a, **k: pytest.fail("asked the unsloth route to share"))
+    pairs = [TokenizedPair([3, 4, 5], [6, 7], [8], i) for i in range(4)]
+    for asked in ("auto", "on"):
+        trainer = Trainer(lora_llama("sdpa"), tok, TrainConfig(dataset="x", per_device_batch_size=2,
+                                                               prefix_sharing=asked), pairs)
+        trainer.backend = "unsloth"  # the model stands in for Unsloth's: only the choice of layout is under test
+        if asked == "auto":
+            trainer.choose_layout()
+            assert "prefix sharing is off: the unsloth backend's attention builds its own mask" in capsys.readouterr().out
+            assert not trainer.scorer.sharing and not trainer.scorer.packing
+        else:
+            with pytest.raises(ValueError, match="--prefix-sharing on: the unsloth backend"):
+                trainer.choose_layout()
