@@ -320,7 +320,7 @@ class TrainConfig:
         if loss.unpaired and self.per_device_batch_size < 2:
             bad("per_device_batch_size", "kto needs >= 2 rows per micro-batch (its KL estimate pairs each row "
                 "with another row's completion; TRL refuses 1 too)")
-        if self.precompute_ref and loss.objective != "dpo":
+        if self.precompute_ref and not loss.reference_per_pair:
             bad("precompute_ref", f"is for DPO loss types; {loss.objective} "
                 + ("computes its reference each step" if loss.needs_reference else "uses no reference model"))
 

@@ -197,7 +197,7 @@ def describe_loss(loss: LossSettings) -> str:
 def _no_adapter(loss: LossSettings) -> str:
     if loss.needs_reference:
         return " (no adapter: policy = reference)"
-    what = loss.objective if loss.objective != "dpo" else "--reference-free"
+    what = "--reference-free" if loss.reference_free else loss.objective
     return f" (no adapter: the base model; {what} uses no reference model)"
 
 

@@ -93,6 +93,12 @@ class LossSettings:
         return self.objective == "kto" or (self.objective == "dpo" and not self.reference_free)
 
     @property
+    def reference_per_pair(self) -> bool:
+        """Whether the loss reads each pair's reference log-probs alone (DPO's loss types), which can then be
+        computed once before training; KTO's reference depends on its batch, SimPO/CPO/ORPO read none."""
+        return self.objective == "dpo"
+
+    @property
     def unpaired(self) -> bool:
         """Whether batches are unpaired (prompt, completion, label) rows: KTO."""
         return self.objective == "kto"

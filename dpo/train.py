@@ -42,7 +42,8 @@ from dpo.data import tasks
 from dpo.run import trackers
 from dpo.build import (PreparedData, build_model, check_same_tokenization, cpu_threads, plan_run, planned_as_before,
                        prepare_data, read_rows)
-from dpo.run.checkpoint import Checkpoint, CheckpointError, restore_rng
+from dpo.run.checkpoint import Checkpoint, CheckpointError
+from dpo.run.state import restore_rng
 from dpo.run.card import write_run_card
 from dpo.cli import first_line
 from dpo.config import ConfigError, TrainConfig, config_from_args

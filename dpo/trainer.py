@@ -33,7 +33,8 @@ import torch
 
 from dpo import distributed, models, packing, progress, sharing
 from dpo.cli import first_line
-from dpo.run.checkpoint import Checkpoint, CheckpointError, capture_rng, restore_trainable_state
+from dpo.run.checkpoint import Checkpoint, CheckpointError
+from dpo.run.state import capture_rng, restore_trainable_state
 from dpo.config import TrainConfig
 from dpo.data.pairs import TokenizedPair
 from dpo.losses import PreferenceLogps

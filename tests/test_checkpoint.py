@@ -19,8 +19,8 @@ import torch
 
 from dpo.run import checkpoint as ckpt
 from dpo.run import folder as runfolder
-from dpo.run.checkpoint import (
-    CheckpointError, capture_rng, latest_checkpoint, list_checkpoints, load_checkpoint, restore_rng, restore_trainable_state, save_checkpoint, trainable_state)
+from dpo.run.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from dpo.run.state import capture_rng, restore_rng, restore_trainable_state, trainable_state
 from dpo.run.folder import RESUME_LOCKED_KEYS, check_output_dir, config_differences, trim_metrics
 from dpo.config import TrainConfig
 from dpo.schedule import build_optimizer, build_scheduler

@@ -16,6 +16,7 @@ from dpo.data import objective_rows as od
 from dpo.data import pairs as data
 from dpo.cli import Parser, one_line, optional
 from dpo.files import write_jsonl_atomic
+from dpo.loss_settings import LossSettings
 from dpo.losses import LOSS_TYPES
 from dpo.losses import OBJECTIVES
 from dpo.data.prompts import IMPLICIT_PROMPT_RULES
@@ -61,7 +62,7 @@ def objective_data(args, tokenizer, rows):
     training tokenizes them (dpo.build.load_training_pairs)."""
     if not rows:
         raise DataError(f"{args.dataset}: the dataset is empty (no rows)")
-    if args.loss_type != "kto":
+    if not LossSettings(loss_type=(args.loss_type,)).unpaired:
         pairs = [od.tokenize_sided(tokenizer, r, od.SIDED_NO_LIMIT) for r in rows]  # uncut: the report counts cuts
         report = sided_report(args.loss_type, pairs, args.max_length, args.dataset)
         records = [{"row_id": r.row_id, "where": r.where, "chosen_prompt_tokens": len(x.chosen_prompt_ids),
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(f"{args.out}: the folder to write --out into does not exist")
         if objective:
             rows = od.read_spec_rows(  # KTO: unpaired rows, each label checked (file and row named)
-                DataSpec.from_config(args), unpaired=objective == "kto")
+                DataSpec.from_config(args), unpaired=LossSettings(loss_type=(objective,)).unpaired)
         else:
             rows = load_rows(DataSpec.from_config(args))  # before the tokenizer: bad data fails in a second
         tokenizer = data.load_tokenizer(args.model)  # looked up on the module, so tests can substitute it

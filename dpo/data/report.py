@@ -198,7 +198,7 @@ class ObjectiveReport:
         return dataclasses.asdict(self)
 
     def format(self) -> str:
-        kto = self.objective == "kto"
+        kto = self.desirable is not None  # unpaired rows, each labelled
         unit = "rows" if kto else "pairs"
         lines = [f"data: {self.source} (for --loss-type {self.objective})", f"rows read: {self.rows_read}"]
         if kto and self.items != self.rows_read:

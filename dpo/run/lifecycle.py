@@ -21,8 +21,8 @@ from pathlib import Path
 
 from dpo import distributed
 from dpo.cli import python_command
-from dpo.run.checkpoint import (
-    Checkpoint, CheckpointError, capture_rng, latest_checkpoint, save_checkpoint, trainable_state)
+from dpo.run.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, save_checkpoint
+from dpo.run.state import capture_rng, trainable_state
 from dpo.cli import one_line
 from dpo.config import TrainConfig
 from dpo.run.folder import RunWriter, step_of
