@@ -170,6 +170,8 @@ def user_fixed_choices(cfg: TrainConfig) -> dict:
     for name in ("packing", "logprob_chunk", "embeddings_on_cpu", "precompute_ref"):
         if getattr(cfg, name) != getattr(default, name):
             fixed[name] = getattr(cfg, name)
+    if cfg.prefix_sharing != default.prefix_sharing:
+        fixed["sharing"] = cfg.prefix_sharing == "on"
     return fixed
 
 
@@ -185,6 +187,7 @@ def plan_run(cfg: TrainConfig, items: list, device: torch.device, reference_free
     from transformers import AutoConfig
 
     path = models.resolve_model_path(cfg.model)
+    backend = models.pick_backend(cfg.backend)  # prefix sharing runs on the hf backend only (dpo/trainer.py)
     shape = plan_mod.ModelShape.from_config(AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code),
                                             load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r,
                                             lora_targets=cfg.lora_targets)
@@ -193,8 +196,9 @@ def plan_run(cfg: TrainConfig, items: list, device: torch.device, reference_free
     try:
         chosen = plan_mod.plan(shape, plan_mod.lengths_of(items), budget,
                                pairs_per_step=cfg.per_device_batch_size * cfg.grad_accum, max_length=cfg.max_length,
-                               backend=models.pick_backend(cfg.backend), optim=cfg.optim,
-                               precompute=not reference_free, fixed=user_fixed_choices(cfg), in_order=not cfg.shuffle)
+                               backend=backend, optim=cfg.optim, precompute=not reference_free,
+                               fixed=user_fixed_choices(cfg), in_order=not cfg.shuffle,
+                               sharing_available=backend == "hf" and objective.can_pack)
     except ValueError as e:  # DoesNotFit: one line with the numbers
         raise ConfigError(f"--memory-budget: {e}") from None
     return dataclasses.replace(cfg, **chosen.config_changes()), chosen

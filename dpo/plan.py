@@ -14,8 +14,10 @@ Memory model (bytes; every coefficient `c_*` fitted by benchmarks/fit_memory.py 
         recompute  c_saved x T x L x h x 2 B + c_layer x T x (h + i) x 2 B   (inputs kept on the card)
     reference   = c_ref x T_ref x (h + i) x 2 B + c_head x chunk x V x 4 B    (no_grad: one layer live)
 
-T is the tokens the forward runs: rows x longest row when padded, the sum of lengths when packed;
-the plan takes the worst micro-batch (the longest pairs together), as shuffling can make one.
+T is the tokens the forward runs: rows x longest row when padded, the sum of lengths when packed,
+pairs x the longest [prompt | chosen | rejected] row when prefix-shared (each prompt once); the plan
+takes the worst micro-batch (the longest pairs together), as shuffling can make one. The coefficients
+were fitted on padded and packed runs; a shared row is taken as that many tokens of the same kind.
 """
 
 from __future__ import annotations
@@ -92,6 +94,11 @@ class Choice:
     ref_batch: int | None = None  # pairs per reference batch (live reference: the micro-batch)
     logprob_chunk: int = 256
     embeddings_on_cpu: bool = False
+    sharing: bool = False  # prefix-shared rows (dpo/sharing.py); packing does not apply then
+
+    @property
+    def layout(self) -> str:
+        return "shared" if self.sharing else "packed" if self.packing else "padded"
 
 
 # --- tokens per micro-batch ---------------------------------------------------------------------
@@ -106,21 +113,31 @@ def row_lengths(pair: tuple[int, int, int], max_length: int | None) -> tuple[int
     return int(min(p + c, cap)), int(min(p + r, cap))
 
 
-def forward_tokens(pairs: Lengths, max_length: int | None, packing: bool) -> int:
-    """Tokens one forward of these pairs runs: 2B x longest row padded, the sum of lengths packed."""
+def shared_length(pair: tuple[int, int, int], max_length: int | None) -> int:
+    """Tokens of a pair's prefix-shared row [prompt | chosen | rejected], each side cut as collate cuts it."""
+    chosen, rejected = row_lengths(pair, max_length)
+    return chosen + rejected - min(pair[0], chosen, rejected)
+
+
+def forward_tokens(pairs: Lengths, max_length: int | None, packing: bool, sharing: bool = False) -> int:
+    """Tokens one forward of these pairs runs: 2B x longest row padded, the sum of lengths packed, B x the
+    longest shared row prefix-shared."""
+    if sharing:
+        return len(pairs) * max(shared_length(p, max_length) for p in pairs)
     rows = [n for pair in pairs for n in row_lengths(pair, max_length)]
     return sum(rows) if packing else len(rows) * max(rows)
 
 
-def worst_tokens(lengths: Lengths, pairs: int, max_length: int | None, packing: bool, in_order: bool = False) -> int:
+def worst_tokens(lengths: Lengths, pairs: int, max_length: int | None, packing: bool, in_order: bool = False,
+                 sharing: bool = False) -> int:
     """The most tokens any micro-batch of `pairs` pairs can hold: the longest pairs together; with
     `in_order` (no shuffling: every epoch cuts the pairs as listed) the largest of those very cuts."""
     if in_order:
-        return max(forward_tokens(lengths[i:i + pairs], max_length, packing) for i in range(0, len(lengths), pairs))
-    longest = sorted(lengths, key=lambda x: max(row_lengths(x, max_length)), reverse=True)
-    if packing:
-        longest = sorted(lengths, key=lambda x: sum(row_lengths(x, max_length)), reverse=True)
-    return forward_tokens(longest[:pairs], max_length, packing)
+        return max(forward_tokens(lengths[i:i + pairs], max_length, packing, sharing)
+                   for i in range(0, len(lengths), pairs))
+    key = ((lambda x: shared_length(x, max_length)) if sharing else
+           (lambda x: sum(row_lengths(x, max_length))) if packing else (lambda x: max(row_lengths(x, max_length))))
+    return forward_tokens(sorted(lengths, key=key, reverse=True)[:pairs], max_length, packing, sharing)
 
 
 # --- the memory model ---------------------------------------------------------------------------
@@ -287,6 +304,7 @@ class Plan:
         c = self.choice
         changes = {"per_device_batch_size": c.micro_batch, "grad_accum": c.grad_accum,
                    "gradient_checkpointing": c.checkpointing != "off", "packing": c.packing,
+                   "prefix_sharing": "auto" if c.sharing else "off",
                    "precompute_ref": c.precompute_ref, "logprob_chunk": c.logprob_chunk,
                    "embeddings_on_cpu": c.embeddings_on_cpu}
         if c.precompute_ref:
@@ -299,7 +317,7 @@ class Plan:
         as --plan prints it)."""
         c, b = self.choice, self.chosen.breakdown
         lines = [f"plan: {c.micro_batch} x {c.grad_accum} (micro-batch x grad-accum = {self.pairs_per_step} pairs "
-                 f"per step), checkpointing {c.checkpointing}, packing {'on' if c.packing else 'off'}, reference "
+                 f"per step), checkpointing {c.checkpointing}, rows {c.layout}, reference "
                  f"{'precomputed' if c.precompute_ref else 'live'}, LM-head chunk {c.logprob_chunk}, embeddings on "
                  f"{'CPU' if c.embeddings_on_cpu else 'GPU'}",
                  f"predicted peak {b.peak_gib:.2f} GiB (weights+LoRA+optimizer {b.fixed_gib:.2f} + the larger of the "
@@ -312,23 +330,23 @@ class Plan:
             seen, shown = set(), []  # that fits, else the one that needs the least memory
             for k in sorted(rows, key=lambda k: (k is not self.chosen, k.peak_gib > self.limit_gib,
                                                  k.step_s if k.peak_gib <= self.limit_gib else k.peak_gib)):
-                group = (k.choice.micro_batch, k.choice.checkpointing, k.choice.packing)
+                group = (k.choice.micro_batch, k.choice.checkpointing, k.choice.layout)
                 if group not in seen:
                     seen.add(group)
                     shown.append(k)
             rows = [k for k in rows if k in shown]
-        lines.append("| micro x accum | checkpointing | packing | LM-head chunk | embeddings | peak GiB | fits "
+        lines.append("| micro x accum | checkpointing | rows | LM-head chunk | embeddings | peak GiB | fits "
                      "| est. s/step |")
         lines.append("| --- | --- | --- | ---: | --- | ---: | --- | ---: |")
         for k in rows:
             mark = " (chosen)" if k is self.chosen else ""
             lines.append(f"| {k.choice.micro_batch} x {k.choice.grad_accum}{mark} | {k.choice.checkpointing} | "
-                         f"{'on' if k.choice.packing else 'off'} | {k.choice.logprob_chunk} | "
+                         f"{k.choice.layout} | {k.choice.logprob_chunk} | "
                          f"{'CPU' if k.choice.embeddings_on_cpu else 'GPU'} | {k.peak_gib:.2f} | "
                          f"{'yes' if k.peak_gib <= self.limit_gib else 'no'} | {k.step_s:.2f} |")
         if len(rows) < len(self.considered):
             lines.append(f"({len(rows)} of {len(self.considered)} settings considered: of each micro-batch, checkpointing "
-                         "and packing the fastest that fits, else the least memory; --plan lists every one)")
+                         "and rows the fastest that fits, else the least memory; --plan lists every one)")
         return "\n".join(lines)
 
 
@@ -352,7 +370,7 @@ def step_work(shape: ModelShape, choice: Choice, lengths: Lengths, max_length: i
     of checkpointing and a live reference forward."""
     b = choice.micro_batch
     chunks = [lengths[i:i + b] for i in range(0, len(lengths) - b + 1, b)] or [lengths]
-    tokens = sum(forward_tokens(m, max_length, choice.packing) for m in chunks) / len(chunks)
+    tokens = sum(forward_tokens(m, max_length, choice.packing, choice.sharing) for m in chunks) / len(chunks)
     passes = 3 + (choice.checkpointing != "off") + (not choice.precompute_ref)
     # tie-breakers: more LM-head chunks are more launches; host embeddings a copy per micro-batch
     extras = choice.grad_accum * (0.002 * (256 / choice.logprob_chunk) + 0.005 * choice.embeddings_on_cpu)
@@ -368,7 +386,7 @@ def step_seconds(shape: ModelShape, choice: Choice, lengths: Lengths, max_length
 
 
 def candidate_choices(pairs_per_step: int, backend: str, packing_available: bool, precompute: bool,
-                      tied_embeddings: bool, fixed: dict) -> list[Choice]:
+                      tied_embeddings: bool, fixed: dict, sharing_available: bool = False) -> list[Choice]:
     """Every setting the plan may pick, with the user's own flags (`fixed`, Choice fields) kept."""
     ckpt = "offload" if backend == "unsloth" else "recompute"
     options = {
@@ -378,6 +396,7 @@ def candidate_choices(pairs_per_step: int, backend: str, packing_available: bool
         "precompute_ref": [precompute],
         "logprob_chunk": [256, 128],
         "embeddings_on_cpu": [False] if tied_embeddings else [False, True],
+        "sharing": [True, False] if sharing_available else [False],
     }
     for name, value in fixed.items():
         if name not in options:
@@ -387,8 +406,11 @@ def candidate_choices(pairs_per_step: int, backend: str, packing_available: bool
     out = []
     for values in itertools.product(*(options[n] for n in names)):
         v = dict(zip(names, values))
+        if v["sharing"] and v["packing"]:  # a shared row is its own layout
+            continue
         out.append(Choice(v["micro_batch"], pairs_per_step // v["micro_batch"], v["checkpointing"], v["packing"],
-                          v["precompute_ref"], v["micro_batch"], v["logprob_chunk"], v["embeddings_on_cpu"]))
+                          v["precompute_ref"], v["micro_batch"], v["logprob_chunk"], v["embeddings_on_cpu"],
+                          v["sharing"]))
     return out
 
 
@@ -397,8 +419,9 @@ def evaluate(shape: ModelShape, choice: Choice, lengths: Lengths, max_length: in
     """Predicted peak (worst micro-batch) and estimated step time of one setting. The reference is
     precomputed in length-sorted batches (Trainer.precompute_reference), so its worst is always the
     longest pairs together."""
-    train = worst_tokens(lengths, choice.micro_batch, max_length, choice.packing, in_order)
-    ref = worst_tokens(lengths, choice.ref_batch or choice.micro_batch, max_length, choice.packing)
+    train = worst_tokens(lengths, choice.micro_batch, max_length, choice.packing, in_order, choice.sharing)
+    ref = worst_tokens(lengths, choice.ref_batch or choice.micro_batch, max_length, choice.packing,
+                       sharing=choice.sharing)
     return Candidate(choice, model.peak(shape, choice, train, ref, optim),
                      step_seconds(shape, choice, lengths, max_length))
 
@@ -406,7 +429,7 @@ def evaluate(shape: ModelShape, choice: Choice, lengths: Lengths, max_length: in
 def plan(shape: ModelShape, lengths: Lengths, budget_gib: float, *, pairs_per_step: int, max_length: int | None,
          backend: str = "unsloth", optim: str = "adamw_8bit", packing_available: bool = True,
          precompute: bool = True, fixed: dict | None = None, headroom: float = 0.1,
-         model: MemoryModel = FITTED, in_order: bool = False) -> Plan:
+         model: MemoryModel = FITTED, in_order: bool = False, sharing_available: bool = False) -> Plan:
     """The largest micro-batch whose predicted peak stays under budget x (1 - headroom), then the
     fastest setting at that micro-batch (of equally fast ones, the smallest peak). More budget never gives a
     smaller micro-batch.
@@ -424,7 +447,7 @@ def plan(shape: ModelShape, lengths: Lengths, budget_gib: float, *, pairs_per_st
     limit = budget_gib * (1 - headroom)
     considered = [evaluate(shape, c, lengths, max_length, optim, model, in_order) for c in
                   candidate_choices(pairs_per_step, backend, packing_available, precompute, shape.tied_embeddings,
-                                    fixed)]
+                                    fixed, sharing_available)]
     fitting = [k for k in considered if k.peak_gib <= limit]
     if not fitting:
         least = min(considered, key=lambda k: k.peak_gib)
@@ -464,6 +487,10 @@ def reasons(chosen: Candidate, considered: list[Candidate], limit: float, fixed:
         before, after = f"{unpacked.step_s:.2f}", f"{chosen.step_s:.2f}"
         faster = f"{before} -> {after} s per step estimated" if before != after else "the same step time estimated"
         out.append(f"packing on: no pad tokens: peak {unpacked.peak_gib:.2f} -> {chosen.peak_gib:.2f} GiB, {faster}")
+    unshared = alternative(sharing=False) if c.sharing else None
+    if unshared is not None:
+        out.append(f"rows prefix-shared: each prompt computed once: peak {unshared.peak_gib:.2f} -> "
+                   f"{chosen.peak_gib:.2f} GiB, {unshared.step_s:.2f} -> {chosen.step_s:.2f} s per step estimated")
     if c.precompute_ref:
         out.append(f"reference precomputed at {c.ref_batch} pairs per batch: no reference forward in each step")
     return out

@@ -1,22 +1,23 @@
 """Prefix-shared micro-batches: each pair's prompt computed once, not twice.
 
 A padded or packed DPO micro-batch runs 2B sequences, prompt+chosen and prompt+rejected, so every prompt
-token goes through the model twice. Here each pair is one segment [prompt | chosen | rejected], the B
-segments end to end in one row of N = sum of (P + C + R) tokens:
+token goes through the model twice. Here each pair is one row [prompt | chosen | rejected], B rows
+right-padded to the longest, L = max over pairs of (P + C + R):
 
-    input_ids[1, N]     the segments' tokens
-    position_ids[1, N]  prompt 0 .. P-1; chosen P .. P+C-1; rejected P .. P+R-1 (both continue the prompt)
-    segment[N], part[N] which pair a token is in, and whether it is prompt (0), chosen (1) or rejected (2)
+    input_ids[B, L]     the pair's tokens, then padding
+    position_ids[B, L]  prompt 0 .. P-1; chosen P .. P+C-1; rejected P .. P+R-1 (both continue the prompt)
+    part[B, L]          PROMPT, CHOSEN, REJECTED, or PAD
 
-Attention (`attention_allowed`): a query sees the keys of its own segment up to itself, except that chosen
-and rejected never see each other: prompt keys are seen by every later token of the segment, chosen keys
-by chosen queries, rejected keys by rejected queries. Each completion token is then computed exactly as
-in its own sequence prompt+completion, at the same position.
+Attention (`attention_allowed`): a query sees the keys of its row up to itself, except that chosen and
+rejected never see each other: prompt keys are seen by every later token, chosen keys by chosen
+queries, rejected keys by rejected queries (a pad query sees only itself, so no softmax is empty). Each
+completion token is then computed exactly as in its own sequence prompt+completion, at the same position.
+A row per pair keeps the dense mask at B x L x L (one row of all pairs would be (sum of lengths)^2).
 
 Log-probs, the contract of dpo/logps.py: completion token j of a side is scored by the hidden state that
 predicts it, the last prompt position for j = 0 (for both sides) and the side's own token j-1 after:
 
-    predictor[M], target[M], sequence[M]   one entry per scored token, M = sum of (C + R)
+    predictor[M] (flat index into the B x L positions), target[M], sequence[M]   M = sum of (C + R)
     logps[s] = sum over entries with sequence = s of log p(target | hidden[predictor])   s in 0 .. 2B-1
 
 with s < B the chosen sides and s >= B the rejected ones, as the padded path orders them. The sums are
@@ -33,86 +34,102 @@ from dpo import logps as logps_math
 from dpo import models
 from dpo.data.pairs import Batch
 
-PROMPT, CHOSEN, REJECTED = 0, 1, 2
+PAD, PROMPT, CHOSEN, REJECTED = -1, 0, 1, 2
 
 
 @dataclass
 class SharedBatch:
-    input_ids: torch.Tensor  # [1, N] long
-    position_ids: torch.Tensor  # [1, N] long
-    segment: torch.Tensor  # [N] long: the pair of each token, 0 .. B-1
-    part: torch.Tensor  # [N] long: PROMPT, CHOSEN or REJECTED
-    predictor: torch.Tensor  # [M] long: the position whose hidden state scores each completion token
+    input_ids: torch.Tensor  # [B, L] long
+    position_ids: torch.Tensor  # [B, L] long
+    part: torch.Tensor  # [B, L] long: PROMPT, CHOSEN, REJECTED or PAD
+    predictor: torch.Tensor  # [M] long: the flat position (row * L + column) whose hidden state scores a token
     target: torch.Tensor  # [M] long: that token's id
     sequence: torch.Tensor  # [M] long: its sequence, 0 .. 2B-1 (chosen sides, then rejected sides)
-    num_pairs: int
     row_ids: list[int] = field(default_factory=list)  # [B]
     host_input_ids: torch.Tensor | None = None  # input_ids in CPU memory, for HostEmbedding lookups
 
     @property
+    def num_pairs(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
     def num_tokens(self) -> int:
-        return self.input_ids.shape[1]
+        """Positions the forward runs (padding included)."""
+        return self.input_ids.numel()
 
     def to(self, device) -> "SharedBatch":
         host = self.input_ids if self.input_ids.device.type == "cpu" else self.host_input_ids
         move = {k: getattr(self, k).to(device) for k in
-                ("input_ids", "position_ids", "segment", "part", "predictor", "target", "sequence")}
-        return SharedBatch(**move, num_pairs=self.num_pairs, row_ids=self.row_ids, host_input_ids=host)
+                ("input_ids", "position_ids", "part", "predictor", "target", "sequence")}
+        return SharedBatch(**move, row_ids=self.row_ids, host_input_ids=host)
+
+
+def _pair_row(prompt: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor):
+    """One pair's (tokens, positions, parts) and its scored entries (column of the predictor, target, side)."""
+    p, c, r = prompt.numel(), chosen.numel(), rejected.numel()
+    tokens = torch.cat([prompt, chosen, rejected])
+    positions = torch.cat([torch.arange(p), torch.arange(p, p + c), torch.arange(p, p + r)])
+    parts = torch.cat([torch.full((p,), PROMPT), torch.full((c,), CHOSEN), torch.full((r,), REJECTED)])
+    scored = []
+    for side, (begin, n) in enumerate(((p, c), (p + c, r))):
+        if n:  # token 0 from the last prompt position, token j from the side's token j-1
+            columns = torch.cat([torch.tensor([p - 1]), torch.arange(begin, begin + n - 1)])
+            scored.append((columns, tokens[begin:begin + n], side))
+    return tokens, positions, parts, scored
 
 
 def share_batch(batch: Batch) -> SharedBatch:
     """A collated, right-padded DPO Batch ([2B, T]: chosen rows, then rejected rows, each cut to max_length)
-    -> its B pairs as prefix-shared segments. ValueError where a pair's two rows differ in their prompt."""
+    -> its B pairs as prefix-shared rows. ValueError where a pair's two rows differ in their prompt."""
     b = batch.num_pairs
     attention, completion, ids = (t.cpu() for t in (batch.attention_mask.bool(), batch.completion_mask.bool(),
                                                      batch.input_ids))
-    tokens, positions, segments, parts = [], [], [], []
-    predictor, target, sequence = [], [], []
-    offset = 0
+    rows = []
     for i in range(b):
         prompt = ids[i][attention[i] & ~completion[i]]
         if not torch.equal(prompt, ids[b + i][attention[b + i] & ~completion[b + i]]):
             raise ValueError(f"pair {i}: its chosen and rejected rows differ in their prompt tokens")
         if prompt.numel() == 0:
             raise ValueError(f"pair {i}: no prompt token to score the first completion token from")
-        p = prompt.numel()
-        sides = [ids[r][attention[r] & completion[r]] for r in (i, b + i)]
-        tokens += [prompt, *sides]
-        positions += [torch.arange(p)] + [torch.arange(p, p + s.numel()) for s in sides]
-        segments.append(torch.full((p + sum(s.numel() for s in sides),), i))
-        parts += [torch.full((p,), PROMPT)] + [torch.full((s.numel(),), part) for part, s in zip((CHOSEN, REJECTED), sides)]
-        start = offset + p  # where the chosen side begins; the rejected side follows it
-        for side, (begin, seq) in enumerate(((start, i), (start + sides[0].numel(), b + i))):
-            n = sides[side].numel()
-            if n:
-                predictor.append(torch.cat([torch.tensor([offset + p - 1]), torch.arange(begin, begin + n - 1)]))
-                target.append(sides[side])
-                sequence.append(torch.full((n,), seq))
-        offset += p + sides[0].numel() + sides[1].numel()
+        rows.append(_pair_row(prompt, *(ids[r][attention[r] & completion[r]] for r in (i, b + i))))
+    width = max(t.numel() for t, _, _, _ in rows)
+    input_ids = torch.zeros(b, width, dtype=torch.long)
+    position_ids = torch.zeros(b, width, dtype=torch.long)
+    part = torch.full((b, width), PAD, dtype=torch.long)
+    predictor, target, sequence = [], [], []
+    for i, (tokens, positions, parts, scored) in enumerate(rows):
+        n = tokens.numel()
+        input_ids[i, :n], position_ids[i, :n], part[i, :n] = tokens, positions, parts
+        position_ids[i, n:] = torch.arange(positions.max() + 1, positions.max() + 1 + width - n)
+        for columns, targets, side in scored:
+            predictor.append(i * width + columns)
+            target.append(targets)
+            sequence.append(torch.full((targets.numel(),), side * b + i))
     empty = torch.zeros(0, dtype=torch.long)
-    shared = SharedBatch(torch.cat(tokens)[None], torch.cat(positions)[None], torch.cat(segments), torch.cat(parts),
-                         torch.cat(predictor) if predictor else empty, torch.cat(target) if target else empty,
-                         torch.cat(sequence) if sequence else empty, b, list(batch.row_ids))
+    shared = SharedBatch(input_ids, position_ids, part, torch.cat(predictor) if predictor else empty,
+                         torch.cat(target) if target else empty, torch.cat(sequence) if sequence else empty,
+                         list(batch.row_ids))
     return shared.to(batch.input_ids.device)
 
 
 def attention_allowed(shared: SharedBatch) -> torch.Tensor:
-    """[N, N] bool: query q may attend to key k (same segment, k not after q, and k in the prompt or on
-    q's own side)."""
-    seg, part = shared.segment, shared.part
-    n = seg.shape[0]
-    causal = torch.ones(n, n, dtype=torch.bool, device=seg.device).tril()
-    same_segment = seg[:, None] == seg[None, :]
-    same_side = (part[None, :] == PROMPT) | (part[None, :] == part[:, None])
-    return causal & same_segment & same_side
+    """[B, L, L] bool: query q may attend to key k (k not after q, k real, and k in the prompt or on q's own
+    side); a pad query attends to itself only."""
+    part = shared.part
+    width = part.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=part.device).tril()
+    key, query = part[:, None, :], part[:, :, None]
+    allowed = causal & (key != PAD) & (query != PAD) & ((key == PROMPT) | (key == query))
+    eye = torch.eye(width, dtype=torch.bool, device=part.device)
+    return allowed | (eye & (query == PAD))
 
 
 def additive_mask(shared: SharedBatch, dtype: torch.dtype) -> torch.Tensor:
-    """[1, 1, N, N] float: 0 where attention is allowed, the dtype's lowest value elsewhere (the form eager
+    """[B, 1, L, L] float: 0 where attention is allowed, the dtype's lowest value elsewhere (the form eager
     and sdpa attention add to their scores; transformers passes a 4D mask through as it is)."""
     allowed = attention_allowed(shared)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def shared_completion_logps(model, shared: SharedBatch, mode: str = "chunked", chunk_size: int = 256) -> torch.Tensor:
@@ -124,8 +141,8 @@ def shared_completion_logps(model, shared: SharedBatch, mode: str = "chunked", c
         dtype = torch.get_autocast_dtype(shared.input_ids.device.type)
     kw = {"attention_mask": additive_mask(shared, dtype), "position_ids": shared.position_ids, "use_cache": False}
     if mode == "full":
-        logits = model(input_ids=shared.input_ids, **kw).logits[0]
-        per_token = logps_math.token_logps_from_logits(logits[shared.predictor], shared.target)
+        logits = model(input_ids=shared.input_ids, **kw).logits
+        per_token = logps_math.token_logps_from_logits(logits.flatten(0, 1)[shared.predictor], shared.target)
     elif mode == "chunked":
         backbone = getattr(lm, lm.base_model_prefix)
         embedding = lm.get_input_embeddings()
@@ -133,7 +150,7 @@ def shared_completion_logps(model, shared: SharedBatch, mode: str = "chunked", c
             inputs = {"inputs_embeds": embedding.lookup(shared.host_input_ids, shared.input_ids.device)}
         else:
             inputs = {"input_ids": shared.input_ids}
-        hidden = backbone(**inputs, **kw).last_hidden_state[0]
+        hidden = backbone(**inputs, **kw).last_hidden_state.flatten(0, 1)
         head = lm.get_output_embeddings()
         per_token = logps_math.ChunkedTokenLogps.apply(hidden[shared.predictor], head.weight, head.bias,
                                                        shared.target, chunk_size)
@@ -145,13 +162,12 @@ def shared_completion_logps(model, shared: SharedBatch, mode: str = "chunked", c
 
 
 def token_counts(batch: Batch) -> tuple[int, int]:
-    """(tokens the unshared forwards run, tokens the shared one runs) for one micro-batch: 2P + C + R against
-    P + C + R per pair."""
+    """(real tokens of the unshared sequences, positions the shared forward runs) for one micro-batch: the
+    sum of 2P + C + R against B x the longest P + C + R."""
     attention, completion = batch.attention_mask.bool(), batch.completion_mask.bool()
     b = batch.num_pairs
-    unshared = int(attention.sum())
-    prompts = int((attention[:b] & ~completion[:b]).sum())
-    return unshared, unshared - prompts
+    per_pair = attention[:b].sum(1) + (attention[b:] & completion[b:]).sum(1)
+    return int(attention.sum()), b * int(per_pair.max())
 
 
 def sharing_agrees(model, batch: Batch, mode: str = "chunked", chunk_size: int = 256,

@@ -139,7 +139,7 @@ def test_the_printed_table_tells_its_rows_apart_and_shows_the_rest_with_plan():
         settings = [tuple(cell.replace(" (chosen)", "").strip() for cell in row.split("|")[1:6])
                     for row in table_rows(text)]
         assert len(settings) == len(set(settings))
-    groups = {(k.choice.micro_batch, k.choice.checkpointing, k.choice.packing) for k in p.considered}
+    groups = {(k.choice.micro_batch, k.choice.checkpointing, k.choice.layout) for k in p.considered}
     assert len(table_rows(short)) == len(groups) < len(p.considered)
     assert sum("(chosen)" in row for row in table_rows(short)) == 1
     assert f"of {len(p.considered)} settings considered" in short and "settings considered" not in full
@@ -150,12 +150,12 @@ def test_the_printed_table_tells_its_rows_apart_and_shows_the_rest_with_plan():
         shown[tuple(cells[:3])] = (cells[3], cells[4], cells[5])  # LM-head chunk, embeddings, peak
     for k in p.considered:
         c = k.choice
-        group = [j for j in p.considered if (j.choice.micro_batch, j.choice.checkpointing, j.choice.packing)
-                 == (c.micro_batch, c.checkpointing, c.packing)]
+        group = [j for j in p.considered if (j.choice.micro_batch, j.choice.checkpointing, j.choice.layout)
+                 == (c.micro_batch, c.checkpointing, c.layout)]
         fitting = [j for j in group if j.peak_gib <= p.limit_gib]
         best = p.chosen if p.chosen in group else (min(fitting, key=lambda j: j.step_s) if fitting
                                                    else min(group, key=lambda j: j.peak_gib))
-        key = (f"{c.micro_batch} x {c.grad_accum}", c.checkpointing, "on" if c.packing else "off")
+        key = (f"{c.micro_batch} x {c.grad_accum}", c.checkpointing, c.layout)
         assert shown[key] == (str(best.choice.logprob_chunk), "CPU" if best.choice.embeddings_on_cpu else "GPU",
                               f"{best.peak_gib:.2f}"), key
 
@@ -215,3 +215,26 @@ def test_packing_benchmark_rows_are_read_with_their_packed_token_counts(tmp_path
     assert padded.train_tokens == max(P.forward_tokens(lengths[i:i + 2], 1024, False) for i in range(0, 8, 2))
     assert packed.train_tokens == max(P.forward_tokens(lengths[i:i + 2], 1024, True) for i in range(0, 8, 2))
     assert packed.choice.packing and packed.choice.checkpointing == "offload" and packed.optim == "none"
+
+
+def test_prefix_shared_rows_count_each_prompt_once():
+    """B x the longest [prompt | chosen | rejected] row, each side cut as collate cuts it (the prompt of a pair
+    whose side max_length cuts into is still counted once)."""
+    pairs = [(100, 20, 30), (40, 60, 10)]
+    assert P.forward_tokens(pairs, None, packing=False, sharing=True) == 2 * 150
+    assert P.forward_tokens(pairs, None, packing=True) == 120 + 130 + 100 + 50
+    assert P.shared_length((100, 20, 30), 110) == 110 + 110 - 100  # both sides cut to 10 tokens
+    assert P.shared_length((100, 20, 30), 90) == 90  # the prompt itself cut: one row of 90
+
+
+def test_the_plan_shares_prefixes_where_the_route_can_and_says_why():
+    """On the hf backend with long prompts (HH lengths) the shared rows run fewer tokens, so the plan takes
+    them; the Unsloth route is never offered them (dpo/trainer.py: its attention builds its own mask)."""
+    lengths = [(300, 40, 30)] * 64
+    hf = P.plan(shape("llama3.2-1b-lora", load_in_4bit=False), lengths, 137, pairs_per_step=8, max_length=1024,
+                backend="hf", sharing_available=True)
+    assert hf.choice.sharing and hf.config_changes()["prefix_sharing"] == "auto"
+    assert any(r.startswith("rows prefix-shared: each prompt computed once") for r in hf.reasons)
+    assert "rows shared" in hf.format()
+    unsloth = P.plan(shape("llama3.2-1b-lora", load_in_4bit=False), lengths, 137, pairs_per_step=8, max_length=1024)
+    assert not any(k.choice.sharing for k in unsloth.considered) and unsloth.config_changes()["prefix_sharing"] == "off"

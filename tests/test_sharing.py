@@ -46,25 +46,30 @@ def test_shared_equals_padded_values_and_lora_gradients(case, implementation, mo
 def test_shared_layout_positions_and_scored_tokens():
     pairs = [TokenizedPair([1, 5], [7, 8, 2], [9, 2], row_id=10), TokenizedPair([1], [4, 2], [6, 6, 6, 2], row_id=11)]
     shared = sharing.share_batch(collate(pairs, pad_token_id=0))
-    assert shared.input_ids.tolist() == [[1, 5, 7, 8, 2, 9, 2, 1, 4, 2, 6, 6, 6, 2]]
-    assert shared.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3, 0, 1, 2, 1, 2, 3, 4]]
-    assert shared.part.tolist() == [0, 0, 1, 1, 1, 2, 2, 0, 1, 1, 2, 2, 2, 2]
-    # the last prompt position scores the first token of both sides
+    assert shared.input_ids.tolist() == [[1, 5, 7, 8, 2, 9, 2], [1, 4, 2, 6, 6, 6, 2]]
+    assert shared.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3], [0, 1, 2, 1, 2, 3, 4]]
+    assert shared.part.tolist() == [[0, 0, 1, 1, 1, 2, 2], [0, 1, 1, 2, 2, 2, 2]]
+    # the last prompt position scores the first token of both sides (flat positions: row x 7 + column)
     assert shared.predictor.tolist() == [1, 2, 3, 1, 5, 7, 8, 7, 10, 11, 12]
     assert shared.target.tolist() == [7, 8, 2, 9, 2, 4, 2, 6, 6, 6, 2]
     assert shared.sequence.tolist() == [0, 0, 0, 2, 2, 1, 1, 3, 3, 3, 3]
     assert (shared.num_pairs, shared.num_tokens, shared.row_ids) == (2, 14, [10, 11])
     assert sharing.token_counts(collate(pairs, pad_token_id=0)) == (17, 14)
+    # a shorter pair is padded; its pad positions continue the row's positions and score nothing
+    short = sharing.share_batch(collate(pairs + [TokenizedPair([3], [4], [5], row_id=12)], pad_token_id=0))
+    assert short.part[2].tolist() == [0, 1, 2, -1, -1, -1, -1] and short.position_ids[2].tolist() == [0, 1, 1, 2, 3, 4, 5]
 
 
 def test_each_side_sees_the_prompt_and_itself_never_the_other_side():
-    shared = sharing.share_batch(collate([TokenizedPair([1, 5], [7, 8], [9], 0)], pad_token_id=0))
+    shared = sharing.share_batch(collate([TokenizedPair([1, 5], [7, 8], [9], 0), TokenizedPair([1], [2], [3], 1)],
+                                         pad_token_id=0))
     allowed = sharing.attention_allowed(shared).int().tolist()
-    assert allowed == [[1, 0, 0, 0, 0],  # prompt
-                       [1, 1, 0, 0, 0],
-                       [1, 1, 1, 0, 0],  # chosen
-                       [1, 1, 1, 1, 0],
-                       [1, 1, 0, 0, 1]]  # rejected: the prompt and itself
+    assert allowed[0] == [[1, 0, 0, 0, 0],  # prompt
+                          [1, 1, 0, 0, 0],
+                          [1, 1, 1, 0, 0],  # chosen
+                          [1, 1, 1, 1, 0],
+                          [1, 1, 0, 0, 1]]  # rejected: the prompt and itself
+    assert allowed[1][3:] == [[0, 0, 0, 1, 0], [0, 0, 0, 0, 1]]  # a pad query sees itself only
 
 
 def test_changing_the_chosen_side_leaves_the_rejected_log_probs_alone():
