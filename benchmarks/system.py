@@ -118,7 +118,7 @@ def run_ours(a, rows, out: dict) -> None:
         dpo.unsloth_varlen.use_torch_varlen = lambda: "left as is (--no-varlen)"
     cuda = a.device.startswith("cuda") and torch.cuda.is_available()
     t = time.perf_counter()
-    ends, tokens, marks = [], [], {}
+    ends, tokens, computed, marks = [], [], [], {}
     profiler = start_profiler(a, out) if a.profile else None
 
     def model_built(model):
@@ -139,6 +139,7 @@ def run_ours(a, rows, out: dict) -> None:
             profiler.step()
         ends.append(time.perf_counter())
         tokens.append(row["num_tokens"])
+        computed.append(row["tokens_computed"])
         if len(ends) == 1 and cuda:  # weights + LoRA + optimizer state, between steps
             out["after_first_step_mem_gib"] = torch.cuda.memory_allocated() / 2**30
         if len(ends) == a.steps:
@@ -155,9 +156,17 @@ def run_ours(a, rows, out: dict) -> None:
     out["entry_point"] = "dpo.train.run"
     out["memory_budget_gib"] = float(a.memory_budget) if a.memory_budget not in (None, "auto", "none") else None
     out["predicted_peak_gib"] = result.get("predicted_peak_gib")  # the plan's, when one was made
+    timed = slice(timed_from, None) if len(computed) > timed_from else slice(None)
+    totals = [0] + tokens  # num_tokens is a running total of the unshared sequences' real tokens
+    out["prefix_sharing"] = result["layout"] == "shared"
+    out["layout"] = result["layout"]
+    out["tokens_computed"] = sum(computed[timed]) / len(computed[timed])  # per step: positions the forwards ran
+    unshared = [b - a for a, b in zip(totals, totals[1:])][timed]
+    out["tokens_unshared"] = sum(unshared) / len(unshared)  # per step: real tokens of prompt+chosen, prompt+rejected
     planned = result["config"]
     out["ran_as"] = {k: planned[k] for k in ("backend", "per_device_batch_size", "grad_accum", "gradient_checkpointing",
-                                             "packing", "precompute_ref", "logprob_chunk", "embeddings_on_cpu")}
+                                             "packing", "prefix_sharing", "precompute_ref", "logprob_chunk",
+                                             "embeddings_on_cpu")}
 
 
 PROFILED_STEPS = 2

@@ -227,7 +227,7 @@ class _Session:
             write_run_card(self.cfg.output_dir)  # adapter/README.md: base model, data, settings, numbers, command
         return {"history": history, "steps": trainer.step, "adapter_dir": adapter_dir, "checkpoint": final,
                 "model": trainer.model, "tokenizer": tokenizer, "skipped_steps": list(trainer.skipped_steps),
-                "config": self.run_config}
+                "config": self.run_config, "layout": trainer.scorer.layout}
 
     def build_trainer(self):
         cfg, dist = self.cfg, self.dist

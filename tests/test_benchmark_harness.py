@@ -371,11 +371,12 @@ def test_our_row_is_written_at_its_last_step_before_the_run_returns(tmp_path, mo
         hooks.model_built(None)
         for step in range(1, cfg.max_steps + 1):
             time.sleep(0.01)
-            hooks.step_done({"step": step, "num_tokens": 100 * step, "loss": 0.69})
+            hooks.step_done({"step": step, "num_tokens": 100 * step, "tokens_computed": 80, "loss": 0.69})
         seen.update(json.loads(out.read_text()))  # on disk while the run has yet to return
-        return {"history": [{"loss": 0.69}], "predicted_peak_gib": None,
+        return {"history": [{"loss": 0.69}], "predicted_peak_gib": None, "layout": "shared",
                 "config": {k: 1 for k in ("backend", "per_device_batch_size", "grad_accum", "gradient_checkpointing",
-                                          "packing", "precompute_ref", "logprob_chunk", "embeddings_on_cpu")}}
+                                          "packing", "prefix_sharing", "precompute_ref", "logprob_chunk",
+                                          "embeddings_on_cpu")}}
 
     monkeypatch.setattr(dpo.train, "run", fake_run)
     a = argparse.Namespace(system="ours-hf", variant="base", shape="tiny", model_dir=str(tmp_path), micro_batch=1,
@@ -386,3 +387,4 @@ def test_our_row_is_written_at_its_last_step_before_the_run_returns(tmp_path, mo
     assert seen["written"] == system.AT_LAST_STEP["written"] and seen["measured_steps"] == 2
     assert seen["pairs_per_s"] == pytest.approx(row["pairs_per_s"]) and seen["tokens_per_s"] > 0
     assert "written" not in row  # the complete row, written when the run returns, drops the mark
+    assert row["prefix_sharing"] and (row["tokens_computed"], row["tokens_unshared"]) == (80, 100)

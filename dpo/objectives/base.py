@@ -62,6 +62,11 @@ class Scorer:
         with region("dpo:data"):
             return batch.to(self.device)
 
+    @property
+    def layout(self) -> str:
+        """How plain completion log-probs run: "shared", "packed" or "padded"."""
+        return "shared" if self.sharing else "packed" if self.packing else "padded"
+
     def computed_tokens(self, batch) -> tuple[int, int]:
         """(tokens the forward of this collated batch computes, tokens the unshared forwards would): padded
         rows count their pad positions, a shared row each prompt once."""
