@@ -26,6 +26,7 @@ from dpo import models, train
 from dpo.run import checkpoint
 from dpo.run import lifecycle
 from dpo.run import folder as runfolder
+from dpo.objectives import Scorer
 from dpo.run.checkpoint import load_checkpoint
 from dpo.cli import python_command
 from dpo.trainer import epoch_order
@@ -292,15 +293,15 @@ class NanGrad(torch.autograd.Function):
 def poison_step(monkeypatch, step: int, what: str) -> None:
     """Poison the policy log-prob of the first pair's chosen row in optimizer step `step` (its first
     micro-batch): a NaN loss, or with what="gradient norm" a finite loss whose gradient is NaN."""
-    real_step, real_logps = train.Trainer.train_step, models.completion_logps
+    real_step, real_logps = train.Trainer.train_step, Scorer.completion_logps
     now = {"step": 0, "calls": 0}
 
     def train_step(self):
         now["step"], now["calls"] = self.step + 1, 0
         return real_step(self)
 
-    def completion_logps(model, batch, *a, **k):
-        out = real_logps(model, batch, *a, **k)
+    def completion_logps(scorer, model, batch):
+        out = real_logps(scorer, model, batch)
         if not torch.is_grad_enabled():  # the reference
             return out
         now["calls"] += 1
@@ -313,7 +314,7 @@ def poison_step(monkeypatch, step: int, what: str) -> None:
         return out
 
     monkeypatch.setattr(train.Trainer, "train_step", train_step)
-    monkeypatch.setattr(models, "completion_logps", completion_logps)
+    monkeypatch.setattr(Scorer, "completion_logps", completion_logps)  # every layout's plain log-probs
 
 
 def first_row_of_step(step: int, cfg_seed: int = 42) -> int:
