@@ -313,10 +313,6 @@ class TrainConfig:
         """The loss settings, and what each objective cannot be combined with."""
         bad = _bad
         loss = self.loss_settings()
-        if loss.unpaired and self.shuffle:
-            bad("shuffle", "kto needs --no-shuffle: its KL estimate pairs each row with the previous row's "
-                "completion inside a micro-batch, fixed once in file order (TRL's KTOTrainer requires "
-                "sequential sampling)")
         if loss.unpaired and self.per_device_batch_size < 2:
             bad("per_device_batch_size", "kto needs >= 2 rows per micro-batch (its KL estimate pairs each row "
                 "with another row's completion; TRL refuses 1 too)")
