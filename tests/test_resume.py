@@ -31,8 +31,8 @@ from dpo.cli import python_command
 from dpo.trainer import epoch_order
 from .conftest import write_jsonl
 
-# The command the messages print to run training again: this interpreter, as the user ran it.
-TRAIN = python_command("dpo.train", [])
+# The command the messages print to run training again: this interpreter, by its absolute path.
+TRAIN = python_command("dpo.train", [], from_anywhere=True)
 
 ROWS = [{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f" It is {2 * i}.",
          "rejected": f" Perhaps {3 * i + 1}, I am not sure."} for i in range(14)]
@@ -203,6 +203,34 @@ def test_sigterm_saves_a_checkpoint_and_the_printed_command_resumes_exactly(tiny
     straight = tmp_path / "straight"
     assert train.main(flags(tiny_llama_dir, data, straight, steps=12)) == 0
     assert_same_run(straight, out)
+
+
+def test_the_printed_resume_command_works_verbatim_from_another_folder(tiny_llama_dir, data, tmp_path, monkeypatch,
+                                                                       capsys):
+    """Started in one folder with relative paths (model, output dir, --config FILE naming the data) and
+    stopped by SIGTERM after step 2: the printed command, run by a shell in another folder, finishes
+    the run as if it had never stopped."""
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir()
+    elsewhere.mkdir()
+    (start / "model").symlink_to(tiny_llama_dir)
+    (start / "pairs.jsonl").write_bytes(data.read_bytes())
+    (start / "settings.json").write_text(json.dumps({"dataset": "pairs.jsonl"}))
+    args = flags("model", "pairs.jsonl", "run")
+    del args[args.index("--dataset"):args.index("--dataset") + 2]
+    monkeypatch.chdir(start)
+    send_signals(monkeypatch, 2, signal.SIGTERM)
+    assert train.main(["--config", "settings.json", *args]) == 143
+    command = capsys.readouterr().err.strip().splitlines()[-1].split("Resume with: ", 1)[1]
+    monkeypatch.undo()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(train.__file__).resolve().parents[1])}
+    done = subprocess.run(command, shell=True, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert not any(elsewhere.iterdir())
+    straight = tmp_path / "straight"
+    assert train.main(flags(tiny_llama_dir, data, straight)) == 0
+    assert_same_run(straight, start / "run")
 
 
 def send_signals(monkeypatch, step: int, signum: int, again: str | None = None) -> None:

@@ -29,7 +29,7 @@ from dpo import smollm2
 from dpo.run.checkpoint import (
     CHECKPOINTS_DIR, CONFIG_FILE, TMP_PREFIX, Checkpoint, CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint)
 from dpo.cli import one_line
-from dpo.config import field_names
+from dpo.config import field_names, with_absolute_paths
 from dpo.files import remove_tree, replace_dir, write_json_atomic, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
@@ -69,7 +69,9 @@ def _show(value: Any) -> str:
 
 
 def config_differences(saved: dict, current: dict, keys: Iterable[str] = RESUME_LOCKED_KEYS) -> list[str]:
-    """["beta: 0.1 -> 0.2", ...]: each of `keys` whose value differs between saved and current config."""
+    """["beta: 0.1 -> 0.2", ...]: each of `keys` whose value differs between saved and current config.
+    (Its callers compare paths absolute: a config.json of an older version may hold relative ones, which
+    are taken from the current folder, as then.)"""
     out = []
     for key in keys:
         a, b = saved.get(key, _ABSENT), current.get(key, _ABSENT)
@@ -103,7 +105,7 @@ def _saved_config_differences(out: Path, config: dict) -> list[str]:
         saved = json.loads(saved_config_path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError):
         return [f"its {CONFIG_FILE} cannot be read"]
-    return config_differences(saved, config, RESUME_LOCKED_KEYS)
+    return config_differences(with_absolute_paths(saved), with_absolute_paths(config), RESUME_LOCKED_KEYS)
 
 
 def check_output_dir(output_dir: str | os.PathLike, config: dict, *, resume: bool, overwrite: bool) -> None:
@@ -211,7 +213,8 @@ def load_resume_checkpoint(cfg, run_config: dict) -> Checkpoint | None:
         earlier = [p for p in list_checkpoints(path.parent.parent) if p != path]
         hint = f"; an earlier checkpoint may be intact: --resume-from {earlier[-1]}" if earlier else ""
         raise CheckpointError(f"{e}{hint}") from None
-    differences = config_differences(ckpt.config, run_config, RESUME_LOCKED_KEYS)
+    differences = config_differences(with_absolute_paths(ckpt.config), with_absolute_paths(run_config),
+                                     RESUME_LOCKED_KEYS)
     if differences:
         raise CheckpointError(f"cannot resume from {path}: these settings differ from the checkpoint's: "
                               + "; ".join(differences) + " (use the same flags, or start a new run in "
