@@ -48,8 +48,8 @@ from dpo.run.card import write_run_card
 from dpo.cli import first_line
 from dpo.config import ConfigError, TrainConfig, config_from_args
 from dpo.run.lifecycle import Checkpointer, Commands, StopNow, StopSignals, TrainingStopped, load_reference_cache
-from dpo.run.folder import (RunWriter, check_output_dir, drop_later_checkpoints, find_resume_checkpoint,
-                            load_resume_checkpoint)
+from dpo.run.folder import (RunWriter, check_output_dir, find_resume_checkpoint, load_resume_checkpoint,
+                            set_aside_later_checkpoints)
 from dpo.run.plots import plot_curves
 from dpo.loss_settings import LossSettings
 from dpo.eval.evaluation import Evaluation
@@ -155,7 +155,7 @@ def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None 
     if cfg.overwrite and dist.is_main:
         writer.clear_previous_run()
     if resumed is not None and dist.is_main:
-        drop_later_checkpoints(cfg.output_dir, resumed.step)
+        set_aside_later_checkpoints(cfg.output_dir, resumed.step)
     distributed.barrier(dist)
 
     with StopSignals() as signals:

@@ -482,6 +482,30 @@ def test_resume_from_the_previous_checkpoint_redoes_the_later_steps_exactly(fini
     assert load_checkpoint(finished_run / "checkpoints" / "step-000006").step == 6  # rewritten, whole
 
 
+def test_resume_from_an_older_checkpoint_sets_the_newer_one_aside(finished_run, tiny_llama_dir, data, capsys):
+    """--resume-from step 3 of a finished 6-step run: step-000006 moves whole to checkpoints/abandoned-<time>/
+    with the metrics as they were, said in one line; the redone steps write a new step-000006, the one a
+    later --resume takes; the one set aside still resumes with --resume-from, with its own metrics rows."""
+    old = finished_run / "checkpoints" / "step-000006"
+    files = {p.relative_to(old): p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    rows = (finished_run / "metrics.jsonl").read_text()
+    assert train.main(flags(tiny_llama_dir, data, finished_run, "--resume-from",
+                            finished_run / "checkpoints" / "step-000003")) == 0
+    (aside,) = [p for p in (finished_run / "checkpoints").iterdir() if p.name.startswith("abandoned-")]
+    assert (f"dpo: moved 1 checkpoint(s) after step 3 (step-000006) aside to {aside} (their steps are redone; "
+            "delete that folder when it is not wanted)") in capsys.readouterr().out.splitlines()
+    kept = aside / "step-000006"
+    assert {p.relative_to(kept): p.read_bytes() for p in kept.rglob("*") if p.is_file()} == files
+    assert (aside / "metrics.jsonl").read_text() == rows
+    assert [p.name for p in checkpoint.list_checkpoints(finished_run)] == ["step-000003", "step-000006"]
+    assert checkpoint.latest_checkpoint(finished_run) == old  # what --resume takes
+
+    marked = [{**r, "branch": "set aside"} for r in metrics(finished_run)]
+    (aside / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in marked))
+    assert train.main(flags(tiny_llama_dir, data, finished_run, "--resume-from", kept)) == 0
+    assert metrics(finished_run) == marked
+
+
 def test_resume_without_a_checkpoint_is_refused(tiny_llama_dir, data, tmp_path, capsys, no_model_load):
     out = tmp_path / "empty"
     rc = train.main(flags(tiny_llama_dir, data, out, "--resume"))

@@ -10,8 +10,8 @@
 - RunWriter: writes config.json, the metric rows (to metrics.jsonl and to every tracker sink) and
   adapter/, main rank only; it creates the folder at its first write, and a failing tracker never costs
   a metrics.jsonl row. (The room on disk for all this is checked before the model loads: dpo.run.diskspace.)
-- find/load_resume_checkpoint, drop_later_checkpoints, trim_metrics, clear_previous_run: what --resume,
-  --resume-from and --overwrite keep and remove.
+- find/load_resume_checkpoint, set_aside_later_checkpoints, trim_metrics, clear_previous_run: what
+  --resume, --resume-from and --overwrite keep, set aside and remove.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import os
 import secrets
 import shutil
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -222,13 +223,37 @@ def load_resume_checkpoint(cfg, run_config: dict) -> Checkpoint | None:
     return ckpt
 
 
-def drop_later_checkpoints(output_dir: str | os.PathLike, step: int) -> None:
+ABANDONED_PREFIX = "abandoned-"  # checkpoints/abandoned-<UTC time>/: set aside by a resume from an older one
+
+
+def set_aside_later_checkpoints(output_dir: str | os.PathLike, step: int) -> Path | None:
     """Resuming from an older checkpoint: the newer ones belong to the branch being redone, and a later
-    --resume (or pruning) must not take them for this run's latest."""
-    for path in list_checkpoints(output_dir):
-        if step_of(path) > step:
-            print(f"dpo: removing {path} (after the checkpoint resumed from; its steps are redone)")
-            remove_tree(path)
+    --resume (or pruning) must not take them for this run's latest. Nothing a user saved is deleted
+    unasked: they move to checkpoints/abandoned-<UTC time>/ (with metrics.jsonl as it was), where
+    neither --resume nor --save-total-limit looks, and --resume-from can still take one. Returns that
+    folder (None: there was no newer checkpoint)."""
+    later = [p for p in list_checkpoints(output_dir) if step_of(p) > step]
+    if not later:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    aside = Path(output_dir) / CHECKPOINTS_DIR / f"{ABANDONED_PREFIX}{stamp}"
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = aside.with_name(f"{ABANDONED_PREFIX}{stamp}-{n}")
+    try:
+        aside.mkdir()
+        metrics = Path(output_dir) / METRICS_FILE
+        if metrics.is_file():
+            shutil.copyfile(metrics, aside / METRICS_FILE)
+        for path in later:
+            os.replace(path, aside / path.name)
+    except OSError as e:
+        raise CheckpointError(f"cannot move the checkpoints after step {step} aside to {aside}: "
+                              f"{e.strerror or e}") from e
+    print(f"dpo: moved {len(later)} checkpoint(s) after step {step} ({', '.join(p.name for p in later)}) aside to "
+          f"{aside} (their steps are redone; delete that folder when it is not wanted)")
+    return aside
 
 
 def clear_previous_run(output_dir: str | os.PathLike) -> None:
@@ -337,7 +362,10 @@ class RunWriter:
             open(self.metrics_path, "w").close()
             return
         here = Path(self.metrics_path)
-        source = resumed.path.parent.parent / METRICS_FILE  # another run folder's, with --resume-from
+        # The rows of the checkpoint's own run: another run folder's (--resume-from), or those kept with a
+        # set-aside checkpoint (checkpoints/abandoned-*/metrics.jsonl)
+        source = next((p for p in (resumed.path.parent / METRICS_FILE, resumed.path.parent.parent / METRICS_FILE)
+                       if p.is_file()), here)
         if source.is_file() and not (here.exists() and source.samefile(here)):
             shutil.copyfile(source, here)
         trim_metrics(here, resumed.step)
