@@ -126,7 +126,9 @@ class TrainConfig:
     adapter: str | None = _opt(None, "Start from this LoRA adapter folder; its frozen copy is then the reference",
         resume="locked", path=True)
     # How long
-    max_steps: int = _opt(-1, "Optimizer steps to run (-1: run --num-epochs over the data)", resume="locked")
+    # max_steps is free: a resume may extend a run or cut it short (not below its checkpoint's step), the
+    # schedule then rebuilt over the new total from that step on (Trainer.load_state)
+    max_steps: int = _opt(-1, "Optimizer steps to run (-1: run --num-epochs over the data)", resume="free")
     num_epochs: float = _opt(1.0, "Passes over the data when --max-steps is -1", resume="locked")
     per_device_batch_size: int = _opt(8, "Pairs per micro-batch (TRL: per_device_train_batch_size)",
         resume="locked", planned=True, card="pairs per micro-batch")

@@ -28,6 +28,7 @@ from dpo.run import lifecycle
 from dpo.run import folder as runfolder
 from dpo.run.checkpoint import load_checkpoint
 from dpo.cli import python_command
+from dpo.schedule import lr_factor
 from dpo.trainer import epoch_order
 from .conftest import write_jsonl
 
@@ -504,6 +505,47 @@ def test_resume_from_an_older_checkpoint_sets_the_newer_one_aside(finished_run, 
     (aside / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in marked))
     assert train.main(flags(tiny_llama_dir, data, finished_run, "--resume-from", kept)) == 0
     assert metrics(finished_run) == marked
+
+
+def test_a_resume_with_a_larger_max_steps_trains_to_it(finished_run, tiny_llama_dir, data, capsys):
+    """A finished 6-step run resumed with --max-steps 9: steps 7 to 9 run, config.json and the checkpoint
+    record 9, and the linear schedule is rebuilt over 9 steps from step 6 on: steps 7-9 run at the
+    rates a 9-step schedule gives them (the first run's had decayed to 0 at its end), said in one line."""
+    before = metrics(finished_run)
+    assert train.main(flags(tiny_llama_dir, data, finished_run, "--resume", steps=9)) == 0
+    rows = metrics(finished_run)
+    assert [r["step"] for r in rows] == list(range(1, 10)) and rows[:6] == before
+    assert [r["learning_rate"] for r in rows[6:]] == [5e-3 * lr_factor(s, kind="linear", warmup=0, total=9)
+                                                      for s in (6, 7, 8)]
+    assert json.loads((finished_run / "config.json").read_text())["max_steps"] == 9
+    last = load_checkpoint(finished_run / "checkpoints" / "step-000009")
+    assert last.config["max_steps"] == 9 and last.trainer_state["total_steps"] == 9
+    assert ("dpo: the run now has 9 steps (it had 6): the linear learning-rate schedule is rebuilt over 9 steps "
+            "and goes on from step 6: step 7 runs at 0.00167 (the first run's schedule ended at step 6)"
+            in capsys.readouterr().out.splitlines())
+
+
+def test_the_extended_schedule_is_the_one_a_run_planned_that_long_has(tiny_llama_dir, data, tmp_path, monkeypatch,
+                                                                       capsys):
+    """Crashed before step 5 of 6 (checkpoint 3), resumed with --max-steps 9: steps 4-9 run at the rates
+    of a run planned for 9 steps from the start, not the 6-step schedule's."""
+    out = tmp_path / "run"
+    crash_before_step(monkeypatch, 5)
+    with pytest.raises(Crash):
+        train.main(flags(tiny_llama_dir, data, out))
+    monkeypatch.undo()
+    assert train.main(flags(tiny_llama_dir, data, out, "--resume", steps=9)) == 0
+    assert "(the first run's schedule had planned 0.0025)" in capsys.readouterr().out
+    straight = tmp_path / "straight"
+    assert train.main(flags(tiny_llama_dir, data, straight, steps=9)) == 0
+    assert [r["learning_rate"] for r in metrics(out)[3:]] == [r["learning_rate"] for r in metrics(straight)[3:]]
+
+
+def test_a_max_steps_below_the_checkpoints_step_is_refused(finished_run, tiny_llama_dir, data, capsys, no_model_load):
+    rc = train.main(flags(tiny_llama_dir, data, finished_run, "--resume", steps=4))
+    assert one_line_error(capsys, rc) == (
+        f"dpo: error: cannot resume from {finished_run / 'checkpoints' / 'step-000006'}: --max-steps 4 is below "
+        "its step 6 (give --max-steps 6 or more, or start a new run in another --output-dir)")
 
 
 def test_resume_without_a_checkpoint_is_refused(tiny_llama_dir, data, tmp_path, capsys, no_model_load):

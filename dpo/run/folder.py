@@ -220,6 +220,10 @@ def load_resume_checkpoint(cfg, run_config: dict) -> Checkpoint | None:
         raise CheckpointError(f"cannot resume from {path}: these settings differ from the checkpoint's: "
                               + "; ".join(differences) + " (use the same flags, or start a new run in "
                               "another --output-dir)")
+    steps = run_config.get("max_steps", -1)
+    if 0 < steps < ckpt.step:
+        raise CheckpointError(f"cannot resume from {path}: --max-steps {steps} is below its step {ckpt.step} (give "
+                              f"--max-steps {ckpt.step} or more, or start a new run in another --output-dir)")
     return ckpt
 
 
