@@ -59,10 +59,12 @@ def first_line(error: BaseException | str) -> str:
     return one_line(error).split(" | ", 1)[0]
 
 
-def python_command(module: str, args: list[str]) -> str:
+def python_command(module: str, args: list[str], from_anywhere: bool = False) -> str:
     """The command line that runs `python -m module args` again, with the interpreter that runs now
-    (a `.venv/bin/python` stays that, so the printed command works when copied as is)."""
-    return shlex.join([_interpreter(), "-m", module, *args])
+    (a `.venv/bin/python` stays that, so the printed command works when copied as is; from_anywhere:
+    its absolute path, for a command that must work from any folder)."""
+    exe = (sys.executable or "python") if from_anywhere else _interpreter()
+    return shlex.join([exe, "-m", module, *args])
 
 
 def _interpreter() -> str:

@@ -17,7 +17,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 from dpo.cli import Parser, optional
 from dpo.loss_settings import LossSettings
 from dpo.losses import LOSS_TYPES, OBJECTIVES
-from dpo.paths import looks_local, model_folder_problem
+from dpo.paths import OR_NAME, local_path, looks_local, model_folder_problem
 from dpo.smollm2 import DEFAULT_MODEL
 
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
@@ -63,7 +63,7 @@ PREFIX_SHARING = ("auto", "on", "off")
 
 
 def _opt(default, help: str, *, resume: str, start: bool = False, planned: bool = False, card: str | None = None,
-         only_for: str | None = None, path: bool = False, **kw):
+         only_for: str | None = None, path: bool | str = False, **kw):
     """A config field with its help and its policy, which every list of field names is derived from:
 
     resume    "locked": a resume must keep the value (it defines the run: its data, loss, optimizer and
@@ -74,7 +74,8 @@ def _opt(default, help: str, *, resume: str, start: bool = False, planned: bool 
     planned   set by the memory planner (dpo/plan.py); a resumed run takes it from its checkpoint
     card      the model card's label for the setting (None: the card does not show it)
     only_for  the one objective or loss type that reads it (python -m dpo.evaluate says when it is unused)
-    path      a file or folder path (printed commands give it absolute)
+    path      True: a file or folder path; OR_NAME: one, or else a hub or builtin: name. A local path is
+              recorded (config.json) and printed (the resume command) absolute: both work from any folder
     """
     if resume not in RESUME_POLICIES:
         raise ValueError(f"resume policy must be one of {RESUME_POLICIES}, got {resume!r}")
@@ -82,13 +83,24 @@ def _opt(default, help: str, *, resume: str, start: bool = False, planned: bool 
                                             "card": card, "only_for": only_for, "path": path, **kw})
 
 
+def path_rules(cls=None) -> dict[str, bool | str]:
+    """{"dataset": OR_NAME, "output_dir": True, ...}: each path-valued field of `cls` (TrainConfig) and its rule."""
+    return {f.name: f.metadata["path"] for f in fields(cls or TrainConfig) if f.metadata.get("path")}
+
+
+def with_absolute_paths(values: dict[str, Any], cls=None) -> dict[str, Any]:
+    """`values` (field name -> value, e.g. a config.json) with each path-valued field's value absolute."""
+    rules = path_rules(cls)
+    return {k: (local_path(v, rules[k]) or v) if k in rules else v for k, v in values.items()}
+
+
 @dataclass
 class TrainConfig:
     # What to train on
     model: str = _opt(DEFAULT_MODEL, "Model: a local folder, a hub name, or the embedded default",
-        resume="locked", path=True)
+        resume="locked", path=OR_NAME)
     dataset: str | None = _opt(None, "Preference data: .jsonl, .jsonl.gz, .json, .parquet, .csv, a folder, or a hub name",
-        resume="locked", path=True)
+        resume="locked", path=OR_NAME)
     dataset_split: str = _opt("train", "Split of a hub dataset", resume="locked")
     dataset_config: str | None = _opt(None, "Configuration name of a hub dataset", resume="locked")
     prompt_column: str = _opt("prompt", "Column holding the prompt", resume="locked")
@@ -102,7 +114,8 @@ class TrainConfig:
     max_prompt_length: int | None = _opt(None, "Keep only the last N prompt tokens (ours; TRL has no such option)",
         resume="locked")
     eval_dataset: str | None = _opt(None, "Held-out pairs (same formats as --dataset; builtin:NAME:eval for a "
-                                    "built-in task); eval_ metrics go to metrics.jsonl", resume="free", path=True)
+                                    "built-in task); eval_ metrics go to metrics.jsonl", resume="free",
+        path=OR_NAME)
     eval_steps: int = _opt(0, "Evaluate on --eval-dataset every N steps (0: before and after training only)",
         resume="free")
     threads: int = _opt(0, "CPU threads for torch (0: the cores not busy with other work)", resume="free")
@@ -113,7 +126,9 @@ class TrainConfig:
     adapter: str | None = _opt(None, "Start from this LoRA adapter folder; its frozen copy is then the reference",
         resume="locked", path=True)
     # How long
-    max_steps: int = _opt(-1, "Optimizer steps to run (-1: run --num-epochs over the data)", resume="locked")
+    # max_steps is free: a resume may extend a run or cut it short (not below its checkpoint's step), the
+    # schedule then rebuilt over the new total from that step on (Trainer.load_state)
+    max_steps: int = _opt(-1, "Optimizer steps to run (-1: run --num-epochs over the data)", resume="free")
     num_epochs: float = _opt(1.0, "Passes over the data when --max-steps is -1", resume="locked")
     per_device_batch_size: int = _opt(8, "Pairs per micro-batch (TRL: per_device_train_batch_size)",
         resume="locked", planned=True, card="pairs per micro-batch")
@@ -223,9 +238,10 @@ class TrainConfig:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
 
     def run_dict(self) -> dict[str, Any]:
-        """The config that defines the run (to_dict without the start-up keys): what config.json holds."""
+        """The config that defines the run (to_dict without the start-up keys, local paths absolute): what
+        config.json holds."""
         start = field_names(start=True)
-        return {k: v for k, v in self.to_dict().items() if k not in start}
+        return with_absolute_paths({k: v for k, v in self.to_dict().items() if k not in start}, type(self))
 
     def loss_settings(self) -> LossSettings:
         """The loss settings of this run as one validated object (training and evaluation take it), built
@@ -313,10 +329,6 @@ class TrainConfig:
         """The loss settings, and what each objective cannot be combined with."""
         bad = _bad
         loss = self.loss_settings()
-        if loss.unpaired and self.shuffle:
-            bad("shuffle", "kto needs --no-shuffle: its KL estimate pairs each row with the previous row's "
-                "completion inside a micro-batch, fixed once in file order (TRL's KTOTrainer requires "
-                "sequential sampling)")
         if loss.unpaired and self.per_device_batch_size < 2:
             bad("per_device_batch_size", "kto needs >= 2 rows per micro-batch (its KL estimate pairs each row "
                 "with another row's completion; TRL refuses 1 too)")

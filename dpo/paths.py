@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv", ".csv.gz")
+OR_NAME = "or_name"  # a path setting that names a local file or folder, or else a hub or builtin: name
 MODEL_FOLDER_NEEDS = "config.json, the weights as *.safetensors and the tokenizer (tokenizer.json or tokenizer_config.json)"
 
 
@@ -17,6 +18,14 @@ def looks_local(path: str) -> bool:
     """
     return (os.path.exists(os.path.expanduser(path)) or path.startswith((".", "/", "~"))
             or path.lower().endswith(SUFFIXES) or path.count("/") > 1)
+
+
+def local_path(value: str | None, rule: bool | str = True) -> str | None:
+    """The absolute path (~ expanded) a path setting names; None for no value, and under OR_NAME for a hub
+    or builtin: name (one that does not look local)."""
+    if value is None or (rule == OR_NAME and not looks_local(value)):
+        return None
+    return os.path.abspath(os.path.expanduser(value))
 
 
 def model_folder_problem(path: str) -> str | None:

@@ -31,6 +31,18 @@ def build_scheduler(optimizer, *, kind: str, warmup: float, total_steps: int) ->
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, kind=kind, warmup=w, total=total_steps))
 
 
+def continue_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> list[float]:
+    """The optimizer's rates set to what `scheduler` gives at its restored step (`last_epoch`: the steps
+    done). A resumed run whose total changed builds its schedule over the new total; the restored state
+    still holds the rates the old schedule gave, and this replaces them, so every step after the resume
+    runs at the new schedule's rate for that step. Returns the rates."""
+    rates = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates  # what get_last_lr() reports (and the metrics row logs) for the next step
+    return rates
+
+
 def build_optimizer(named_params, *, name: str, lr: float, weight_decay: float, betas, eps) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; no decay on biases and norms (as HF Trainer groups them)."""
     named_params = list(named_params)

@@ -48,11 +48,12 @@ from dpo.run.card import write_run_card
 from dpo.cli import first_line
 from dpo.config import ConfigError, TrainConfig, config_from_args
 from dpo.run.lifecycle import Checkpointer, Commands, StopNow, StopSignals, TrainingStopped, load_reference_cache
-from dpo.run.folder import (RunWriter, check_output_dir, drop_later_checkpoints, find_resume_checkpoint,
-                            load_resume_checkpoint)
+from dpo.run.folder import (RunWriter, check_output_dir, find_resume_checkpoint, load_resume_checkpoint,
+                            set_aside_later_checkpoints)
 from dpo.run.plots import plot_curves
 from dpo.loss_settings import LossSettings
 from dpo.eval.evaluation import Evaluation
+from dpo.schedule import lr_factor, warmup_steps_for
 from dpo.smollm2 import MissingDefaultModel
 from dpo.trainer import NonFiniteStep, Trainer
 
@@ -155,7 +156,7 @@ def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None 
     if cfg.overwrite and dist.is_main:
         writer.clear_previous_run()
     if resumed is not None and dist.is_main:
-        drop_later_checkpoints(cfg.output_dir, resumed.step)
+        set_aside_later_checkpoints(cfg.output_dir, resumed.step)
     distributed.barrier(dist)
 
     with StopSignals() as signals:
@@ -183,6 +184,19 @@ def summary(result: dict, resumed: Checkpoint | None) -> str:
     resumed_note = f" (resumed at step {resumed.step})" if resumed is not None else ""
     return (f"dpo: {result['steps']} steps{resumed_note}{note} in {result['seconds']:.1f} s; adapter saved to "
             f"{result['adapter_dir']}; checkpoint {result['checkpoint'] or 'none'}")
+
+
+def schedule_change(cfg: TrainConfig, step: int, old_total: int, new_total: int) -> str:
+    """The line a resume whose total changed prints: its schedule is rebuilt over the new total and goes on
+    from `step` (Trainer.load_state), so the next rate is the new schedule's, not the one first planned."""
+    def rate(total: int) -> float:
+        return cfg.learning_rate * lr_factor(step, kind=cfg.lr_scheduler, total=total,
+                                             warmup=warmup_steps_for(cfg.warmup_steps, total))
+    first = (f"the first run's schedule had planned {rate(old_total):.3g}" if step < old_total
+             else f"the first run's schedule ended at step {old_total}")
+    return (f"dpo: the run now has {new_total} steps (it had {old_total}): the {cfg.lr_scheduler} learning-rate "
+            f"schedule is rebuilt over {new_total} steps and goes on from step {step}: step {step + 1} runs at "
+            f"{rate(new_total):.3g} ({first})")
 
 
 class _Session:
@@ -251,6 +265,9 @@ class _Session:
             if cfg.precompute_ref and self.loss.needs_reference:
                 load_reference_cache(trainer, self.resumed)
             print(f"dpo: resuming from {self.resumed.path} at step {trainer.step} of {trainer.total_steps}")
+            planned = int(self.resumed.trainer_state.get("total_steps", trainer.total_steps))
+            if planned != trainer.total_steps:
+                print(schedule_change(cfg, trainer.step, planned, trainer.total_steps))
         if cfg.precompute_ref and self.loss.needs_reference and trainer.ref_cache is None:
             trainer.precompute_reference()
         return trainer, tokenizer

@@ -42,7 +42,7 @@ from dpo.losses import UnpairedLogps
 from dpo.loss_settings import LossSettings
 from dpo.objectives import Scorer, objective_for
 from dpo.objectives.base import region
-from dpo.schedule import build_optimizer, build_scheduler, steps_per_epoch, total_steps
+from dpo.schedule import build_optimizer, build_scheduler, continue_schedule, steps_per_epoch, total_steps
 
 
 def epoch_order(num_pairs: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
@@ -369,7 +369,9 @@ class Trainer:
                 "total_steps": self.total_steps, "data": self.data_fingerprint, "world_size": self.dist.world_size}
 
     def load_state(self, ckpt: Checkpoint) -> None:
-        """Continue from a checkpoint: weights, optimizer, schedule, counters, data position (not RNG)."""
+        """Continue from a checkpoint: weights, optimizer, schedule, counters, data position (not RNG). A run
+        of another total (--max-steps changed) runs the schedule built over its total from the checkpoint's
+        step on (schedule.continue_schedule)."""
         saved, now = ckpt.trainer_state.get("data"), self.data_fingerprint
         if saved is not None and saved != now:
             raise CheckpointError(
@@ -382,9 +384,14 @@ class Trainer:
                 f"cannot resume from {ckpt.path}: it was written by a run on {ranks} rank(s) and this run has "
                 f"{self.dist.world_size}; resume with the same number of processes (torchrun --nproc-per-node "
                 f"{ranks})")
+        if self.total_steps < ckpt.step:
+            raise CheckpointError(f"cannot resume from {ckpt.path}: this run has {self.total_steps} steps and the "
+                                  f"checkpoint is at step {ckpt.step} (give --max-steps {ckpt.step} or more)")
         restore_trainable_state(self.model, ckpt.adapter_state)
         self.optimizer.load_state_dict(ckpt.optimizer_state)
         self.scheduler.load_state_dict(ckpt.scheduler_state)
+        if int(ckpt.trainer_state.get("total_steps", self.total_steps)) != self.total_steps:
+            continue_schedule(self.scheduler)  # extended (or cut short): the schedule over the new total, from here
         self.step = ckpt.step
         self.num_tokens = int(ckpt.trainer_state.get("num_tokens", 0))
         self.skipped_steps = list(ckpt.trainer_state.get("skipped_steps", []))

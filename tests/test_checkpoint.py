@@ -23,7 +23,7 @@ from dpo.run.checkpoint import CheckpointError, latest_checkpoint, list_checkpoi
 from dpo.run.state import capture_rng, restore_rng, restore_trainable_state, trainable_state
 from dpo.run.folder import RESUME_LOCKED_KEYS, check_output_dir, config_differences, trim_metrics
 from dpo.config import TrainConfig
-from dpo.schedule import build_optimizer, build_scheduler
+from dpo.schedule import build_optimizer, build_scheduler, continue_schedule, lr_factor
 
 CONFIG = TrainConfig(dataset="pairs.jsonl").to_dict()
 
@@ -543,6 +543,24 @@ def test_every_value_kind_accepted_at_save_time_loads_with_weights_only(tmp_path
 
 
 # --- resuming safely ----------------------------------------------------------------------------
+
+
+def test_a_schedule_over_a_new_total_goes_on_from_the_restored_step(tmp_path):
+    """A 6-step run (linear, warmup 2) extended to 10 after step 4: from the restore on, every step runs at
+    the rate the 10-step schedule gives for that step, the first one included (the restored state alone
+    keeps the 6-step schedule's rate for it, as HF Trainer's resume does)."""
+    model, opt, sched = build(total_steps=6)
+    for s in range(1, 5):
+        train_step(model, opt, sched, s)
+    model2, opt2, sched2 = build(total_steps=10)
+    opt2.load_state_dict(opt.state_dict())
+    sched2.load_state_dict(sched.state_dict())
+    assert sched2.get_last_lr()[0] == 1e-2 * lr_factor(4, kind="linear", warmup=2, total=6)
+    continue_schedule(sched2)
+    for step in range(4, 10):  # 0-based: the 5th to the 10th step
+        rate = 1e-2 * lr_factor(step, kind="linear", warmup=2, total=10)
+        assert sched2.get_last_lr() == [rate, rate] and [g["lr"] for g in opt2.param_groups] == [rate, rate]
+        train_step(model2, opt2, sched2, step + 1)
 
 
 def test_config_differences():

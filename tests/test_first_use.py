@@ -82,18 +82,55 @@ def test_a_negative_number_is_a_value_not_an_unknown_flag(capsys, data, no_model
 # --- 2. the printed resume command works when copied ---------------------------------------------
 
 
-def test_the_default_runs_resume_command_names_its_output_dir_and_interpreter():
+def test_the_default_runs_resume_command_names_its_output_dir_and_interpreter(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     cfg = TrainConfig(output_dir="runs/default-20261202-120000")
     line = Commands(cfg, argv=[]).resume()
     words = shlex.split(line)
-    assert os.path.samefile(words[0], sys.executable)
-    assert words[1:] == ["-m", "dpo.train", "--output-dir", "runs/default-20261202-120000", "--resume"]
+    assert os.path.isabs(words[0]) and os.path.samefile(words[0], sys.executable)
+    assert words[1:] == ["-m", "dpo.train", "--output-dir", os.path.join(os.getcwd(), "runs/default-20261202-120000"),
+                         "--resume"]
 
 
-def test_a_given_output_dir_is_not_repeated_in_the_printed_command():
+def test_a_given_output_dir_is_not_repeated_in_the_printed_command(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     cfg = TrainConfig(output_dir="x")
     assert shlex.split(Commands(cfg, argv=["--output-dir", "x", "--max-steps", "3"]).restart())[1:] == [
-        "-m", "dpo.train", "--output-dir", "x", "--max-steps", "3", "--overwrite"]
+        "-m", "dpo.train", "--output-dir", os.path.join(os.getcwd(), "x"), "--max-steps", "3", "--overwrite"]
+
+
+def test_every_path_in_the_printed_command_is_absolute_and_names_stay_names(tmp_path, monkeypatch):
+    """Each path-valued flag (the TrainConfig fields marked `path`, and --config) in either spelling is
+    printed absolute; a hub name and a builtin: task stay as typed; --resume-from is left out."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m").mkdir()
+    here = os.getcwd()
+    argv = ["--model", "m", "--dataset=d.jsonl", "--eval-dataset", "builtin:sentiment:eval", "--adapter", "~/a",
+            "--config", "c.yaml", "--output-dir", "o", "--resume-from", "o/checkpoints/step-000002", "--beta", "0.2"]
+    words = shlex.split(Commands(TrainConfig(output_dir="o"), argv).resume())[3:]
+    assert words == ["--model", f"{here}/m", "--dataset", f"{here}/d.jsonl", "--eval-dataset", "builtin:sentiment:eval",
+                     "--adapter", os.path.expanduser("~/a"), "--config", f"{here}/c.yaml", "--output-dir", f"{here}/o",
+                     "--beta", "0.2", "--resume"]
+    hub = ["--model", "HuggingFaceTB/SmolLM2-135M-Instruct", "--dataset", "trl-lib/ultrafeedback_binarized"]
+    assert shlex.split(Commands(TrainConfig(output_dir="o"), hub).resume())[3:7] == hub
+
+
+def test_a_path_set_in_a_config_file_is_printed_as_an_absolute_flag(tmp_path, monkeypatch):
+    """--config FILE naming a relative dataset (read from the starting folder): the command names it too."""
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(dataset="d.jsonl", model="HuggingFaceTB/SmolLM2-135M-Instruct", output_dir="o")
+    words = shlex.split(Commands(cfg, ["--config", "c.yaml"]).resume())[3:]
+    here = os.getcwd()
+    assert words == ["--config", f"{here}/c.yaml", "--dataset", f"{here}/d.jsonl", "--output-dir", f"{here}/o",
+                     "--resume"]
+
+
+def test_config_json_records_local_paths_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = TrainConfig(dataset="d.jsonl", eval_dataset="builtin:sentiment:eval", output_dir="o").run_dict()
+    here = os.getcwd()
+    assert (run["dataset"], run["eval_dataset"], run["output_dir"], run["model"], run["adapter"]) == (
+        f"{here}/d.jsonl", "builtin:sentiment:eval", f"{here}/o", TrainConfig().model, None)
 
 
 def test_the_printed_default_run_command_resumes_that_run(tmp_path, monkeypatch):

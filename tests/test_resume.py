@@ -29,11 +29,12 @@ from dpo.run import folder as runfolder
 from dpo.objectives import Scorer
 from dpo.run.checkpoint import load_checkpoint
 from dpo.cli import python_command
+from dpo.schedule import lr_factor
 from dpo.trainer import epoch_order
 from .conftest import write_jsonl
 
-# The command the messages print to run training again: this interpreter, as the user ran it.
-TRAIN = python_command("dpo.train", [])
+# The command the messages print to run training again: this interpreter, by its absolute path.
+TRAIN = python_command("dpo.train", [], from_anywhere=True)
 
 ROWS = [{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f" It is {2 * i}.",
          "rejected": f" Perhaps {3 * i + 1}, I am not sure."} for i in range(14)]
@@ -204,6 +205,34 @@ def test_sigterm_saves_a_checkpoint_and_the_printed_command_resumes_exactly(tiny
     straight = tmp_path / "straight"
     assert train.main(flags(tiny_llama_dir, data, straight, steps=12)) == 0
     assert_same_run(straight, out)
+
+
+def test_the_printed_resume_command_works_verbatim_from_another_folder(tiny_llama_dir, data, tmp_path, monkeypatch,
+                                                                       capsys):
+    """Started in one folder with relative paths (model, output dir, --config FILE naming the data) and
+    stopped by SIGTERM after step 2: the printed command, run by a shell in another folder, finishes
+    the run as if it had never stopped."""
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir()
+    elsewhere.mkdir()
+    (start / "model").symlink_to(tiny_llama_dir)
+    (start / "pairs.jsonl").write_bytes(data.read_bytes())
+    (start / "settings.json").write_text(json.dumps({"dataset": "pairs.jsonl"}))
+    args = flags("model", "pairs.jsonl", "run")
+    del args[args.index("--dataset"):args.index("--dataset") + 2]
+    monkeypatch.chdir(start)
+    send_signals(monkeypatch, 2, signal.SIGTERM)
+    assert train.main(["--config", "settings.json", *args]) == 143
+    command = capsys.readouterr().err.strip().splitlines()[-1].split("Resume with: ", 1)[1]
+    monkeypatch.undo()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(train.__file__).resolve().parents[1])}
+    done = subprocess.run(command, shell=True, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert not any(elsewhere.iterdir())
+    straight = tmp_path / "straight"
+    assert train.main(flags(tiny_llama_dir, data, straight)) == 0
+    assert_same_run(straight, start / "run")
 
 
 def send_signals(monkeypatch, step: int, signum: int, again: str | None = None) -> None:
@@ -453,6 +482,71 @@ def test_resume_from_the_previous_checkpoint_redoes_the_later_steps_exactly(fini
     for name, t in adapter(finished_run).items():
         assert torch.equal(t, before[1][name])
     assert load_checkpoint(finished_run / "checkpoints" / "step-000006").step == 6  # rewritten, whole
+
+
+def test_resume_from_an_older_checkpoint_sets_the_newer_one_aside(finished_run, tiny_llama_dir, data, capsys):
+    """--resume-from step 3 of a finished 6-step run: step-000006 moves whole to checkpoints/abandoned-<time>/
+    with the metrics as they were, said in one line; the redone steps write a new step-000006, the one a
+    later --resume takes; the one set aside still resumes with --resume-from, with its own metrics rows."""
+    old = finished_run / "checkpoints" / "step-000006"
+    files = {p.relative_to(old): p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    rows = (finished_run / "metrics.jsonl").read_text()
+    assert train.main(flags(tiny_llama_dir, data, finished_run, "--resume-from",
+                            finished_run / "checkpoints" / "step-000003")) == 0
+    (aside,) = [p for p in (finished_run / "checkpoints").iterdir() if p.name.startswith("abandoned-")]
+    assert (f"dpo: moved 1 checkpoint(s) after step 3 (step-000006) aside to {aside} (their steps are redone; "
+            "delete that folder when it is not wanted)") in capsys.readouterr().out.splitlines()
+    kept = aside / "step-000006"
+    assert {p.relative_to(kept): p.read_bytes() for p in kept.rglob("*") if p.is_file()} == files
+    assert (aside / "metrics.jsonl").read_text() == rows
+    assert [p.name for p in checkpoint.list_checkpoints(finished_run)] == ["step-000003", "step-000006"]
+    assert checkpoint.latest_checkpoint(finished_run) == old  # what --resume takes
+
+    marked = [{**r, "branch": "set aside"} for r in metrics(finished_run)]
+    (aside / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in marked))
+    assert train.main(flags(tiny_llama_dir, data, finished_run, "--resume-from", kept)) == 0
+    assert metrics(finished_run) == marked
+
+
+def test_a_resume_with_a_larger_max_steps_trains_to_it(finished_run, tiny_llama_dir, data, capsys):
+    """A finished 6-step run resumed with --max-steps 9: steps 7 to 9 run, config.json and the checkpoint
+    record 9, and the linear schedule is rebuilt over 9 steps from step 6 on: steps 7-9 run at the
+    rates a 9-step schedule gives them (the first run's had decayed to 0 at its end), said in one line."""
+    before = metrics(finished_run)
+    assert train.main(flags(tiny_llama_dir, data, finished_run, "--resume", steps=9)) == 0
+    rows = metrics(finished_run)
+    assert [r["step"] for r in rows] == list(range(1, 10)) and rows[:6] == before
+    assert [r["learning_rate"] for r in rows[6:]] == [5e-3 * lr_factor(s, kind="linear", warmup=0, total=9)
+                                                      for s in (6, 7, 8)]
+    assert json.loads((finished_run / "config.json").read_text())["max_steps"] == 9
+    last = load_checkpoint(finished_run / "checkpoints" / "step-000009")
+    assert last.config["max_steps"] == 9 and last.trainer_state["total_steps"] == 9
+    assert ("dpo: the run now has 9 steps (it had 6): the linear learning-rate schedule is rebuilt over 9 steps "
+            "and goes on from step 6: step 7 runs at 0.00167 (the first run's schedule ended at step 6)"
+            in capsys.readouterr().out.splitlines())
+
+
+def test_the_extended_schedule_is_the_one_a_run_planned_that_long_has(tiny_llama_dir, data, tmp_path, monkeypatch,
+                                                                       capsys):
+    """Crashed before step 5 of 6 (checkpoint 3), resumed with --max-steps 9: steps 4-9 run at the rates
+    of a run planned for 9 steps from the start, not the 6-step schedule's."""
+    out = tmp_path / "run"
+    crash_before_step(monkeypatch, 5)
+    with pytest.raises(Crash):
+        train.main(flags(tiny_llama_dir, data, out))
+    monkeypatch.undo()
+    assert train.main(flags(tiny_llama_dir, data, out, "--resume", steps=9)) == 0
+    assert "(the first run's schedule had planned 0.0025)" in capsys.readouterr().out
+    straight = tmp_path / "straight"
+    assert train.main(flags(tiny_llama_dir, data, straight, steps=9)) == 0
+    assert [r["learning_rate"] for r in metrics(out)[3:]] == [r["learning_rate"] for r in metrics(straight)[3:]]
+
+
+def test_a_max_steps_below_the_checkpoints_step_is_refused(finished_run, tiny_llama_dir, data, capsys, no_model_load):
+    rc = train.main(flags(tiny_llama_dir, data, finished_run, "--resume", steps=4))
+    assert one_line_error(capsys, rc) == (
+        f"dpo: error: cannot resume from {finished_run / 'checkpoints' / 'step-000006'}: --max-steps 4 is below "
+        "its step 6 (give --max-steps 6 or more, or start a new run in another --output-dir)")
 
 
 def test_resume_without_a_checkpoint_is_refused(tiny_llama_dir, data, tmp_path, capsys, no_model_load):

@@ -50,6 +50,22 @@ def test_a_folder_whose_run_had_other_pairs_is_refused_as_another_run(tmp_path, 
         check_output_dir(out, CONFIG, resume=True, overwrite=False)
 
 
+def test_a_config_json_of_relative_paths_still_resumes_from_its_folder(tmp_path, monkeypatch):
+    """An older config.json holds paths as typed: taken from the current folder, they equal the absolute
+    paths a run records now; from another folder they name other files, and the resume is refused."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(CONFIG))  # "dataset": "pairs.jsonl"
+    now = TrainConfig(dataset="pairs.jsonl").run_dict()
+    assert Path(now["dataset"]).is_absolute()
+    check_output_dir(out, now, resume=True, overwrite=False)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(CheckpointError, match="dataset: "):
+        check_output_dir(out, now, resume=True, overwrite=False)
+
+
 def test_every_resume_locked_key_is_a_config_field():
     assert set(RESUME_LOCKED_KEYS) <= set(CONFIG)
 

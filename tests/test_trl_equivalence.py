@@ -87,7 +87,7 @@ def run_ours(model_dir, tmp_path, lora_seed: int | None = None, **settings) -> l
     data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
     cfg = TrainConfig(model=str(model_dir), dataset=str(data), output_dir=str(tmp_path / "ours"), device="cpu",
                       dtype="float32", max_length=MAX_LENGTH, lora_r=LORA.r, lora_alpha=LORA.alpha,
-                      lora_dropout=LORA.dropout, lora_targets=list(LORA.targets), shuffle=False, **settings)
+                      lora_dropout=LORA.dropout, lora_targets=list(LORA.targets), **{"shuffle": False, **settings})
     hooks = RunHooks(model_built=None if lora_seed is None else lambda model: perturb_lora(model, lora_seed))
     return run(cfg, hooks=hooks)["history"]
 

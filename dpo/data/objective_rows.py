@@ -3,7 +3,8 @@
 KTO (trl.KTOTrainer) reads unpaired rows (prompt, completion, label); a paired file is unpaired the
 way TRL's `unpair_preference_dataset` does it (per block of 1000 pairs: every chosen, then every
 rejected); its KL estimate reads mismatched (prompt, completion) rows made by rotating completions
-by one inside each batch.
+by one inside each block of batch-size rows in file order, once, at preparation (TRL's
+KL_completion_ids column): each row keeps its partner however the rows are then ordered.
 
 CPO and ORPO (trl.experimental.cpo / .orpo) tokenize pairs their own way, unlike DPOTrainer:
 prompt and prompt+completion without special tokens, the completion starting at the prompt's length

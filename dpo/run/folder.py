@@ -10,8 +10,8 @@
 - RunWriter: writes config.json, the metric rows (to metrics.jsonl and to every tracker sink) and
   adapter/, main rank only; it creates the folder at its first write, and a failing tracker never costs
   a metrics.jsonl row. (The room on disk for all this is checked before the model loads: dpo.run.diskspace.)
-- find/load_resume_checkpoint, drop_later_checkpoints, trim_metrics, clear_previous_run: what --resume,
-  --resume-from and --overwrite keep and remove.
+- find/load_resume_checkpoint, set_aside_later_checkpoints, trim_metrics, clear_previous_run: what
+  --resume, --resume-from and --overwrite keep, set aside and remove.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import os
 import secrets
 import shutil
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from dpo import smollm2
 from dpo.run.checkpoint import (
     CHECKPOINTS_DIR, CONFIG_FILE, TMP_PREFIX, Checkpoint, CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint)
 from dpo.cli import one_line
-from dpo.config import field_names
+from dpo.config import field_names, with_absolute_paths
 from dpo.files import remove_tree, replace_dir, write_json_atomic, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
@@ -69,7 +70,9 @@ def _show(value: Any) -> str:
 
 
 def config_differences(saved: dict, current: dict, keys: Iterable[str] = RESUME_LOCKED_KEYS) -> list[str]:
-    """["beta: 0.1 -> 0.2", ...]: each of `keys` whose value differs between saved and current config."""
+    """["beta: 0.1 -> 0.2", ...]: each of `keys` whose value differs between saved and current config.
+    (Its callers compare paths absolute: a config.json of an older version may hold relative ones, which
+    are taken from the current folder, as then.)"""
     out = []
     for key in keys:
         a, b = saved.get(key, _ABSENT), current.get(key, _ABSENT)
@@ -103,7 +106,7 @@ def _saved_config_differences(out: Path, config: dict) -> list[str]:
         saved = json.loads(saved_config_path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError):
         return [f"its {CONFIG_FILE} cannot be read"]
-    return config_differences(saved, config, RESUME_LOCKED_KEYS)
+    return config_differences(with_absolute_paths(saved), with_absolute_paths(config), RESUME_LOCKED_KEYS)
 
 
 def check_output_dir(output_dir: str | os.PathLike, config: dict, *, resume: bool, overwrite: bool) -> None:
@@ -211,21 +214,50 @@ def load_resume_checkpoint(cfg, run_config: dict) -> Checkpoint | None:
         earlier = [p for p in list_checkpoints(path.parent.parent) if p != path]
         hint = f"; an earlier checkpoint may be intact: --resume-from {earlier[-1]}" if earlier else ""
         raise CheckpointError(f"{e}{hint}") from None
-    differences = config_differences(ckpt.config, run_config, RESUME_LOCKED_KEYS)
+    differences = config_differences(with_absolute_paths(ckpt.config), with_absolute_paths(run_config),
+                                     RESUME_LOCKED_KEYS)
     if differences:
         raise CheckpointError(f"cannot resume from {path}: these settings differ from the checkpoint's: "
                               + "; ".join(differences) + " (use the same flags, or start a new run in "
                               "another --output-dir)")
+    steps = run_config.get("max_steps", -1)
+    if 0 < steps < ckpt.step:
+        raise CheckpointError(f"cannot resume from {path}: --max-steps {steps} is below its step {ckpt.step} (give "
+                              f"--max-steps {ckpt.step} or more, or start a new run in another --output-dir)")
     return ckpt
 
 
-def drop_later_checkpoints(output_dir: str | os.PathLike, step: int) -> None:
+ABANDONED_PREFIX = "abandoned-"  # checkpoints/abandoned-<UTC time>/: set aside by a resume from an older one
+
+
+def set_aside_later_checkpoints(output_dir: str | os.PathLike, step: int) -> Path | None:
     """Resuming from an older checkpoint: the newer ones belong to the branch being redone, and a later
-    --resume (or pruning) must not take them for this run's latest."""
-    for path in list_checkpoints(output_dir):
-        if step_of(path) > step:
-            print(f"dpo: removing {path} (after the checkpoint resumed from; its steps are redone)")
-            remove_tree(path)
+    --resume (or pruning) must not take them for this run's latest. Nothing a user saved is deleted
+    unasked: they move to checkpoints/abandoned-<UTC time>/ (with metrics.jsonl as it was), where
+    neither --resume nor --save-total-limit looks, and --resume-from can still take one. Returns that
+    folder (None: there was no newer checkpoint)."""
+    later = [p for p in list_checkpoints(output_dir) if step_of(p) > step]
+    if not later:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    aside = Path(output_dir) / CHECKPOINTS_DIR / f"{ABANDONED_PREFIX}{stamp}"
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = aside.with_name(f"{ABANDONED_PREFIX}{stamp}-{n}")
+    try:
+        aside.mkdir()
+        metrics = Path(output_dir) / METRICS_FILE
+        if metrics.is_file():
+            shutil.copyfile(metrics, aside / METRICS_FILE)
+        for path in later:
+            os.replace(path, aside / path.name)
+    except OSError as e:
+        raise CheckpointError(f"cannot move the checkpoints after step {step} aside to {aside}: "
+                              f"{e.strerror or e}") from e
+    print(f"dpo: moved {len(later)} checkpoint(s) after step {step} ({', '.join(p.name for p in later)}) aside to "
+          f"{aside} (their steps are redone; delete that folder when it is not wanted)")
+    return aside
 
 
 def clear_previous_run(output_dir: str | os.PathLike) -> None:
@@ -334,7 +366,10 @@ class RunWriter:
             open(self.metrics_path, "w").close()
             return
         here = Path(self.metrics_path)
-        source = resumed.path.parent.parent / METRICS_FILE  # another run folder's, with --resume-from
+        # The rows of the checkpoint's own run: another run folder's (--resume-from), or those kept with a
+        # set-aside checkpoint (checkpoints/abandoned-*/metrics.jsonl)
+        source = next((p for p in (resumed.path.parent / METRICS_FILE, resumed.path.parent.parent / METRICS_FILE)
+                       if p.is_file()), here)
         if source.is_file() and not (here.exists() and source.samefile(here)):
             shutil.copyfile(source, here)
         trim_metrics(here, resumed.step)

@@ -24,7 +24,8 @@ from dpo.cli import python_command
 from dpo.run.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, save_checkpoint
 from dpo.run.state import capture_rng, trainable_state
 from dpo.cli import one_line
-from dpo.config import TrainConfig
+from dpo.config import TrainConfig, field_names, path_rules
+from dpo.paths import local_path
 from dpo.run.folder import RunWriter, step_of
 
 REF_CACHE_FILE = "ref_logps.safetensors"  # extra checkpoint file: the precomputed reference log-probs
@@ -44,30 +45,43 @@ def load_reference_cache(trainer, ckpt: Checkpoint) -> None:
 
 class Commands:
     """The command lines the messages print: resume this run, or start it over. Each works when copied
-    as is: the interpreter that runs now and this run's --output-dir (the default run's is made up at
+    as is, from any folder: the interpreter that runs now, every path-valued setting (TrainConfig fields
+    marked `path`, and --config) absolute, and this run's --output-dir (the default run's is made up at
     start, so a bare `--resume` would look in a new folder)."""
 
     START_FLAGS = ("--resume", "--no-resume", "--overwrite", "--no-overwrite", "--overwrite-output-dir",
                    "--no-overwrite-output-dir")
 
     def __init__(self, cfg: TrainConfig, argv: list[str] | None):
+        start = field_names(type(cfg), start=True)  # --resume-from is left out below
+        rules = {"--" + name.replace("_", "-"): rule for name, rule in path_rules(type(cfg)).items()
+                 if name not in start}
+        rules["--config"] = True
         if argv is None:  # run() called from Python: config.json holds the whole run
-            self.args = ["--config", str(Path(cfg.output_dir) / "config.json")]
-        else:
-            args, skip = [], False
-            for a in argv:
-                if skip:
-                    skip = False
-                elif a == "--resume-from":
-                    skip = True
-                elif a not in self.START_FLAGS and not a.startswith("--resume-from="):
-                    args.append(a)
-            self.args = args
-        if not any(a == "--output-dir" or a.startswith("--output-dir=") for a in self.args):
-            self.args += ["--output-dir", cfg.output_dir]
+            argv = ["--config", str(Path(cfg.output_dir) / "config.json")]
+        args, given, words = [], set(), iter(argv)
+        for a in words:
+            flag, eq, value = a.partition("=")
+            if flag == "--resume-from":
+                if not eq:
+                    next(words, None)
+                continue
+            if a in self.START_FLAGS:
+                continue
+            if flag in rules:
+                given.add(flag)
+                value = value if eq else next(words, "")
+                args += [flag, local_path(value, rules[flag]) or value]
+                continue
+            args.append(a)
+        # Local paths set elsewhere (a config file, the default run's made-up folder) as flags too (flags win).
+        for flag, rule in rules.items():
+            if flag not in given and (path := local_path(getattr(cfg, flag[2:].replace("-", "_"), None), rule)):
+                args += [flag, path]
+        self.args = args
 
     def _line(self, *extra: str) -> str:
-        return python_command("dpo.train", [*self.args, *extra])
+        return python_command("dpo.train", [*self.args, *extra], from_anywhere=True)
 
     def resume(self, *extra: str) -> str:
         return self._line("--resume", *extra)
