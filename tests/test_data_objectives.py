@@ -34,25 +34,27 @@ def cli(monkeypatch, tokenizer, capsys):
 
 
 @pytest.mark.parametrize("objective", ["simpo", "cpo", "orpo"])
-def test_sided_report_counts_completion_cuts(objective, cli, tokenizer, tmp_path):
+def test_sided_report_drops_pairs_whose_prompt_fills_max_length_and_counts_cuts(objective, cli, tokenizer, tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", RECORDS)
     out = tmp_path / "out.jsonl"
     code, printed, _ = cli("--dataset", src, "--loss-type", objective, "--max-length", MAX_LENGTH, "--out", out)
     assert code == 0
-    cut = [tokenize_sided(tokenizer, PreferenceRow(**r), MAX_LENGTH) for r in RECORDS]
-    full = [tokenize_sided(tokenizer, PreferenceRow(**r), 1 << 30) for r in RECORDS]
-    chosen_cut = sum(len(a.chosen_ids) < len(b.chosen_ids) for a, b in zip(cut, full))
-    rejected_cut = sum(len(a.rejected_ids) < len(b.rejected_ids) for a, b in zip(cut, full))
-    emptied = sum(not a.chosen_ids or not a.rejected_ids for a in cut)
-    assert rejected_cut >= 1 and emptied == 1  # the long prompt fills max_length: its completions are cut away
-    assert f"data: {src} (for --loss-type {objective})\nrows read: 3\nkept: 3 pairs\ndropped: 0\n" in printed
-    assert (f"max_length {MAX_LENGTH}: completions cut (chosen {chosen_cut}, rejected {rejected_cut}); "
-            f"{emptied} cut to nothing (the prompt fills max_length)") in printed
+    cut = [tokenize_sided(tokenizer, PreferenceRow(**r, row_id=i), MAX_LENGTH) for i, r in enumerate(RECORDS)]
+    full = [tokenize_sided(tokenizer, PreferenceRow(**r), None) for r in RECORDS]
+    emptied = [not a.chosen_ids or not a.rejected_ids for a in cut]
+    assert emptied == [False, False, True]  # the long prompt fills max_length: no completion token is left
+    chosen_cut = sum(len(a.chosen_ids) < len(b.chosen_ids) for a, b, e in zip(cut, full, emptied) if not e)
+    rejected_cut = sum(len(a.rejected_ids) < len(b.rejected_ids) for a, b, e in zip(cut, full, emptied) if not e)
+    assert rejected_cut >= 1
+    assert (f"data: {src} (for --loss-type {objective})\nrows read: 3\nkept: 2 pairs\ndropped: 1\n"
+            "  prompt_fills_max_length: 1\n") in printed
+    assert f"max_length {MAX_LENGTH}: completions cut (chosen {chosen_cut}, rejected {rejected_cut})\n" in printed
     kept, _ = load_training_pairs(TrainConfig(dataset=str(src), loss_type=[objective], max_length=MAX_LENGTH),
                                   tokenizer)
-    assert len(kept) == 3  # what training keeps
+    assert kept == cut[:2]  # what training keeps, cut as TRL cuts
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["rejected_tokens"] for x in lines] == [len(b.rejected_ids) for b in full]
+    assert [x["dropped_reason"] for x in lines] == [None, None, "prompt_fills_max_length"]
 
 
 def test_kto_report_counts_unpaired_rows_and_drops(cli, tokenizer, tmp_path):
@@ -85,7 +87,7 @@ def test_bad_kto_label_is_one_line_naming_file_and_row(bad, problem, cli, tmp_pa
     src = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "a", "completion": "b", "label": True}, bad])
     code, printed, err = cli("--dataset", src, "--loss-type", "kto")
     assert code == 2 and printed == ""
-    assert err.startswith(f"python -m dpo.data: error: {src} line 2: ") and problem in err and err.count("\n") == 1
+    assert err.startswith(f"dpo.data: error: {src} line 2: ") and problem in err and err.count("\n") == 1
 
 
 def test_dpo_only_flags_are_refused_with_an_objective(cli, tmp_path):

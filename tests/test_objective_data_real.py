@@ -9,7 +9,8 @@ import pytest
 
 from dpo.data import pairs as data
 from dpo.data.sources import DataSpec, load_rows
-from dpo.data.objective_rows import kl_completions, kto_keeps, tokenize_sided, tokenize_unpaired, unpair_rows
+from dpo.data.objective_rows import (kl_completions, kto_keeps, sided_keeps, tokenize_sided, tokenize_unpaired,
+                                     unpair_rows)
 
 from .conftest import HH_HELPFUL, require_file
 
@@ -45,10 +46,12 @@ def test_kto_rows_equal_trl_prepare_dataset(tok, hh_rows, max_length):
 
 @pytest.mark.parametrize("max_length", MAX_LENGTHS)
 def test_cpo_orpo_tokenization_equals_trl_tokenize_row(tok, hh_rows, max_length):
+    from accelerate import PartialState
     from trl.experimental.cpo import CPOTrainer
     from trl.experimental.orpo import ORPOTrainer
 
-    cut = 0
+    PartialState()  # TRL's warning about an emptied completion logs through accelerate, which needs its state
+    cut = emptied = 0
     for trainer_cls in (CPOTrainer, ORPOTrainer):
         stub = types.SimpleNamespace(processing_class=tok, max_length=max_length, is_encoder_decoder=False)
         stub.build_tokenized_answer = types.MethodType(trainer_cls.build_tokenized_answer, stub)
@@ -61,8 +64,14 @@ def test_cpo_orpo_tokenization_equals_trl_tokenize_row(tok, hh_rows, max_length)
                 assert prompt + answer == theirs[f"{side}_input_ids"], (row.where, side)
                 assert [-100] * len(prompt) + answer == theirs[f"{side}_labels"], (row.where, side)
                 cut += len(prompt) + len(answer) == max_length
+            # TRL keeps a pair its cut leaves with no completion token (the loss's mean is then 0/0); we drop
+            # exactly those pairs, on purpose, as DPO and KTO drop theirs
+            empty = any(all(t == -100 for t in theirs[f"{side}_labels"]) for side in ("chosen", "rejected"))
+            assert sided_keeps(tokenize_sided(tok, row, None), max_length) is not empty, row.where
+            emptied += empty
     if max_length == 128:
         assert cut > 0, "no row reached max_length: the truncation rule went untested"
+        assert emptied > 0, "no prompt filled max_length: the drop rule went untested"
 
 
 def test_conversational_pairs_render_as_trl_apply_chat_template(tok):

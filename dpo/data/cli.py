@@ -20,7 +20,7 @@ from dpo.loss_settings import LossSettings
 from dpo.losses import LOSS_TYPES
 from dpo.losses import OBJECTIVES
 from dpo.data.prompts import IMPLICIT_PROMPT_RULES
-from dpo.data.report import build_report, kto_report, processed_record, sided_report
+from dpo.data.report import PROMPT_FILLS, build_report, kto_report, processed_record, sided_report
 from dpo.smollm2 import DEFAULT_MODEL
 from dpo.data.sources import DataError, DataSpec, load_rows
 
@@ -63,11 +63,17 @@ def objective_data(args, tokenizer, rows):
     if not rows:
         raise DataError(f"{args.dataset}: the dataset is empty (no rows)")
     if not LossSettings(loss_type=(args.loss_type,)).unpaired:
-        pairs = [od.tokenize_sided(tokenizer, r, od.SIDED_NO_LIMIT) for r in rows]  # uncut: the report counts cuts
-        report = sided_report(args.loss_type, pairs, args.max_length, args.dataset)
+        pairs = [od.tokenize_sided(tokenizer, r, None) for r in rows]  # uncut: the report counts cuts
+        kept = [p for p in pairs if od.sided_keeps(p, args.max_length)]
+        report = sided_report(args.loss_type, pairs, kept, args.max_length, args.dataset)
+        if not kept:
+            raise DataError(f"{args.dataset}: all {len(pairs)} pairs were dropped (every prompt fills max_length "
+                            f"{args.max_length}); nothing is left to train on")
         records = [{"row_id": r.row_id, "where": r.where, "chosen_prompt_tokens": len(x.chosen_prompt_ids),
                     "chosen_tokens": len(x.chosen_ids), "rejected_prompt_tokens": len(x.rejected_prompt_ids),
-                    "rejected_tokens": len(x.rejected_ids)} for r, x in zip(rows, pairs)]
+                    "rejected_tokens": len(x.rejected_ids),
+                    "dropped_reason": None if od.sided_keeps(x, args.max_length) else PROMPT_FILLS}
+                   for r, x in zip(rows, pairs)]
         return report, records
     unpaired = rows if isinstance(rows[0], od.UnpairedRow) else od.unpair_rows(list(rows))
     tokenized = [od.tokenize_unpaired(tokenizer, r) for r in unpaired]

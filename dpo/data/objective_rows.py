@@ -10,7 +10,9 @@ CPO and ORPO (trl.experimental.cpo / .orpo) tokenize pairs their own way, unlike
 prompt and prompt+completion without special tokens, the completion starting at the prompt's length
 (one token earlier where the last prompt token merged), a BOS token id put in front where missing
 and an EOS token id appended where missing; a sequence too long loses completion tokens only. Each
-side keeps its own prompt ids (they may differ by the merged token).
+side keeps its own prompt ids (they may differ by the merged token). A pair whose prompt fills
+max_length is dropped (sided_keeps), as DPO and KTO drop theirs: TRL 1.15 keeps it, with an empty
+completion whose mean log-prob is 0/0 (a deliberate difference).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from dpo.data.pairs import Batch, _ids, _with_eos, pad_rows
 from dpo.data.sources import DataError, DataSpec, PreferenceRow, load_rows, read_records
 from dpo.data.prompts import common_prefix_length
 
-SIDED_NO_LIMIT = 1 << 30  # CPO/ORPO tokenization with no max_length: nothing is cut
 UNPAIR_BLOCK = 1000  # `datasets.Dataset.map(batched=True)`'s default batch size, which TRL's unpairing uses
 
 
@@ -170,9 +171,9 @@ def _answer_start(prompt_ids: list[int], full_ids: list[int]) -> int:
 
 def split_sided(
     prompt_ids: list[int], chosen_full: list[int], rejected_full: list[int], *,
-    bos_token_id: int | None, eos_token_id: int, max_length: int, row_id: int = 0, where: str = "",
+    bos_token_id: int | None, eos_token_id: int, max_length: int | None, row_id: int = 0, where: str = "",
 ) -> SidedPair:
-    """CPO/ORPO's tokenize_row on token ids (all made with add_special_tokens=False)."""
+    """CPO/ORPO's tokenize_row on token ids (all made with add_special_tokens=False); None: no cut."""
     sides = []
     for full in (chosen_full, rejected_full):
         start = _answer_start(prompt_ids, full)
@@ -186,20 +187,23 @@ def split_sided(
             prompt = [bos_token_id] + prompt
         if not answer or answer[-1] != eos_token_id:
             answer = answer + [eos_token_id]
-        if len(prompt) + len(answer) > max_length:
-            answer = answer[: max(0, max_length - len(prompt))]
         out += [prompt, answer]
-    return SidedPair(*out, row_id=row_id)
+    return cut_sided(SidedPair(*out, row_id=row_id), max_length)
 
 
 def cut_sided(pair: SidedPair, max_length: int | None) -> SidedPair:
-    """The pair with each completion cut so that prompt + completion fits max_length (the prompt is kept
-    whole, as TRL's CPO/ORPO tokenize_row cuts), unchanged when max_length is None."""
+    """Each side's completion cut so that prompt + completion fits max_length (prompts are never cut)."""
     if max_length is None:
         return pair
-    chosen = pair.chosen_ids[: max(0, max_length - len(pair.chosen_prompt_ids))]
-    rejected = pair.rejected_ids[: max(0, max_length - len(pair.rejected_prompt_ids))]
-    return dataclasses.replace(pair, chosen_ids=chosen, rejected_ids=rejected)
+    fit = (lambda prompt, answer: answer[: max(0, max_length - len(prompt))])
+    return dataclasses.replace(pair, chosen_ids=fit(pair.chosen_prompt_ids, pair.chosen_ids),
+                               rejected_ids=fit(pair.rejected_prompt_ids, pair.rejected_ids))
+
+
+def sided_keeps(pair: SidedPair, max_length: int | None) -> bool:
+    """False where either side's prompt alone fills max_length, leaving that completion no token: such a pair
+    is dropped, as DPO and KTO drop theirs (a mean over zero completion tokens is not a number)."""
+    return max_length is None or max(len(pair.chosen_prompt_ids), len(pair.rejected_prompt_ids)) < max_length
 
 
 def _common_text_prefix(a: str, b: str) -> str:
@@ -223,7 +227,7 @@ def render_chat_pair(tokenizer, row: PreferenceRow) -> PreferenceRow:
     return dataclasses.replace(row, prompt=prompt, chosen=chosen[len(prompt):], rejected=rejected[len(prompt):])
 
 
-def tokenize_sided(tokenizer, row: PreferenceRow, max_length: int) -> SidedPair:
+def tokenize_sided(tokenizer, row: PreferenceRow, max_length: int | None) -> SidedPair:
     """One pair tokenized as TRL 1.15's CPOTrainer and ORPOTrainer do (a conversational pair is rendered
     to text with the chat template first, as there)."""
     row = render_chat_pair(tokenizer, row)

@@ -36,7 +36,7 @@ from dpo import smollm2
 from dpo.config import DEFAULT_MAX_LENGTH
 from dpo.progress import iterate as progress
 from dpo.data.prompts import common_prefix_length
-from dpo.data.report import DataReport, RowResult, build_report
+from dpo.data.report import PROMPT_FILLS, DataReport, RowResult, build_report
 from dpo.data.sources import DataError, PreferenceRow, is_conversational
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, so `python -m dpo.data` rejects bad data fast
@@ -168,7 +168,7 @@ def pad_rows(sequences: list[list[int]], masks: list[list[int]], pad_token_id: i
 IDENTICAL_PAIR = "identical_pair"  # chosen and rejected completions tokenize the same
 NO_PROMPT_TOKENS = "no_prompt_tokens"  # the whole prompt merged into the completion at tokenization
 EMPTY_COMPLETION = "empty_completion"  # chosen or rejected has no token after the prompt
-PROMPT_FILLS_MAX_LENGTH = "prompt_fills_max_length"  # no completion token would survive max_length
+PROMPT_FILLS_MAX_LENGTH = PROMPT_FILLS  # no completion token would survive max_length
 
 
 def process_rows(tokenizer, rows: list[PreferenceRow], max_length: int | None,

@@ -171,15 +171,18 @@ def processed_record(result: RowResult) -> dict:
 # --- the objectives beyond DPO (python -m dpo.data --loss-type simpo|cpo|orpo|kto) -----------------
 
 
+PROMPT_FILLS = "prompt_fills_max_length"  # the drop reason of a row whose prompt leaves no completion token
+
+
 @dataclass
 class ObjectiveReport:
     """What an objective's own tokenization does to a dataset (the one training uses: dpo.build).
 
-    simpo/cpo/orpo (TRL's CPO/ORPO trainers): every pair is kept; a sequence over max_length loses
-    completion tokens only (`completions_cut` counts chosen and rejected sides; `completions_emptied`
-    those left with no token because the prompt fills max_length). kto (TRL's KTOTrainer): pairs are
-    split into a desirable and an undesirable row each; rows whose prompt fills max_length are dropped;
-    the collator cuts longer prompt+completion rows at max_length (`completions_cut`)."""
+    Every objective drops the rows whose prompt fills max_length (no completion token would be left), as
+    DPO does. simpo/cpo/orpo (TRL's CPO/ORPO trainers): a sequence over max_length loses completion tokens
+    only (`completions_cut` counts chosen and rejected sides). kto (TRL's KTOTrainer): pairs are split into
+    a desirable and an undesirable row each; the collator cuts longer prompt+completion rows at max_length
+    (`completions_cut`)."""
 
     objective: str
     source: str
@@ -189,7 +192,6 @@ class ObjectiveReport:
     dropped: dict[str, int]
     max_length: int | None
     completions_cut: dict[str, int]  # side -> count
-    completions_emptied: int = 0
     desirable: int | None = None  # kto: kept rows of each label
     undesirable: int | None = None
     tokens: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # before any cut
@@ -211,9 +213,7 @@ class ObjectiveReport:
         if self.max_length is None:
             lines.append("max_length: none (no truncation)")
         else:
-            lines.append(f"max_length {self.max_length}: completions cut ({cuts})"
-                         + (f"; {self.completions_emptied} cut to nothing (the prompt fills max_length)"
-                            if self.completions_emptied else ""))
+            lines.append(f"max_length {self.max_length}: completions cut ({cuts})")
         lines.append(f"tokens (kept {unit}, uncut) {'min':>7} {'p50':>7} {'p90':>7} {'p99':>7} {'max':>7} {'mean':>9}")
         for name, stats in self.tokens.items():
             if stats:
@@ -222,25 +222,22 @@ class ObjectiveReport:
         return "\n".join(lines)
 
 
-def sided_report(objective: str, pairs: list, max_length: int | None, source: str) -> ObjectiveReport:
-    """The report of SimPO/CPO/ORPO pairs tokenized with no limit (objective_data.SidedPair): what a
-    cut at max_length would do to them (TRL's CPO/ORPO tokenization cuts the completion only)."""
+def sided_report(objective: str, pairs: list, kept: list, max_length: int | None, source: str) -> ObjectiveReport:
+    """The report of SimPO/CPO/ORPO pairs (objective_data.SidedPair), `pairs` all of them and `kept` those
+    left after dropping the ones whose prompt fills max_length, both uncut: what a cut at max_length does
+    to the kept ones (TRL's CPO/ORPO tokenization cuts the completion only)."""
     over = (lambda p, a: max_length is not None and len(p) + len(a) > max_length)
-    empty = (lambda p: max_length is not None and len(p) >= max_length)
+    dropped = len(pairs) - len(kept)
     return ObjectiveReport(
-        objective=objective, source=source, rows_read=len(pairs), items=len(pairs), kept=len(pairs), dropped={},
-        max_length=max_length,
-        completions_cut={"chosen": sum(over(x.chosen_prompt_ids, x.chosen_ids) for x in pairs),
-                         "rejected": sum(over(x.rejected_prompt_ids, x.rejected_ids) for x in pairs)},
-        completions_emptied=sum(empty(x.chosen_prompt_ids) or empty(x.rejected_prompt_ids) for x in pairs),
-        tokens={"prompt": summarize([len(x.chosen_prompt_ids) for x in pairs]),
-                "chosen": summarize([len(x.chosen_ids) for x in pairs]),
-                "rejected": summarize([len(x.rejected_ids) for x in pairs]),
+        objective=objective, source=source, rows_read=len(pairs), items=len(pairs), kept=len(kept),
+        dropped={PROMPT_FILLS: dropped} if dropped else {}, max_length=max_length,
+        completions_cut={"chosen": sum(over(x.chosen_prompt_ids, x.chosen_ids) for x in kept),
+                         "rejected": sum(over(x.rejected_prompt_ids, x.rejected_ids) for x in kept)},
+        tokens={"prompt": summarize([len(x.chosen_prompt_ids) for x in kept]),
+                "chosen": summarize([len(x.chosen_ids) for x in kept]),
+                "rejected": summarize([len(x.rejected_ids) for x in kept]),
                 "sequence": summarize([max(len(x.chosen_prompt_ids) + len(x.chosen_ids),
-                                           len(x.rejected_prompt_ids) + len(x.rejected_ids)) for x in pairs])})
-
-
-KTO_PROMPT_FILLS = "prompt_fills_max_length"
+                                           len(x.rejected_prompt_ids) + len(x.rejected_ids)) for x in kept])})
 
 
 def kto_report(rows_read: int, tokenized: list, kept: list, max_length: int | None, source: str) -> ObjectiveReport:
@@ -250,7 +247,7 @@ def kto_report(rows_read: int, tokenized: list, kept: list, max_length: int | No
     dropped = len(tokenized) - len(kept)
     return ObjectiveReport(
         objective="kto", source=source, rows_read=rows_read, items=len(tokenized), kept=len(kept),
-        dropped={KTO_PROMPT_FILLS: dropped} if dropped else {}, max_length=max_length,
+        dropped={PROMPT_FILLS: dropped} if dropped else {}, max_length=max_length,
         completions_cut={label: sum(over(r) for r in kept if r.label == want)
                          for label, want in (("desirable", True), ("undesirable", False))},
         desirable=sum(r.label for r in kept), undesirable=sum(not r.label for r in kept),

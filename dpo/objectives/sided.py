@@ -23,7 +23,7 @@ from dpo.objectives import metrics
 from dpo.data.pairs import Batch
 from dpo.data.sources import DataError
 from dpo.losses import LossOutput, PreferenceLogps
-from dpo.data.objective_rows import SIDED_NO_LIMIT, SidedPair, collate_sided, cut_sided, tokenize_sided
+from dpo.data.objective_rows import SidedPair, collate_sided, cut_sided, sided_keeps, tokenize_sided
 from dpo.logps import completion_token_counts, mean_logps, prompt_token_mask
 from dpo.losses import chosen_nll, cpo_loss, orpo_log_odds, simpo_loss
 from dpo.objectives.base import DataOptions, Objective, Scorer
@@ -58,11 +58,17 @@ class SidedObjective(Objective):
             ("nll_loss", "log_odds_ratio", "log_odds_chosen") if self.name == "orpo" else ("nll_loss",))
 
     def prepare(self, tokenizer, rows, options: DataOptions) -> tuple[list[SidedPair], ObjectiveReport]:
+        """Pairs tokenized as TRL's CPO/ORPO trainers do, those whose prompt fills max_length dropped (TRL keeps
+        them with an empty completion, whose mean log-prob is 0/0: a deliberate difference), the rest cut."""
         if not rows:
             raise DataError(f"{options.source}: the dataset is empty (no rows)")
-        uncut = [tokenize_sided(tokenizer, r, SIDED_NO_LIMIT) for r in rows]
-        report = sided_report(self.name, uncut, options.max_length, options.source)
-        return [cut_sided(p, options.max_length) for p in uncut], report
+        uncut = [tokenize_sided(tokenizer, r, None) for r in rows]
+        kept = [p for p in uncut if sided_keeps(p, options.max_length)]  # as DPO and KTO drop theirs
+        report = sided_report(self.name, uncut, kept, options.max_length, options.source)
+        if not kept:
+            raise DataError(f"{options.source}: every prompt fills --max-length {options.max_length}; "
+                            "nothing is left to train on")
+        return [cut_sided(p, options.max_length) for p in kept], report
 
     def collate(self, items: list[SidedPair], pad_id: int, max_length: int | None) -> Batch:
         return collate_sided(items, pad_id)
