@@ -92,6 +92,38 @@ def load_training_pairs(cfg: TrainConfig, tokenizer, rows=None):
     return objective_for(cfg.loss_settings()).prepare(tokenizer, rows, data_options(cfg))
 
 
+def check_before_loading(cfg: TrainConfig, device: torch.device) -> list[str]:
+    """What the device and the model's config refuse (ConfigError, one line) before any weights load:
+    bitsandbytes' needs (--optim adamw_8bit, --load-in-4bit), a hub model that cannot be fetched, LoRA
+    targets the model lacks. Returns warnings: a --max-length past the model's context."""
+    import importlib.util
+
+    for flag, wanted in (("--optim adamw_8bit", cfg.optim == "adamw_8bit"), ("--load-in-4bit", cfg.load_in_4bit)):
+        if wanted and device.type != "cuda":
+            raise ConfigError(f"{flag}: needs a CUDA GPU (bitsandbytes); this run is on the {device.type}")
+        if wanted and importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError(f"{flag}: needs bitsandbytes, which is not installed (pip install bitsandbytes)")
+    path = models.resolve_model_path(cfg.model)
+    if not os.path.exists(os.path.expanduser(path)) and (problem := models.hub_problem(path)) is not None:
+        raise ConfigError(f"--model: {problem}")
+    try:
+        config = models.load_config(path, cfg.trust_remote_code)
+    except (OSError, ValueError) as e:  # no such hub model, remote code refused, ...
+        raise ConfigError(f"--model: cannot load {path}: {first_line(e)}") from None
+    if cfg.adapter is None:  # a starting adapter brings its own targets
+        skeleton = models.weightless_model(config, cfg.trust_remote_code)
+        if skeleton is not None:
+            try:
+                models.lora_targets_for(skeleton, cfg.lora_targets)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+    context = getattr(config, "max_position_embeddings", None)
+    if cfg.max_length is not None and isinstance(context, int) and cfg.max_length > context:
+        return [f"--max-length {cfg.max_length} is above {path}'s context of {context} tokens "
+                f"(max_position_embeddings): longer sequences are outside what it was trained on"]
+    return []
+
+
 def build_model(cfg: TrainConfig, device: torch.device, tokenizer=None):
     """(model, tokenizer): base model + LoRA (fresh, or the starting adapter with its frozen reference copy).
     `tokenizer`: the one the data was prepared with (loaded here when None; Unsloth brings its own)."""
@@ -110,8 +142,6 @@ def build_model(cfg: TrainConfig, device: torch.device, tokenizer=None):
         if cfg.disable_dropout:
             models.disable_dropout(model)
         return _place_embeddings(model, cfg), tokenizer
-    if cfg.load_in_4bit and device.type != "cuda":
-        raise ConfigError("--load-in-4bit: needs a CUDA GPU (bitsandbytes NF4)")
     try:
         tokenizer = tokenizer if tokenizer is not None else models.load_tokenizer(path, cfg.trust_remote_code)
         seed_everything(cfg.seed)  # LoRA init depends on it, as in TRL
@@ -121,8 +151,11 @@ def build_model(cfg: TrainConfig, device: torch.device, tokenizer=None):
     if cfg.adapter:
         model = models.load_starting_adapter(model, cfg.adapter)
     else:
-        model = models.add_lora(model, models.LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                                                           tuple(cfg.lora_targets)))
+        try:  # checked on a weightless copy already where one could be built
+            model = models.add_lora(model, models.LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                                                               tuple(cfg.lora_targets)))
+        except ValueError as e:
+            raise ConfigError(first_line(e)) from None
     if cfg.load_in_4bit:
         models.cast_trainable_to_bf16(model)
     if cfg.disable_dropout:

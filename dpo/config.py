@@ -118,7 +118,8 @@ class TrainConfig:
         path=OR_NAME)
     eval_steps: int = _opt(0, "Evaluate on --eval-dataset every N steps (0: before and after training only)",
         resume="free")
-    threads: int = _opt(0, "CPU threads for torch (0: the cores not busy with other work)", resume="free")
+    threads: int = _opt(0, "CPU threads for torch (0: every core this process may use, shared by the ranks; other "
+                        "busy processes are not counted)", resume="free")
     report_to: str = _opt("none", "Also send every metrics row to trackers: a comma list of tensorboard, wandb, "
                           "mlflow (none: metrics.jsonl only)", resume="free")
     output_dir: str = _opt("runs/dpo", "Where metrics.jsonl, config.json, checkpoints/ and adapter/ are written",
@@ -332,6 +333,9 @@ class TrainConfig:
         if loss.unpaired and self.per_device_batch_size < 2:
             bad("per_device_batch_size", "kto needs >= 2 rows per micro-batch (its KL estimate pairs each row "
                 "with another row's completion; TRL refuses 1 too)")
+        if self.precompute_ref and self.reference_free:
+            bad("precompute_ref", "cannot be combined with --reference-free: with no reference model there are no "
+                "reference log-probs to precompute")
         if self.precompute_ref and not loss.reference_per_pair:
             bad("precompute_ref", f"is for DPO loss types; {loss.objective} "
                 + ("computes its reference each step" if loss.needs_reference else "uses no reference model"))

@@ -26,12 +26,13 @@ from dpo.data import tasks
 from dpo.data.sources import DataError
 from dpo.eval.evaluation import Evaluation, GenerationSettings, format_metrics
 from dpo.eval.generation import format_samples
-from dpo.files import write_json_atomic
+from dpo.files import output_problem, write_json_atomic
 from dpo.config import LOGPROB_MODES, ConfigError, TrainConfig, add_field_arguments
 from dpo.data.sources import looks_local
 from dpo.loss_settings import LossSettings
 
 PROG = "python -m dpo.evaluate"
+NAME = "dpo.evaluate"  # what its error lines start with (python -m dpo.train's: "dpo")
 _TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 # The loss flags are training's (same names, help and defaults), read into the one LossSettings.
 LOSS_FIELDS = tuple(f.name for f in dataclasses.fields(LossSettings))
@@ -45,7 +46,7 @@ class EvalError(Exception):
 
 def build_parser() -> cli.Parser:
     p = cli.Parser(
-        prog=PROG,
+        prog=PROG, name=NAME,
         description="Evaluate a model (and LoRA adapter) on held-out preference pairs: TRL's eval metrics, "
                     "length-normalised accuracy, and for builtin: tasks greedy generations scored by the task's "
                     "reward and their KL to the reference (the base model).")
@@ -96,10 +97,8 @@ def check_args(args) -> torch.device:
             raise EvalError(f"--adapter: no such adapter folder: {args.adapter}")
         if not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
             raise EvalError(f"--adapter: {args.adapter} holds no adapter_config.json (not a PEFT adapter folder)")
-    if args.output:
-        folder = os.path.dirname(os.path.abspath(args.output))
-        if not os.path.isdir(folder):
-            raise EvalError(f"--output: the folder {folder} does not exist")
+    if args.output and (problem := output_problem(args.output)) is not None:  # before the evaluation, not after
+        raise EvalError(f"--output: {problem}")
     try:
         return models.resolve_device(args.device)
     except ValueError as e:
@@ -219,10 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except (EvalError, DataError) as e:
-        print(f"{PROG}: error: {cli.one_line(e)}", file=sys.stderr)
+        print(f"{NAME}: error: {cli.one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        print(f"{NAME}: interrupted", file=sys.stderr)
         return 130
     return 0
 

@@ -640,9 +640,12 @@ def _generations(llm, reference, tokenizer) -> list[str]:
 # ---------------------------------------------------------------------------------------- CLI
 
 
+NAME = "dpo.export"  # what its error lines start with (python -m dpo.train's: "dpo")
+
+
 def build_parser() -> Parser:
     p = Parser(
-        prog="python -m dpo.export",
+        prog="python -m dpo.export", name=NAME,
         description="Export a training run as its LoRA adapter, a merged HF model, or a GGUF file.",
     )
     p.add_argument("--run-dir", required=True, default=argparse.SUPPRESS, help="the training run directory (config.json, adapter/)")
@@ -739,19 +742,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_export(args, argv)
     except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{NAME}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a read-only or full place: name the path and the cause, as training does
         where = e.filename or args.output
-        print(f"error: could not write the export to {where}: {e.strerror or first_line(e)}", file=sys.stderr)
+        print(f"{NAME}: error: could not write the export to {where}: {e.strerror or first_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print(f"{NAME}: error: interrupted", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - one line for the user; --traceback for a bug report
         if args.traceback:
             raise
-        print(f"error: unexpected {type(e).__name__}: {first_line(e)} (rerun with --traceback for details)", file=sys.stderr)
+        print(f"{NAME}: error: unexpected {type(e).__name__}: {first_line(e)} (rerun with --traceback for details)", file=sys.stderr)
         return 2
 
 

@@ -3,6 +3,7 @@ name beside the target, then renames it into place (os.replace is atomic on one 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -16,6 +17,31 @@ def _tmp_beside(path: str | os.PathLike) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
 
 
+def _discard(tmp: Path) -> None:
+    """Remove a temporary file if there is one; where even that fails (a read-only place) the write's own
+    error is the one to report."""
+    with contextlib.suppress(OSError):
+        tmp.unlink(missing_ok=True)
+
+
+def output_problem(path: str | os.PathLike) -> str | None:
+    """Why a file cannot be written at `path`, as one line; None when a probe file beside it can be
+    written and removed (so a read-only place fails before the work, not after it)."""
+    folder = Path(os.path.abspath(os.path.expanduser(path))).parent
+    if not folder.is_dir():
+        return f"the folder {folder} does not exist" if not folder.exists() else f"{folder} is not a folder"
+    if Path(path).is_dir():
+        return f"{path} is a folder"
+    probe = _tmp_beside(path)
+    try:
+        with open(probe, "w", encoding="utf-8"):
+            pass
+    except OSError as e:
+        return f"cannot write in {folder}: {e.strerror or e}"
+    _discard(probe)
+    return None
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """`text` at `path`, whole or not at all."""
     tmp = _tmp_beside(path)
@@ -24,7 +50,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise
 
 
@@ -42,7 +68,7 @@ def write_jsonl_atomic(path: str | os.PathLike, records: Iterable) -> None:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise
 
 

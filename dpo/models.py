@@ -57,6 +57,51 @@ def resolve_device(name: str) -> torch.device:
 # What a loadable model folder holds (weights as safetensors only: this project loads no pickles).
 
 
+def hub_problem(name: str, timeout_s: float = 3.0) -> str | None:
+    """Why the hub model `name` (not a local folder) cannot be fetched now, as one line; None when it is in
+    the local cache, the hub is switched off (HF_HUB_OFFLINE: the loader then says what is missing), or the
+    hub answers. A short connection test, so an unreachable hub costs seconds, not minutes of retries."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return None
+    except ValueError:  # not a valid repo id: the loader's own message says so
+        return None
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout_s).close()
+    except OSError as e:
+        return (f"{name} is neither a local folder nor in the hub cache, and the hub ({constants.ENDPOINT}) cannot be "
+                f"reached: {e.strerror or type(e).__name__}. Check the name, or the network")
+    return None
+
+
+def load_config(name_or_path: str, trust_remote_code: bool = False):
+    """The model's config.json as transformers reads it (no weights)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+
+
+def weightless_model(config, trust_remote_code: bool = False):
+    """The model `config` describes, on the meta device (no memory, no weights): its module names and
+    layer types; None when the model class cannot be built that way."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - remote code or a class meta cannot build: checked after loading instead
+        return None
+
+
 def pad_id(tokenizer) -> int:
     """The id that pads a batch: the tokenizer's pad token, else EOS (as TRL pads)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -68,13 +113,22 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:  # as TRL does: pad with EOS
         tokenizer.pad_token = tokenizer.eos_token
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if getattr(tokenizer, "clean_up_tokenization_spaces", False) and type(getattr(backend, "model", None)).__name__ == "BPE":
+        # transformers skips this clean-up for BPE anyway (it would strip spaces), warning at the first decode
+        tokenizer.clean_up_tokenization_spaces = False
     return tokenizer
 
 
 def load_model(name_or_path: str, dtype: torch.dtype, device: str = "cpu", trust_remote_code: bool = False,
                load_in_4bit: bool = False):
-    """A causal LM from safetensors only (no pickle); 4-bit NF4 through bitsandbytes on CUDA (QLoRA)."""
+    """A causal LM from safetensors only (no pickle); 4-bit NF4 through bitsandbytes on CUDA (QLoRA).
+    A local folder loads without transformers' per-tensor loading bar (a hub model keeps its download bars)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    if os.path.isdir(os.path.expanduser(name_or_path)):
+        hf_logging.disable_progress_bar()
 
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
     if needs_eager_attention(AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)):

@@ -18,7 +18,8 @@ Nothing lost (dpo.run.lifecycle writes, checkpoints, resumes and handles signals
   with 130/143 and the command that resumes it. A second signal stops at once (a checkpoint write
   in progress is let finish first, so no half-written folder appears).
 - A non-finite loss or gradient norm never reaches the weights: --on-nan stop (exit 3, naming the
-  step, the rows and the checkpoint of the last good step) or --on-nan skip (no update; counted).
+  step, the rows and the checkpoint of the last good step) or --on-nan skip (no update; counted; a run
+  that skipped more than half its steps ends with exit 3, not as a success).
 Exit codes of main(): 0 done, 2 refused (bad flags, data, output dir or checkpoint), 3 non-finite
 step, 128+signal when stopped by a signal.
 """
@@ -40,8 +41,8 @@ from dpo import distributed, host_memory, models
 from dpo.run import diskspace
 from dpo.data import tasks
 from dpo.run import trackers
-from dpo.build import (PreparedData, build_model, check_same_tokenization, cpu_threads, plan_run, planned_as_before,
-                       prepare_data, read_rows)
+from dpo.build import (PreparedData, build_model, check_before_loading, check_same_tokenization, cpu_threads,
+                       plan_run, planned_as_before, prepare_data, read_rows)
 from dpo.run.checkpoint import Checkpoint, CheckpointError
 from dpo.run.state import restore_rng
 from dpo.run.card import write_run_card
@@ -105,7 +106,8 @@ def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None 
     "predicted_peak_gib" (the plan's predicted peak; None when not planned)}.
 
     Raises ConfigError, DataError, CheckpointError or MissingDefaultModel for what it refuses (before a
-    model loads where it can), and TrainingStopped after a signal or a non-finite step (--on-nan stop).
+    model loads where it can), and TrainingStopped after a signal, a non-finite step (--on-nan stop) or a
+    run whose steps were mostly skipped (--on-nan skip; its adapter and checkpoint are saved).
     `argv` (the command line) only shapes the resume command the messages print.
     """
     started = time.time()
@@ -114,6 +116,10 @@ def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None 
     if loss.unpaired and distributed.from_env().enabled:  # its per-side metrics differ between ranks
         raise ConfigError("--loss-type kto: runs on one process for now (its KL blocks and per-side metrics are "
                           "not yet shared across ranks); launch it without torchrun/accelerate")
+    try:  # a GPU this machine lacks: one line now, not torch's assertion later
+        models.resolve_device(cfg.device)
+    except ValueError as e:
+        raise ConfigError(f"--device: {e}") from None
     dist, device = distributed.setup(cfg.device)  # one process, or one rank of torchrun/accelerate launch
     if device.type == "cpu":
         threads = cpu_threads(cfg.threads, dist.world_size)
@@ -130,6 +136,9 @@ def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None 
     resumed = load_resume_checkpoint(cfg, cfg.run_dict())
     rows = read_rows(cfg)
     models.resolve_model_path(cfg.model)  # the default model missing: say so before anything loads
+    warnings = check_before_loading(cfg, device) + unused_settings(cfg)
+    for line in warnings if dist.is_main else []:
+        print(f"dpo: warning: {line}", file=sys.stderr)
     checkpoints = None if cfg.plan else diskspace.check_disk(  # False: no room for them, the adapter only
         cfg, num_rows=len(rows), start_step=resumed.step if resumed else 0, needs_reference=loss.needs_reference,
         unpaired=loss.unpaired, dist=dist, device=device, may_precompute=resumed is None and cfg.budget.plans)
@@ -174,7 +183,58 @@ def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None 
     result["predicted_peak_gib"] = chosen.chosen.peak_gib if chosen is not None else None
     if dist.is_main:
         print(summary(result, resumed))
+    failed = mostly_skipped(result["steps"], result["skipped_steps"])
+    if failed:
+        raise TrainingStopped(f"{failed}; the adapter in {result['adapter_dir']} is not a trained result. "
+                              "Check the rows these steps read (python -m dpo.data) and the learning rate",
+                              EXIT_NONFINITE, result["checkpoint"])
+    if dist.is_main:
+        print(next_commands(cfg))
     return result
+
+
+def next_commands(cfg: TrainConfig) -> str:
+    """The last line of a finished run: the commands that evaluate its adapter (with the run's loss settings
+    and max length, as training scored it) and export the run."""
+    from dpo.cli import python_command
+    from dpo.evaluate import LOSS_FIELDS
+
+    default, now = TrainConfig().to_dict(), cfg.to_dict()
+    evaluate = ["--model", cfg.model, "--adapter", os.path.join(cfg.output_dir, "adapter"),
+                "--dataset", cfg.eval_dataset or cfg.dataset]
+    for name in ("max_length", *LOSS_FIELDS):
+        value, flag = now[name], "--" + name.replace("_", "-")
+        if value == default[name] or value is None:
+            continue
+        if isinstance(value, bool):
+            evaluate.append(flag if value else flag.replace("--", "--no-", 1))
+        else:
+            evaluate += [flag, *map(str, value if isinstance(value, list) else [value])]
+    export = ["--run-dir", cfg.output_dir, "--format", "merged", "--output", os.path.join(cfg.output_dir, "merged")]
+    return (f"dpo: next: evaluate with {python_command('dpo.evaluate', evaluate)} ; "
+            f"export with {python_command('dpo.export', export)} (or --format adapter, gguf)")
+
+
+MAX_SKIPPED_SHARE = 0.5  # a run that skipped more of its steps than this did not train: it fails
+
+
+def mostly_skipped(steps: int, skipped: list[int]) -> str | None:
+    """Why a run whose steps were mostly skipped (--on-nan skip) is no success, or None when it is one."""
+    if not skipped:
+        return None
+    if len(skipped) >= steps:
+        return f"error: all {steps} steps were skipped for a non-finite loss or gradient norm: no step updated the weights"
+    if len(skipped) > MAX_SKIPPED_SHARE * steps:
+        return (f"error: {len(skipped)} of {steps} steps were skipped for a non-finite loss or gradient norm (more "
+                f"than {MAX_SKIPPED_SHARE:.0%})")
+    return None
+
+
+def unused_settings(cfg: TrainConfig) -> list[str]:
+    """Settings given that change nothing in this run, one line each."""
+    if cfg.eval_steps > 0 and cfg.eval_dataset is None and not tasks.is_builtin(cfg.dataset):
+        return [f"--eval-steps {cfg.eval_steps} does nothing without --eval-dataset (there is nothing to evaluate on)"]
+    return []
 
 
 def summary(result: dict, resumed: Checkpoint | None) -> str:

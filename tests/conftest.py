@@ -83,6 +83,23 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(models, "load_tokenizer", refuse)
 
 
+@pytest.fixture(params=["under-a-file", "sysfs"])
+def unwritable_dir(request, tmp_path) -> Path:
+    """A folder path that no one can write into, root included (chmod does not stop root): one whose parent
+    is a regular file, and /sys (sysfs refuses new files), each checked first."""
+    if request.param == "under-a-file":
+        blocker = tmp_path / "a-file"
+        blocker.write_text("")
+        return blocker
+    folder = Path("/sys")
+    try:
+        (folder / "dpo-probe").open("w").close()
+    except OSError:
+        return folder
+    (folder / "dpo-probe").unlink()
+    pytest.skip("/sys is writable here")
+
+
 def build_tiny_llama(vocab_size: int, seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 

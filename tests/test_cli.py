@@ -114,10 +114,17 @@ BAD = [
     (["--adapter", "PICKLED"], "holds no adapter_model.safetensors (adapters load from safetensors only; a pickled "
                                "adapter_model.bin is refused)"),
     (["--dataset", "BADJSON"], "line 2: invalid JSON"),
+    (["--optim", "adamw_8bit"], "dpo: error: --optim adamw_8bit: needs a CUDA GPU (bitsandbytes); this run is on the cpu"),
+    (["--lora-targets", "nosuch_proj"], "dpo: error: --lora-targets nosuch_proj: no such module in this llama model "
+                                        "(its linear layers: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, "
+                                        "up_proj, v_proj)"),
+    (["--precompute-ref", "--reference-free"], "dpo: error: --precompute-ref: cannot be combined with --reference-free"),
+    pytest.param(["--device", "cuda"], "dpo: error: --device: device 'cuda': CUDA is not available on this machine",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ]
 
 
-@pytest.mark.parametrize("extra, message", BAD, ids=[" ".join(a) for a, _ in BAD])
+@pytest.mark.parametrize("extra, message", BAD, ids=[" ".join((b.values if hasattr(b, "values") else b)[0]) for b in BAD])
 def test_bad_input_is_one_clear_line_before_any_model_loads(tiny_llama_dir, data, tmp_path, capsys, no_model_load,
                                                              extra, message):
     subst = {"MISSING": str(tmp_path / "missing.jsonl"), "MISSING_MODEL": str(tmp_path / "no-model"),

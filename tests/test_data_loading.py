@@ -325,19 +325,47 @@ def test_cli_bad_data_exits_2_with_one_line(tmp_path, capsys):
     path = write_jsonl(tmp_path / "bad.jsonl", [GOOD, "{oops"])
     rc, out, err = run_main(capsys, "--dataset", path)
     assert rc == 2 and out == ""
-    assert err == f"python -m dpo.data: error: {path} line 2: invalid JSON (Expecting property name enclosed in " \
+    assert err == f"dpo.data: error: {path} line 2: invalid JSON (Expecting property name enclosed in " \
                   f"double quotes at column 2)\n"
 
 
 def test_cli_argument_errors(tmp_path, capsys):
     path = write_jsonl(tmp_path / "d.jsonl", ROWS)
     rc, _, err = run_main(capsys, "--dataset", path, "--max-length", "0")
-    assert rc == 2 and err == "python -m dpo.data: error: max_length must be at least 1, got 0\n"
+    assert rc == 2 and err == "dpo.data: error: max_length must be at least 1, got 0\n"
     rc, _, err = run_main(capsys, "--dataset", path, "--out", tmp_path / "no" / "such" / "out.jsonl")
-    assert rc == 2 and "the folder to write --out into does not exist" in err
+    assert rc == 2 and err == f"dpo.data: error: --out: the folder {tmp_path / 'no' / 'such'} does not exist\n"
     rc, _, err = run_main(capsys, "--dataset", path, "--model", tmp_path / "no-model")
-    assert rc == 2 and err.startswith(f"python -m dpo.data: error: {tmp_path / 'no-model'}: cannot load its tokenizer")
+    assert rc == 2 and err.startswith(f"dpo.data: error: {tmp_path / 'no-model'}: cannot load its tokenizer")
     assert err.count("\n") == 1
+
+
+def test_an_unwritable_out_is_one_line_before_the_tokenizer_loads(tmp_path, capsys, unwritable_dir, monkeypatch):
+    monkeypatch.setattr(data, "load_tokenizer", lambda model: pytest.fail("the tokenizer loaded before the refusal"))
+    rc, out, err = run_main(capsys, "--dataset", write_jsonl(tmp_path / "d.jsonl", ROWS), "--out",
+                            unwritable_dir / "x.jsonl")
+    assert rc == 2 and out == ""
+    assert err.startswith("dpo.data: error: --out: ") and str(unwritable_dir) in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_an_atomic_write_that_cannot_clean_up_raises_the_writes_own_error(tmp_path, monkeypatch):
+    """A read-only file system refuses the write and then the clean-up too: the write's error is the one raised,
+    not a second one chained to it."""
+    import errno
+
+    from dpo import files
+
+    def read_only(what):
+        def refuse(*a, **k):
+            raise OSError(errno.EROFS, "Read-only file system", what)
+        return refuse
+    for write in (lambda p: files.write_text_atomic(p, "x"), lambda p: files.write_jsonl_atomic(p, [{}])):
+        with monkeypatch.context() as m, pytest.raises(OSError) as raised:
+            m.setattr(files, "open", read_only("the write"), raising=False)
+            m.setattr(Path, "unlink", read_only("the clean-up"))
+            write(tmp_path / "x.json")
+        assert raised.value.filename == "the write"
 
 
 def run_module(*argv) -> subprocess.CompletedProcess:
@@ -349,7 +377,7 @@ def test_python_m_dpo_data_missing_column(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "answer_a": "b", "answer_b": "c"}])
     proc = run_module("--dataset", path, "--chosen-column", "answer_a")
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr == (f"python -m dpo.data: error: {path} line 1: no 'rejected' column (set --rejected-column); "
+    assert proc.stderr == (f"dpo.data: error: {path} line 1: no 'rejected' column (set --rejected-column); "
                            "columns here: prompt, answer_a, answer_b\n")
 
 
@@ -358,5 +386,5 @@ def test_python_m_dpo_data_mixed_formats(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD, json.dumps(implicit)])
     proc = run_module("--dataset", path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr == (f"python -m dpo.data: error: {path} line 2: mixed formats: this row is text, implicit "
+    assert proc.stderr == (f"dpo.data: error: {path} line 2: mixed formats: this row is text, implicit "
                            f"prompt (last_assistant), but {path} line 1 is text, explicit prompt\n")

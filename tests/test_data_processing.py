@@ -214,7 +214,7 @@ def test_cli_writes_nothing_when_every_row_is_dropped(tmp_path, capsys, tokenize
     out.write_text("previous contents\n")
     assert data_main(["--dataset", str(src), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err == (f"python -m dpo.data: error: {src}: all 1 rows were dropped (identical_pair: 1; max_length=1024); "
+    assert err == (f"dpo.data: error: {src}: all 1 rows were dropped (identical_pair: 1; max_length=1024); "
                    "nothing is left to train on\n")
     assert out.read_text() == "previous contents\n"  # untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]

@@ -205,7 +205,15 @@ def test_cli_errors_are_one_line_exit_2(capsys, tiny_llama_dir, argv, message):
     code, out, err = cli(capsys, *argv)
     assert code == 2
     assert message in err
-    assert len(err.strip().splitlines()) == 1 and err.startswith("python -m dpo.evaluate: error:")
+    assert len(err.strip().splitlines()) == 1 and err.startswith("dpo.evaluate: error:")
+
+
+def test_an_unwritable_output_is_one_line_before_the_model_loads(capsys, tiny_llama_dir, unwritable_dir, no_model_load):
+    code, out, err = cli(capsys, "--model", str(tiny_llama_dir), "--dataset", "builtin:sentiment", "--output",
+                         str(unwritable_dir / "e.json"))
+    assert code == 2 and out == ""
+    assert err.startswith("dpo.evaluate: error: --output: ") and str(unwritable_dir) in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_cli_on_a_tiny_model_with_an_adapter(capsys, tiny_llama_dir, tmp_path):

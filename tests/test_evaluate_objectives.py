@@ -95,4 +95,4 @@ def test_bad_objective_settings_are_one_line_exit_2(flags, message, capsys, tiny
     code = evaluate.main(["--model", str(tiny_llama_dir), "--dataset", "builtin:sentiment", *flags])
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
-    assert len(err.strip().splitlines()) == 1 and err.startswith("python -m dpo.evaluate: error:")
+    assert len(err.strip().splitlines()) == 1 and err.startswith("dpo.evaluate: error:")

@@ -367,6 +367,7 @@ def _cli_error(capsys, args) -> str:
     assert rc == 2, err
     assert len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err
+    assert err.startswith("dpo.export: error: "), err  # as dpo.evaluate's and dpo.data's (dpo.train's: "dpo: error: ")
     return err
 
 
@@ -433,7 +434,7 @@ def test_cli_process_exit_code_and_no_traceback(tmp_path):
         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("error: run directory not found") and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("dpo.export: error: run directory not found") and "Traceback" not in proc.stderr
 
 
 # ------------------------------------------------------------------------------ architectures

@@ -1,8 +1,10 @@
 """What a new user hits first (issue 17): config-file types, the printed resume command, Ctrl-C before
-the first step, the CPU thread count and the help of the default run."""
+the first step, the CPU thread count and the help of the default run; and (issue 29) rows every objective
+drops and reports, a run of skipped steps that fails, settings that change nothing, an unreachable hub."""
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import signal
@@ -10,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from dpo import build, train
 from dpo.config import TrainConfig, config_from_args
@@ -210,3 +213,107 @@ def test_the_reference_precompute_shows_a_progress_bar_when_it_is_slow(tiny_llam
                       per_device_batch_size=2, max_length=64, lora_r=4, device="cpu", precompute_ref=True)
     train.run(cfg)
     assert "reference log-probs (precompute)" in capsys.readouterr().err
+
+
+# --- issue 29: nothing lost, nothing silent ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("objective, extra", [("orpo", {}), ("simpo", {}), ("cpo", {}), ("kto", {"shuffle": False})])
+def test_every_objective_drops_and_reports_the_hh_rows_whose_prompt_fills_max_length(
+        objective, extra, tiny_llama_dir, tmp_path, capsys, single_thread):
+    """The HH file at max length 128: DPO drops the pairs whose prompt leaves no completion token; every other
+    objective drops them too (an empty completion's mean log-prob is 0/0), says so, and trains on finite losses."""
+    from .conftest import HH_HELPFUL, require_file
+
+    cfg = TrainConfig(model=str(tiny_llama_dir), dataset=str(require_file(HH_HELPFUL)), loss_type=[objective],
+                      output_dir=str(tmp_path / "run"), max_steps=2, max_length=128, per_device_batch_size=2,
+                      lora_r=4, device="cpu", **extra)
+    result = train.run(cfg)
+    printed = capsys.readouterr().out
+    dropped = int(printed.split("  prompt_fills_max_length: ")[1].split()[0])
+    kept = int(printed.split("\nkept: ")[1].split()[0])
+    assert dropped > 0 and kept > 0
+    assert f"data: {cfg.dataset} (for --loss-type {objective})" in printed
+    assert not result["skipped_steps"] and all(math.isfinite(row["loss"]) for row in result["history"])
+
+
+def test_a_run_whose_every_step_was_skipped_fails_in_one_line(tiny_llama_dir, data, tmp_path, capsys, monkeypatch,
+                                                              single_thread):
+    from dpo import models
+
+    real = models.completion_logps
+
+    def non_finite(*a, **k):  # the policy's log-probs only: the reference stays finite
+        out = real(*a, **k)
+        return out * float("nan") if torch.is_grad_enabled() else out
+    monkeypatch.setattr(models, "completion_logps", non_finite)
+    out = tmp_path / "run"
+    rc = train.main(["--model", str(tiny_llama_dir), "--dataset", str(data), "--output-dir", str(out),
+                     "--max-steps", "2", "--per-device-batch-size", "2", "--max-length", "64", "--lora-r", "4",
+                     "--device", "cpu", "--on-nan", "skip"])
+    err = capsys.readouterr().err.strip()
+    assert rc == train.EXIT_NONFINITE, err
+    assert "\n" not in err and err.startswith("dpo: error: all 2 steps were skipped for a non-finite loss or "
+                                              "gradient norm: no step updated the weights; the adapter in "), err
+
+
+def test_a_run_fails_when_more_than_half_its_steps_were_skipped():
+    assert train.mostly_skipped(4, []) is None
+    assert train.mostly_skipped(4, [1, 3]) is None  # half: a success, with the skipped steps in its last line
+    assert train.mostly_skipped(4, [1, 2, 3]).startswith("error: 3 of 4 steps were skipped")
+    assert train.mostly_skipped(2, [1, 2]).startswith("error: all 2 steps were skipped")
+
+
+def test_settings_that_change_nothing_are_said_at_start(tiny_llama_dir, data, tmp_path, capsys):
+    """--max-length past the model's context (512 for the tiny Llama) and --eval-steps with nothing to evaluate."""
+    rc = train.main(["--model", str(tiny_llama_dir), "--dataset", str(data), "--output-dir", str(tmp_path / "run"),
+                     "--max-steps", "1", "--per-device-batch-size", "2", "--max-length", "1024", "--lora-r", "4",
+                     "--device", "cpu", "--eval-steps", "2"])
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert (f"dpo: warning: --max-length 1024 is above {tiny_llama_dir}'s context of 512 tokens "
+            "(max_position_embeddings)") in err
+    assert "dpo: warning: --eval-steps 2 does nothing without --eval-dataset" in err
+
+
+def test_the_threads_help_says_what_the_code_does():
+    """0 takes every core this process may use (not the idle ones: see cpu_threads)."""
+    from dataclasses import fields
+
+    (threads,) = [f for f in fields(TrainConfig) if f.name == "threads"]
+    assert "not busy" not in threads.metadata["help"] and "every core this process may use" in threads.metadata["help"]
+
+
+def test_a_hub_model_with_the_hub_unreachable_fails_in_seconds_in_one_line(data, tmp_path):
+    """A misspelled hub name with no network: one line after a short connection test, not minutes of retries."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
+    timed = ("import sys, time; from dpo import train; t = time.time(); rc = train.main(sys.argv[1:]); "
+             "print(f'seconds {time.time() - t:.1f}'); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", timed, "--model", "HuggingFaceTB/SmolLM2-135M-Instrukt", "--dataset",
+                           str(data), "--output-dir", str(tmp_path / "run"), "--device", "cpu"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("dpo: error: --model: HuggingFaceTB/SmolLM2-135M-Instrukt is neither a local folder "
+                                  "nor in the hub cache, and the hub (http://127.0.0.1:9) cannot be reached")
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert float(proc.stdout.split("seconds ")[1]) < 10
+
+
+def test_a_finished_runs_last_line_names_commands_that_evaluate_and_export_it(tiny_llama_dir, data, tmp_path, capsys):
+    from dpo import evaluate, export
+
+    out = tmp_path / "run"
+    assert train.main(["--model", str(tiny_llama_dir), "--dataset", str(data), "--output-dir", str(out),
+                       "--max-steps", "1", "--per-device-batch-size", "2", "--max-length", "64", "--lora-r", "4",
+                       "--device", "cpu", "--beta", "0.2"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("dpo: next: evaluate with ") and last.endswith(" (or --format adapter, gguf)")
+    evaluating, exporting = last.removeprefix("dpo: next: evaluate with ").removesuffix(
+        " (or --format adapter, gguf)").split(" ; export with ")
+    evaluating, exporting = shlex.split(evaluating), shlex.split(exporting)
+    assert evaluating[1:3] == ["-m", "dpo.evaluate"] and exporting[1:3] == ["-m", "dpo.export"]
+    assert evaluating[evaluating.index("--beta") + 1] == "0.2"  # scored under the run's loss settings
+    assert evaluate.main(evaluating[3:]) == 0
+    assert export.main(exporting[3:] + ["--no-verify"]) == 0
+    assert (out / "merged" / "config.json").is_file()

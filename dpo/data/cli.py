@@ -9,26 +9,25 @@ reports what it keeps, drops and cuts (dpo.data.report.ObjectiveReport).
 
 from __future__ import annotations
 
-import os
 import sys
 
 from dpo.data import objective_rows as od
 from dpo.data import pairs as data
 from dpo.cli import Parser, one_line, optional
-from dpo.files import write_jsonl_atomic
+from dpo.files import output_problem, write_jsonl_atomic
 from dpo.loss_settings import LossSettings
-from dpo.losses import LOSS_TYPES
-from dpo.losses import OBJECTIVES
+from dpo.losses import LOSS_TYPES, OBJECTIVES
 from dpo.data.prompts import IMPLICIT_PROMPT_RULES
 from dpo.data.report import PROMPT_FILLS, build_report, kto_report, processed_record, sided_report
 from dpo.smollm2 import DEFAULT_MODEL
 from dpo.data.sources import DataError, DataSpec, load_rows
 
 PROG = "python -m dpo.data"
+NAME = "dpo.data"  # what its error lines start with (python -m dpo.train's: "dpo")
 
 
 def build_parser() -> Parser:
-    p = Parser(prog=PROG,
+    p = Parser(prog=PROG, name=NAME,
                description="Check a preference dataset: validate, tokenize as training will, and print a report.")
     p.add_argument("--dataset", required=True, help="a .jsonl/.jsonl.gz/.json/.parquet/.csv file, a folder of "
                                                     "them, or a hub dataset name")
@@ -57,9 +56,10 @@ def build_parser() -> Parser:
     return p
 
 
-def objective_data(args, tokenizer, rows):
+def objective_records(args, tokenizer, rows):
     """(ObjectiveReport, --out records) of the rows under --loss-type simpo/cpo/orpo/kto, tokenized as
-    training tokenizes them (dpo.build.load_training_pairs)."""
+    training tokenizes them (dpo.objectives: each objective's prepare), each record with its token counts
+    before any cut."""
     if not rows:
         raise DataError(f"{args.dataset}: the dataset is empty (no rows)")
     if not LossSettings(loss_type=(args.loss_type,)).unpaired:
@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{flag}: applies to DPO pairs only; --loss-type {objective} tokenizes as its TRL trainer does")
     try:
         data.check_lengths(args.max_length, args.max_prompt_length)
-        if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-            raise DataError(f"{args.out}: the folder to write --out into does not exist")
+        if args.out and (problem := output_problem(args.out)) is not None:
+            raise DataError(f"--out: {problem}")
         if objective:
             rows = od.read_spec_rows(  # KTO: unpaired rows, each label checked (file and row named)
                 DataSpec.from_config(args), unpaired=LossSettings(loss_type=(objective,)).unpaired)
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = load_rows(DataSpec.from_config(args))  # before the tokenizer: bad data fails in a second
         tokenizer = data.load_tokenizer(args.model)  # looked up on the module, so tests can substitute it
         if objective:
-            report, records = objective_data(args, tokenizer, rows)
+            report, records = objective_records(args, tokenizer, rows)
         else:
             results = data.process_rows(tokenizer, rows, args.max_length, args.max_prompt_length,
                                         drop_identical=not args.keep_identical)
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             write_jsonl_atomic(args.out, records)
     except DataError as e:
-        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
+        print(f"{NAME}: error: {one_line(e)}", file=sys.stderr)
         return 2
     print(report.format())
     if args.out:

@@ -223,7 +223,7 @@ class ObjectiveReport:
 
 
 def sided_report(objective: str, pairs: list, kept: list, max_length: int | None, source: str) -> ObjectiveReport:
-    """The report of SimPO/CPO/ORPO pairs (objective_data.SidedPair), `pairs` all of them and `kept` those
+    """The report of SimPO/CPO/ORPO pairs (dpo.data.objective_rows.SidedPair), `pairs` all of them and `kept` those
     left after dropping the ones whose prompt fills max_length, both uncut: what a cut at max_length does
     to the kept ones (TRL's CPO/ORPO tokenization cuts the completion only)."""
     over = (lambda p, a: max_length is not None and len(p) + len(a) > max_length)
@@ -241,7 +241,7 @@ def sided_report(objective: str, pairs: list, kept: list, max_length: int | None
 
 
 def kto_report(rows_read: int, tokenized: list, kept: list, max_length: int | None, source: str) -> ObjectiveReport:
-    """The report of KTO rows (objective_data.TokenizedRow): `tokenized` after unpairing, `kept` those
+    """The report of KTO rows (dpo.data.objective_rows.TokenizedRow): `tokenized` after unpairing, `kept` those
     whose prompt is shorter than max_length (TRL drops the others)."""
     over = (lambda r: max_length is not None and len(r.prompt_ids) + len(r.completion_ids) > max_length)
     dropped = len(tokenized) - len(kept)

@@ -1,7 +1,7 @@
 """KTO (Ethayarajh et al. 2024) on unpaired rows, as TRL 1.15's KTOTrainer computes it.
 
-A paired file is unpaired as TRL does (objective_data.unpair_rows); each row's mismatched completion for
-the KL estimate is the previous row's inside blocks of the batch size (objective_data.kl_completions).
+A paired file is unpaired as TRL does (dpo.data.objective_rows.unpair_rows); each row's mismatched completion for
+the KL estimate is the previous row's inside blocks of the batch size (dpo.data.objective_rows.kl_completions).
 One micro-batch of N rows is scored on the rows and on their N mismatched KL rows:
     policy on the rows (with gradient), policy on the KL rows (without), the reference on both (without)
     kl    = kto_kl_estimate(policy KL rows, reference KL rows)   the batch's reference point z0

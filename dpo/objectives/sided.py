@@ -1,5 +1,5 @@
 """SimPO, CPO and ORPO: reference-free, paired, tokenized and scored as TRL 1.15's CPOTrainer and
-ORPOTrainer do (objective_data.tokenize_sided), with the pure formulas of dpo/losses.py.
+ORPOTrainer do (dpo.data.objective_rows.tokenize_sided), with the pure formulas of dpo/losses.py.
 
 One micro-batch of B pairs is one forward of 2B rows (chosen rows, then rejected rows):
     chosen, rejected[B]   summed completion log-probs; SimPO and ORPO take per-token means
