@@ -29,6 +29,7 @@ from dpo.eval.generation import format_samples
 from dpo.files import output_problem, write_json_atomic
 from dpo.config import LOGPROB_MODES, ConfigError, TrainConfig, add_field_arguments
 from dpo.data.sources import looks_local
+from dpo.smollm2 import DEFAULT_MODEL
 from dpo.loss_settings import LossSettings
 
 PROG = "python -m dpo.evaluate"
@@ -92,6 +93,8 @@ def check_args(args) -> torch.device:
         problem = models.model_folder_problem(args.model)
         if problem is not None:
             raise EvalError(f"--model: {problem}")
+    elif args.model != DEFAULT_MODEL and (problem := models.hub_problem(args.model)) is not None:
+        raise EvalError(f"--model: {problem}")
     if args.adapter is not None:
         if not os.path.isdir(args.adapter):
             raise EvalError(f"--adapter: no such adapter folder: {args.adapter}")

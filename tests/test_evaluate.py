@@ -216,6 +216,17 @@ def test_an_unwritable_output_is_one_line_before_the_model_loads(capsys, tiny_ll
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_a_hub_model_with_the_hub_unreachable_is_one_line_at_once(capsys, monkeypatch, no_model_load):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    code, out, err = cli(capsys, "--model", "nosuch-org/Model-Instrukt", "--dataset", "builtin:sentiment")
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("dpo.evaluate: error: --model: nosuch-org/Model-Instrukt is neither a local folder nor in "
+                          "the hub cache, and the hub (http://127.0.0.1:9) cannot be reached"), err
+
+
 def test_cli_on_a_tiny_model_with_an_adapter(capsys, tiny_llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
