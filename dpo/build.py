@@ -119,7 +119,7 @@ def check_before_loading(cfg: TrainConfig, device: torch.device) -> list[str]:
                 raise ConfigError(str(e)) from None
     context = getattr(config, "max_position_embeddings", None)
     if cfg.max_length is not None and isinstance(context, int) and cfg.max_length > context:
-        return [f"--max-length {cfg.max_length} is above {path}'s context of {context} tokens "
+        return [f"--max-length {cfg.max_length} is above {cfg.model}'s context of {context} tokens "
                 f"(max_position_embeddings): longer sequences are outside what it was trained on"]
     return []
 
