@@ -239,14 +239,14 @@ def test_every_objective_drops_and_reports_the_hh_rows_whose_prompt_fills_max_le
 
 def test_a_run_whose_every_step_was_skipped_fails_in_one_line(tiny_llama_dir, data, tmp_path, capsys, monkeypatch,
                                                               single_thread):
-    from dpo import models
+    from dpo.objectives import Scorer
 
-    real = models.completion_logps
+    real = Scorer.completion_logps
 
-    def non_finite(*a, **k):  # the policy's log-probs only: the reference stays finite
-        out = real(*a, **k)
+    def non_finite(scorer, model, batch):  # the policy's log-probs only (every layout): the reference stays finite
+        out = real(scorer, model, batch)
         return out * float("nan") if torch.is_grad_enabled() else out
-    monkeypatch.setattr(models, "completion_logps", non_finite)
+    monkeypatch.setattr(Scorer, "completion_logps", non_finite)
     out = tmp_path / "run"
     rc = train.main(["--model", str(tiny_llama_dir), "--dataset", str(data), "--output-dir", str(out),
                      "--max-steps", "2", "--per-device-batch-size", "2", "--max-length", "64", "--lora-r", "4",
