@@ -299,6 +299,10 @@ class Plan:
     def choice(self) -> Choice:
         return self.chosen.choice
 
+    @property
+    def peak_gib(self) -> float:
+        return self.chosen.peak_gib
+
     def config_changes(self) -> dict:
         """TrainConfig field updates that run this plan (`packing` is the field the lead adds)."""
         c = self.choice

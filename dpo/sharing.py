@@ -161,13 +161,17 @@ def shared_completion_logps(model, shared: SharedBatch, mode: str = "chunked", c
     return out.index_add(0, shared.sequence, per_token.float())
 
 
+def segment_lengths(batch: Batch) -> list[int]:
+    """[B] the real length of each pair's shared row, P + C + R (each side cut as collate cuts it)."""
+    attention, completion = batch.attention_mask.bool(), batch.completion_mask.bool()
+    b = batch.num_pairs
+    return [int(n) for n in (attention[:b].sum(1) + (attention[b:] & completion[b:]).sum(1)).tolist()]
+
+
 def token_counts(batch: Batch) -> tuple[int, int]:
     """(real tokens of the unshared sequences, positions the shared forward runs) for one micro-batch: the
     sum of 2P + C + R against B x the longest P + C + R."""
-    attention, completion = batch.attention_mask.bool(), batch.completion_mask.bool()
-    b = batch.num_pairs
-    per_pair = attention[:b].sum(1) + (attention[b:] & completion[b:]).sum(1)
-    return int(attention.sum()), b * int(per_pair.max())
+    return int(batch.attention_mask.sum()), batch.num_pairs * max(segment_lengths(batch))
 
 
 def sharing_agrees(model, batch: Batch, mode: str = "chunked", chunk_size: int = 256,

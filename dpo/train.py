@@ -20,8 +20,11 @@ Nothing lost (dpo.run.lifecycle writes, checkpoints, resumes and handles signals
 - A non-finite loss or gradient norm never reaches the weights: --on-nan stop (exit 3, naming the
   step, the rows and the checkpoint of the last good step) or --on-nan skip (no update; counted; a run
   that skipped more than half its steps ends with exit 3, not as a success).
-Exit codes of main(): 0 done, 2 refused (bad flags, data, output dir or checkpoint), 3 non-finite
-step, 128+signal when stopped by a signal.
+- Step 1 of a fresh run whose policy is its reference checks the loss against the untrained value
+  (dpo.first_step: ln 2 for sigmoid) and stops (exit 3) when it is not: broken batching or reference.
+Exit codes of main(): 0 done, 2 refused (bad flags, data, output dir or checkpoint), 3 a step's numbers
+are wrong (non-finite, step 1's loss not the untrained value, or most steps skipped), 128+signal when
+stopped by a signal.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from typing import Callable
 import torch
 
 from dpo.data.sources import DataError
-from dpo import distributed, host_memory, models
+from dpo import distributed, first_step, host_memory, models
 from dpo.run import diskspace
 from dpo.data import tasks
 from dpo.run import trackers
@@ -180,7 +183,7 @@ def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None 
             writer.close(session.files)  # the trackers get curves.png (if drawn) and end, however the run ended
             distributed.teardown(dist)
     result["seconds"] = time.time() - started
-    result["predicted_peak_gib"] = chosen.chosen.peak_gib if chosen is not None else None
+    result["predicted_peak_gib"] = chosen.peak_gib if chosen is not None else None
     if dist.is_main:
         print(summary(result, resumed))
     failed = mostly_skipped(result["steps"], result["skipped_steps"])
@@ -348,26 +351,41 @@ class _Session:
         from tqdm.auto import tqdm
 
         trainer, history, every = self.trainer, [], self.cfg.eval_steps
+        untrained = self.untrained_loss()
         with tqdm(total=trainer.total_steps, initial=trainer.step, desc="dpo", unit="step",
                   disable=bool(os.environ.get("TQDM_DISABLE")) or not self.dist.is_main) as bar:
             while trainer.step < trainer.total_steps and agreed_signal(self.signals, trainer) is None:
                 row = trainer.train_step()
                 self.writer.append_metrics(row)
                 history.append(row)
+                if untrained is not None and row["step"] == 1 and not row.get("skipped"):
+                    problem = first_step.first_step_problem(row["loss"], *untrained)
+                    if problem is not None:
+                        raise TrainingStopped(f"error: {problem}", EXIT_NONFINITE)
                 if self.hooks.step_done is not None:
                     self.hooks.step_done(row)
                 bar.update(1)
                 if row.get("skipped"):
                     bar.write(f"dpo: step {row['step']} skipped ({row['skipped']})")
                 else:
-                    shown = {"acc": "rewards/accuracies", "kl": "kl"}  # KTO logs no accuracy
-                    bar.set_postfix(loss=f"{row['loss']:.4f}",
-                                    **{k: f"{row[m]:.2f}" for k, m in shown.items() if m in row})
+                    shown = {"acc": "rewards/accuracies", "kl": "kl", "pairs/s": "pairs_per_second"}  # KTO: no acc
+                    bar.set_postfix({"loss": f"{row['loss']:.4f}",
+                                     **{k: f"{row[m]:.2f}" for k, m in shown.items() if m in row}})
                 if self.saver.due(trainer.step):
                     self.saver.save(trainer)
                 if held_out is not None and every > 0 and trainer.step % every == 0 and trainer.step < trainer.total_steps:
                     self.writer.append_metrics({"step": trainer.step, **held_out.metrics(trainer.model)})
         return history
+
+    def untrained_loss(self) -> tuple[float, str, float] | None:
+        """(expected step-1 loss, its name, relative tolerance) when this run starts with policy == reference
+        and its loss has a known value there (dpo.first_step); None otherwise."""
+        if self.resumed is not None or not first_step.policy_is_reference(self.trainer.model):
+            return None
+        expected, name = first_step.expected_first_loss(self.loss, dropout_off=self.cfg.disable_dropout)
+        if expected is None:
+            return None
+        return expected, name, first_step.relative_tolerance(models.resolve_dtype(self.cfg.dtype, self.device))
 
 
 def draw_curves(writer: RunWriter) -> list[str]:

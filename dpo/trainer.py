@@ -25,13 +25,14 @@ import contextlib
 import dataclasses
 import hashlib
 import math
+import time
 import warnings
 from array import array
 from dataclasses import dataclass, field
 
 import torch
 
-from dpo import distributed, models, packing, progress, sharing
+from dpo import distributed, models, packing, progress, sharing, throughput
 from dpo.cli import first_line
 from dpo.run.checkpoint import Checkpoint, CheckpointError
 from dpo.run.state import capture_rng, restore_trainable_state
@@ -164,6 +165,7 @@ class Trainer:
         self.ref_cache: torch.Tensor | None = None  # [num_pairs, k] after precompute_reference()
         self.data_fingerprint = data_fingerprint(train_pairs)
         self._plan = step_plan(len(train_pairs), cfg, dist.world_size)
+        self.cost = throughput.StepCost(model, self.device, counts_flops=not self.loss.unpaired)
 
     # -- one micro-batch ---------------------------------------------------------------------
     def _autocast(self):
@@ -304,11 +306,12 @@ class Trainer:
         NonFiniteStep with nothing changed but the data position; under "skip" the gradients are
         dropped, only the schedule advances, and the row says "skipped".
         """
+        started = time.perf_counter()  # the step syncs at float(grad_norm): host time is the step's time
         self.model.train()
         self.rng_at_step_start = capture_rng()
         _, global_micro_batches = next(self._plan)
         micro_batches = [self._my_shard(m) for m in global_micro_batches]
-        metrics, tokens, computed, bad_rows = StepMetrics(), 0, 0, []
+        metrics, tokens, bad_rows, counted = StepMetrics(), 0, [], throughput.StepTokens()
         for idx in micro_batches:
             with region("dpo:forward"):
                 out, logps, batch = self.micro_batch_of(idx)
@@ -317,7 +320,7 @@ class Trainer:
             with region("dpo:metrics"):
                 metrics.add(self.objective.batch_row(out, logps))
                 tokens += int(batch.attention_mask.sum())
-                computed += self.scorer.computed_tokens(batch)[0]
+                counted.add(self.scorer.sequence_lengths(batch), self.scorer.computed_tokens(batch))
                 bad_rows += nonfinite_rows(out.loss.detach(), logps, batch.row_ids)
         # Several ranks: average gradients and metrics over them (equal shards: mean of means is the mean).
         distributed.average_gradients(self.params, self.dist)
@@ -345,7 +348,9 @@ class Trainer:
         self.step += 1
         self.num_tokens += tokens
         row = {"step": self.step, **metrics.means(), "grad_norm": grad_norm, "learning_rate": lr,
-               "num_tokens": self.num_tokens, "tokens_computed": computed}
+               "num_tokens": self.num_tokens, "tokens_computed": counted.computed,
+               **self.cost.fields(counted, tokens, sum(map(len, global_micro_batches)), time.perf_counter() - started,
+                                  reference_forward=self.objective.needs_reference and self.ref_cache is None)}
         if problem is not None:  # JSON null, not NaN, for the values that are not numbers
             row = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in row.items()}
             row["skipped"] = f"non-finite {problem}"

@@ -67,14 +67,18 @@ class Scorer:
         """How plain completion log-probs run: "shared", "packed" or "padded"."""
         return "shared" if self.sharing else "packed" if self.packing else "padded"
 
-    def computed_tokens(self, batch) -> tuple[int, int]:
-        """(tokens the forward of this collated batch computes, tokens the unshared forwards would): padded
-        rows count their pad positions, a shared row each prompt once."""
+    def computed_tokens(self, batch) -> int:
+        """Token positions the forward of this collated batch runs: padded rows count their pad positions,
+        packed ones their real tokens, shared rows pairs x the longest [prompt | chosen | rejected]."""
         if self.sharing:
-            unshared, shared = sharing.token_counts(batch)
-            return shared, unshared
-        real = int(batch.attention_mask.sum())
-        return (real if self.packing else batch.attention_mask.numel()), real
+            return sharing.token_counts(batch)[1]
+        return int(batch.attention_mask.sum()) if self.packing else int(batch.attention_mask.numel())
+
+    def sequence_lengths(self, batch) -> list[int]:
+        """The real lengths of the sequences the layout runs: each row's, or each shared pair's (the prompt once)."""
+        if self.sharing:
+            return sharing.segment_lengths(batch)
+        return [int(n) for n in batch.attention_mask.sum(dim=1).tolist()]
 
     def forward(self, model, batch: Batch) -> models.ScoredForward:
         """One forward of the batch, scorable under any token mask (`ScoredForward.sums`)."""
