@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dpo import models
+from dpo import cpu_plan, models
 from dpo import plan as plan_mod
 from dpo.data import tasks
 from dpo.data import objective_rows as od
@@ -209,9 +209,10 @@ def user_fixed_choices(cfg: TrainConfig) -> dict:
 
 
 def plan_run(cfg: TrainConfig, items: list, device: torch.device, reference_free: bool):
-    """(cfg with the plan's settings, the Plan) on a CUDA device with --memory-budget other than none;
-    (cfg, None) otherwise. Raises ConfigError when no setting fits the budget."""
-    if device.type != "cuda" or not cfg.budget.plans:
+    """(cfg with the plan's settings, the plan) on a CUDA device (dpo.plan) or the CPU (dpo.cpu_plan: gradient
+    checkpointing only where the memory needs it) with --memory-budget other than none; (cfg, None) otherwise.
+    Raises ConfigError when no setting fits a GPU budget."""
+    if device.type not in ("cuda", "cpu") or not cfg.budget.plans:
         return cfg, None
     objective = objective_for(cfg.loss_settings())
     if not objective.plannable:
@@ -224,6 +225,8 @@ def plan_run(cfg: TrainConfig, items: list, device: torch.device, reference_free
     shape = plan_mod.ModelShape.from_config(AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code),
                                             load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r,
                                             lora_targets=cfg.lora_targets)
+    if device.type == "cpu":
+        return plan_cpu_run(cfg, shape, plan_mod.lengths_of(items))
     budget = (plan_mod.auto_budget_gib(torch.cuda.mem_get_info(device)[0]) if cfg.budget.kind == "auto"
               else cfg.budget.gib)
     try:
@@ -234,6 +237,24 @@ def plan_run(cfg: TrainConfig, items: list, device: torch.device, reference_free
                                sharing_available=backend == "hf" and objective.can_pack)
     except ValueError as e:  # DoesNotFit: one line with the numbers
         raise ConfigError(f"--memory-budget: {e}") from None
+    return dataclasses.replace(cfg, **chosen.config_changes()), chosen
+
+
+def plan_cpu_run(cfg: TrainConfig, shape, lengths):
+    """(cfg with the CPU plan's checkpointing, the CpuPlan): the budget is --memory-budget, or with auto the
+    machine's available memory (MemAvailable); the largest training forward is the worst micro-batch."""
+    if cfg.budget.kind == "auto":
+        budget, source = cpu_plan.available_gib(), "available memory"
+        if budget is None:  # no /proc/meminfo (macOS): run as configured
+            print("dpo: no plan: the available memory is unknown here (no /proc/meminfo); --memory-budget sets it")
+            return cfg, None
+    else:
+        budget, source = cfg.budget.gib, "--memory-budget"
+    sharing = cfg.prefix_sharing != "off" and objective_for(cfg.loss_settings()).can_pack  # the CPU's hf route shares
+    tokens = plan_mod.worst_tokens(lengths, cfg.per_device_batch_size, cfg.max_length, packing=cfg.packing,
+                                   in_order=not cfg.shuffle, sharing=sharing)
+    chosen = cpu_plan.plan_cpu(shape, tokens, budget, checkpointing_off="checkpointing" in user_fixed_choices(cfg),
+                               source=source)
     return dataclasses.replace(cfg, **chosen.config_changes()), chosen
 
 

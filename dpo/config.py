@@ -196,10 +196,12 @@ class TrainConfig:
                                choices=PREFIX_SHARING, resume="free", planned=True)
     attention: str = _opt("auto", "Attention kernel for --packing on the hf backend (auto: flash-attn varlen, else "
                           "FlexAttention, else sdpa)", choices=ATTENTION_ROUTES, resume="free")
-    memory_budget: str = _opt("auto", "GPU memory the run may use, in GiB, for the planner that picks micro-batch, "
+    memory_budget: str = _opt("auto", "Memory the run may use, in GiB, for the planner: on a GPU it picks micro-batch, "
                               "checkpointing, packing, reference precompute, LM-head chunk and embedding placement "
-                              "(auto: the card's free memory less 1 GiB; none: no plan). Flags set to other than their "
-                              "default win over the plan. CPU runs and runs of several ranks are not planned",
+                              "(auto: the card's free memory less 1 GiB); on the CPU it turns gradient checkpointing on "
+                              "only where the run would not fit (auto: the machine's available memory); none: no plan. "
+                              "Flags set to other than their default win over the plan. Runs of several ranks are not "
+                              "planned",
                                   resume="free")
     plan: bool = _opt(False, "Print the plan for this run (see --memory-budget) and exit", resume="free", start=True)
     logprobs: str = _opt("chunked", "chunked: never build the full [B,T,V] logits; full: plain log_softmax", choices=LOGPROB_MODES,
@@ -373,8 +375,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class MemoryBudget:
-    """What --memory-budget asks of the planner: "auto" (the card's free memory less 1 GiB), "none" (no
-    plan: the run as configured) or `gib` GiB."""
+    """What --memory-budget asks of the planner: "auto" (the card's free memory less 1 GiB; on the CPU the
+    machine's available memory), "none" (no plan: the run as configured) or `gib` GiB."""
 
     kind: str  # "auto", "none" or "gib"
     gib: float | None = None

@@ -153,13 +153,15 @@ def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None 
     # 2. The one tokenization, then the plan from its lengths: the config the run uses from here on.
     data = prepare_data(cfg, rows)
     chosen = None
-    if resumed is None and not dist.enabled:  # ranks could plan apart (each its own free memory): not planned
+    # ranks could plan apart (each its own free memory): not planned; a resumed CPU run plans again (its only
+    # choice, checkpointing, changes no number)
+    if (resumed is None or device.type == "cpu") and not dist.enabled:
         cfg, chosen = plan_run(cfg, data.items, device, not loss.needs_reference)
         if chosen is not None and dist.is_main:
             print(chosen.format(every_setting=cfg.plan))
     if cfg.plan:  # --plan: show it and stop, writing nothing
         if chosen is None:
-            print("dpo: no plan: CPU runs, several ranks and --memory-budget none run as configured")
+            print("dpo: no plan: several ranks, a resumed GPU run and --memory-budget none run as configured")
         distributed.teardown(dist)
         return {"plan_only": True, "config": cfg}
     run_config = cfg.run_dict()

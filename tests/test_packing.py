@@ -234,7 +234,7 @@ def test_a_packed_run_follows_the_padded_runs_trajectory(tiny_llama_dir, tmp_pat
     assert [r["tokens_computed"] for r in packed] == [b - a for a, b in zip(totals, totals[1:])]  # no pad tokens
 
 
-def test_plan_on_the_cpu_says_there_is_none_and_writes_nothing(tiny_llama_dir, tmp_path, capsys):
+def test_plan_on_the_cpu_prints_the_cpu_plan_and_writes_nothing(tiny_llama_dir, tmp_path, capsys):
     from dpo import train
 
     from .conftest import write_jsonl
@@ -243,7 +243,7 @@ def test_plan_on_the_cpu_says_there_is_none_and_writes_nothing(tiny_llama_dir, t
     out = tmp_path / "run"
     assert train.main(["--model", str(tiny_llama_dir), "--dataset", str(data), "--output-dir", str(out),
                        "--device", "cpu", "--plan"]) == 0
-    assert "dpo: no plan: CPU runs, several ranks and --memory-budget none run as configured" in capsys.readouterr().out
+    assert "dpo: CPU plan: gradient checkpointing off (it fits" in capsys.readouterr().out
     assert not out.exists()
 
 

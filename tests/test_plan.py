@@ -238,3 +238,62 @@ def test_the_plan_shares_prefixes_where_the_route_can_and_says_why():
     assert "rows shared" in hf.format()
     unsloth = P.plan(shape("llama3.2-1b-lora", load_in_4bit=False), lengths, 137, pairs_per_step=8, max_length=1024)
     assert not any(k.choice.sharing for k in unsloth.considered) and unsloth.config_changes()["prefix_sharing"] == "off"
+# --- the CPU plan (dpo.cpu_plan) -----------------------------------------------------------------
+
+from dpo import cpu_plan as C  # noqa: E402
+
+
+def test_cpu_coefficients_are_what_the_measured_runs_give_and_reproduce_them():
+    assert C.fit((C.SMOLLM2_135M, C.MEASURED_LOADED_GIB), C.MEASURED) == C.FITTED
+    for r in C.MEASURED:
+        assert C.FITTED.peak_gib(r.shape, r.tokens, r.checkpointing) == pytest.approx(r.peak_gib, rel=1e-9), r.label
+    assert {r.checkpointing for r in C.MEASURED} == {False, True}
+
+
+def test_the_cpu_plan_checkpoints_only_when_keeping_activations_would_not_fit():
+    shape, tokens = C.SMOLLM2_135M, 16 * 128
+    off, on = (C.FITTED.peak_gib(shape, tokens, c) for c in (False, True))
+    assert on < off
+    roomy = C.plan_cpu(shape, tokens, budget_gib=off / 0.9 + 0.01)
+    assert not roomy.checkpointing and roomy.peak_gib == off
+    assert "gradient checkpointing off (it fits" in roomy.format()
+    tight = C.plan_cpu(shape, tokens, budget_gib=off / 0.9 - 0.01)
+    assert tight.checkpointing and tight.peak_gib == on and f"off would need {off:.2f} GiB" in tight.format()
+    nothing = C.plan_cpu(shape, tokens, budget_gib=on / 2)
+    assert nothing.checkpointing and "nothing fits" in nothing.format()
+    asked = C.plan_cpu(shape, tokens, budget_gib=on / 2, checkpointing_off=True)
+    assert not asked.checkpointing and "--no-gradient-checkpointing given" in asked.format()
+    assert "\n" not in tight.format()
+
+
+@given(st.floats(0.1, 64), st.floats(0.1, 64), st.integers(1, 8192))
+def test_more_memory_never_turns_checkpointing_on(a, b, tokens):
+    small, large = sorted((a, b))
+    if C.plan_cpu(C.SMOLLM2_135M, tokens, small).checkpointing is False:
+        assert C.plan_cpu(C.SMOLLM2_135M, tokens, large).checkpointing is False
+
+
+def test_available_memory_is_read_from_meminfo(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24683772 kB\nMemFree:  100 kB\nMemAvailable:    2097152 kB\n")
+    assert C.available_gib(str(meminfo)) == 2.0
+    meminfo.write_text("MemTotal:       24683772 kB\n")
+    assert C.available_gib(str(meminfo)) is None
+    assert C.available_gib(str(tmp_path / "absent")) is None
+
+
+def test_a_cpu_run_plans_from_the_available_memory_and_says_so(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    from dpo import train
+
+    from .conftest import write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q?", "chosen": " a", "rejected": " b"}] * 4)
+    base = ["--model", str(tiny_llama_dir), "--dataset", str(data), "--device", "cpu", "--plan"]
+    monkeypatch.setattr(C, "available_gib", lambda: 64.0)
+    assert train.main([*base, "--output-dir", str(tmp_path / "a")]) == 0
+    assert "gradient checkpointing off (it fits" in capsys.readouterr().out
+    monkeypatch.setattr(C, "available_gib", lambda: 0.01)
+    assert train.main([*base, "--output-dir", str(tmp_path / "b")]) == 0
+    assert "gradient checkpointing on" in capsys.readouterr().out
+    assert train.main([*base, "--output-dir", str(tmp_path / "c"), "--memory-budget", "64"]) == 0
+    assert "gradient checkpointing off" in capsys.readouterr().out

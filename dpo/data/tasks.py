@@ -59,7 +59,6 @@ DEFAULT_RUN = {
     "lora_r": 16,
     "lora_alpha": 16,
     "max_length": 128,
-    "gradient_checkpointing": True,
 }
 # ... and its held-out evaluation (dpo.eval.evaluation.Evaluation, GenerationSettings).
 DEFAULT_EVAL = {
