@@ -13,7 +13,7 @@ Memory model (bytes of the process's peak resident size; float32 on CPU, 4 B a n
 
 T is the tokens of the largest training forward (rows x longest row, padded: dpo.plan.worst_tokens). The
 coefficients come from peak RSS (/usr/bin/time -v) of the default run (`python -m dpo.train`, SmolLM2-135M,
-16 rows x up to 128 tokens) on the 2-core machine, with its allocator fixed (dpo.host_memory): MEASURED below,
+16 rows x up to 74 tokens) on the 2-core machine, with its allocator fixed (dpo.host_memory): MEASURED below,
 re-fitted by tests/test_plan.py. Two runs fit two coefficients: the model is rough (it assumes the training
 pass holds the peak and that activations scale with T x layers x width) and serves one decision.
 """
@@ -73,7 +73,7 @@ MEASURED_LOADED_GIB = 0.9181098937988281
 # shared 2-core machine (2026-12-07); its largest training forward: 16 rows x 74 tokens.
 MEASURED: tuple[MeasuredRun, ...] = (
     MeasuredRun("default run, checkpointing off", SMOLLM2_135M, 16 * 74, False, 2905252 / 2**20),
-    MeasuredRun("default run, checkpointing on", SMOLLM2_135M, 16 * 74, True, 1.5),  # provisional: being measured
+    MeasuredRun("default run, checkpointing on", SMOLLM2_135M, 16 * 74, True, 1364196 / 2**20),
 )
 
 
@@ -94,7 +94,7 @@ def fit(loaded: tuple[ModelShape, float], runs: tuple[MeasuredRun, ...]) -> CpuM
 
 
 # fit((SMOLLM2_135M, MEASURED_LOADED_GIB), MEASURED); tests/test_plan.py checks they stay what the runs give.
-FITTED = CpuMemoryModel(runtime_gib=0.3989372253417969, c_full=6.433606333606334, c_ckpt=6.164882704486665)
+FITTED = CpuMemoryModel(runtime_gib=0.3989372253417969, c_full=6.433606333606334, c_ckpt=3.8382838283828384)
 
 
 @dataclass(frozen=True)

@@ -43,10 +43,11 @@ EVAL_SHARE = 5  # one name in EVAL_SHARE goes to the held-out split
 # CPU (SmolLM2-135M-Instruct, float32, torch on 1 thread while another process held the other core):
 # the whole run, load + reference eval + 8 steps + eval + generations, took 177 s; held-out
 # length-normalised accuracy rose by 33-46 points over three seeds. 8 steps x 8 pairs = 64 training pairs.
-# Gradient checkpointing on: a step's activations (16 rows x ~74 tokens x 30 layers, 1.6 GB) are not all
-# kept for backward, so with dpo.host_memory's allocator setting the run peaks at 1.6 GB of RAM instead
-# of 4.0 GB, for the same numbers (checkpointing recomputes, it does not approximate); measured on a quiet
-# 2-core machine, 129 s end to end (89 s with checkpointing alone, at 2.5 GB).
+# Gradient checkpointing is the CPU plan's (dpo.cpu_plan): off where the available memory holds a step's
+# activations (16 rows x up to 75 tokens x 30 layers), on below it; the numbers are the same either way. On the
+# shared 2-core machine (load average 6.5-9.7 from other work, 2026-12-07) the whole run peaked at 2.97 GB RSS
+# with checkpointing off and 1.40 GB on (dpo.host_memory's allocator setting in both); its steps took 96-163 s
+# off and 156-240 s on there.
 DEFAULT_RUN = {
     "dataset": DEFAULT_DATASET,
     "max_steps": 8,
