@@ -45,9 +45,9 @@ EVAL_SHARE = 5  # one name in EVAL_SHARE goes to the held-out split
 # length-normalised accuracy rose by 33-46 points over three seeds. 8 steps x 8 pairs = 64 training pairs.
 # Gradient checkpointing is the CPU plan's (dpo.cpu_plan): off where the available memory holds a step's
 # activations (16 rows x up to 75 tokens x 30 layers), on below it; the numbers are the same either way. On the
-# shared 2-core machine (load average 6.5-9.7 from other work, 2026-12-07) the whole run peaked at 2.97 GB RSS
-# with checkpointing off and 1.40 GB on (dpo.host_memory's allocator setting in both); its steps took 96-163 s
-# off and 156-240 s on there.
+# shared 2-core machine (load average 6.5-10.5 from other work, 2026-12-07) the whole run peaked at 2.97 GB RSS
+# in 36 min 47 s with checkpointing off, 1.63 GB in 41 min 17 s on (dpo.host_memory's allocator setting in
+# both); its 8 steps took 1018 s off (96-163 s each) and 1570 s on (147-240 s each) there.
 DEFAULT_RUN = {
     "dataset": DEFAULT_DATASET,
     "max_steps": 8,
