@@ -29,6 +29,7 @@ import math
 import torch
 
 from dpo.loss_settings import LossSettings
+from dpo.models import REF_ADAPTER
 
 LN2 = math.log(2)
 
@@ -94,8 +95,6 @@ def policy_is_reference(model) -> bool:
     PEFT model whose LoRA B matrices are all zero (a fresh LoRA), or whose trainable adapter equals its frozen
     reference copy (--adapter). False for anything else (weights set by a caller, a full model)."""
     from peft import PeftModel
-
-    from dpo.models import REF_ADAPTER
 
     if not isinstance(model, PeftModel):
         return False

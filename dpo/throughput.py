@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from dpo.plan import ModelShape
 # The row's fields that depend on the wall clock (two runs of the same steps differ only in these).
 TIMED_FIELDS = ("tokens_per_second", "pairs_per_second", "mfu")
 
@@ -108,8 +109,6 @@ class FlopShape:
     @classmethod
     def from_config(cls, config, adapter_params: int, trainable: int) -> "FlopShape":
         """From a transformers config (Llama-style names); the adapter's counts from the model's parameters."""
-        from dpo.plan import ModelShape
-
         shape = ModelShape.from_config(config, load_in_4bit=False, lora_r=0)
         head_dim = getattr(config, "head_dim", None) or shape.hidden // shape.heads
         return cls(shape.layers, shape.layers * shape.layer_params() + shape.vocab * shape.hidden,

@@ -29,6 +29,7 @@ stopped by a signal.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -49,7 +50,7 @@ from dpo.build import (PreparedData, build_model, check_before_loading, check_sa
 from dpo.run.checkpoint import Checkpoint, CheckpointError
 from dpo.run.state import restore_rng
 from dpo.run.card import write_run_card
-from dpo.cli import first_line
+from dpo.cli import first_line, python_command
 from dpo.config import ConfigError, TrainConfig, config_from_args
 from dpo.run.lifecycle import Checkpointer, Commands, StopNow, StopSignals, TrainingStopped, load_reference_cache
 from dpo.run.folder import (RunWriter, check_output_dir, find_resume_checkpoint, load_resume_checkpoint,
@@ -201,13 +202,10 @@ def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None 
 def next_commands(cfg: TrainConfig) -> str:
     """The last line of a finished run: the commands that evaluate its adapter (with the run's loss settings
     and max length, as training scored it) and export the run."""
-    from dpo.cli import python_command
-    from dpo.evaluate import LOSS_FIELDS
-
     default, now = TrainConfig().to_dict(), cfg.to_dict()
     evaluate = ["--model", cfg.model, "--adapter", os.path.join(cfg.output_dir, "adapter"),
                 "--dataset", cfg.eval_dataset or cfg.dataset]
-    for name in ("max_length", *LOSS_FIELDS):
+    for name in ("max_length", *(f.name for f in dataclasses.fields(LossSettings))):
         value, flag = now[name], "--" + name.replace("_", "-")
         if value == default[name] or value is None:
             continue
