@@ -1,8 +1,9 @@
-"""Export a training run: its LoRA adapter, a merged Hugging Face model, or a GGUF file for llama.cpp.
+"""Export a training run: its LoRA adapter, a merged Hugging Face model, or GGUF files for llama.cpp and Ollama.
 
-    python -m dpo.export --run-dir RUN --format adapter --output OUT_DIR
-    python -m dpo.export --run-dir RUN --format merged  --output OUT_DIR [--dtype bfloat16|float16|float32]
-    python -m dpo.export --run-dir RUN --format gguf    --output OUT.gguf [--quantization f16|f32|q8_0|q4_0|q4_k_m]
+    python -m dpo.export --run-dir RUN --format adapter   --output OUT_DIR
+    python -m dpo.export --run-dir RUN --format merged    --output OUT_DIR [--dtype bfloat16|float16|float32]
+    python -m dpo.export --run-dir RUN --format gguf      --output OUT.gguf [--quantization f16|f32|q8_0|q4_0|q4_k_m|...]
+    python -m dpo.export --run-dir RUN --format gguf-lora --output OUT.gguf
 
 A run directory holds `config.json` (its "model" names the base: a local path, a hub name or
 `smollm2-135m-instruct`) and `adapter/` (a PEFT LoRA adapter with the tokenizer beside it).
@@ -11,13 +12,14 @@ A run directory holds `config.json` (its "model" names the base: a local path, a
 - merged: the base model in float32, the adapter applied and merged (`merge_and_unload`), saved as
   a plain HF folder in `--dtype` (bfloat16 by default) with the tokenizer. Verified by reloading it
   and comparing logits with the in-memory float32 merged model.
-- gguf: the float32 merged model written with the `gguf` package (the families in gguf_file.ARCHITECTURES):
-  architecture metadata, the tokenizer (byte-level BPE with merges, or SentencePiece-style with scores;
-  token types, special ids, chat template), tensors under llama.cpp's names with Q/K rows permuted the way llama.cpp's RoPE
-  expects (per KV head for K, so GQA works). f32/f16/q8_0/q4_0 are quantized in numpy by
-  `gguf.quants`; q4_k_m needs llama.cpp's `llama-quantize` on PATH (it quantizes our f16 file).
-  Verified by loading the file back with transformers (`gguf_file=`) and comparing its logits and
-  its tokenizer with the merged model's.
+- gguf: the float32 merged folder converted by llama.cpp's own `convert_hf_to_gguf.py` (dpo.llamacpp_convert:
+  every architecture it knows) to f32/f16, or to f32 and then quantized by llama.cpp's quantizer
+  (dpo.llamacpp). Verified in llama.cpp: logits, top-1 and a greedy generation against the float32 merge,
+  its tokenizer against ours, and whether the adapter is in the file (dpo.gguf_weights: the file's
+  dequantised weights against the merged and the base weights).
+- gguf-lora: the adapter alone as a GGUF LoRA (`convert_lora_to_gguf.py`), verified in llama.cpp applied
+  over an f32 GGUF of the base model, which is written beside it (OUT-base-f32.gguf) unless --lora-base names one.
+Each GGUF gets an Ollama Modelfile beside it (dpo.modelfile).
 
 Everything is written to `OUT.tmp` first and renamed into place. Errors print one line and exit 2;
 a failed verification exits 1 (the file stays, for inspection).
@@ -26,46 +28,39 @@ a failed verification exits 1 (the file stays, for inspection).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dpo import llamacpp
+from dpo import gguf_weights, llamacpp, llamacpp_convert, modelfile
 from dpo.run import card
 from dpo.cli import Parser, first_line, python_command
 from dpo.files import write_json_atomic
-from dpo.gguf_file import ARCHITECTURES, K_QUANTS, QUANTIZATIONS, ExportError, write_gguf  # noqa: F401 (re-exported)
-from dpo.gguf_file import _permute_qk  # noqa: F401 (tests reach it here)
 from dpo.data.sources import looks_local
 
-FORMATS = ("adapter", "merged", "gguf")
+FORMATS = ("adapter", "merged", "gguf", "gguf-lora")
 MERGED_DTYPES = ("bfloat16", "float16", "float32")
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+QUANTIZATIONS = ("f16", "f32", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
+CONVERTER_TYPES = ("f32", "f16")  # written by convert_hf_to_gguf.py; the others by llama.cpp's quantizer from f32
+K_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")
 
-LLAMA_QUANTIZE = "llama-quantize"
-LLAMA_QUANTIZE_HINT = (
-    "build llama.cpp (git clone https://github.com/ggml-org/llama.cpp && cd llama.cpp && "
-    "cmake -B build && cmake --build build --target llama-quantize -j, then put build/bin on PATH), "
-    "or install a release (e.g. `brew install llama.cpp`); "
-    "or export --quantization q8_0 / q4_0, which need nothing else"
-)
+
+class ExportError(Exception):
+    """A problem the user can fix; printed as one line."""
+
 
 # Verification tolerance: max |logit difference| must stay below rtol * max(1, max |reference logit|).
-# Scaling by the logit range makes one number work for a 16-wide toy and a 135M model alike. Measured
-# (tiny test Llama / SmolLM2-135M + random LoRA): f32 0 / -, f16 2.7e-3 / 1.3e-3, q8_0 4.3e-2 / 3.9e-2,
-# bf16 merged 2.8e-2 / -. A wrong Q/K permutation or a swapped tensor gives differences of the order of
-# the range itself. 4-bit types lose real accuracy on small models (SmolLM2-135M q4_0: mean KL 0.2-1.2
-# nats), so for them the numbers are reported, not judged (None): loading and the tokenizer still are,
-# and so is whether the adapter is in the file (see Verification.adapter_visible).
-VERIFY_RTOL = {"f32": 1e-5, "f16": 1e-2, "q8_0": 0.1, "q4_0": None, "q4_k_m": None, "q5_k_m": None, "q6_k": None}
+# Scaling by the logit range makes one number work for a 16-wide toy and a 135M model alike. A swapped or
+# misnamed tensor gives differences of the order of the range itself. 4-bit types lose real accuracy on small
+# models (SmolLM2-135M q4_0: mean KL 0.2-1.2 nats), so for them the numbers are reported, not judged (None):
+# loading and the tokenizer still are, and so is whether the adapter is in the file (Verification.adapter_visible).
 # In llama.cpp the same file is computed by other kernels, with K and V in an f16 cache by default (so an
 # f32 file sees f16 rounding too) and, for f16 weights, activations rounded to f16 in the matmuls. Measured
 # (tiny models / the default run's SmolLM2 export): f32 2e-4 to 6.5e-4 / -, f16 <= 3.3e-3 / 2.3e-3,
@@ -129,14 +124,26 @@ class Verification:
     mean_kl: float
     tokenizer_ok: bool | None = None
     # Is the adapter in the file? RMS logit distance of the export to the merged model and to the bare
-    # base model; the export must be nearer the merged one (None: not checked).
+    # base model, and the adapter's own (merged to base); None: not checked.
     to_merged: float | None = None
     to_base: float | None = None
+    adapter_shift: float | None = None
+    # The same question asked of the file's dequantised weights (gguf_weights.WeightCheck), which can tell
+    # where the logits cannot: a short run's adapter moves them less than 8-bit rounding does.
+    weights: gguf_weights.WeightCheck | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
+    def logits_can_tell(self) -> bool:
+        """Whether the adapter moves the logits more than the file's own rounding does (else the distances
+        to the merged and to the base model differ by noise)."""
+        return self.adapter_shift is None or self.adapter_shift > self.to_merged
+
+    @property
     def adapter_visible(self) -> bool | None:
-        if self.to_merged is None or self.to_base is None:
+        if self.weights is not None and self.weights.verdict is not None:
+            return self.weights.verdict
+        if self.to_merged is None or self.to_base is None or not self.logits_can_tell:
             return None
         return self.to_merged < self.to_base
 
@@ -146,20 +153,28 @@ class Verification:
         within = self.tolerance is None or self.max_abs_diff <= self.tolerance
         return finite and within and self.tokenizer_ok is not False and self.adapter_visible is not False
 
+    def _adapter_part(self) -> str:
+        if self.to_merged is None or self.to_base is None:
+            return ""
+        logits = f"RMS logit distance {self.to_merged:.3g} to the merged model, {self.to_base:.3g} to the base"
+        if self.weights is not None and self.weights.verdict is not None:
+            where = "in the file" if self.weights.verdict else "NOT in the file"
+            return f"; adapter {where}: {self.weights.line()} ({logits})"
+        if not self.logits_can_tell:
+            return (f"; adapter not judged: it moves the logits by RMS {self.adapter_shift:.3g}, less than the "
+                    f"file's rounding ({self.to_merged:.3g}), so they cannot tell it from noise ({logits})")
+        return f"; adapter {'in the file' if self.adapter_visible else 'NOT visible'}: {logits}"
+
     def line(self) -> str:
         verdict = "OK" if self.ok else "FAILED"
         tol = "not judged below 8 bits" if self.tolerance is None else f"tolerance {self.tolerance:.3g}"
         tok = "" if self.tokenizer_ok is None else (
             "; tokenizer encodes identically" if self.tokenizer_ok else "; tokenizer MISMATCH"
         )
-        adapter = "" if self.adapter_visible is None else (
-            f"; adapter {'in the file' if self.adapter_visible else 'NOT visible'}: RMS logit distance "
-            f"{self.to_merged:.3g} to the merged model, {self.to_base:.3g} to the base"
-        )
         return (
             f"verification {verdict}: {self.what}: max |logit diff| {self.max_abs_diff:.3g} "
             f"(logit range {self.logit_scale:.3g}, {tol}), top-1 agreement {self.top1_agreement:.1%}, "
-            f"mean KL {self.mean_kl:.2g} nats{tok}{adapter}"
+            f"mean KL {self.mean_kl:.2g} nats{tok}{self._adapter_part()}"
         )
 
 
@@ -326,8 +341,6 @@ def _portable_base_name(run: Run, adapter_config: Path) -> None:
 def export_merged(run: Run, out, dtype: str = "bfloat16", overwrite: bool = False, model=None, tokenizer=None,
                   commands: list[str] | None = None):
     """Save the merged model in `dtype`; returns (path, float32 merged model, tokenizer)."""
-    import torch
-
     if dtype not in MERGED_DTYPES:
         raise ExportError(f"unknown --dtype {dtype!r}: use one of {', '.join(MERGED_DTYPES)}")
     out = Path(out)
@@ -335,16 +348,47 @@ def export_merged(run: Run, out, dtype: str = "bfloat16", overwrite: bool = Fals
     model = merged_model(run) if model is None else model
     tokenizer = load_run_tokenizer(run) if tokenizer is None else tokenizer
     try:
-        # Cast a copy: the float32 model stays the reference for verification.
-        to_save = copy.deepcopy(model).to(getattr(torch, dtype))
-        to_save.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        del to_save
+        save_folder(model, tokenizer, tmp, dtype)
         card.write_model_card(tmp, run.dir, "merged", card.merged_loading(out), commands or [])
         _move_into_place(tmp, out)
     finally:
         _remove(tmp)
     return out, model, tokenizer
+
+
+def save_folder(model, tokenizer, folder: Path, dtype: str) -> None:
+    """The model in `dtype` (a cast copy: the float32 model stays the reference) and its tokenizer, as an HF folder."""
+    import torch
+
+    to_save = model if dtype == "float32" else copy.deepcopy(model).to(getattr(torch, dtype))
+    to_save.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    tokenizer_json = Path(folder) / "tokenizer.json"
+    if tokenizer_json.is_file():
+        fixed = byte_level_bpe(json.loads(tokenizer_json.read_text(encoding="utf-8")))
+        if fixed is not None:
+            tokenizer_json.write_text(json.dumps(fixed, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def byte_level_bpe(tok: dict) -> dict | None:
+    """A byte-level BPE tokenizer.json that says it falls back to bytes, written as the byte-level BPE it is
+    (None when there is nothing to change).
+
+    transformers 5 writes the tokenizer it reads from a GGUF file (the default model's) with `byte_fallback`
+    and a ByteFallback decoder beside its ByteLevel pre-tokenizer. Every byte already has a token there, so
+    the fallback never fires in transformers, but llama.cpp's converter reads the flag as a SentencePiece
+    vocabulary and llama.cpp then aborts on the first prompt. A ByteLevel decoder decodes the same text."""
+    model, pre = tok.get("model") or {}, tok.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    if model.get("type") != "BPE" or not any(p.get("type") == "ByteLevel" for p in parts):
+        return None
+    decoder = tok.get("decoder") or {}
+    if not model.get("byte_fallback") and decoder.get("type") == "ByteLevel":
+        return None
+    fixed = copy.deepcopy(tok)
+    fixed["model"]["byte_fallback"] = False
+    fixed["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    return fixed
 
 
 def verify_merged(path: Path, reference, tokenizer, dtype: str) -> Verification:
@@ -391,7 +435,7 @@ def compare_logit_lists(reference: list, candidate: list, rtol: float | None, wh
     """compare_logits on logits already computed (torch tensors or numpy arrays, one per prompt)."""
     import torch
 
-    diff, scale, agree, total, kl_sum, sq_merged, sq_base = 0.0, 0.0, 0, 0, 0.0, 0.0, 0.0
+    diff, scale, agree, total, kl_sum, sq_merged, sq_base, sq_shift = 0.0, 0.0, 0, 0, 0.0, 0.0, 0.0, 0.0
     for i, (a, b) in enumerate(zip(reference, candidate)):
         a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
         diff = max(diff, (a - b).abs().max().item())
@@ -402,42 +446,46 @@ def compare_logit_lists(reference: list, candidate: list, rtol: float | None, wh
         kl_sum += (la.exp() * (la - lb)).sum().item()
         sq_merged += (a - b).pow(2).mean(-1).sum().item()
         if base is not None:
-            sq_base += (torch.as_tensor(base[i]).float() - b).pow(2).mean(-1).sum().item()
+            c = torch.as_tensor(base[i]).float()
+            sq_base += (c - b).pow(2).mean(-1).sum().item()
+            sq_shift += (c - a).pow(2).mean(-1).sum().item()
     n = max(total, 1)
     tolerance = None if rtol is None else rtol * max(1.0, scale)
     v = Verification(what, diff, scale, tolerance, agree / n, kl_sum / n)
     if base is not None:
-        v.to_merged, v.to_base = (sq_merged / n) ** 0.5, (sq_base / n) ** 0.5
+        v.to_merged, v.to_base, v.adapter_shift = (sq_merged / n) ** 0.5, (sq_base / n) ** 0.5, (sq_shift / n) ** 0.5
     return v
 
 
-def check_quantization_tool(quantization: str) -> str | None:
-    """How a k-quant will be made: "llama_cpp" (the `gguf` extra's bindings, preferred), the path of a
-    `llama-quantize` on PATH, or None when the quantization needs neither; one clear line when neither is there."""
-    if quantization not in K_QUANTS:
-        return None
-    if llamacpp.bindings() is not None:
-        return "llama_cpp"
-    tool = shutil.which(LLAMA_QUANTIZE)
-    if tool is None:
-        raise ExportError(
-            f"--quantization {quantization} needs llama.cpp: {llamacpp.EXTRA_HINT}; or its `{LLAMA_QUANTIZE}` "
-            f"on PATH: {LLAMA_QUANTIZE_HINT}"
-        )
-    return tool
+def check_gguf_tools(quantization: str) -> None:
+    """One line, before any model loads, when llama.cpp (bindings or converter) is missing."""
+    if quantization not in QUANTIZATIONS:
+        raise ExportError(f"unknown --quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)}")
+    if llamacpp.bindings() is None:
+        raise ExportError(f"GGUF export needs llama.cpp: {llamacpp.EXTRA_HINT}")
+    try:
+        llamacpp_convert.converter_dir()
+    except llamacpp_convert.ConverterError as e:
+        raise ExportError(str(e)) from None
 
 
-def _llama_quantize(tool: str, src: Path, dst: Path, quantization: str) -> None:
-    if tool == "llama_cpp":
-        try:
-            llamacpp.quantize(src, dst, quantization)
-        except llamacpp.LlamaCppError as e:
-            raise ExportError(str(e)) from None
+def _llama_cpp(step, *args) -> None:
+    """A llama.cpp step (converter or quantizer); its refusal as one line."""
+    try:
+        step(*args)
+    except (llamacpp.LlamaCppError, llamacpp_convert.ConverterError) as e:
+        raise ExportError(str(e)) from None
+
+
+def convert_folder(folder: Path, dst: Path, quantization: str, scratch: Path) -> None:
+    """An HF folder -> GGUF `quantization`: by llama.cpp's converter, then (below 16 bits) its quantizer from f32."""
+    if quantization in CONVERTER_TYPES:
+        _llama_cpp(llamacpp_convert.convert_model, folder, dst, quantization)
         return
-    proc = subprocess.run([tool, str(src), str(dst), quantization.upper()], capture_output=True, text=True)
-    if proc.returncode != 0 or not dst.is_file():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise ExportError(f"{LLAMA_QUANTIZE} failed (exit {proc.returncode}): {tail[0]}")
+    f32 = scratch / "f32.gguf"
+    _llama_cpp(llamacpp_convert.convert_model, folder, f32, "f32")
+    _llama_cpp(llamacpp.quantize, f32, dst, quantization)
+    f32.unlink()
 
 
 def tensor_types(path: Path) -> dict[str, int]:
@@ -448,6 +496,22 @@ def tensor_types(path: Path) -> dict[str, int]:
     for t in gguf.GGUFReader(str(path)).tensors:
         counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
     return counts
+
+
+def gguf_summary(path: Path, quantization: str) -> dict:
+    """What the converter wrote: architecture, llama.cpp's pre-tokenizer name, tensor types, notes."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    fields = reader.fields
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    pre = fields.get("tokenizer.ggml.pre")
+    note = _k_quant_note(quantization, types) if quantization in K_QUANTS else None
+    return {"architecture": fields["general.architecture"].contents(), "pre": pre.contents() if pre else None,
+            "tokenizer": fields["tokenizer.ggml.model"].contents(), "tensor_types": types,
+            "notes": [note] if note else []}
 
 
 def _k_quant_note(quantization: str, types: dict[str, int]) -> str | None:
@@ -461,140 +525,84 @@ def _k_quant_note(quantization: str, types: dict[str, int]) -> str | None:
             "k-quants need rows that are multiples of 256 values, so it falls back for the others")
 
 
-def export_gguf(run: Run, out, quantization: str = "f16", overwrite: bool = False, model=None, tokenizer=None):
-    """Write the run as GGUF; returns (path, summary, float32 merged model, tokenizer)."""
-    if quantization not in QUANTIZATIONS:
-        raise ExportError(f"unknown --quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)}")
-    tool = check_quantization_tool(quantization)
+def modelfile_path(gguf_path: Path) -> Path:
+    return gguf_path.with_suffix(".Modelfile")
+
+
+def _write_modelfile(gguf_path: Path, tokenizer, adapter: Path | None = None) -> Path:
+    text = modelfile.modelfile(gguf_path.name, getattr(tokenizer, "chat_template", None),
+                               getattr(tokenizer, "eos_token", None), adapter.name if adapter else None)
+    path = modelfile_path(adapter or gguf_path)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _gguf_out(run: Run, out, suffix: str) -> Path:
     out = Path(out)
-    if out.is_dir():
-        out = out / f"{run.name}-{quantization}.gguf"
+    return out / f"{run.name}-{suffix}.gguf" if out.is_dir() else out
+
+
+def export_gguf(run: Run, out, quantization: str = "f16", overwrite: bool = False, model=None, tokenizer=None):
+    """Write the run as GGUF (and its Modelfile); returns (path, summary, float32 merged model, tokenizer)."""
+    out = _gguf_out(run, out, quantization)
     tmp = _prepare_output(out, overwrite)
+    check_gguf_tools(quantization)
     model = merged_model(run) if model is None else model
     tokenizer = load_run_tokenizer(run) if tokenizer is None else tokenizer
     try:
-        if tool is None:
-            summary = write_gguf(model, tokenizer, tmp, quantization, name=run.name)
-        else:
-            with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
-                f16 = Path(scratch) / "f16.gguf"
-                summary = write_gguf(model, tokenizer, f16, quantization, name=run.name)
-                _llama_quantize(tool, f16, tmp, quantization)
-            summary["tensor_types"] = tensor_types(tmp)
-            note = _k_quant_note(quantization, summary["tensor_types"])
-            summary["notes"] += [note] if note else []
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".dpo-export-") as scratch:
+            folder = Path(scratch) / "merged"
+            save_folder(model, tokenizer, folder, "float32")
+            convert_folder(folder, tmp, quantization, Path(scratch))
+        summary = gguf_summary(tmp, quantization)
         _move_into_place(tmp, out)
+        summary["modelfile"] = _write_modelfile(out, tokenizer)
     finally:
         _remove(tmp)
     return out, summary, model, tokenizer
 
 
-@contextlib.contextmanager
-def _shared_gguf_reader():
-    """Parse each GGUF file once while transformers loads it.
+def lora_base_path(out: Path, quantization: str) -> Path:
+    return out.with_name(f"{out.stem}-base-{quantization}.gguf")
 
-    For Llama files transformers builds a `gguf.GGUFReader` four times (config and weights for the
-    model, config and vocabulary for the tokenizer), and the reader walks a 49k-token vocabulary item
-    by item: seconds per parse. Inside this block `gguf.GGUFReader(path)` returns one shared,
-    read-only (memory-mapped) reader per path; the original class is restored on exit."""
-    import gguf
 
-    original = gguf.GGUFReader
-    cache: dict[tuple[str, str], object] = {}
-
-    def shared(path, mode="r"):
-        if mode != "r":
-            return original(path, mode)
-        key = (os.path.realpath(path), mode)
-        if key not in cache:
-            cache[key] = original(path, mode)
-        return cache[key]
-
-    gguf.GGUFReader = shared
+def export_gguf_lora(run: Run, out, quantization: str = "f16", overwrite: bool = False, tokenizer=None):
+    """The adapter as a GGUF LoRA (f32) at `out`, and the base model as GGUF `quantization` beside it (what
+    llama.cpp and Ollama apply it to), with a Modelfile naming both; returns (lora, base gguf, summary, tokenizer)."""
+    out = _gguf_out(run, out, "lora")
+    base_out = lora_base_path(out, quantization)
+    tmp, base_tmp = _prepare_output(out, overwrite), _prepare_output(base_out, overwrite)
+    check_gguf_tools(quantization)
+    base = base_model(run)
+    tokenizer = load_run_tokenizer(run) if tokenizer is None else tokenizer
     try:
-        yield
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".dpo-export-") as scratch:
+            folder = Path(scratch) / "base"
+            save_folder(base, tokenizer, folder, "float32")
+            convert_folder(folder, base_tmp, quantization, Path(scratch))
+            _llama_cpp(llamacpp_convert.convert_lora, run.adapter_dir, folder, tmp, "f32")
+        summary = gguf_summary(base_tmp, quantization)
+        _move_into_place(base_tmp, base_out)
+        _move_into_place(tmp, out)
+        summary["modelfile"] = _write_modelfile(base_out, tokenizer, adapter=out)
     finally:
-        gguf.GGUFReader = original
-        cache.clear()
+        _remove(tmp)
+        _remove(base_tmp)
+    return out, base_out, summary, tokenizer
 
 
-def load_gguf(path: Path, with_tokenizer: bool = True):
-    """(model, tokenizer or None, special token ids in the file) read back from a GGUF file by
-    transformers (weights dequantized to float32). The tokenizer is None for a SentencePiece-style
-    ("llama") vocabulary: transformers' GGUF reader rebuilds those approximately (Gemma's as a Unigram
-    model that splits words into letters) and slowly (Llama's merges one by one: minutes)."""
-    import gguf
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from dpo.models import attention_keeping_softcap
-
-    path = Path(path)
-    with _shared_gguf_reader():
-        fields = gguf.GGUFReader(str(path)).fields
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-        # Gemma 2's attention soft-cap, as models.load_model keeps it for the merged model it is compared with
-        model.set_attn_implementation(attention_keeping_softcap(model.config, model.config._attn_implementation))
-        kind = fields.get("tokenizer.ggml.model")
-        readable = kind is not None and kind.contents() == "gpt2"
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name) if with_tokenizer and readable else None
-        special_ids = {}
-        for kind, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
-            f = fields.get(f"tokenizer.ggml.{key}_token_id")
-            if f is not None:
-                special_ids[kind] = int(f.contents())
-    return model.eval(), tokenizer, special_ids
-
-
-SENTENCEPIECE_READBACK = ("tokenizer not compared through transformers, whose GGUF reader only approximates "
-                          "SentencePiece vocabularies; the gguf extra compares it in llama.cpp")
-
-
-def tokenizer_differences(reference, candidate) -> list[str]:
-    """Texts (and the chat template) on which two tokenizers disagree; empty when they agree."""
-    problems = []
-    texts = list(VERIFY_TEXTS) + ["".join(reference.all_special_tokens[:3]) + " special tokens inline"]
-    for text in texts:
-        for add_special in (False, True):
-            a = reference.encode(text, add_special_tokens=add_special)
-            b = candidate.encode(text, add_special_tokens=add_special)
-            if a != b:
-                problems.append(f"{text[:30]!r} (add_special_tokens={add_special}): {a[:8]}... vs {b[:8]}...")
-    if getattr(reference, "chat_template", None) != getattr(candidate, "chat_template", None):
-        problems.append("chat template differs")
-    elif getattr(reference, "chat_template", None):
-        a = reference.apply_chat_template(list(VERIFY_CHAT), tokenize=True, return_dict=False)
-        b = candidate.apply_chat_template(list(VERIFY_CHAT), tokenize=True, return_dict=False)
-        if list(a) != list(b):
-            problems.append("chat template renders to different ids")
-    return problems
-
-
-def verify_gguf(path: Path, reference, tokenizer, quantization: str, base=None) -> Verification:
-    """The file read back by transformers against the float32 merge (and, with `base`, the adapter check)."""
-    loaded, loaded_tok, written = load_gguf(path)
-    v = compare_logits(reference, loaded, tokenizer, VERIFY_RTOL[quantization],
-                       f"GGUF {quantization} via transformers vs float32 merge", base=base)
-    problems = tokenizer_differences(tokenizer, loaded_tok) if loaded_tok is not None else []
-    expected = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "unk": tokenizer.unk_token_id}
-    for kind, token_id in expected.items():
-        if token_id is not None and written.get(kind) != token_id:
-            problems.append(f"{kind} id {written.get(kind)} in the file, {token_id} in the tokenizer")
-    v.tokenizer_ok = not problems if loaded_tok is not None or problems else None
-    v.notes.extend(problems if loaded_tok is not None else problems + [SENTENCEPIECE_READBACK])
-    return v
-
-
-def verify_gguf_in_llamacpp(path: Path, reference, tokenizer, quantization: str, base=None) -> Verification:
+def verify_gguf(path: Path, reference, tokenizer, quantization: str, base=None, lora: Path | None = None) -> Verification:
     """The file run by llama.cpp itself on the verification prompts (our token ids, so the weights are
-    compared), its tokenizer against ours, and a greedy generation printed beside the merged model's."""
+    compared), its tokenizer against ours, and a greedy generation printed beside the merged model's; with
+    `base` (the model before the adapter), whether the adapter is in the file (its weights, where it holds
+    them, else the logits). With `lora`, `path` is the base file and llama.cpp applies the LoRA file over it."""
     prompts = _verify_prompts(tokenizer)
+    what = f"GGUF {quantization}{' + LoRA' if lora else ''} in llama.cpp vs float32 merge"
     try:
-        llm = llamacpp.LlamaCppModel(path, n_ctx=max(512, max(map(len, prompts)) + GENERATION_TOKENS + 64))
+        llm = llamacpp.LlamaCppModel(path, n_ctx=max(512, max(map(len, prompts)) + GENERATION_TOKENS + 64), lora=lora)
         got = [llm.logits(ids) for ids in prompts]
         v = compare_logit_lists(prompt_logits(reference, prompts), got, llamacpp_rtol(quantization, reference.config),
-                                f"GGUF {quantization} in llama.cpp vs float32 merge",
-                                None if base is None else prompt_logits(base, prompts))
+                                what, None if base is None else prompt_logits(base, prompts))
         problems = llamacpp_tokenizer_differences(llm, tokenizer)
         v.tokenizer_ok = not problems
         v.notes.extend(problems)
@@ -602,6 +610,8 @@ def verify_gguf_in_llamacpp(path: Path, reference, tokenizer, quantization: str,
         llm.close()
     except llamacpp.LlamaCppError as e:
         raise ExportError(str(e)) from None
+    if base is not None and lora is None:
+        v.weights = gguf_weights.check_file(path, reference, base)
     return v
 
 
@@ -649,10 +659,11 @@ def build_parser() -> Parser:
         description="Export a training run as its LoRA adapter, a merged HF model, or a GGUF file.",
     )
     p.add_argument("--run-dir", required=True, default=argparse.SUPPRESS, help="the training run directory (config.json, adapter/)")
-    p.add_argument("--format", required=True, choices=FORMATS, default=argparse.SUPPRESS, help="adapter | merged | gguf")
-    p.add_argument("--output", required=True, default=argparse.SUPPRESS, help="folder (adapter, merged) or .gguf file (gguf; a folder works too)")
+    p.add_argument("--format", required=True, choices=FORMATS, default=argparse.SUPPRESS, help=" | ".join(FORMATS))
+    p.add_argument("--output", required=True, default=argparse.SUPPRESS,
+                   help="folder (adapter, merged) or .gguf file (gguf, gguf-lora; a folder works too)")
     p.add_argument("--quantization", choices=QUANTIZATIONS, default=argparse.SUPPRESS,
-                   help=f"gguf only; f16 when not given ({', '.join(K_QUANTS)} are made by llama.cpp: the gguf extra)")
+                   help="gguf (for gguf-lora: the base model's file); f16 when not given")
     p.add_argument("--dtype", choices=MERGED_DTYPES, default=argparse.SUPPRESS,
                    help="merged only; bfloat16 when not given")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -673,8 +684,8 @@ def _commands(run: Run, argv: list[str]) -> list[str]:
 
 def run_export(args, argv: list[str] | None = None) -> int:
     quantization, dtype = getattr(args, "quantization", None), getattr(args, "dtype", None)
-    if quantization is not None and args.format != "gguf":
-        raise ExportError("--quantization applies to --format gguf only")
+    if quantization is not None and not args.format.startswith("gguf"):
+        raise ExportError("--quantization applies to --format gguf and gguf-lora only")
     if dtype is not None and args.format != "merged":
         raise ExportError("--dtype applies to --format merged only")
     run = open_run(args.run_dir)
@@ -689,6 +700,8 @@ def run_export(args, argv: list[str] | None = None) -> int:
         return 0
     if args.format == "merged":
         return _run_merged(run, args, dtype or "bfloat16", commands)
+    if args.format == "gguf-lora":
+        return _run_gguf_lora(run, args, quantization or "f16")
     return _run_gguf(run, args, quantization or "f16")
 
 
@@ -702,25 +715,36 @@ def _run_merged(run: Run, args, dtype: str, commands: list[str]) -> int:
     return _report([verify_merged(out, model, tokenizer, dtype)])
 
 
-def _run_gguf(run: Run, args, quantization: str) -> int:
-    check_quantization_tool(quantization)
-    _say(f"loading {run.base}, merging the adapter (float32) and writing GGUF {quantization}")
-    out, summary, model, tokenizer = export_gguf(run, args.output, quantization, overwrite=args.overwrite)
+def _print_summary(what: str, out: Path, summary: dict) -> None:
     types = ", ".join(f"{v} {k}" for k, v in summary["tensor_types"].items())
-    print(f"wrote GGUF {quantization}: {_describe(out)}; tensors: {types}; tokenizer.ggml.pre={summary['pre']}")
+    print(f"wrote {what}: {_describe(out)}; architecture {summary['architecture']}; tensors: {types}; "
+          f"tokenizer.ggml.model={summary['tokenizer']}, pre={summary['pre']}")
     for note in summary["notes"]:
         print(f"note: {note}")
+    print(f"wrote Ollama Modelfile: {summary['modelfile']} (ollama create NAME -f {summary['modelfile']})")
+
+
+def _run_gguf(run: Run, args, quantization: str) -> int:
+    _say(f"loading {run.base}, merging the adapter (float32) and converting it with llama.cpp's converter "
+         f"to GGUF {quantization}")
+    out, summary, model, tokenizer = export_gguf(run, args.output, quantization, overwrite=args.overwrite)
+    _print_summary(f"GGUF {quantization}", out, summary)
     if args.no_verify:
         return 0
-    _say("verifying: loading the base model too, to check that the adapter is in the file")
-    base = base_model(run)
-    checks = [verify_gguf(out, model, tokenizer, quantization, base=base)]
-    if llamacpp.bindings() is not None:
-        _say("verifying: running the file in llama.cpp")
-        checks.append(verify_gguf_in_llamacpp(out, model, tokenizer, quantization, base=base))
-    else:
-        print(f"note: not run in llama.cpp (its Python bindings are not installed: {llamacpp.EXTRA_HINT})")
-    return _report(checks)
+    _say("verifying in llama.cpp (the base model is loaded too, to check that the adapter is in the file)")
+    return _report([verify_gguf(out, model, tokenizer, quantization, base=base_model(run))])
+
+
+def _run_gguf_lora(run: Run, args, quantization: str) -> int:
+    _say(f"converting the adapter and the base model {run.base} (GGUF {quantization}) with llama.cpp's converters")
+    out, base_out, summary, tokenizer = export_gguf_lora(run, args.output, quantization, overwrite=args.overwrite)
+    print(f"wrote GGUF LoRA: {_describe(out)}")
+    _print_summary(f"its base model as GGUF {quantization}", base_out, summary)
+    if args.no_verify:
+        return 0
+    _say("verifying in llama.cpp: the LoRA over the base file against the merged model")
+    model, base = merged_model(run), base_model(run)
+    return _report([verify_gguf(base_out, model, tokenizer, quantization, base=base, lora=out)])
 
 
 def _report(checks: list[Verification]) -> int:
@@ -732,8 +756,8 @@ def _report(checks: list[Verification]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Keep the output to what was written and how it verified: transformers' GGUF loader draws a plain
-    # tqdm bar that only the environment switches off, read when tqdm is first imported.
+    # Keep the output to what was written and how it verified: the libraries' plain tqdm bars are switched
+    # off only by the environment, read when tqdm is first imported.
     os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         args = build_parser().parse_args(argv)

@@ -1,10 +1,9 @@
 """llama.cpp itself, through its Python bindings (`llama-cpp-python`, the optional extra `gguf`):
-its quantizer for the k-quants and its runtime to check an exported GGUF file the way users run it.
+its quantizer and its runtime to check an exported GGUF file the way users run it (with a LoRA file applied).
 
-    pip install -e '.[gguf]'     # builds llama.cpp from source: 10-16 minutes on 2 cores, then cached by pip
+    bash scripts/setup.sh gguf   # builds llama.cpp from source: 10-16 minutes on 2 cores, then cached by pip
 
-Nothing else in the package imports llama_cpp; without the extra, asking for a k-quant fails in one
-line naming it, and verification falls back to reading the file with transformers.
+Nothing else in the package imports llama_cpp; without the extra, GGUF export fails in one line naming it.
 """
 
 from __future__ import annotations
@@ -13,10 +12,12 @@ import contextlib
 import os
 from pathlib import Path
 
-EXTRA_HINT = "pip install -e '.[gguf]' (llama-cpp-python, which builds llama.cpp: 10-16 minutes on 2 cores)"
+EXTRA_HINT = ("bash scripts/setup.sh gguf (the `gguf` extra, llama-cpp-python, which builds llama.cpp: "
+              "10-16 minutes on 2 cores, and llama.cpp's converter)")
 
-# llama.cpp's llama_ftype values (include/llama.h): LLAMA_FTYPE_MOSTLY_Q4_K_M = 15, Q5_K_M = 17, Q6_K = 18.
-FTYPES = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+# llama.cpp's llama_ftype values (include/llama.h): LLAMA_FTYPE_MOSTLY_Q4_0 = 2, Q8_0 = 7, Q4_K_M = 15,
+# Q5_K_M = 17, Q6_K = 18.
+FTYPES = {"q4_0": 2, "q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 
 
 class LlamaCppError(Exception):
@@ -46,7 +47,7 @@ def _quiet_stderr():
 
 
 def quantize(src: Path, dst: Path, quantization: str, threads: int | None = None) -> None:
-    """Quantize the GGUF file `src` (f16) to `dst` with llama.cpp's own quantizer (llama_model_quantize)."""
+    """Quantize the GGUF file `src` (f32 or f16) to `dst` with llama.cpp's own quantizer (llama_model_quantize)."""
     import ctypes
 
     llama_cpp = bindings()
@@ -64,7 +65,7 @@ def quantize(src: Path, dst: Path, quantization: str, threads: int | None = None
 class LlamaCppModel:
     """A GGUF file loaded in llama.cpp (CPU), fed token ids so that only the weights are compared."""
 
-    def __init__(self, path: Path, n_ctx: int = 512, threads: int | None = None):
+    def __init__(self, path: Path, n_ctx: int = 512, threads: int | None = None, lora: Path | None = None):
         llama_cpp = bindings()
         if llama_cpp is None:
             raise LlamaCppError(f"running a GGUF file in llama.cpp needs {EXTRA_HINT}")
@@ -74,9 +75,11 @@ class LlamaCppModel:
         try:
             with _quiet_stderr():
                 self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=1, logits_all=True,
-                                           verbose=False, n_threads=threads or (os.cpu_count() or 1), seed=0)
+                                           verbose=False, n_threads=threads or (os.cpu_count() or 1), seed=0,
+                                           lora_path=None if lora is None else str(lora))
         except (ValueError, RuntimeError) as e:
-            raise LlamaCppError(f"llama.cpp could not load {path}: {str(e).strip().splitlines()[0]}") from None
+            what = path if lora is None else f"{lora} over {path}"
+            raise LlamaCppError(f"llama.cpp could not load {what}: {str(e).strip().splitlines()[0]}") from None
         self.n_ctx = n_ctx
 
     def logits(self, ids: list[int]):
