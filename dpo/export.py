@@ -17,8 +17,9 @@ A run directory holds `config.json` (its "model" names the base: a local path, a
   (dpo.llamacpp). Verified in llama.cpp: logits, top-1 and a greedy generation against the float32 merge,
   its tokenizer against ours, and whether the adapter is in the file (dpo.gguf_weights: the file's
   dequantised weights against the merged and the base weights).
-- gguf-lora: the adapter alone as a GGUF LoRA (`convert_lora_to_gguf.py`), verified in llama.cpp applied
-  over an f32 GGUF of the base model, which is written beside it (OUT-base-f32.gguf) unless --lora-base names one.
+- gguf-lora: the adapter alone as a GGUF LoRA (f32, by `convert_lora_to_gguf.py`), and the base model as GGUF
+  `--quantization` beside it (OUT-base-f16.gguf), which llama.cpp and Ollama apply it to; verified in llama.cpp
+  (the LoRA over the base file) against the float32 merge.
 Each GGUF gets an Ollama Modelfile beside it (dpo.modelfile).
 
 Everything is written to `OUT.tmp` first and renamed into place. Errors print one line and exit 2;
@@ -47,6 +48,7 @@ FORMATS = ("adapter", "merged", "gguf", "gguf-lora")
 MERGED_DTYPES = ("bfloat16", "float16", "float32")
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+SENTENCEPIECE_MODEL = "tokenizer.model"
 QUANTIZATIONS = ("f16", "f32", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
 CONVERTER_TYPES = ("f32", "f16")  # written by convert_hf_to_gguf.py; the others by llama.cpp's quantizer from f32
 K_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")
@@ -348,7 +350,7 @@ def export_merged(run: Run, out, dtype: str = "bfloat16", overwrite: bool = Fals
     model = merged_model(run) if model is None else model
     tokenizer = load_run_tokenizer(run) if tokenizer is None else tokenizer
     try:
-        save_folder(model, tokenizer, tmp, dtype)
+        save_folder(model, tokenizer, tmp, dtype, _tokenizer_sources(run))
         card.write_model_card(tmp, run.dir, "merged", card.merged_loading(out), commands or [])
         _move_into_place(tmp, out)
     finally:
@@ -356,18 +358,37 @@ def export_merged(run: Run, out, dtype: str = "bfloat16", overwrite: bool = Fals
     return out, model, tokenizer
 
 
-def save_folder(model, tokenizer, folder: Path, dtype: str) -> None:
-    """The model in `dtype` (a cast copy: the float32 model stays the reference) and its tokenizer, as an HF folder."""
+def save_folder(model, tokenizer, folder: Path, dtype: str, sources: tuple[Path, ...] = ()) -> None:
+    """The model in `dtype` (a cast copy: the float32 model stays the reference) and its tokenizer, as an HF
+    folder; a SentencePiece `tokenizer.model` that transformers does not write is copied from the first of
+    `sources` (the run's adapter and base folders) that has one: llama.cpp's converter reads it."""
     import torch
 
     to_save = model if dtype == "float32" else copy.deepcopy(model).to(getattr(torch, dtype))
     to_save.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
+    spm = next((s / SENTENCEPIECE_MODEL for s in sources if (s / SENTENCEPIECE_MODEL).is_file()), None)
+    if spm is not None and not (Path(folder) / SENTENCEPIECE_MODEL).is_file():
+        shutil.copyfile(spm, Path(folder) / SENTENCEPIECE_MODEL)
     tokenizer_json = Path(folder) / "tokenizer.json"
     if tokenizer_json.is_file():
         fixed = byte_level_bpe(json.loads(tokenizer_json.read_text(encoding="utf-8")))
         if fixed is not None:
             tokenizer_json.write_text(json.dumps(fixed, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def _tokenizer_sources(run: Run) -> tuple[Path, ...]:
+    """Where a run's tokenizer.model may be: beside the adapter, in the base model's folder or hub snapshot."""
+    base = Path(run.base).expanduser()
+    if base.is_dir():
+        return run.adapter_dir, base
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(run.base, SENTENCEPIECE_MODEL)
+    except ValueError:  # not a hub name either (HFValidationError)
+        return (run.adapter_dir,)
+    return (run.adapter_dir, Path(cached).parent) if isinstance(cached, str) else (run.adapter_dir,)
 
 
 def byte_level_bpe(tok: dict) -> dict | None:
@@ -457,8 +478,9 @@ def compare_logit_lists(reference: list, candidate: list, rtol: float | None, wh
     return v
 
 
-def check_gguf_tools(quantization: str) -> None:
-    """One line, before any model loads, when llama.cpp (bindings or converter) is missing."""
+def check_gguf_tools(quantization: str, run: Run | None = None) -> None:
+    """One line, before any model loads, when llama.cpp (bindings or converter) is missing or its converter
+    has no class for the run's architecture."""
     if quantization not in QUANTIZATIONS:
         raise ExportError(f"unknown --quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)}")
     if llamacpp.bindings() is None:
@@ -467,6 +489,21 @@ def check_gguf_tools(quantization: str) -> None:
         llamacpp_convert.converter_dir()
     except llamacpp_convert.ConverterError as e:
         raise ExportError(str(e)) from None
+    refused = None if run is None else llamacpp_convert.refused_architecture(_architecture(run))
+    if refused:
+        raise ExportError(refused)
+
+
+def _architecture(run: Run) -> str | None:
+    """The base model's config.json "architectures"[0] (None when it cannot be read here: the converter decides)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(run.base, trust_remote_code=run.trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    names = getattr(config, "architectures", None) or []
+    return names[0] if names else None
 
 
 def _llama_cpp(step, *args) -> None:
@@ -488,21 +525,9 @@ def convert_folder(folder: Path, dst: Path, quantization: str, scratch: Path) ->
     f32.unlink()
 
 
-def tensor_types(path: Path) -> dict[str, int]:
-    """How many tensors of each storage type the GGUF file holds (read from its header)."""
-    import gguf
-
-    counts: dict[str, int] = {}
-    for t in gguf.GGUFReader(str(path)).tensors:
-        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
-    return counts
-
-
 def gguf_summary(path: Path, quantization: str) -> dict:
     """What the converter wrote: architecture, llama.cpp's pre-tokenizer name, tensor types, notes."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
+    reader = gguf_weights.open_reader(path)
     fields = reader.fields
     types: dict[str, int] = {}
     for t in reader.tensors:
@@ -546,16 +571,16 @@ def export_gguf(run: Run, out, quantization: str = "f16", overwrite: bool = Fals
     """Write the run as GGUF (and its Modelfile); returns (path, summary, float32 merged model, tokenizer)."""
     out = _gguf_out(run, out, quantization)
     tmp = _prepare_output(out, overwrite)
-    check_gguf_tools(quantization)
+    check_gguf_tools(quantization, run)
     model = merged_model(run) if model is None else model
     tokenizer = load_run_tokenizer(run) if tokenizer is None else tokenizer
     try:
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=".dpo-export-") as scratch:
             folder = Path(scratch) / "merged"
-            save_folder(model, tokenizer, folder, "float32")
+            save_folder(model, tokenizer, folder, "float32", _tokenizer_sources(run))
             convert_folder(folder, tmp, quantization, Path(scratch))
-        summary = gguf_summary(tmp, quantization)
         _move_into_place(tmp, out)
+        summary = gguf_summary(out, quantization)
         summary["modelfile"] = _write_modelfile(out, tokenizer)
     finally:
         _remove(tmp)
@@ -572,18 +597,18 @@ def export_gguf_lora(run: Run, out, quantization: str = "f16", overwrite: bool =
     out = _gguf_out(run, out, "lora")
     base_out = lora_base_path(out, quantization)
     tmp, base_tmp = _prepare_output(out, overwrite), _prepare_output(base_out, overwrite)
-    check_gguf_tools(quantization)
+    check_gguf_tools(quantization, run)
     base = base_model(run)
     tokenizer = load_run_tokenizer(run) if tokenizer is None else tokenizer
     try:
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=".dpo-export-") as scratch:
             folder = Path(scratch) / "base"
-            save_folder(base, tokenizer, folder, "float32")
+            save_folder(base, tokenizer, folder, "float32", _tokenizer_sources(run))
             convert_folder(folder, base_tmp, quantization, Path(scratch))
             _llama_cpp(llamacpp_convert.convert_lora, run.adapter_dir, folder, tmp, "f32")
-        summary = gguf_summary(base_tmp, quantization)
         _move_into_place(base_tmp, base_out)
         _move_into_place(tmp, out)
+        summary = gguf_summary(base_out, quantization)
         summary["modelfile"] = _write_modelfile(base_out, tokenizer, adapter=out)
     finally:
         _remove(tmp)

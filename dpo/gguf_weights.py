@@ -16,6 +16,7 @@ and skipped, as are tensors whose names or sizes do not map.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 Z_DECIDES = 5.0  # |z| above this decides; below, the weights cannot tell (and the check does not fail)
@@ -81,12 +82,28 @@ def changed_tensors(merged, base) -> dict[str, tuple]:
     return out
 
 
+def open_reader(path):
+    """A `gguf.GGUFReader` of the file, parsed once per path, size and time (parsing walks the vocabulary
+    item by item: seconds for 49k tokens) and kept for the next question about the same file."""
+    import os
+
+    st = os.stat(path)
+    return _reader(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _reader(path: str, size: int, mtime_ns: int):
+    import gguf
+
+    return gguf.GGUFReader(path)
+
+
 def file_triples(path, changed: dict[str, tuple]):
     """(file, merged, base) arrays for each changed tensor the GGUF file holds under llama.cpp's name for it."""
     import gguf
     import numpy as np
 
-    reader = gguf.GGUFReader(str(path))
+    reader = open_reader(path)
     arch = reader.fields["general.architecture"].contents()
     arch_enum = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}.get(arch)
     blocks = reader.fields.get(f"{arch}.block_count")

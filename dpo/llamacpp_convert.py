@@ -46,6 +46,28 @@ def converter_dir() -> Path:
     return folder
 
 
+def supported_architectures() -> frozenset[str]:
+    """The Hugging Face architectures (config.json "architectures") the converter has a text-model class for,
+    read from its table (conversion/__init__.py's TEXT_MODEL_MAP) without importing it (that loads torch)."""
+    import ast
+
+    tree = ast.parse((converter_dir() / "conversion" / "__init__.py").read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        target = getattr(node, "target", None) or (getattr(node, "targets", None) or [None])[0]
+        if isinstance(target, ast.Name) and target.id == "TEXT_MODEL_MAP" and isinstance(node.value, ast.Dict):
+            return frozenset(k.value for k in node.value.keys if isinstance(k, ast.Constant))
+    return frozenset()
+
+
+def refused_architecture(architecture: str | None) -> str | None:
+    """One line when the converter has no class for `architecture`, else None (None: unknown, let it decide)."""
+    known = supported_architectures()
+    if architecture is None or not known or architecture in known:
+        return None
+    return (f"llama.cpp's converter (llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}) does not support the "
+            f"architecture {architecture}: export --format merged instead")
+
+
 def unpack(archive: Path, dest: Path | None = None) -> Path:
     """Extract MEMBERS of the sdist's vendor/llama.cpp into `dest` (default_dir()); returns `dest`."""
     dest = Path(dest or default_dir())

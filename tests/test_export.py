@@ -34,9 +34,9 @@ PROMPTS = ("The quick brown fox jumps over the lazy dog.", "In 2024, 3 of 7 numb
 # --------------------------------------------------------------------------------- fixtures
 
 
-def make_run(root: Path, tokenizer, with_tokenizer: bool = True, model=None, **overrides) -> Path:
+def make_run(root: Path, tokenizer, with_tokenizer: bool = True, model=None, b_scale: float = 0.3, **overrides) -> Path:
     """A run directory: base model folder, RUN/config.json naming it, RUN/adapter with a non-trivial LoRA
-    (on `model`, a tiny random Llama unless given)."""
+    (on `model`, a tiny random Llama unless given; its B matrices drawn with std `b_scale`)."""
     base_dir = root / "base"
     model = build_tiny_llama(len(tokenizer), **overrides) if model is None else model
     model.save_pretrained(base_dir)
@@ -46,7 +46,7 @@ def make_run(root: Path, tokenizer, with_tokenizer: bool = True, model=None, **o
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:  # B starts at zero: make the adapter actually change the model
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+                p.copy_(torch.randn(p.shape, generator=gen) * b_scale)
     run = root / "run"
     peft_model.save_pretrained(run / "adapter")
     if with_tokenizer:
