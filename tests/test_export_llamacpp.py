@@ -62,10 +62,19 @@ def test_each_architectures_trained_run_converts_and_runs_in_llama_cpp(kind, tok
     assert v.weights.verdict is True and any(n.startswith("generation, llama.cpp") for n in v.notes)
 
 
+def unit_norms(model):
+    """The model with its norms back at 1: build_tiny's randomised norms (with Qwen3's q/k norms) make a toy whose
+    logits move by 12% of their range under 8-bit rounding (mean KL 8e-4), past the q8_0 bound."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+    return model
+
+
 def test_a_qwen3_whose_head_dim_is_not_hidden_over_heads_exports_to_q8_0(tok, tmp_path, capsys):
     """Hidden 256, 4 heads of 64: transformers' GGUF reader rebuilt it with Qwen3's default head_dim 128."""
-
-    run = make_run(tmp_path, tok, model=build_tiny("qwen3", len(tok), hidden=256, head_dim=64))
+    run = make_run(tmp_path, tok, model=unit_norms(build_tiny("qwen3", len(tok), hidden=256, head_dim=64)))
     rc = export.main(["--run-dir", str(run), "--format", "gguf", "--quantization", "q8_0", "--output", str(tmp_path / "q.gguf")])
     printed = capsys.readouterr().out
     assert rc == 0 and "verification OK" in printed and "adapter in the file" in printed, printed
@@ -123,17 +132,19 @@ def test_an_architecture_the_converter_refuses_is_one_line_naming_it_before_the_
 @pytest.mark.parametrize("quantization", ["q8_0", "q4_k_m"])
 def test_an_adapter_smaller_than_the_rounding_passes_while_a_bare_base_file_fails(quantization, tok, tmp_path):
     """As after `dpo.train --max-steps 2`: the adapter moves the logits less than the file's rounding does, so
-    they cannot tell it is there; the file's weights can (and do: the merged file passes, the base's fails)."""
+    they cannot tell it is there; the file's weights can (and do: the merged file passes, the base's fails;
+    the bare file is made once, as q8_0, to keep the time down: 4-bit bare weights are in test_export.py)."""
     model = unit_norms(build_tiny("llama", len(tok), hidden=256))
-    run = export.open_run(make_run(tmp_path, tok, model=model, b_scale=2e-3))
+    run = export.open_run(make_run(tmp_path, tok, model=model, b_scale=5e-4))
     out, _, merged, tokenizer = export.export_gguf(run, tmp_path / "m.gguf", quantization)
     base = export.base_model(run)
     v = export.verify_gguf(out, merged, tokenizer, quantization, base=base)
     assert not v.logits_can_tell, v.line()  # the condition of the issue: logits alone would be noise
     assert v.ok and v.weights.verdict is True and "adapter in the file" in v.line(), v.line()
-    bare, _, _, _ = export.export_gguf(run, tmp_path / "bare.gguf", quantization, model=base)
-    b = export.verify_gguf(bare, merged, tokenizer, quantization, base=base)
-    assert b.weights.verdict is False and not b.ok and "adapter NOT in the file" in b.line(), b.line()
+    if quantization == "q8_0":
+        bare, _, _, _ = export.export_gguf(run, tmp_path / "bare.gguf", quantization, model=base)
+        b = export.verify_gguf(bare, merged, tokenizer, quantization, base=base)
+        assert b.weights.verdict is False and not b.ok and "adapter NOT in the file" in b.line(), b.line()
 
 
 def test_gguf_lora_loads_over_the_base_file_in_llama_cpp(tok, tmp_path, capsys):
