@@ -56,7 +56,7 @@ def test_each_architectures_trained_run_converts_and_runs_in_llama_cpp(kind, tok
     quantization = "f32" if kind == "qwen3_moe" else "f16"
     run = export.open_run(trained_run(tmp_path, tok, kind))
     out, summary, merged, tokenizer = export.export_gguf(run, tmp_path / "m.gguf", quantization)
-    assert summary["architecture"] == {"mistral": "llama", "gemma3_text": "gemma3"}.get(kind, kind)
+    assert summary["architecture"] == {"mistral": "llama", "gemma3_text": "gemma3", "qwen3_moe": "qwen3moe"}.get(kind, kind)
     v = export.verify_gguf(out, merged, tokenizer, quantization, base=export.base_model(run))
     assert v.ok and v.tokenizer_ok and v.adapter_visible and v.top1_agreement >= 0.95, v.line()
     assert v.weights.verdict is True and any(n.startswith("generation, llama.cpp") for n in v.notes)
