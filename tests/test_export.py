@@ -255,10 +255,12 @@ def build_tiny(kind: str, vocab_size: int, hidden: int = 64, **overrides):
         model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, tie_word_embeddings=True))
     elif kind == "qwen3":
         model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**{"head_dim": hidden // 4, **common}, tie_word_embeddings=True))
-    elif kind == "qwen3_moe":  # 4 experts, 2 per token, every layer sparse
+    elif kind == "qwen3_moe":  # 4 experts, 2 per token, every layer sparse; the chosen experts' weights
+        # normalised as in the released models (llama.cpp's qwen3moe graph always does)
         model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(**{"head_dim": hidden // 4, **common}, num_experts=4,
                                                          num_experts_per_tok=2, moe_intermediate_size=hidden,
-                                                         decoder_sparse_step=1, tie_word_embeddings=False))
+                                                         decoder_sparse_step=1, norm_topk_prob=True,
+                                                         tie_word_embeddings=False))
     elif kind == "gemma2":
         model = tf.Gemma2ForCausalLM(tf.Gemma2Config(**{"sliding_window": 8, "head_dim": hidden // 4, **common},
                                                      query_pre_attn_scalar=hidden // 4, tie_word_embeddings=True))
