@@ -38,11 +38,11 @@ if [ -n "$extra" ]; then
   # llama.cpp's convert_hf_to_gguf.py, convert_lora_to_gguf.py and their gguf-py, from the source archive of the
   # llama-cpp-python version the extra pins (pip's cache usually has it from the build above), into
   # .venv/share/dpo-llamacpp/: export then converts with no network.
-  version=$(.venv/bin/python -c "from dpo.llamacpp_convert import LLAMA_CPP_PYTHON_VERSION as v; print(v)")
+  version=$(.venv/bin/python -c "from dpo.export.llamacpp_convert import LLAMA_CPP_PYTHON_VERSION as v; print(v)")
   if [ ! -f ".venv/share/dpo-llamacpp/$version/convert_hf_to_gguf.py" ]; then
     sdist_dir=.venv/share/dpo-llamacpp/sdist
     .venv/bin/python -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$version" -d "$sdist_dir"
-    .venv/bin/python -m dpo.llamacpp_convert unpack "$sdist_dir/llama_cpp_python-$version.tar.gz"
+    .venv/bin/python -m dpo.export.llamacpp_convert unpack "$sdist_dir/llama_cpp_python-$version.tar.gz"
     rm -rf "$sdist_dir"
   fi
 fi

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpo import export
+from dpo.export import cli, common, merged
 from dpo.models import LoraSettings, add_lora
 
 from .conftest import build_tiny_llama
@@ -103,7 +103,7 @@ def top1(a, b) -> float:
 
 def test_adapter_export_copies_adapter_and_tokenizer(run_dir, tmp_path, capsys):
     out = tmp_path / "adapter-out"
-    assert export.main(["--run-dir", str(run_dir), "--format", "adapter", "--output", str(out)]) == 0
+    assert cli.main(["--run-dir", str(run_dir), "--format", "adapter", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "wrote adapter" in printed and str(out) in printed
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"):
@@ -113,7 +113,7 @@ def test_adapter_export_copies_adapter_and_tokenizer(run_dir, tmp_path, capsys):
 
 def test_adapter_export_adds_the_base_tokenizer_when_the_adapter_has_none(tmp_path, tok):
     run = make_run(tmp_path, tok, with_tokenizer=False)
-    out = export.export_adapter(export.open_run(run), tmp_path / "out")
+    out = merged.export_adapter(common.open_run(run), tmp_path / "out")
     assert (out / "tokenizer.json").is_file() and (out / "adapter_model.safetensors").is_file()
 
 
@@ -127,7 +127,7 @@ def test_merged_float32_reloads_to_base_plus_adapter(run_dir, tok, tmp_path):
     want = logits(peft_model, tok)
     assert max_diff(want, logits(base, tok)) > 0.5, "the adapter should change the logits"
 
-    out, _, _ = export.export_merged(export.open_run(run_dir), tmp_path / "merged32", dtype="float32")
+    out, _, _ = merged.export_merged(common.open_run(run_dir), tmp_path / "merged32", dtype="float32")
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert max_diff(want, logits(reloaded, tok)) < 1e-4
     assert AutoTokenizer.from_pretrained(out).encode(PROMPTS[1]) == tok.encode(PROMPTS[1])
@@ -138,7 +138,7 @@ def test_merged_bfloat16_via_cli(run_dir, tok, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "merged"
-    assert export.main(["--run-dir", str(run_dir), "--format", "merged", "--output", str(out)]) == 0
+    assert cli.main(["--run-dir", str(run_dir), "--format", "merged", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "wrote merged bfloat16 model" in printed and "verification OK" in printed
 
@@ -156,7 +156,7 @@ def test_merged_bfloat16_via_cli(run_dir, tok, tmp_path, capsys):
 
 def _cli_error(capsys, args) -> str:
     capsys.readouterr()  # drop what the setup printed
-    rc = export.main(args)
+    rc = cli.main(args)
     err = capsys.readouterr().err
     assert rc == 2, err
     assert len(err.strip().splitlines()) == 1, err
@@ -201,7 +201,7 @@ def test_existing_output_needs_overwrite(run_dir, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
     assert "already exists" in _cli_error(capsys, ["--run-dir", str(run_dir), "--format", "adapter", "--output", str(out)])
-    assert export.main(["--run-dir", str(run_dir), "--format", "adapter", "--output", str(out), "--overwrite"]) == 0
+    assert cli.main(["--run-dir", str(run_dir), "--format", "adapter", "--output", str(out), "--overwrite"]) == 0
     assert (out / "adapter_model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
@@ -217,7 +217,7 @@ def test_unexpected_errors_are_one_line_too(run_dir, tmp_path, capsys, monkeypat
     def broken(*a, **k):
         raise RuntimeError("something odd\nsecond line")
 
-    monkeypatch.setattr(export, "export_adapter", broken)
+    monkeypatch.setattr(cli, "export_adapter", broken)
     err = _cli_error(capsys, ["--run-dir", str(run_dir), "--format", "adapter", "--output", str(tmp_path / "o")])
     assert "unexpected RuntimeError: something odd" in err and "--traceback" in err
 
@@ -295,7 +295,7 @@ def test_adapter_and_merged_exports_carry_a_model_card(tmp_path, tok, capsys):
     for fmt in ("adapter", "merged"):
         out = tmp_path / fmt
         args = ["--run-dir", str(run), "--format", fmt, "--output", str(out), "--no-verify"]
-        assert export.main(args) == 0
+        assert cli.main(args) == 0
         text = (out / "README.md").read_text()
         assert f"base_model: {cfg['model']}" in text and "pairs.jsonl" in text
         assert "| beta | 0.25 |" in text and "| loss types | sigmoid |" in text and "| optimizer steps | 8 |" in text
@@ -306,10 +306,10 @@ def test_adapter_and_merged_exports_carry_a_model_card(tmp_path, tok, capsys):
 
 
 def test_the_default_models_adapter_names_the_hub_model(tmp_path, run_dir):
-    run = export.open_run(run_dir)
+    run = common.open_run(run_dir)
     run.config = {**run.config, "model": "smollm2-135m-instruct"}
     (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/root/.cache/dpo/x", "r": 4}))
-    export._portable_base_name(run, tmp_path / "adapter_config.json")
+    merged._portable_base_name(run, tmp_path / "adapter_config.json")
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg == {"base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct", "r": 4}
 
@@ -334,7 +334,7 @@ def test_an_oserror_while_writing_names_the_path_and_cause(run_dir, tmp_path, ca
     def full(*a, **k):
         raise OSError(28, "No space left on device", str(tmp_path / "o.tmp" / "adapter_model.safetensors"))
 
-    monkeypatch.setattr(export.shutil, "copytree", full)
+    monkeypatch.setattr(common.shutil, "copytree", full)
     err = _cli_error(capsys, ["--run-dir", str(run_dir), "--format", "adapter", "--output", str(tmp_path / "o")])
     assert f"could not write the export to {tmp_path / 'o.tmp' / 'adapter_model.safetensors'}: No space left on device" in err
 
@@ -382,8 +382,8 @@ def test_each_architecture_trains_then_exports_adapter_and_merged(kind, tok, tmp
     import safetensors.torch
 
     run_dir = trained_run(tmp_path, tok, kind)
-    run = export.open_run(run_dir)
-    adapter = export.export_adapter(run, tmp_path / "adapter")
+    run = common.open_run(run_dir)
+    adapter = merged.export_adapter(run, tmp_path / "adapter")
     trained = safetensors.torch.load_file(adapter / "adapter_model.safetensors")
     # Phi-3's fused projections; Qwen3-MoE's experts are 3-D tensors in transformers 5, no Linear to wrap
     fused = {"phi3": {"qkv_proj", "gate_up_proj", "o_proj", "down_proj"},
@@ -395,7 +395,7 @@ def test_each_architecture_trains_then_exports_adapter_and_merged(kind, tok, tmp
     base, with_adapter = base_and_adapter(run_dir)
     want = logits(with_adapter, tok)
     assert max_diff(want, logits(base, tok)) > 1e-3, "two steps should move the logits"
-    merged_dir, _, _ = export.export_merged(run, tmp_path / "merged", dtype="float32")
+    merged_dir, _, _ = merged.export_merged(run, tmp_path / "merged", dtype="float32")
     from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
@@ -419,13 +419,13 @@ def test_default_lora_targets_follow_fused_projections_or_are_refused_in_one_lin
 
 
 def test_gelu_models_f32_and_f16_files_get_the_gelu_tables_bound_on_top_in_llama_cpp(tok):
-    assert export.llamacpp_rtol("f32", build_tiny("gemma2", len(tok)).config) == pytest.approx(
-        export.LLAMACPP_RTOL["f32"] + export.GELU_TABLE_RTOL)
-    assert export.llamacpp_rtol("f16", build_tiny("gemma2", len(tok)).config) == pytest.approx(
-        export.LLAMACPP_RTOL["f16"] + export.GELU_TABLE_RTOL)
-    assert export.llamacpp_rtol("f16", build_tiny("qwen2", len(tok)).config) == export.LLAMACPP_RTOL["f16"]
-    assert export.llamacpp_rtol("f32", build_tiny("qwen2", len(tok)).config) == export.LLAMACPP_RTOL["f32"]
-    assert export.llamacpp_rtol("q8_0", build_tiny("gemma2", len(tok)).config) == export.LLAMACPP_RTOL["q8_0"]
+    assert common.llamacpp_rtol("f32", build_tiny("gemma2", len(tok)).config) == pytest.approx(
+        common.LLAMACPP_RTOL["f32"] + common.GELU_TABLE_RTOL)
+    assert common.llamacpp_rtol("f16", build_tiny("gemma2", len(tok)).config) == pytest.approx(
+        common.LLAMACPP_RTOL["f16"] + common.GELU_TABLE_RTOL)
+    assert common.llamacpp_rtol("f16", build_tiny("qwen2", len(tok)).config) == common.LLAMACPP_RTOL["f16"]
+    assert common.llamacpp_rtol("f32", build_tiny("qwen2", len(tok)).config) == common.LLAMACPP_RTOL["f32"]
+    assert common.llamacpp_rtol("q8_0", build_tiny("gemma2", len(tok)).config) == common.LLAMACPP_RTOL["q8_0"]
 
 
 # ------------------------------------------------------------------- GGUF, without running llama.cpp
@@ -439,17 +439,17 @@ def test_the_default_models_byte_fallback_tokenizer_is_saved_as_byte_level_bpe(t
 
     saved = json.loads(tok.backend_tokenizer.to_str())
     assert saved["model"]["byte_fallback"] and saved["decoder"]["type"] != "ByteLevel"  # what makes this test bite
-    export.save_folder(build_tiny_llama(len(tok)), tok, tmp_path / "m", "float32")
+    merged.save_folder(build_tiny_llama(len(tok)), tok, tmp_path / "m", "float32")
     written = json.loads((tmp_path / "m" / "tokenizer.json").read_text())
     assert written["model"]["byte_fallback"] is False and written["decoder"]["type"] == "ByteLevel"
     again = AutoTokenizer.from_pretrained(tmp_path / "m")
-    for text in export.VERIFY_TEXTS + ("<|im_start|>user\nHi<|im_end|>\n",):
+    for text in common.VERIFY_TEXTS + ("<|im_start|>user\nHi<|im_end|>\n",):
         assert again.encode(text) == tok.encode(text)
         assert again.decode(tok.encode(text)) == tok.decode(tok.encode(text)) == text
 
 
 def test_a_chatml_models_modelfile_has_ollamas_template_and_stop_tokens(tok):
-    from dpo import modelfile
+    from dpo.export import modelfile
 
     text = modelfile.modelfile("run-q4_k_m.gguf", tok.chat_template, tok.eos_token)
     lines = text.splitlines()
@@ -462,7 +462,7 @@ def test_a_chatml_models_modelfile_has_ollamas_template_and_stop_tokens(tok):
 
 
 def test_a_modelfile_without_a_known_template_says_so_and_keeps_the_stop_token():
-    from dpo import modelfile
+    from dpo.export import modelfile
 
     text = modelfile.modelfile("m.gguf", "{% for m in messages %}{{ m.content }}{% endfor %}", "</end>", "m-lora.gguf")
     assert "TEMPLATE" not in text.replace("# TEMPLATE omitted", "")
@@ -479,7 +479,7 @@ def test_the_weights_tell_a_small_adapter_from_8_and_4_bit_rounding():
     import gguf
     import numpy as np
 
-    from dpo import gguf_weights
+    from dpo.export import gguf_weights
 
     rng = np.random.default_rng(0)
     base = [rng.normal(0, 0.02, (256, 256)).astype(np.float32) for _ in range(4)]
@@ -503,7 +503,7 @@ def test_the_weights_tell_a_small_adapter_from_8_and_4_bit_rounding():
 
 def test_gguf_export_without_llama_cpp_is_one_line_before_any_model_loads(run_dir, tmp_path, capsys, monkeypatch,
                                                                           no_model_load):
-    from dpo import llamacpp
+    from dpo.export import llamacpp
 
     monkeypatch.setattr(llamacpp, "bindings", lambda: None)
     err = _cli_error(capsys, ["--run-dir", str(run_dir), "--format", "gguf", "--output", str(tmp_path / "m.gguf")])
@@ -513,7 +513,7 @@ def test_gguf_export_without_llama_cpp_is_one_line_before_any_model_loads(run_di
 
 def test_gguf_export_without_the_converter_names_the_setup_command(run_dir, tmp_path, capsys, monkeypatch,
                                                                   no_model_load):
-    from dpo import llamacpp
+    from dpo.export import llamacpp
 
     monkeypatch.setattr(llamacpp, "bindings", lambda: object())
     monkeypatch.setenv("DPO_LLAMACPP_CONVERTER", str(tmp_path / "nothing-here"))
@@ -523,7 +523,7 @@ def test_gguf_export_without_the_converter_names_the_setup_command(run_dir, tmp_
 
 
 def test_a_converter_refusal_becomes_one_line_naming_the_architecture():
-    from dpo import llamacpp_convert
+    from dpo.export import llamacpp_convert
 
     log = ("INFO:hf-to-gguf:Loading model: base\nINFO:hf-to-gguf:Model architecture: OPTForCausalLM\n"
            "ERROR:hf-to-gguf:Model OPTForCausalLM is not supported\n")
@@ -537,7 +537,7 @@ def test_setup_unpacks_only_the_converter_from_the_source_archive(tmp_path):
     import io
     import tarfile
 
-    from dpo import llamacpp_convert
+    from dpo.export import llamacpp_convert
 
     prefix = f"llama_cpp_python-{llamacpp_convert.LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
     archive = tmp_path / "sdist.tar.gz"

@@ -12,7 +12,7 @@ Tolerances (max |logit diff| <= rtol x logit range, dpo.export.LLAMACPP_RTOL), a
 - q8_0: activations go to q8 blocks as well: 0.1.
 - k-quants and q4_0 are not judged on logits (a 4-bit 135M model moves them by whole nats); they must
   load, tokenize as transformers does, and hold the adapter (their dequantised weights nearer the merged
-  model's than the base's: dpo.gguf_weights).
+  model's than the base's: dpo.export.gguf_weights).
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ import json
 import pytest
 import torch
 
-from dpo import export, llamacpp, llamacpp_convert
+from dpo.export import llamacpp, llamacpp_convert
+
+from dpo.export import cli, common, gguf
 
 from .test_export import build_tiny, make_run, trained_run
 
@@ -53,10 +55,10 @@ def test_each_architectures_trained_run_converts_and_runs_in_llama_cpp(kind, tok
     """A run trained by dpo.train.run (2 steps, default LoRA targets), converted by llama.cpp's converter
     and run by llama.cpp."""
     quantization = "f16"
-    run = export.open_run(trained_run(tmp_path, tok, kind))
-    out, summary, merged, tokenizer = export.export_gguf(run, tmp_path / "m.gguf", quantization)
+    run = common.open_run(trained_run(tmp_path, tok, kind))
+    out, summary, merged, tokenizer = gguf.export_gguf(run, tmp_path / "m.gguf", quantization)
     assert summary["architecture"] == {"mistral": "llama", "gemma3_text": "gemma3", "qwen3_moe": "qwen3moe"}.get(kind, kind)
-    v = export.verify_gguf(out, merged, tokenizer, quantization, base=export.base_model(run))
+    v = gguf.verify_gguf(out, merged, tokenizer, quantization, base=common.base_model(run))
     assert v.ok and v.tokenizer_ok and v.adapter_visible and v.top1_agreement >= 0.95, v.line()
     assert v.weights.verdict is True and any(n.startswith("generation, llama.cpp") for n in v.notes)
 
@@ -74,34 +76,34 @@ def unit_norms(model):
 def test_a_qwen3_whose_head_dim_is_not_hidden_over_heads_exports_to_q8_0(tok, tmp_path, capsys):
     """Hidden 256, 4 heads of 64: transformers' GGUF reader rebuilt it with Qwen3's default head_dim 128."""
     run = make_run(tmp_path, tok, model=unit_norms(build_tiny("qwen3", len(tok), hidden=256, head_dim=64)))
-    rc = export.main(["--run-dir", str(run), "--format", "gguf", "--quantization", "q8_0", "--output", str(tmp_path / "q.gguf")])
+    rc = cli.main(["--run-dir", str(run), "--format", "gguf", "--quantization", "q8_0", "--output", str(tmp_path / "q.gguf")])
     printed = capsys.readouterr().out
     assert rc == 0 and "verification OK" in printed and "adapter in the file" in printed, printed
 
 
-@pytest.mark.parametrize("quantization", export.K_QUANTS)
+@pytest.mark.parametrize("quantization", common.K_QUANTS)
 def test_k_quants_are_made_by_llama_cpp(quantization, tok, tmp_path):
     """Hidden 256 so every matrix row is a whole k-quant super-block: the file holds real K types."""
-    run = export.open_run(make_run(tmp_path, tok, model=build_tiny("llama", len(tok), hidden=256)))
-    out, summary, merged, tokenizer = export.export_gguf(run, tmp_path / "m.gguf", quantization)
+    run = common.open_run(make_run(tmp_path, tok, model=build_tiny("llama", len(tok), hidden=256)))
+    out, summary, merged, tokenizer = gguf.export_gguf(run, tmp_path / "m.gguf", quantization)
     assert set(summary["tensor_types"]) <= {"F32", "Q4_K", "Q5_K", "Q6_K", "Q8_0"}
     main_type = {"q4_k_m": "Q4_K", "q5_k_m": "Q5_K", "q6_k": "Q6_K"}[quantization]
     assert summary["tensor_types"].get(main_type, 0) >= 8, summary
-    v = export.verify_gguf(out, merged, tokenizer, quantization, base=export.base_model(run))
+    v = gguf.verify_gguf(out, merged, tokenizer, quantization, base=common.base_model(run))
     assert v.ok and v.adapter_visible, v.line()
 
 
 def test_k_quant_fallback_is_reported(tok, tmp_path):
     """Rows of 64 values are no whole 256-value super-block: llama.cpp stores them in a legacy type, and says so."""
-    run = export.open_run(make_run(tmp_path, tok, model=build_tiny("llama", len(tok))))
-    _, summary, _, _ = export.export_gguf(run, tmp_path / "m.gguf", "q4_k_m")
+    run = common.open_run(make_run(tmp_path, tok, model=build_tiny("llama", len(tok))))
+    _, summary, _, _ = gguf.export_gguf(run, tmp_path / "m.gguf", "q4_k_m")
     assert not any(t.endswith("_K") for t in summary["tensor_types"]), summary
     assert any("multiples of 256" in n for n in summary["notes"])
 
 
 def test_q4_k_m_cli_end_to_end_in_llama_cpp_writes_a_modelfile(tok, tmp_path, capsys):
     run = make_run(tmp_path, tok, model=build_tiny("llama", len(tok), hidden=256))
-    rc = export.main(["--run-dir", str(run), "--format", "gguf", "--quantization", "q4_k_m", "--output", str(tmp_path / "o.gguf")])
+    rc = cli.main(["--run-dir", str(run), "--format", "gguf", "--quantization", "q4_k_m", "--output", str(tmp_path / "o.gguf")])
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "GGUF q4_k_m in llama.cpp vs float32 merge" in printed and "adapter in the file" in printed
@@ -122,7 +124,7 @@ def test_an_architecture_the_converter_refuses_is_one_line_naming_it_before_the_
                                      num_attention_heads=2, word_embed_proj_dim=16, pad_token_id=2))
     run = make_run(tmp_path, tok, model=model)
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded before the refusal"))
-    rc = export.main(["--run-dir", str(run), "--format", "gguf", "--output", str(tmp_path / "o.gguf")])
+    rc = cli.main(["--run-dir", str(run), "--format", "gguf", "--output", str(tmp_path / "o.gguf")])
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert "does not support the architecture OPTForCausalLM" in err and not (tmp_path / "o.gguf").exists()
@@ -134,21 +136,21 @@ def test_an_adapter_smaller_than_the_rounding_passes_while_a_bare_base_file_fail
     they cannot tell it is there; the file's weights can (and do: the merged file passes, the base's fails;
     the bare file is made once, as q8_0, to keep the time down: 4-bit bare weights are in test_export.py)."""
     model = unit_norms(build_tiny("llama", len(tok), hidden=256))
-    run = export.open_run(make_run(tmp_path, tok, model=model, b_scale=5e-4))
-    out, _, merged, tokenizer = export.export_gguf(run, tmp_path / "m.gguf", quantization)
-    base = export.base_model(run)
-    v = export.verify_gguf(out, merged, tokenizer, quantization, base=base)
+    run = common.open_run(make_run(tmp_path, tok, model=model, b_scale=5e-4))
+    out, _, merged, tokenizer = gguf.export_gguf(run, tmp_path / "m.gguf", quantization)
+    base = common.base_model(run)
+    v = gguf.verify_gguf(out, merged, tokenizer, quantization, base=base)
     assert not v.logits_can_tell, v.line()  # the condition of the issue: logits alone would be noise
     assert v.ok and v.weights.verdict is True and "adapter in the file" in v.line(), v.line()
     if quantization == "q8_0":
-        bare, _, _, _ = export.export_gguf(run, tmp_path / "bare.gguf", quantization, model=base)
-        b = export.verify_gguf(bare, merged, tokenizer, quantization, base=base)
+        bare, _, _, _ = gguf.export_gguf(run, tmp_path / "bare.gguf", quantization, model=base)
+        b = gguf.verify_gguf(bare, merged, tokenizer, quantization, base=base)
         assert b.weights.verdict is False and not b.ok and "adapter NOT in the file" in b.line(), b.line()
 
 
 def test_gguf_lora_loads_over_the_base_file_in_llama_cpp(tok, tmp_path, capsys):
     run = make_run(tmp_path, tok, model=build_tiny("llama", len(tok), hidden=64))
-    rc = export.main(["--run-dir", str(run), "--format", "gguf-lora", "--output", str(tmp_path / "a.gguf")])
+    rc = cli.main(["--run-dir", str(run), "--format", "gguf-lora", "--output", str(tmp_path / "a.gguf")])
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "GGUF f16 + LoRA in llama.cpp vs float32 merge" in printed and "adapter in the file" in printed
@@ -182,7 +184,7 @@ def smollm2_run(tmp_path_factory, tok):
     peft_model.save_pretrained(run / "adapter")
     tok.save_pretrained(run / "adapter")
     (run / "config.json").write_text(json.dumps({"model": str(base_dir), "dtype": "float32"}), encoding="utf-8")
-    return export.open_run(run)
+    return common.open_run(run)
 
 
 @pytest.mark.slow
@@ -190,8 +192,8 @@ def smollm2_run(tmp_path_factory, tok):
 def test_smollm2_round_trip_in_llama_cpp(smollm2_run, quantization, tmp_path):
     """The default model's export, run by llama.cpp, against the float32 merge on the verification prompts.
     SmolLM2-135M's rows are 576 values (not a multiple of 256), so most of a q4_k_m file is Q5_0/Q8_0."""
-    out, summary, merged, tokenizer = export.export_gguf(smollm2_run, tmp_path / "m.gguf", quantization)
+    out, summary, merged, tokenizer = gguf.export_gguf(smollm2_run, tmp_path / "m.gguf", quantization)
     assert summary["pre"] == "smollm"  # its byte-fallback tokenizer was saved as the byte-level BPE it is
-    v = export.verify_gguf(out, merged, tokenizer, quantization, base=export.base_model(smollm2_run))
+    v = gguf.verify_gguf(out, merged, tokenizer, quantization, base=common.base_model(smollm2_run))
     assert v.ok and v.tokenizer_ok and v.adapter_visible, v.line()
     assert v.top1_agreement >= {"f16": 0.95, "q8_0": 0.9, "q4_k_m": 0.6}[quantization], v.line()

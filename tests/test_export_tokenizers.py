@@ -15,7 +15,9 @@ import shutil
 
 import pytest
 
-from dpo import export, llamacpp_convert
+from dpo.export import llamacpp_convert
+
+from dpo.export import common, gguf, merged
 
 from . import real_tokenizers
 from .test_export import build_tiny, make_run
@@ -48,7 +50,7 @@ def special_texts(tok) -> list[str]:
     tokens between words."""
     texts = []
     if tok.chat_template:
-        texts.append(tok.apply_chat_template(list(export.VERIFY_CHAT), tokenize=False))
+        texts.append(tok.apply_chat_template(list(common.VERIFY_CHAT), tokenize=False))
     specials = [t for t in tok.all_special_tokens if t not in (tok.unk_token, tok.pad_token)][:4]
     texts.append("".join(f"{s}word " for s in specials))
     return texts
@@ -65,25 +67,25 @@ def test_real_tokenizer_round_trips_through_llama_cpp(name, kind, tmp_path):
         llamacpp_convert.converter_dir()
     except llamacpp_convert.ConverterError as e:
         pytest.skip(str(e))
-    from dpo import llamacpp
+    from dpo.export import llamacpp
 
     tok = real_tokenizer(name)
     run = make_run(tmp_path, tok, model=build_tiny(kind, len(tok), hidden=32))
     spm = real_tokenizers.cache_root() / name / real_tokenizers.SENTENCEPIECE_COPY
     if spm.is_file():
-        shutil.copy(spm, tmp_path / "base" / export.SENTENCEPIECE_MODEL)
-    out, summary, model, _ = export.export_gguf(export.open_run(run), tmp_path / "m.gguf", "f32")
+        shutil.copy(spm, tmp_path / "base" / common.SENTENCEPIECE_MODEL)
+    out, summary, model, _ = gguf.export_gguf(common.open_run(run), tmp_path / "m.gguf", "f32")
     assert summary["tokenizer"] == ("gpt2" if name == "qwen2" else "llama"), summary
     llm = llamacpp.LlamaCppModel(out)
     try:
-        assert export.llamacpp_tokenizer_differences(llm, tok) == []
+        assert gguf.llamacpp_tokenizer_differences(llm, tok) == []
         texts = special_texts(tok)
         differs = [t for t in texts if llm.tokenize(t, False) != tok.encode(t, add_special_tokens=False)]
         if name in ("gemma-3", "qwen2"):
             assert differs == [], differs
         ids = tok.encode(texts[0])[:24]
-        v = export.compare_logit_lists(export.prompt_logits(model, [ids]), [llm.logits(ids)],
-                                       export.llamacpp_rtol("f32", model.config), f"{name} {kind} in llama.cpp")
+        v = merged.compare_logit_lists(merged.prompt_logits(model, [ids]), [llm.logits(ids)],
+                                       common.llamacpp_rtol("f32", model.config), f"{name} {kind} in llama.cpp")
         assert v.ok and v.top1_agreement >= 0.95, v.line()
     finally:
         llm.close()

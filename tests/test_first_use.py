@@ -301,7 +301,8 @@ def test_a_hub_model_with_the_hub_unreachable_fails_in_seconds_in_one_line(data,
 
 
 def test_a_finished_runs_last_line_names_commands_that_evaluate_and_export_it(tiny_llama_dir, data, tmp_path, capsys):
-    from dpo import evaluate, export
+    from dpo import evaluate
+    from dpo.export import cli
 
     out = tmp_path / "run"
     assert train.main(["--model", str(tiny_llama_dir), "--dataset", str(data), "--output-dir", str(out),
@@ -315,5 +316,5 @@ def test_a_finished_runs_last_line_names_commands_that_evaluate_and_export_it(ti
     assert evaluating[1:3] == ["-m", "dpo.evaluate"] and exporting[1:3] == ["-m", "dpo.export"]
     assert evaluating[evaluating.index("--beta") + 1] == "0.2"  # scored under the run's loss settings
     assert evaluate.main(evaluating[3:]) == 0
-    assert export.main(exporting[3:] + ["--no-verify"]) == 0
+    assert cli.main(exporting[3:] + ["--no-verify"]) == 0
     assert (out / "merged" / "config.json").is_file()

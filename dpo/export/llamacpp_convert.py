@@ -7,7 +7,7 @@ their `gguf-py` into the environment (`<venv>/share/dpo-llamacpp/<version>/`, ab
 network. Each converter runs with `sys.executable` and its own gguf-py first on PYTHONPATH (the `gguf`
 package installed beside dpo may be another version).
 
-    python -m dpo.llamacpp_convert unpack llama_cpp_python-0.3.36.tar.gz     # what setup.sh runs
+    python -m dpo.export.llamacpp_convert unpack llama_cpp_python-0.3.36.tar.gz     # what setup.sh runs
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def convert_lora(adapter_dir: Path, base_dir: Path, out: Path, outtype: str) -> 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or argv[0] != "unpack":
-        print("usage: python -m dpo.llamacpp_convert unpack ARCHIVE.tar.gz", file=sys.stderr)
+        print("usage: python -m dpo.export.llamacpp_convert unpack ARCHIVE.tar.gz", file=sys.stderr)
         return 2
     try:
         print(f"llama.cpp converter unpacked into {unpack(Path(argv[1]))}")
