@@ -27,7 +27,8 @@ from dpo.data.sources import DataError
 from dpo.eval.evaluation import Evaluation, GenerationSettings, format_metrics
 from dpo.eval.generation import format_samples
 from dpo.files import output_problem, write_json_atomic
-from dpo.config import LOGPROB_MODES, ConfigError, TrainConfig, add_field_arguments
+from dpo.config import LOGPROB_MODES, ConfigError, TrainConfig
+from dpo.flags import add_field_arguments
 from dpo.data.sources import looks_local
 from dpo.smollm2 import DEFAULT_MODEL
 from dpo.loss_settings import LossSettings

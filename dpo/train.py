@@ -51,7 +51,8 @@ from dpo.run.checkpoint import Checkpoint, CheckpointError
 from dpo.run.state import restore_rng
 from dpo.run.card import write_run_card
 from dpo.cli import first_line, python_command
-from dpo.config import ConfigError, TrainConfig, config_from_args
+from dpo.config import ConfigError, TrainConfig
+from dpo.flags import config_from_args
 from dpo.run.lifecycle import Checkpointer, Commands, StopNow, StopSignals, TrainingStopped, load_reference_cache
 from dpo.run.folder import (RunWriter, check_output_dir, find_resume_checkpoint, load_resume_checkpoint,
                             set_aside_later_checkpoints)
@@ -104,18 +105,23 @@ def agreed_signal(signals: StopSignals, trainer: Trainer) -> int | None:
     return signals.received
 
 
-def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None = None) -> dict:
-    """Train as `cfg` says. Returns {"history" (this process's rows), "steps", "adapter_dir", "checkpoint",
-    "seconds", "model", "tokenizer", "skipped_steps", "config" (the run's config as planned: config.json),
-    "predicted_peak_gib" (the plan's predicted peak; None when not planned)}.
+@dataclass
+class Checked:
+    """What stage 1 of a run found: the config (a resumed run's plan applied), where it runs, the checkpoint
+    it continues, its rows, whether checkpoints fit on the disk, and its trackers."""
 
-    Raises ConfigError, DataError, CheckpointError or MissingDefaultModel for what it refuses (before a
-    model loads where it can), and TrainingStopped after a signal, a non-finite step (--on-nan stop) or a
-    run whose steps were mostly skipped (--on-nan skip; its adapter and checkpoint are saved).
-    `argv` (the command line) only shapes the resume command the messages print.
-    """
-    started = time.time()
-    hooks = hooks or RunHooks()
+    cfg: TrainConfig
+    dist: distributed.DistInfo
+    device: torch.device
+    resumed: Checkpoint | None
+    rows: list
+    checkpoints: bool | None
+    sinks: list
+
+
+def check_run(cfg: TrainConfig) -> Checked:
+    """Stage 1, checks that cost a second (before any model loads): the device, the output folder, the
+    checkpoint to resume, the rows, the model, the disk and the trackers. Raises what it refuses."""
     loss = cfg.loss_settings()  # validated with the config; the one object training and evaluation take
     if loss.unpaired and distributed.from_env().enabled:  # its per-side metrics differ between ranks
         raise ConfigError("--loss-type kto: runs on one process for now (its KL blocks and per-side metrics are "
@@ -130,8 +136,6 @@ def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None 
         torch.set_num_threads(threads)
         if dist.is_main:
             print(f"dpo: {threads} CPU thread(s) per process (--threads to change)")
-    commands = Commands(cfg, argv)
-    # 1. Checks that cost a second: the output folder, the checkpoint to resume, the data, the model path.
     if dist.is_main:
         check_output_dir(cfg.output_dir, cfg.run_dict(), resume=bool(cfg.resume or cfg.resume_from),
                          overwrite=cfg.overwrite)
@@ -140,8 +144,7 @@ def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None 
     resumed = load_resume_checkpoint(cfg, cfg.run_dict())
     rows = read_rows(cfg)
     models.resolve_model_path(cfg.model)  # the default model missing: say so before anything loads
-    warnings = check_before_loading(cfg, device) + unused_settings(cfg)
-    for line in warnings if dist.is_main else []:
+    for line in check_before_loading(cfg, device) + unused_settings(cfg) if dist.is_main else []:
         print(f"dpo: warning: {line}", file=sys.stderr)
     checkpoints = None if cfg.plan else diskspace.check_disk(  # False: no room for them, the adapter only
         cfg, num_rows=len(rows), start_step=resumed.step if resumed else 0, needs_reference=loss.needs_reference,
@@ -151,32 +154,53 @@ def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None 
                  if dist.is_main and not cfg.plan else [])
     except trackers.TrackerError as e:
         raise ConfigError(str(e)) from None
-    # 2. The one tokenization, then the plan from its lengths: the config the run uses from here on.
-    data = prepare_data(cfg, rows)
-    chosen = None
-    # ranks could plan apart (each its own free memory): not planned; a resumed CPU run plans again (its only
-    # choice, checkpointing, changes no number)
-    if (resumed is None or device.type == "cpu") and not dist.enabled:
-        cfg, chosen = plan_run(cfg, data.items, device, not loss.needs_reference)
-        if chosen is not None and dist.is_main:
-            print(chosen.format(every_setting=cfg.plan))
+    return Checked(cfg, dist, device, resumed, rows, checkpoints, sinks)
+
+
+def plan_the_run(checked: Checked, data: PreparedData):
+    """Stage 2b: (the config the run uses from here on, the plan or None), from the one tokenization's
+    lengths. Several ranks could plan apart (each its own free memory): not planned; a resumed CPU run plans
+    again (its only choice, checkpointing, changes no number)."""
+    cfg = checked.cfg
+    if (checked.resumed is not None and checked.device.type != "cpu") or checked.dist.enabled:
+        return cfg, None
+    cfg, chosen = plan_run(cfg, data.items, checked.device, not cfg.loss_settings().needs_reference)
+    if chosen is not None and checked.dist.is_main:
+        print(chosen.format(every_setting=cfg.plan))
+    return cfg, chosen
+
+
+def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None = None) -> dict:
+    """Train as `cfg` says. Returns {"history" (this process's rows), "steps", "adapter_dir", "checkpoint",
+    "seconds", "model", "tokenizer", "skipped_steps", "config" (the run's config as planned: config.json),
+    "layout", "predicted_peak_gib" (the plan's predicted peak; None when not planned)}.
+
+    Raises ConfigError, DataError, CheckpointError or MissingDefaultModel for what it refuses (before a
+    model loads where it can), and TrainingStopped after a signal, a non-finite step (--on-nan stop) or a
+    run whose steps were mostly skipped (--on-nan skip; its adapter and checkpoint are saved).
+    `argv` (the command line) only shapes the resume command the messages print.
+    """
+    started, hooks, commands = time.time(), hooks or RunHooks(), Commands(cfg, argv)
+    checked = check_run(cfg)  # 1. what costs a second
+    dist, resumed = checked.dist, checked.resumed
+    data = prepare_data(checked.cfg, checked.rows)  # 2. the one tokenization, then the plan from its lengths
+    cfg, chosen = plan_the_run(checked, data)
     if cfg.plan:  # --plan: show it and stop, writing nothing
         if chosen is None:
             print("dpo: no plan: several ranks, a resumed GPU run and --memory-budget none run as configured")
         distributed.teardown(dist)
         return {"plan_only": True, "config": cfg}
     run_config = cfg.run_dict()
-    # 3. The run folder, then the model, the loop and the saves (_Session).
-    writer = RunWriter(cfg.output_dir, enabled=dist.is_main, sinks=sinks)
+    writer = RunWriter(cfg.output_dir, enabled=dist.is_main, sinks=checked.sinks)  # 3. the run folder
     if cfg.overwrite and dist.is_main:
         writer.clear_previous_run()
     if resumed is not None and dist.is_main:
         set_aside_later_checkpoints(cfg.output_dir, resumed.step)
     distributed.barrier(dist)
-
-    with StopSignals() as signals:
-        saver = Checkpointer(cfg, run_config, signals, commands, enabled=dist.is_main, checkpoints=checkpoints)
-        session = _Session(cfg, loss, run_config, resumed, data, writer, saver, signals, commands, dist, device, hooks)
+    with StopSignals() as signals:  # 4. the model, the loop and the saves
+        saver = Checkpointer(cfg, run_config, signals, commands, enabled=dist.is_main, checkpoints=checked.checkpoints)
+        session = _Session(cfg, cfg.loss_settings(), run_config, resumed, data, writer, saver, signals, commands, dist,
+                           checked.device, hooks)
         try:
             result = session.train_and_save()
         except StopNow as e:  # a signal before the first step, or a second one: out at once
@@ -187,6 +211,11 @@ def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None 
             distributed.teardown(dist)
     result["seconds"] = time.time() - started
     result["predicted_peak_gib"] = chosen.peak_gib if chosen is not None else None
+    return finish(result, cfg, resumed, dist)
+
+
+def finish(result: dict, cfg: TrainConfig, resumed: Checkpoint | None, dist: distributed.DistInfo) -> dict:
+    """The run's last lines: the summary, a refusal when most steps were skipped, the next commands."""
     if dist.is_main:
         print(summary(result, resumed))
     failed = mostly_skipped(result["steps"], result["skipped_steps"])

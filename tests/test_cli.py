@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from dpo import smollm2, train
-from dpo.config import FLOAT16_REFUSAL, TrainConfig, config_from_args
+from dpo.config import FLOAT16_REFUSAL, TrainConfig
+from dpo.flags import config_from_args
 from .conftest import write_jsonl
 
 TRL_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",

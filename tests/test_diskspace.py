@@ -19,7 +19,7 @@ from dpo import train
 from dpo.run import checkpoint
 from dpo.run import diskspace
 from dpo.run.checkpoint import CheckpointError
-from dpo.config import config_from_args
+from dpo.flags import config_from_args
 
 from .conftest import write_jsonl
 from .test_resume import ROWS, metrics, one_line_error
@@ -105,7 +105,7 @@ def test_with_the_unsloth_backend_unsloth_is_imported_before_transformers(tiny_l
 
     (tmp_path / "unsloth.py").write_text("import sys\nCAME_AFTER = sorted({'transformers', 'peft'} & set(sys.modules))\n")
     code = (f"import sys, torch; sys.path.insert(0, {str(tmp_path)!r})\n"
-            "from dpo import models\nfrom dpo.run import diskspace\nfrom dpo.config import config_from_args\n"
+            "from dpo import models\nfrom dpo.run import diskspace\nfrom dpo.flags import config_from_args\n"
             "models.pick_backend = lambda requested: 'unsloth'\n"
             f"cfg = config_from_args(['--model', {str(tiny_llama_dir)!r}, '--dataset', {str(data)!r}])\n"
             "assert diskspace.trainable_shapes(cfg, torch.device('cpu'))\n"
@@ -138,7 +138,7 @@ def test_on_the_unsloth_backend_the_estimate_is_the_checkpoint_the_run_writes(mo
                           cwd=root, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "not enough disk space" not in done.stderr
-    code = ("import json, torch\nfrom dpo.run import diskspace\nfrom dpo.config import config_from_args\n"
+    code = ("import json, torch\nfrom dpo.run import diskspace\nfrom dpo.flags import config_from_args\n"
             f"cfg = config_from_args({args!r})\n"
             "print(json.dumps(diskspace.trainable_shapes(cfg, torch.device('cuda'))))\n")
     estimate = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=root,

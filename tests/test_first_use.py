@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from dpo import build, train
-from dpo.config import TrainConfig, config_from_args
+from dpo.config import TrainConfig
+from dpo.flags import config_from_args
 from dpo.run.lifecycle import Commands, TrainingStopped
 
 from .conftest import write_jsonl

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dpo import models, train
-from dpo.config import config_from_args
+from dpo.flags import config_from_args
 from .conftest import build_tiny_llama, write_jsonl
 
 ROWS = [{"prompt": f"Pick a fruit, round {i}.", "chosen": f" A pear, {i}.", "rejected": f" No fruit {i} today."}

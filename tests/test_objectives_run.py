@@ -162,7 +162,7 @@ def test_objective_settings_refused_in_one_line(settings, flag, tmp_path):
 
 
 def test_objective_flags_parse():
-    from dpo.config import config_from_args
+    from dpo.flags import config_from_args
 
     cfg = config_from_args(["--dataset", "builtin:sentiment", "--loss-type", "simpo", "--simpo-gamma", "0.3",
                             "--cpo-alpha", "0.2"])

@@ -112,17 +112,19 @@ def test_mfu_on_cuda_is_flops_over_time_and_peak_and_omitted_for_an_unknown_card
     assert "mfu" not in T.StepCost(model, torch.device("cpu")).fields(counted, 5, 1, 0.5, True)
 
 
-@pytest.mark.parametrize("packing", [False, True])
-def test_every_training_row_says_what_the_step_cost(tiny_llama_dir, tmp_path, packing):
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared"])
+def test_every_training_row_says_what_the_step_cost(tiny_llama_dir, tmp_path, layout):
     rows = [{"prompt": "Q " * (i % 5 + 1) + "?", "chosen": " yes" * (i % 3 + 1), "rejected": " no" * (i % 4 + 1)}
             for i in range(8)]
     cfg = TrainConfig(model=str(tiny_llama_dir), dataset=str(write_jsonl(tmp_path / "d.jsonl", rows)),
                       output_dir=str(tmp_path / "run"), max_steps=2, per_device_batch_size=2, grad_accum=2,
-                      lora_r=4, max_length=32, device="cpu", dtype="float32", packing=packing)
+                      lora_r=4, max_length=32, device="cpu", dtype="float32", packing=layout == "packed",
+                      prefix_sharing="on" if layout == "shared" else "off")
     history = run(cfg)["history"]
     previous = 0
     for row in history:
         step_tokens, previous = row["num_tokens"] - previous, row["num_tokens"]
         assert row["tokens_per_second"] / row["pairs_per_second"] == pytest.approx(step_tokens / 4)
         assert row["tokens_per_second"] > 0 and "mfu" not in row
-        assert (row["padding_share"] == 0) if packing else (0 < row["padding_share"] < 1)
+        assert (row["padding_share"] == 0) if layout == "packed" else (0 < row["padding_share"] < 1)
+        assert (row["tokens_computed"] < step_tokens) if layout == "shared" else (row["tokens_computed"] >= step_tokens)
