@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpo.export import cli, common, merged
+from dpo.export import cli, common, merged as merging
 from dpo.models import LoraSettings, add_lora
 
 from .conftest import build_tiny_llama
@@ -113,7 +113,7 @@ def test_adapter_export_copies_adapter_and_tokenizer(run_dir, tmp_path, capsys):
 
 def test_adapter_export_adds_the_base_tokenizer_when_the_adapter_has_none(tmp_path, tok):
     run = make_run(tmp_path, tok, with_tokenizer=False)
-    out = merged.export_adapter(common.open_run(run), tmp_path / "out")
+    out = merging.export_adapter(common.open_run(run), tmp_path / "out")
     assert (out / "tokenizer.json").is_file() and (out / "adapter_model.safetensors").is_file()
 
 
@@ -127,7 +127,7 @@ def test_merged_float32_reloads_to_base_plus_adapter(run_dir, tok, tmp_path):
     want = logits(peft_model, tok)
     assert max_diff(want, logits(base, tok)) > 0.5, "the adapter should change the logits"
 
-    out, _, _ = merged.export_merged(common.open_run(run_dir), tmp_path / "merged32", dtype="float32")
+    out, _, _ = merging.export_merged(common.open_run(run_dir), tmp_path / "merged32", dtype="float32")
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert max_diff(want, logits(reloaded, tok)) < 1e-4
     assert AutoTokenizer.from_pretrained(out).encode(PROMPTS[1]) == tok.encode(PROMPTS[1])
@@ -309,7 +309,7 @@ def test_the_default_models_adapter_names_the_hub_model(tmp_path, run_dir):
     run = common.open_run(run_dir)
     run.config = {**run.config, "model": "smollm2-135m-instruct"}
     (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/root/.cache/dpo/x", "r": 4}))
-    merged._portable_base_name(run, tmp_path / "adapter_config.json")
+    merging._portable_base_name(run, tmp_path / "adapter_config.json")
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg == {"base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct", "r": 4}
 
@@ -383,7 +383,7 @@ def test_each_architecture_trains_then_exports_adapter_and_merged(kind, tok, tmp
 
     run_dir = trained_run(tmp_path, tok, kind)
     run = common.open_run(run_dir)
-    adapter = merged.export_adapter(run, tmp_path / "adapter")
+    adapter = merging.export_adapter(run, tmp_path / "adapter")
     trained = safetensors.torch.load_file(adapter / "adapter_model.safetensors")
     # Phi-3's fused projections; Qwen3-MoE's experts are 3-D tensors in transformers 5, no Linear to wrap
     fused = {"phi3": {"qkv_proj", "gate_up_proj", "o_proj", "down_proj"},
@@ -395,7 +395,7 @@ def test_each_architecture_trains_then_exports_adapter_and_merged(kind, tok, tmp
     base, with_adapter = base_and_adapter(run_dir)
     want = logits(with_adapter, tok)
     assert max_diff(want, logits(base, tok)) > 1e-3, "two steps should move the logits"
-    merged_dir, _, _ = merged.export_merged(run, tmp_path / "merged", dtype="float32")
+    merged_dir, _, _ = merging.export_merged(run, tmp_path / "merged", dtype="float32")
     from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
@@ -439,7 +439,7 @@ def test_the_default_models_byte_fallback_tokenizer_is_saved_as_byte_level_bpe(t
 
     saved = json.loads(tok.backend_tokenizer.to_str())
     assert saved["model"]["byte_fallback"] and saved["decoder"]["type"] != "ByteLevel"  # what makes this test bite
-    merged.save_folder(build_tiny_llama(len(tok)), tok, tmp_path / "m", "float32")
+    merging.save_folder(build_tiny_llama(len(tok)), tok, tmp_path / "m", "float32")
     written = json.loads((tmp_path / "m" / "tokenizer.json").read_text())
     assert written["model"]["byte_fallback"] is False and written["decoder"]["type"] == "ByteLevel"
     again = AutoTokenizer.from_pretrained(tmp_path / "m")

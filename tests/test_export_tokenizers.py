@@ -17,7 +17,7 @@ import pytest
 
 from dpo.export import llamacpp_convert
 
-from dpo.export import common, gguf, merged
+from dpo.export import common, gguf, merged as merging
 
 from . import real_tokenizers
 from .test_export import build_tiny, make_run
@@ -84,7 +84,7 @@ def test_real_tokenizer_round_trips_through_llama_cpp(name, kind, tmp_path):
         if name in ("gemma-3", "qwen2"):
             assert differs == [], differs
         ids = tok.encode(texts[0])[:24]
-        v = merged.compare_logit_lists(merged.prompt_logits(model, [ids]), [llm.logits(ids)],
+        v = merging.compare_logit_lists(merging.prompt_logits(model, [ids]), [llm.logits(ids)],
                                        common.llamacpp_rtol("f32", model.config), f"{name} {kind} in llama.cpp")
         assert v.ok and v.top1_agreement >= 0.95, v.line()
     finally:
