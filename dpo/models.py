@@ -360,15 +360,22 @@ def completion_logps(model, batch: Batch, mode: str = "chunked", chunk_size: int
 def backbone_hidden(model, batch: Batch):
     """(hidden[R, T, H] of the last layer, the LM head): one backbone forward, no logits yet, so that
     any number of token masks can then be scored from it (`sequence_logps_from_hidden`)."""
+    return backbone_forward(model, batch.input_ids, batch.host_input_ids, attention_mask=batch.attention_mask,
+                            use_cache=False)
+
+
+def backbone_forward(model, input_ids, host_input_ids=None, **kw):
+    """(last hidden states, the LM head) of one backbone forward of any layout (padded, packed, shared: `kw`
+    its mask and positions); a host-side embedding table is looked up on the ids in CPU memory, with no
+    device sync."""
     lm = _causal_lm(model)
     backbone = getattr(lm, lm.base_model_prefix)
     embedding = lm.get_input_embeddings()
-    if isinstance(embedding, HostEmbedding) and batch.host_input_ids is not None:  # no device sync
-        inputs = {"inputs_embeds": embedding.lookup(batch.host_input_ids, batch.input_ids.device)}
+    if isinstance(embedding, HostEmbedding) and host_input_ids is not None:
+        inputs = {"inputs_embeds": embedding.lookup(host_input_ids, input_ids.device)}
     else:
-        inputs = {"input_ids": batch.input_ids}
-    hidden = backbone(**inputs, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
-    return hidden, lm.get_output_embeddings()
+        inputs = {"input_ids": input_ids}
+    return backbone(**inputs, **kw).last_hidden_state, lm.get_output_embeddings()
 
 
 class ScoredForward:

@@ -220,15 +220,8 @@ def packed_completion_logps(model, packed: PackedBatch, mode: str = "chunked", c
         return packed_logps_from_logits(logits, packed)
     if mode != "chunked":
         raise ValueError(f"unknown log-prob mode {mode!r}: use 'chunked' or 'full'")
-    lm = models._causal_lm(model)
-    backbone = getattr(lm, lm.base_model_prefix)
-    embedding = lm.get_input_embeddings()
-    if isinstance(embedding, models.HostEmbedding) and packed.host_input_ids is not None:
-        inputs = {"inputs_embeds": embedding.lookup(packed.host_input_ids, packed.input_ids.device)}
-    else:
-        inputs = {"input_ids": packed.input_ids}
-    hidden = backbone(**inputs, **kw).last_hidden_state
-    return packed_logps_from_hidden(hidden, lm.get_output_embeddings(), packed, chunk_size)
+    hidden, head = models.backbone_forward(model, packed.input_ids, packed.host_input_ids, **kw)
+    return packed_logps_from_hidden(hidden, head, packed, chunk_size)
 
 
 def token_counts(batch: Batch) -> tuple[int, int]:

@@ -144,14 +144,8 @@ def shared_completion_logps(model, shared: SharedBatch, mode: str = "chunked", c
         logits = model(input_ids=shared.input_ids, **kw).logits
         per_token = logps_math.token_logps_from_logits(logits.flatten(0, 1)[shared.predictor], shared.target)
     elif mode == "chunked":
-        backbone = getattr(lm, lm.base_model_prefix)
-        embedding = lm.get_input_embeddings()
-        if isinstance(embedding, models.HostEmbedding) and shared.host_input_ids is not None:
-            inputs = {"inputs_embeds": embedding.lookup(shared.host_input_ids, shared.input_ids.device)}
-        else:
-            inputs = {"input_ids": shared.input_ids}
-        hidden = backbone(**inputs, **kw).last_hidden_state.flatten(0, 1)
-        head = lm.get_output_embeddings()
+        hidden, head = models.backbone_forward(model, shared.input_ids, shared.host_input_ids, **kw)
+        hidden = hidden.flatten(0, 1)
         per_token = logps_math.ChunkedTokenLogps.apply(hidden[shared.predictor], head.weight, head.bias,
                                                        shared.target, chunk_size)
     else:
