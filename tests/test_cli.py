@@ -13,6 +13,7 @@ import torch
 
 from dpo import smollm2, train
 from dpo.config import FLOAT16_REFUSAL, TrainConfig
+from dpo.build import PLANNED_FIELDS
 from dpo.flags import config_from_args
 from .conftest import write_jsonl
 
@@ -48,7 +49,9 @@ def test_a_run_writes_config_metrics_and_an_adapter_that_reloads_to_the_same_log
     result = train.run(cfg, argv)
 
     saved = json.loads((out / "config.json").read_text())
-    assert saved == cfg.run_dict() and saved["beta"] == 0.1 and "resume" not in saved
+    assert saved == result["config"] and saved["beta"] == 0.1 and "resume" not in saved  # as planned and run
+    assert {k: v for k, v in saved.items() if k not in PLANNED_FIELDS} == {
+        k: v for k, v in cfg.run_dict().items() if k not in PLANNED_FIELDS}
     assert config_from_args(["--config", str(out / "config.json")]).run_dict() == saved  # passes back as --config
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]

