@@ -5,7 +5,8 @@ token goes through the model twice. Here each pair is one row [prompt | chosen |
 right-padded to the longest, L = max over pairs of (P + C + R):
 
     input_ids[B, L]     the pair's tokens, then padding
-    position_ids[B, L]  prompt 0 .. P-1; chosen P .. P+C-1; rejected P .. P+R-1 (both continue the prompt)
+    position_ids[B, L]  prompt 0 .. P-1; chosen P .. P+C-1; rejected P .. P+R-1 (both continue the prompt);
+                        pads 0 (never past what the padded path uses: a table of learned positions has an end)
     part[B, L]          PROMPT, CHOSEN, REJECTED, or PAD
 
 Attention (`attention_allowed`): a query sees the keys of its row up to itself, except that chosen and
@@ -99,8 +100,7 @@ def share_batch(batch: Batch) -> SharedBatch:
     predictor, target, sequence = [], [], []
     for i, (tokens, positions, parts, scored) in enumerate(rows):
         n = tokens.numel()
-        input_ids[i, :n], position_ids[i, :n], part[i, :n] = tokens, positions, parts
-        position_ids[i, n:] = torch.arange(positions.max() + 1, positions.max() + 1 + width - n)
+        input_ids[i, :n], position_ids[i, :n], part[i, :n] = tokens, positions, parts  # pads: position 0
         for columns, targets, side in scored:
             predictor.append(i * width + columns)
             target.append(targets)

@@ -227,16 +227,18 @@ class Trainer:
         batch = self.objective.collate([self.pairs[i] for i in self._my_shard(first[0])], self.pad_id,
                                        self.cfg.max_length).to(self.device)
         if wants_sharing:
-            if hf:  # the shared layout's mask is a dense one: sdpa (Unsloth patches its own attention)
-                packing.use_attention(self.model, packing.AttentionRoute("sdpa", "sdpa", "prefix sharing"))
-            agrees, why = self._layout_agrees(sharing.sharing_agrees, batch, "the prefix-shared layout")
+            original = models._causal_lm(self.model).config._attn_implementation
+            route = packing.AttentionRoute("sdpa", "sdpa", "prefix sharing")  # the shared layout's mask is dense
+            agrees, why = self._layout_agrees(sharing.sharing_agrees, batch, "the prefix-shared layout",
+                                              before=lambda: packing.use_attention(self.model, route))
             if agrees:
                 self.scorer = dataclasses.replace(self.scorer, sharing=True)
                 return
             if asked == "on":
                 raise ValueError(f"--prefix-sharing on: {why}; use --prefix-sharing auto or off")
-            if asked == "auto" and not wants_packing:
-                print(f"dpo: prefix sharing is off: {why}; running padded")
+            print(f"dpo: prefix sharing is off: {why}; running " + ("packed if it can" if wants_packing else "padded"))
+            if not wants_packing:  # back to the attention the model was loaded with
+                models._causal_lm(self.model).set_attn_implementation(original)
         if wants_packing:
             if hf:
                 packing.use_attention(self.model, packing.choose_attention(self.device.type, requested=self.cfg.attention))
@@ -245,8 +247,12 @@ class Trainer:
                 print(f"dpo: warning: packing is off: {why}; running padded")
             self.scorer = dataclasses.replace(self.scorer, packing=agrees)
 
-    def _layout_agrees(self, check, batch, what: str) -> tuple[bool, str]:
+    def _layout_agrees(self, check, batch, what: str, before=None) -> tuple[bool, str]:
+        """(agrees, why not) of a layout's self-check on the first micro-batch; `before` prepares the model
+        (its attention route). Any failure of either is a reason to run without the layout, never a crash."""
         try:
+            if before is not None:
+                before()
             with self._autocast():
                 agrees, diff = check(self.model, batch, self.cfg.logprobs, self.cfg.logprob_chunk)
             return agrees, (f"this model's forward does not keep {what} apart (log-probs differ by {diff:.2e} "

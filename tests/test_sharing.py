@@ -55,9 +55,9 @@ def test_shared_layout_positions_and_scored_tokens():
     assert shared.sequence.tolist() == [0, 0, 0, 2, 2, 1, 1, 3, 3, 3, 3]
     assert (shared.num_pairs, shared.num_tokens, shared.row_ids) == (2, 14, [10, 11])
     assert sharing.token_counts(collate(pairs, pad_token_id=0)) == (17, 14)
-    # a shorter pair is padded; its pad positions continue the row's positions and score nothing
+    # a shorter pair is padded; its pads sit at position 0 (no position past the sides') and score nothing
     short = sharing.share_batch(collate(pairs + [TokenizedPair([3], [4], [5], row_id=12)], pad_token_id=0))
-    assert short.part[2].tolist() == [0, 1, 2, -1, -1, -1, -1] and short.position_ids[2].tolist() == [0, 1, 1, 2, 3, 4, 5]
+    assert short.part[2].tolist() == [0, 1, 2, -1, -1, -1, -1] and short.position_ids[2].tolist() == [0, 1, 1, 0, 0, 0, 0]
 
 
 def test_each_side_sees_the_prompt_and_itself_never_the_other_side():
@@ -152,3 +152,23 @@ def test_the_unsloth_backend_is_not_asked_to_share(tok, capsys, monkeypatch):
         else:
             with pytest.raises(ValueError, match="--prefix-sharing on: the unsloth backend"):
                 trainer.choose_layout()
+
+
+def test_auto_runs_padded_when_the_model_cannot_switch_to_the_shared_route(tok, capsys, monkeypatch):
+    """A model whose attention cannot become sdpa: auto says so and runs as before (the attention it was
+    loaded with), never a refusal of a run with default flags."""
+    from dpo import packing
+    from dpo.config import TrainConfig
+    from dpo.trainer import Trainer
+
+    def refuse(model, route):
+        raise ValueError("attention route sdpa: this model has no sdpa attention")
+    monkeypatch.setattr(packing, "use_attention", refuse)
+    model = lora_llama("eager")
+    trainer = Trainer(model, tok, TrainConfig(dataset="x", per_device_batch_size=2),
+                      [TokenizedPair([3, 4, 5], [6, 7], [8], i) for i in range(4)])
+    trainer.backend = "hf"
+    trainer.choose_layout()
+    out = capsys.readouterr().out
+    assert "prefix sharing is off: a forward of the prefix-shared layout failed: attention route sdpa" in out
+    assert trainer.scorer.layout == "padded" and model.config._attn_implementation == "eager"
