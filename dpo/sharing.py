@@ -162,12 +162,6 @@ def segment_lengths(batch: Batch) -> list[int]:
     return [int(n) for n in (attention[:b].sum(1) + (attention[b:] & completion[b:]).sum(1)).tolist()]
 
 
-def token_counts(batch: Batch) -> tuple[int, int]:
-    """(real tokens of the unshared sequences, positions the shared forward runs) for one micro-batch: the
-    sum of 2P + C + R against B x the longest P + C + R."""
-    return int(batch.attention_mask.sum()), batch.num_pairs * max(segment_lengths(batch))
-
-
 def sharing_agrees(model, batch: Batch, mode: str = "chunked", chunk_size: int = 256,
                    rtol: float = 2 * 2.0**-8) -> tuple[bool, float]:
     """Does this model's forward honour the shared layout's mask and positions? (agrees, max relative

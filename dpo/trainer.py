@@ -326,7 +326,7 @@ class Trainer:
             with region("dpo:metrics"):
                 metrics.add(self.objective.batch_row(out, logps))
                 tokens += int(batch.attention_mask.sum())
-                counted.add(self.scorer.sequence_lengths(batch), self.scorer.computed_tokens(batch))
+                counted.add(*self.scorer.token_counts(batch))
                 bad_rows += nonfinite_rows(out.loss.detach(), logps, batch.row_ids)
         # Several ranks: average gradients and metrics over them (equal shards: mean of means is the mean).
         distributed.average_gradients(self.params, self.dist)

@@ -54,7 +54,7 @@ def test_shared_layout_positions_and_scored_tokens():
     assert shared.target.tolist() == [7, 8, 2, 9, 2, 4, 2, 6, 6, 6, 2]
     assert shared.sequence.tolist() == [0, 0, 0, 2, 2, 1, 1, 3, 3, 3, 3]
     assert (shared.num_pairs, shared.num_tokens, shared.row_ids) == (2, 14, [10, 11])
-    assert sharing.token_counts(collate(pairs, pad_token_id=0)) == (17, 14)
+    assert sharing.segment_lengths(collate(pairs, pad_token_id=0)) == [7, 7]  # 14 tokens where unshared rows hold 17
     # a shorter pair is padded; its pads sit at position 0 (no position past the sides') and score nothing
     short = sharing.share_batch(collate(pairs + [TokenizedPair([3], [4], [5], row_id=12)], pad_token_id=0))
     assert short.part[2].tolist() == [0, 1, 2, -1, -1, -1, -1] and short.position_ids[2].tolist() == [0, 1, 1, 0, 0, 0, 0]

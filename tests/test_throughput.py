@@ -25,7 +25,7 @@ def test_padding_share_is_exact_on_a_known_batch():
     padded, packed, shared = T.StepTokens(), T.StepTokens(), T.StepTokens()
     for counted, layout in ((padded, {}), (packed, {"packing": True}), (shared, {"sharing": True})):
         scorer = Scorer(torch.device("cpu"), **layout)
-        counted.add(scorer.sequence_lengths(batch), scorer.computed_tokens(batch))
+        counted.add(*scorer.token_counts(batch))
     assert (padded.real, padded.computed, sorted(padded.lengths)) == (25, 36, [4, 5, 7, 9])
     assert T.padding_share(padded.real, padded.computed) == 11 / 36
     assert (packed.real, packed.computed) == (25, 25) and T.padding_share(packed.real, packed.computed) == 0.0

@@ -67,18 +67,15 @@ class Scorer:
         """How plain completion log-probs run: "shared", "packed" or "padded"."""
         return "shared" if self.sharing else "packed" if self.packing else "padded"
 
-    def computed_tokens(self, batch) -> int:
-        """Token positions the forward of this collated batch runs: padded rows count their pad positions,
-        packed ones their real tokens, shared rows pairs x the longest [prompt | chosen | rejected]."""
+    def token_counts(self, batch) -> tuple[list[int], int]:
+        """(the real lengths of the sequences the layout runs, the token positions its forward computes) of a
+        collated batch: padded rows count their pad positions, packed ones their real tokens; shared rows are
+        each pair's prompt + chosen + rejected, computed as pairs x the longest."""
         if self.sharing:
-            return sharing.token_counts(batch)[1]
-        return int(batch.attention_mask.sum()) if self.packing else int(batch.attention_mask.numel())
-
-    def sequence_lengths(self, batch) -> list[int]:
-        """The real lengths of the sequences the layout runs: each row's, or each shared pair's (the prompt once)."""
-        if self.sharing:
-            return sharing.segment_lengths(batch)
-        return [int(n) for n in batch.attention_mask.sum(dim=1).tolist()]
+            lengths = sharing.segment_lengths(batch)
+            return lengths, len(lengths) * max(lengths)
+        lengths = [int(n) for n in batch.attention_mask.sum(dim=1).tolist()]
+        return lengths, sum(lengths) if self.packing else int(batch.attention_mask.numel())
 
     def forward(self, model, batch: Batch) -> models.ScoredForward:
         """One forward of the batch, scorable under any token mask (`ScoredForward.sums`)."""
@@ -105,16 +102,6 @@ def on_cpu(scores: Any) -> Any:
         v = v.detach()
         return (v.float() if v.is_floating_point() else v).cpu()
     return dataclasses.replace(scores, **{f.name: move(getattr(scores, f.name)) for f in dataclasses.fields(scores)})
-
-
-def concat(scores: list) -> Any:
-    """Scores of several batches as one: each tensor field concatenated along its first dimension."""
-    first = scores[0]
-    merged = {}
-    for f in dataclasses.fields(first):
-        values = [getattr(s, f.name) for s in scores]
-        merged[f.name] = None if values[0] is None else torch.cat(values)
-    return dataclasses.replace(first, **merged)
 
 
 class Objective(ABC):
