@@ -80,7 +80,7 @@ SUITES = {s.name: s for s in (
           )),
     Suite("gpu-tests", "the GPU test suite: every GPU test file as `pytest -m gpu FILE`, each in its own process",
           "gpu_tests.json", budget_s=540, tests=(
-              "tests/test_gpu_kernel.py", "tests/test_gpu_unsloth.py", "tests/test_gpu_packing.py",
+              "tests/test_gpu_kernel.py", "tests/test_gpu_unsloth.py", "tests/test_gpu_packing.py", "tests/test_gpu_sharing.py",
               "tests/test_gpu_plans.py", "tests/test_memory_options.py", "tests/test_diskspace.py",
               "tests/test_distributed.py",
           ), notes="the files run at once on the card (they check numbers, not time); test_distributed's NCCL "

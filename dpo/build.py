@@ -221,7 +221,7 @@ def plan_run(cfg: TrainConfig, items: list, device: torch.device, reference_free
     from transformers import AutoConfig
 
     path = models.resolve_model_path(cfg.model)
-    backend = models.pick_backend(cfg.backend)  # prefix sharing runs on the hf backend only (dpo/trainer.py)
+    backend = models.pick_backend(cfg.backend)
     shape = plan_mod.ModelShape.from_config(AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code),
                                             load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r,
                                             lora_targets=cfg.lora_targets)
@@ -234,7 +234,7 @@ def plan_run(cfg: TrainConfig, items: list, device: torch.device, reference_free
                                pairs_per_step=cfg.per_device_batch_size * cfg.grad_accum, max_length=cfg.max_length,
                                backend=backend, optim=cfg.optim, precompute=not reference_free,
                                fixed=user_fixed_choices(cfg), in_order=not cfg.shuffle,
-                               sharing_available=backend == "hf" and objective.can_pack)
+                               sharing_available=objective.can_pack)
     except ValueError as e:  # DoesNotFit: one line with the numbers
         raise ConfigError(f"--memory-budget: {e}") from None
     return dataclasses.replace(cfg, **chosen.config_changes()), chosen

@@ -14,8 +14,9 @@ Memory model (bytes; every coefficient `c_*` fitted by benchmarks/fit_memory.py 
         recompute  c_saved x T x L x h x 2 B + c_layer x T x (h + i) x 2 B   (inputs kept on the card)
     reference   = c_ref x T_ref x (h + i) x 2 B + c_head x chunk x V x 4 B    (no_grad: one layer live)
 
-T is the tokens the forward runs: rows x longest row when padded, the sum of lengths when packed,
-pairs x the longest [prompt | chosen | rejected] row when prefix-shared (each prompt once); the plan
+T is the tokens the forward runs: rows x longest row when padded, the sum of lengths when packed; when
+prefix-shared (each prompt once) pairs x the longest [prompt | chosen | rejected] row on the hf backend's
+masked route, the sum of those rows on Unsloth's one-row shared-prefix kernel (dpo/sharing.py); the plan
 takes the worst micro-batch (the longest pairs together), as shuffling can make one. The coefficients
 were fitted on padded and packed runs; a shared row is taken as that many tokens of the same kind.
 """
@@ -94,7 +95,7 @@ class Choice:
     ref_batch: int | None = None  # pairs per reference batch (live reference: the micro-batch)
     logprob_chunk: int = 256
     embeddings_on_cpu: bool = False
-    sharing: bool = False  # prefix-shared rows (dpo/sharing.py); packing does not apply then
+    sharing: str = ""  # prefix-shared rows by this route, "masked" or "flex" (dpo/sharing.py); packing does not apply
 
     @property
     def layout(self) -> str:
@@ -119,17 +120,18 @@ def shared_length(pair: tuple[int, int, int], max_length: int | None) -> int:
     return chosen + rejected - min(pair[0], chosen, rejected)
 
 
-def forward_tokens(pairs: Lengths, max_length: int | None, packing: bool, sharing: bool = False) -> int:
-    """Tokens one forward of these pairs runs: 2B x longest row padded, the sum of lengths packed, B x the
-    longest shared row prefix-shared."""
+def forward_tokens(pairs: Lengths, max_length: int | None, packing: bool, sharing: str = "") -> int:
+    """Tokens one forward of these pairs runs: 2B x longest row padded, the sum of lengths packed; prefix-shared
+    B x the longest shared row ("masked": a row per pair) or their sum ("flex": one row)."""
     if sharing:
-        return len(pairs) * max(shared_length(p, max_length) for p in pairs)
+        shared = [shared_length(p, max_length) for p in pairs]
+        return sum(shared) if sharing == "flex" else len(shared) * max(shared)
     rows = [n for pair in pairs for n in row_lengths(pair, max_length)]
     return sum(rows) if packing else len(rows) * max(rows)
 
 
 def worst_tokens(lengths: Lengths, pairs: int, max_length: int | None, packing: bool, in_order: bool = False,
-                 sharing: bool = False) -> int:
+                 sharing: str = "") -> int:
     """The most tokens any micro-batch of `pairs` pairs can hold: the longest pairs together; with
     `in_order` (no shuffling: every epoch cuts the pairs as listed) the largest of those very cuts."""
     if in_order:
@@ -391,8 +393,11 @@ def step_seconds(shape: ModelShape, choice: Choice, lengths: Lengths, max_length
 
 def candidate_choices(pairs_per_step: int, backend: str, packing_available: bool, precompute: bool,
                       tied_embeddings: bool, fixed: dict, sharing_available: bool = False) -> list[Choice]:
-    """Every setting the plan may pick, with the user's own flags (`fixed`, Choice fields) kept."""
+    """Every setting the plan may pick, with the user's own flags (`fixed`, Choice fields; sharing as a bool)
+    kept."""
     ckpt = "offload" if backend == "unsloth" else "recompute"
+    route = "flex" if backend == "unsloth" else "masked"  # how the backend's attention shares (dpo/trainer.py)
+    fixed = {k: (route if v else "") if k == "sharing" else v for k, v in fixed.items()}
     options = {
         "micro_batch": [b for b in range(pairs_per_step, 0, -1) if pairs_per_step % b == 0],
         "checkpointing": ["off", ckpt],
@@ -400,7 +405,7 @@ def candidate_choices(pairs_per_step: int, backend: str, packing_available: bool
         "precompute_ref": [precompute],
         "logprob_chunk": [256, 128],
         "embeddings_on_cpu": [False] if tied_embeddings else [False, True],
-        "sharing": [True, False] if sharing_available else [False],
+        "sharing": [route, ""] if sharing_available else [""],
     }
     for name, value in fixed.items():
         if name not in options:
@@ -491,7 +496,7 @@ def reasons(chosen: Candidate, considered: list[Candidate], limit: float, fixed:
         before, after = f"{unpacked.step_s:.2f}", f"{chosen.step_s:.2f}"
         faster = f"{before} -> {after} s per step estimated" if before != after else "the same step time estimated"
         out.append(f"packing on: no pad tokens: peak {unpacked.peak_gib:.2f} -> {chosen.peak_gib:.2f} GiB, {faster}")
-    unshared = alternative(sharing=False) if c.sharing else None
+    unshared = alternative(sharing="") if c.sharing else None
     if unshared is not None:
         out.append(f"rows prefix-shared: each prompt computed once: peak {unshared.peak_gib:.2f} -> "
                    f"{chosen.peak_gib:.2f} GiB, {unshared.step_s:.2f} -> {chosen.step_s:.2f} s per step estimated")

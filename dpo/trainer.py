@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dpo import distributed, models, packing, progress, sharing, throughput
+from dpo import distributed, models, packing, progress, sharing, throughput, unsloth_prefix
 from dpo.cli import first_line
 from dpo.run.checkpoint import Checkpoint, CheckpointError
 from dpo.run.state import capture_rng, restore_trainable_state
@@ -214,31 +214,26 @@ class Trainer:
                       f"or {self.objective.name}); running padded")
             return
         hf = self.backend == "hf"
-        if wants_sharing and not hf:  # its patched attention builds its own mask (on an H100 it hit a device assert)
-            if asked == "on":
-                raise ValueError("--prefix-sharing on: the unsloth backend's attention builds its own mask and cannot "
-                                 "take the shared layout; use --backend hf, or --prefix-sharing auto or off")
-            wants_sharing = False
-            print("dpo: prefix sharing is off: the unsloth backend's attention builds its own mask (the shared layout "
-                  "runs on --backend hf)" + ("; packing instead" if wants_packing else ""))
-            if not wants_packing:
-                return
         _, first = next(step_plan(len(self.pairs), self.cfg, self.dist.world_size))
         batch = self.objective.collate([self.pairs[i] for i in self._my_shard(first[0])], self.pad_id,
                                        self.cfg.max_length).to(self.device)
         if wants_sharing:
-            original = models._causal_lm(self.model).config._attn_implementation
-            route = packing.AttentionRoute("sdpa", "sdpa", "prefix sharing")  # the shared layout's mask is dense
-            agrees, why = self._layout_agrees(sharing.sharing_agrees, batch, "the prefix-shared layout",
-                                              before=lambda: packing.use_attention(self.model, route))
-            if agrees:
-                self.scorer = dataclasses.replace(self.scorer, sharing=True)
-                return
+            lm = models._causal_lm(self.model)
+            original = lm.config._attn_implementation
+            # hf: a dense mask through sdpa; unsloth: its own shared-prefix kernel, where its forward has one
+            route, why = ("masked", None) if hf else ("flex", unsloth_prefix.unsupported(lm.config))
+            if why is None:
+                sdpa = packing.AttentionRoute("sdpa", "sdpa", "prefix sharing")  # the masked route's mask is dense
+                agrees, why = self._layout_agrees(sharing.sharing_agrees, batch, "the prefix-shared layout", route=route,
+                                                  before=(lambda: packing.use_attention(self.model, sdpa)) if hf else None)
+                if agrees:
+                    self.scorer = dataclasses.replace(self.scorer, sharing=route)
+                    return
             if asked == "on":
                 raise ValueError(f"--prefix-sharing on: {why}; use --prefix-sharing auto or off")
             print(f"dpo: prefix sharing is off: {why}; running " + ("packed if it can" if wants_packing else "padded"))
-            if not wants_packing:  # back to the attention the model was loaded with
-                models._causal_lm(self.model).set_attn_implementation(original)
+            if hf and not wants_packing:  # back to the attention the model was loaded with
+                lm.set_attn_implementation(original)
         if wants_packing:
             if hf:
                 packing.use_attention(self.model, packing.choose_attention(self.device.type, requested=self.cfg.attention))
@@ -247,14 +242,14 @@ class Trainer:
                 print(f"dpo: warning: packing is off: {why}; running padded")
             self.scorer = dataclasses.replace(self.scorer, packing=agrees)
 
-    def _layout_agrees(self, check, batch, what: str, before=None) -> tuple[bool, str]:
+    def _layout_agrees(self, check, batch, what: str, before=None, **kw) -> tuple[bool, str]:
         """(agrees, why not) of a layout's self-check on the first micro-batch; `before` prepares the model
         (its attention route). Any failure of either is a reason to run without the layout, never a crash."""
         try:
             if before is not None:
                 before()
             with self._autocast():
-                agrees, diff = check(self.model, batch, self.cfg.logprobs, self.cfg.logprob_chunk)
+                agrees, diff = check(self.model, batch, self.cfg.logprobs, self.cfg.logprob_chunk, **kw)
             return agrees, (f"this model's forward does not keep {what} apart (log-probs differ by {diff:.2e} "
                             "relative from the padded path)")
         except Exception as e:  # noqa: BLE001  (a patched forward that cannot take the layout: run padded)

@@ -221,23 +221,34 @@ def test_prefix_shared_rows_count_each_prompt_once():
     """B x the longest [prompt | chosen | rejected] row, each side cut as collate cuts it (the prompt of a pair
     whose side max_length cuts into is still counted once)."""
     pairs = [(100, 20, 30), (40, 60, 10)]
-    assert P.forward_tokens(pairs, None, packing=False, sharing=True) == 2 * 150
+    assert P.forward_tokens(pairs, None, packing=False, sharing="masked") == 2 * 150
+    assert P.forward_tokens(pairs, None, packing=False, sharing="flex") == 150 + 110  # one row, no padding
     assert P.forward_tokens(pairs, None, packing=True) == 120 + 130 + 100 + 50
     assert P.shared_length((100, 20, 30), 110) == 110 + 110 - 100  # both sides cut to 10 tokens
     assert P.shared_length((100, 20, 30), 90) == 90  # the prompt itself cut: one row of 90
 
 
 def test_the_plan_shares_prefixes_where_the_route_can_and_says_why():
-    """On the hf backend with long prompts (HH lengths) the shared rows run fewer tokens, so the plan takes
-    them; the Unsloth route is never offered them (dpo/trainer.py: its attention builds its own mask)."""
+    """With long prompts (HH lengths) the shared rows run fewer tokens, so the plan takes them: on the hf
+    backend as a row per pair (the masked route), on Unsloth as one row (its shared-prefix kernel), counting
+    each route's tokens; where sharing is unavailable (an objective that cannot pack) it is never offered."""
     lengths = [(300, 40, 30)] * 64
-    hf = P.plan(shape("llama3.2-1b-lora", load_in_4bit=False), lengths, 137, pairs_per_step=8, max_length=1024,
-                backend="hf", sharing_available=True)
-    assert hf.choice.sharing and hf.config_changes()["prefix_sharing"] == "auto"
+    one_b = shape("llama3.2-1b-lora", load_in_4bit=False)
+    hf = P.plan(one_b, lengths, 137, pairs_per_step=8, max_length=1024, backend="hf", sharing_available=True)
+    assert hf.choice.sharing == "masked" and hf.config_changes()["prefix_sharing"] == "auto"
     assert any(r.startswith("rows prefix-shared: each prompt computed once") for r in hf.reasons)
     assert "rows shared" in hf.format()
-    unsloth = P.plan(shape("llama3.2-1b-lora", load_in_4bit=False), lengths, 137, pairs_per_step=8, max_length=1024)
-    assert not any(k.choice.sharing for k in unsloth.considered) and unsloth.config_changes()["prefix_sharing"] == "off"
+    unsloth = P.plan(one_b, lengths, 137, pairs_per_step=8, max_length=1024, sharing_available=True)
+    assert unsloth.choice.sharing == "flex"
+    assert P.worst_tokens(lengths, 4, 1024, False, sharing="flex") == 4 * 370  # one row: no row padded
+    fixed = P.plan(one_b, lengths, 137, pairs_per_step=8, max_length=1024, fixed={"sharing": True},
+                   sharing_available=True)
+    assert all(k.choice.sharing == "flex" for k in fixed.considered)
+    unavailable = P.plan(one_b, lengths, 137, pairs_per_step=8, max_length=1024)
+    assert not any(k.choice.sharing for k in unavailable.considered)
+    assert unavailable.config_changes()["prefix_sharing"] == "off"
+
+
 # --- the CPU plan (dpo.cpu_plan) -----------------------------------------------------------------
 
 from dpo import cpu_plan as C  # noqa: E402

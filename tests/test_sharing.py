@@ -27,14 +27,17 @@ def micro_batches(draw):
 
 
 @settings(max_examples=40, deadline=None)
-@given(micro_batches(), st.sampled_from(["sdpa", "eager"]), st.sampled_from(["full", "chunked"]), st.integers(1, 5))
-def test_shared_equals_padded_values_and_lora_gradients(case, implementation, mode, chunk):
+@given(micro_batches(), st.sampled_from(["sdpa", "eager"]), st.sampled_from(["full", "chunked"]), st.integers(1, 5),
+       st.booleans())
+def test_shared_equals_padded_values_and_lora_gradients(case, implementation, mode, chunk, one_row):
+    """Both shared forms, a row per pair and every pair in one row (the form the flex route runs), under the
+    dense mask that is their reference."""
     pairs, max_length = case
     model = lora_llama(implementation)
     batch = collate(pairs, pad_token_id=0, max_length=max_length)
     weights = torch.linspace(-1.0, 1.5, 2 * len(pairs))  # a different weight per side: gradients differ by side
     padded, padded_grads = logps_and_grads(model, lambda: models.completion_logps(model, batch, mode, chunk), weights)
-    shared_batch = sharing.share_batch(batch)
+    shared_batch = sharing.share_batch(batch, one_row=one_row)
     shared, shared_grads = logps_and_grads(
         model, lambda: sharing.shared_completion_logps(model, shared_batch, mode, chunk), weights)
     torch.testing.assert_close(shared, padded, rtol=1e-5, atol=1e-5)
@@ -58,6 +61,14 @@ def test_shared_layout_positions_and_scored_tokens():
     # a shorter pair is padded; its pads sit at position 0 (no position past the sides') and score nothing
     short = sharing.share_batch(collate(pairs + [TokenizedPair([3], [4], [5], row_id=12)], pad_token_id=0))
     assert short.part[2].tolist() == [0, 1, 2, -1, -1, -1, -1] and short.position_ids[2].tolist() == [0, 1, 1, 0, 0, 0, 0]
+    assert short.pair[2].tolist() == [2, 2, 2, -1, -1, -1, -1] and short.segments == [(2, 3, 2), (1, 2, 4), (1, 1, 1)]
+    # one row: the pairs one after another, positions restarting at each prompt, predictors offset by it
+    row = sharing.share_batch(collate(pairs, pad_token_id=0), one_row=True)
+    assert row.input_ids.tolist() == [[1, 5, 7, 8, 2, 9, 2, 1, 4, 2, 6, 6, 6, 2]]
+    assert row.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3, 0, 1, 2, 1, 2, 3, 4]]
+    assert row.pair.tolist() == [[0] * 7 + [1] * 7]
+    assert row.predictor.tolist() == shared.predictor.tolist()  # 7 + column: the same flat positions here
+    assert (row.target.tolist(), row.sequence.tolist()) == (shared.target.tolist(), shared.sequence.tolist())
 
 
 def test_each_side_sees_the_prompt_and_itself_never_the_other_side():
@@ -70,6 +81,13 @@ def test_each_side_sees_the_prompt_and_itself_never_the_other_side():
                           [1, 1, 1, 1, 0],
                           [1, 1, 0, 0, 1]]  # rejected: the prompt and itself
     assert allowed[1][3:] == [[0, 0, 0, 1, 0], [0, 0, 0, 0, 1]]  # a pad query sees itself only
+    row = sharing.share_batch(collate([TokenizedPair([1, 5], [7, 8], [9], 0), TokenizedPair([1], [2], [3], 1)],
+                                      pad_token_id=0), one_row=True)
+    allowed = sharing.attention_allowed(row).int()[0]
+    assert allowed[:5, :5].tolist() == [r[:5] for r in sharing.attention_allowed(shared).int()[0].tolist()]
+    assert allowed[5:].tolist() == [[0, 0, 0, 0, 0, 1, 0, 0],  # the second pair: never the first pair's keys
+                                    [0, 0, 0, 0, 0, 1, 1, 0],
+                                    [0, 0, 0, 0, 0, 1, 0, 1]]
 
 
 def test_changing_the_chosen_side_leaves_the_rejected_log_probs_alone():
@@ -133,25 +151,39 @@ def test_prefix_sharing_on_for_an_objective_that_cannot_share_says_so(tiny_llama
     assert history[0]["tokens_computed"] >= history[0]["num_tokens"]
 
 
-def test_the_unsloth_backend_is_not_asked_to_share(tok, capsys, monkeypatch):
-    """Unsloth's patched attention builds its own mask (on an H100 the shared layout hit a device-side assert,
-    which no fallback survives): auto never tries it there, and on is refused in one line."""
+def test_the_unsloth_backend_shares_through_its_kernel_where_its_forward_has_one(tok, capsys, monkeypatch):
+    """On Unsloth the shared rows go through its shared-prefix kernel as one row (the "flex" route), after
+    the same first-micro-batch self-check; a model whose Unsloth forward has no such kernel (here, attention
+    logit softcapping) is not asked to share: auto says why, on is refused in one line."""
     from dpo.config import TrainConfig
     from dpo.trainer import Trainer
 
-    monkeypatch.setattr(sharing, "sharing_agrees", lambda *a, **k: pytest.fail("asked the unsloth route to share"))
+    asked_routes = []
+
+    def agrees(*a, route, **k):
+        asked_routes.append(route)
+        return True, 0.0
+    monkeypatch.setattr(sharing, "sharing_agrees", agrees)
     pairs = [TokenizedPair([3, 4, 5], [6, 7], [8], i) for i in range(4)]
-    for asked in ("auto", "on"):
-        trainer = Trainer(lora_llama("sdpa"), tok, TrainConfig(dataset="x", per_device_batch_size=2,
-                                                               prefix_sharing=asked), pairs)
-        trainer.backend = "unsloth"  # the model stands in for Unsloth's: only the choice of layout is under test
-        if asked == "auto":
-            trainer.choose_layout()
-            assert "prefix sharing is off: the unsloth backend's attention builds its own mask" in capsys.readouterr().out
-            assert not trainer.scorer.sharing and not trainer.scorer.packing
-        else:
-            with pytest.raises(ValueError, match="--prefix-sharing on: the unsloth backend"):
-                trainer.choose_layout()
+
+    def trainer(asked, **config):
+        model = lora_llama("sdpa")
+        for k, v in config.items():
+            setattr(models._causal_lm(model).config, k, v)
+        t = Trainer(model, tok, TrainConfig(dataset="x", per_device_batch_size=2, prefix_sharing=asked), pairs)
+        t.backend = "unsloth"  # the model stands in for Unsloth's: only the choice of layout is under test
+        return t
+
+    shared = trainer("auto")
+    shared.choose_layout()
+    assert asked_routes == ["flex"] and shared.scorer.sharing == "flex" and shared.scorer.layout == "shared"
+    capped = trainer("auto", attn_logit_softcapping=50.0)
+    capped.choose_layout()
+    assert "prefix sharing is off: the shared-prefix kernel does not apply attention logit softcapping" in \
+        capsys.readouterr().out
+    assert capped.scorer.layout == "padded" and asked_routes == ["flex"]
+    with pytest.raises(ValueError, match="--prefix-sharing on: the shared-prefix kernel does not apply"):
+        trainer("on", attn_logit_softcapping=50.0).choose_layout()
 
 
 def test_auto_runs_padded_when_the_model_cannot_switch_to_the_shared_route(tok, capsys, monkeypatch):

