@@ -36,16 +36,8 @@ def real_tokenizer(name: str):
 
 # (tokenizer, architecture): each family with its own tokenizer; Gemma 2 and Qwen3 borrow their successor's
 # and predecessor's, which share the format (Gemma 2's SentencePiece model is not on PyPI).
-# SentencePiece vocabularies through llama.cpp's converter (Llama 2, Mistral, Phi-3, Gemma): llama.cpp, reading
-# the tokenizer.model's own scores, splits runs of spaces in code ("    return") and, for Gemma, some unicode
-# otherwise than the tokenizer transformers 5 converts from that file, so the export's tokenizer check fails
-# (exit 1) on such text. Open: the byte-level BPE families (SmolLM2, Qwen, Llama 3) agree.
-SENTENCEPIECE = pytest.mark.xfail(reason="llama.cpp's SentencePiece tokenization of space runs and some unicode "
-                                  "differs from transformers 5's conversion of the same tokenizer.model", strict=True)
-CASES = [pytest.param("llama-2", "llama", marks=SENTENCEPIECE), pytest.param("mistral", "mistral", marks=SENTENCEPIECE),
-         pytest.param("mistral-v3", "mistral", marks=SENTENCEPIECE), pytest.param("phi-3", "phi3", marks=SENTENCEPIECE),
-         pytest.param("gemma-3", "gemma3_text", marks=SENTENCEPIECE),
-         pytest.param("gemma-3", "gemma2", marks=SENTENCEPIECE), ("qwen2", "qwen2"), ("qwen2", "qwen3")]
+CASES = [("llama-2", "llama"), ("mistral", "mistral"), ("mistral-v3", "mistral"), ("phi-3", "phi3"),
+         ("gemma-3", "gemma3_text"), ("gemma-3", "gemma2"), ("qwen2", "qwen2"), ("qwen2", "qwen3")]
 
 
 def special_texts(tok) -> list[str]:

@@ -60,11 +60,66 @@ def convert_folder(folder: Path, dst: Path, quantization: str, scratch: Path) ->
     """An HF folder -> GGUF `quantization`: by llama.cpp's converter, then (below 16 bits) its quantizer from f32."""
     if quantization in CONVERTER_TYPES:
         _llama_cpp(llamacpp_convert.convert_model, folder, dst, quantization)
+        match_transformers_vocab(dst, folder / "tokenizer.json")
         return
     f32 = scratch / "f32.gguf"
     _llama_cpp(llamacpp_convert.convert_model, folder, f32, "f32")
+    match_transformers_vocab(f32, folder / "tokenizer.json")
     _llama_cpp(llamacpp.quantize, f32, dst, quantization)
     f32.unlink()
+
+
+def match_transformers_vocab(path: Path, tokenizer_json: Path) -> bool:
+    """Rewrite, in place, the token scores and types of a GGUF file with a SentencePiece vocabulary (llama.cpp's
+    "llama" model) so that llama.cpp splits text as the tokenizer.json beside it does; False when there is
+    nothing to rewrite (another vocabulary kind, or no SentencePiece-style BPE beside it).
+
+    Scores: llama.cpp's SentencePiece tokenizer merges, at each step, the adjacent pair whose joined token
+    scores highest (the leftmost on ties); transformers' BPE applies the lowest-ranked merge first. The
+    converter copies the tokenizer.model's scores, which put runs of spaces last ("\u2581\u2581" etc. score
+    -1e9 in Llama 2, Mistral and Phi-3), whereas transformers 5 ranks the merges it converts from that file by
+    piece id: it makes "\u2581\u2581\u2581\u2581" + "return" where llama.cpp made "\u2581\u2581\u2581" +
+    "\u2581return". Minus the rank of the first merge that makes a token gives llama.cpp transformers' order;
+    tokens no merge makes (characters, bytes, control tokens, padding) score below every merge.
+
+    Types: the converter writes the tokenizer.model's user-defined pieces (Gemma's "[multimodal]", "<table>",
+    runs of newlines) as normal ones, which llama.cpp only reaches by merging; transformers, like
+    SentencePiece, matches them whole in the raw text first. They become user-defined, as llama.cpp's own
+    added tokens are, except those holding "\u2581": raw text never does, and llama.cpp would print a
+    user-defined token's "\u2581" instead of a space."""
+    import json
+
+    import gguf
+
+    if not tokenizer_json.is_file():
+        return False
+    tok = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    model = tok.get("model") or {}
+    merges, vocab = model.get("merges") or [], model.get("vocab")
+    # SentencePiece BPE falls back to bytes in transformers; byte-level BPE (llama.cpp's "gpt2") never does
+    if model.get("type") != "BPE" or not model.get("byte_fallback") or not merges or not isinstance(vocab, dict):
+        return False
+    reader = gguf.GGUFReader(path, "r+")
+    fields = reader.fields
+    kind = fields.get("tokenizer.ggml.model")
+    if kind is None or kind.contents() != "llama" or "tokenizer.ggml.scores" not in fields:
+        return False
+    rank: dict[int, int] = {}
+    for i, m in enumerate(merges):
+        left, right = m.split(" ", 1) if isinstance(m, str) else m
+        token_id = vocab.get(left + right)
+        if token_id is not None:
+            rank.setdefault(token_id, i)
+    scores, types = fields["tokenizer.ggml.scores"], fields["tokenizer.ggml.token_type"]
+    for token_id, part in enumerate(scores.data):
+        scores.parts[part][0] = -float(rank[token_id]) if token_id in rank else -float(len(merges))
+    for added in tok.get("added_tokens") or []:
+        i = added["id"]
+        if (not added.get("special") and "\u2581" not in added["content"] and i < len(types.data)
+                and types.parts[types.data[i]][0] == gguf.TokenType.NORMAL):
+            types.parts[types.data[i]][0] = gguf.TokenType.USER_DEFINED
+    reader.data.flush()
+    return True
 
 
 def gguf_summary(path: Path, quantization: str) -> dict:
