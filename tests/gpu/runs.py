@@ -84,8 +84,9 @@ def make_model(out: str) -> None:
 
 
 def our_config(**kw):
-    """Our settings as TRL's trainers get them. No plan unless a caller asks for one: a comparison with TRL's
-    trainer runs TRL's cut (MICRO x ACCUM, checkpointed, unpacked); tests/test_gpu_plans.py compares the
+    """Our settings as TRL's trainers get them. No plan and no prefix sharing unless a caller asks: a comparison
+    with TRL's trainer runs TRL's cut and layout (MICRO x ACCUM, checkpointed, padded rows); the shared layout
+    is compared with the padded one in tests/test_gpu_sharing.py, and tests/test_gpu_plans.py compares the
     plans with that cut. (A planned run beside TRL's once reached 5.3% on the 20-step loss against the 5%
     bound: the plan's own difference, up to 3.4% there, on top of the backends' 1.8% to 2.8%.)"""
     from dpo.config import TrainConfig
@@ -93,7 +94,8 @@ def our_config(**kw):
     base = dict(dataset="synthetic", memory_budget="none", max_length=MAX_LENGTH, per_device_batch_size=MICRO,
                 grad_accum=ACCUM,
                 max_steps=STEPS, learning_rate=LR, lr_scheduler="linear", optim="adamw_8bit", beta=0.1,
-                shuffle=False, dtype="bfloat16", lora_r=LORA_R, lora_alpha=LORA_ALPHA, device="cuda")
+                shuffle=False, dtype="bfloat16", lora_r=LORA_R, lora_alpha=LORA_ALPHA, device="cuda",
+                prefix_sharing="off")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -227,6 +229,8 @@ def unsloth_mode(path: str, out: str) -> None:
 PLAN_CASES = {
     "asked 2x2 (no plan)": dict(memory_budget="none"),
     "auto plan": dict(memory_budget="auto", per_device_batch_size=MICRO, grad_accum=ACCUM),
+    "auto plan, prefix sharing auto": dict(memory_budget="auto", per_device_batch_size=MICRO, grad_accum=ACCUM,
+                                           prefix_sharing="auto"),
     "4x1 packed, no checkpointing, precomputed reference": dict(
         memory_budget="none", per_device_batch_size=4, grad_accum=1, packing=True, gradient_checkpointing=False,
         precompute_ref=True),
@@ -240,12 +244,12 @@ def plans_mode(path: str, out: str) -> None:
     import unsloth  # noqa: F401
 
     keys = ("per_device_batch_size", "grad_accum", "gradient_checkpointing", "packing", "precompute_ref",
-            "logprob_chunk")
+            "logprob_chunk", "prefix_sharing")
     result = {}
     for name, kw in PLAN_CASES.items():
         r = run_ours_result(path, backend="unsloth", load_in_4bit=True, **kw)
         result[name] = {"history": r["history"], "ran_as": {k: r["config"][k] for k in keys},
-                        "predicted_peak_gib": r.get("predicted_peak_gib")}
+                        "predicted_peak_gib": r.get("predicted_peak_gib"), "layout": r["layout"]}
         torch.cuda.empty_cache()
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
