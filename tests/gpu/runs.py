@@ -137,6 +137,20 @@ def load_unsloth_model(path: str):
     return model, tok
 
 
+def load_hf_model(path: str):
+    """The hf backend's model as the GPU tests train it: 4-bit NF4 base, bf16 LoRA, no dropout, checkpointed."""
+    from dpo import models
+
+    tok = models.load_tokenizer(path)
+    model = models.add_lora(models.load_model(path, torch.bfloat16, "cuda", load_in_4bit=True),
+                            models.LoraSettings(LORA_R, LORA_ALPHA, 0.0, tuple(TARGETS)))
+    models.cast_trainable_to_bf16(model)
+    models.disable_dropout(model)
+    models.enable_gradient_checkpointing(model)
+    set_lora_weights(model)
+    return model, tok
+
+
 def lora_grads(model, loss) -> dict:
     """Backward of `loss`: the trainable (LoRA) gradients as float32 copies by name; the model's cleared."""
     loss.backward()
@@ -395,7 +409,7 @@ def packing_mode(path: str, out: str, backend: str = "hf") -> None:
     this install has (hf) or the one Unsloth uses (unsloth)."""
     if backend == "unsloth":
         import unsloth  # noqa: F401  (first: it patches transformers, peft and trl)
-    from dpo import models, packing
+    from dpo import packing
     from dpo.data.pairs import collate
 
     varlen_calls = []
@@ -411,13 +425,7 @@ def packing_mode(path: str, out: str, backend: str = "hf") -> None:
             return whole_row(*args, **kwargs)
         dispatch._torch_varlen_packed = counted
     else:
-        tok = models.load_tokenizer(path)
-        model = models.add_lora(models.load_model(path, torch.bfloat16, "cuda", load_in_4bit=True),
-                                models.LoraSettings(LORA_R, LORA_ALPHA, 0.0, tuple(TARGETS)))
-        models.cast_trainable_to_bf16(model)
-        models.disable_dropout(model)
-        models.enable_gradient_checkpointing(model)
-        set_lora_weights(model)
+        model, tok = load_hf_model(path)
         routes = [packing.choose_attention("cuda", requested=r) for r in ("sdpa", "eager")]
         for r in ("flex", "flash_varlen"):
             try:
@@ -448,20 +456,14 @@ def sharing_mode(path: str, out: str, backend: str = "unsloth") -> None:
     steps of `dpo.train.run` with --prefix-sharing on and off."""
     if backend == "unsloth":
         import unsloth  # noqa: F401  (first: it patches transformers, peft and trl)
-    from dpo import models, packing, sharing
+    from dpo import packing, sharing
     from dpo.data.pairs import collate
 
     if backend == "unsloth":
         model, tok = load_unsloth_model(path)
         route = "flex"
     else:
-        tok = models.load_tokenizer(path)
-        model = models.add_lora(models.load_model(path, torch.bfloat16, "cuda", load_in_4bit=True),
-                                models.LoraSettings(LORA_R, LORA_ALPHA, 0.0, tuple(TARGETS)))
-        models.cast_trainable_to_bf16(model)
-        models.disable_dropout(model)
-        models.enable_gradient_checkpointing(model)
-        set_lora_weights(model)
+        model, tok = load_hf_model(path)
         packing.use_attention(model, packing.AttentionRoute("sdpa", "sdpa", "prefix sharing"))
         route = "masked"
     batch = collate(our_pairs(tok)[: 2 * MICRO], tok.pad_token_id, MAX_LENGTH).to("cuda")
