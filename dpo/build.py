@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dpo import cpu_plan, models
+from dpo import cpu_plan, models, unsloth_prefix
 from dpo import plan as plan_mod
 from dpo.data import tasks
 from dpo.data import objective_rows as od
@@ -222,9 +222,11 @@ def plan_run(cfg: TrainConfig, items: list, device: torch.device, reference_free
 
     path = models.resolve_model_path(cfg.model)
     backend = models.pick_backend(cfg.backend)
-    shape = plan_mod.ModelShape.from_config(AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code),
-                                            load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r,
+    model_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    shape = plan_mod.ModelShape.from_config(model_config, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r,
                                             lora_targets=cfg.lora_targets)
+    # the shared rows are offered where the backend's route can take them (Trainer.choose_layout runs it)
+    can_share = objective.can_pack and (backend == "hf" or unsloth_prefix.unsupported(model_config) is None)
     if device.type == "cpu":
         return plan_cpu_run(cfg, shape, plan_mod.lengths_of(items))
     budget = (plan_mod.auto_budget_gib(torch.cuda.mem_get_info(device)[0]) if cfg.budget.kind == "auto"
@@ -234,7 +236,7 @@ def plan_run(cfg: TrainConfig, items: list, device: torch.device, reference_free
                                pairs_per_step=cfg.per_device_batch_size * cfg.grad_accum, max_length=cfg.max_length,
                                backend=backend, optim=cfg.optim, precompute=not reference_free,
                                fixed=user_fixed_choices(cfg), in_order=not cfg.shuffle,
-                               sharing_available=objective.can_pack)
+                               sharing_available=can_share)
     except ValueError as e:  # DoesNotFit: one line with the numbers
         raise ConfigError(f"--memory-budget: {e}") from None
     return dataclasses.replace(cfg, **chosen.config_changes()), chosen

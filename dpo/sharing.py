@@ -54,7 +54,7 @@ class SharedBatch:
     predictor: torch.Tensor  # [M] long: the flat position (row * L + column) whose hidden state scores a token
     target: torch.Tensor  # [M] long: that token's id
     sequence: torch.Tensor  # [M] long: its sequence, 0 .. 2B-1 (chosen sides, then rejected sides)
-    segments: list[tuple[int, int, int]] = field(default_factory=list)  # [P] (prompt, chosen, rejected) tokens
+    segments: list[tuple[int, int, int]] = field(default_factory=list)  # [B] (prompt, chosen, rejected) tokens
     row_ids: list[int] = field(default_factory=list)  # [B]
     host_input_ids: torch.Tensor | None = None  # input_ids in CPU memory, for HostEmbedding lookups
 

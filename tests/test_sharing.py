@@ -204,3 +204,29 @@ def test_auto_runs_padded_when_the_model_cannot_switch_to_the_shared_route(tok, 
     out = capsys.readouterr().out
     assert "prefix sharing is off: a forward of the prefix-shared layout failed: attention route sdpa" in out
     assert trainer.scorer.layout == "padded" and model.config._attn_implementation == "eager"
+
+
+def test_the_plan_offers_shared_rows_on_unsloth_only_where_its_kernel_applies(tiny_llama_dir, tmp_path, monkeypatch):
+    """A plan that counted shared rows for a model whose run then falls back to padded rows would have
+    planned for far fewer tokens than run: on Unsloth the planner offers sharing only where the shared-prefix
+    kernel applies (here a Llama, then the same model with attention logit softcapping)."""
+    import json
+    import shutil
+
+    from dpo import build
+    from dpo.config import TrainConfig
+
+    monkeypatch.setattr(models, "pick_backend", lambda requested: "unsloth")
+    items = [TokenizedPair(list(range(3, 300)), [5] * 40, [6] * 30, i) for i in range(16)]
+
+    def planned(model_dir):
+        cfg = TrainConfig(model=str(model_dir), dataset="x", memory_budget="40", per_device_batch_size=2,
+                          grad_accum=4, max_length=1024)
+        return build.plan_run(cfg, items, torch.device("cuda"), reference_free=False)[1]
+
+    assert planned(tiny_llama_dir).choice.sharing == "flex"
+    capped = tmp_path / "capped"
+    shutil.copytree(tiny_llama_dir, capped)
+    config = json.loads((capped / "config.json").read_text())
+    (capped / "config.json").write_text(json.dumps({**config, "attn_logit_softcapping": 50.0}))
+    assert not any(k.choice.sharing for k in planned(capped).considered)
