@@ -91,8 +91,11 @@ def plain_copy(with_model: bool = True) -> Path:
         plain.config.eos_token_id = 2
         plain.config.pad_token_id = 2
         plain.save_pretrained(tmp, safe_serialization=True)
-    # Move the finished files into place; a crash before this leaves only the tmp folder behind.
-    for f in tmp.iterdir():
+    # Move the finished files into place; a crash before this leaves only the tmp folder behind. Readiness is
+    # read from tokenizer_config.json and model.safetensors, so they go in last: a process that sees them (another
+    # test worker making the same copy, say) finds every file beside them.
+    markers = ("tokenizer_config.json", "model.safetensors")
+    for f in sorted(tmp.iterdir(), key=lambda f: markers.index(f.name) + 1 if f.name in markers else 0):
         os.replace(f, out / f.name)
     tmp.rmdir()
     return out

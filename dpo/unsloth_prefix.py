@@ -29,6 +29,9 @@ def unsupported(config) -> str | None:
         return "the shared-prefix kernel does not apply attention logit softcapping"
     if getattr(config, "attention_dropout", 0):
         return "the shared-prefix kernel applies no attention dropout"
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True):
+        return f"the shared-prefix kernel applies no sliding window (this model attends {window} tokens back)"
     return None
 
 

@@ -88,3 +88,25 @@ def test_packing_keeps_gemma2_on_eager_where_sdpa_is_chosen(tmp_path):
 
 def test_models_without_softcap_keep_sdpa(tiny_llama_dir):
     assert models.load_model(str(tiny_llama_dir), torch.float32).config._attn_implementation == "sdpa"
+
+
+def test_the_default_models_cached_copy_moves_its_ready_marker_in_last(tmp_path, monkeypatch):
+    """Two test workers (pytest-xdist) may make the cached plain copy at once; the one that finds
+    tokenizer_config.json (what says the copy is ready) must find every other file beside it."""
+    import os
+    from pathlib import Path
+
+    from dpo import smollm2
+
+    out = tmp_path / "copy"
+    monkeypatch.setattr(smollm2, "cache_dir", lambda: out)
+
+    class Tokenizer:
+        def save_pretrained(self, folder):
+            for name in ("tokenizer_config.json", "tokenizer.json", "chat_template.jinja", "special_tokens_map.json"):
+                (Path(folder) / name).write_text("{}")
+    monkeypatch.setattr(smollm2, "load_tokenizer_from_gguf", Tokenizer)
+    moved, replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (moved.append(Path(b).name), replace(a, b))[1])
+    assert smollm2.plain_copy(with_model=False) == out
+    assert len(moved) == 4 and moved[-1] == "tokenizer_config.json", moved

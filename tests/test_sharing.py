@@ -230,3 +230,20 @@ def test_the_plan_offers_shared_rows_on_unsloth_only_where_its_kernel_applies(ti
     config = json.loads((capped / "config.json").read_text())
     (capped / "config.json").write_text(json.dumps({**config, "attn_logit_softcapping": 50.0}))
     assert not any(k.choice.sharing for k in planned(capped).considered)
+
+
+def test_unsloths_kernel_is_offered_only_to_forwards_it_computes_exactly():
+    """The shared-prefix kernel applies the plain causal rule within each group and nothing else: a model
+    outside the architectures whose Unsloth forward passes the table on, or with softcapping, attention
+    dropout or a sliding window in use, runs unshared (each says why)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    from dpo import unsloth_prefix
+
+    assert unsloth_prefix.unsupported(LlamaConfig()) is None
+    assert unsloth_prefix.unsupported(Qwen3Config(sliding_window=4096, use_sliding_window=False)) is None
+    assert unsloth_prefix.unsupported(MistralConfig(sliding_window=None)) is None  # Mistral v0.2 and later
+    assert "no sliding window (this model attends 4096 tokens back)" in unsloth_prefix.unsupported(
+        MistralConfig(sliding_window=4096))  # Mistral v0.1
+    assert "covers llama" in unsloth_prefix.unsupported(Qwen2Config())
+    assert "no attention dropout" in unsloth_prefix.unsupported(LlamaConfig(attention_dropout=0.1))

@@ -102,7 +102,8 @@ def match_transformers_vocab(path: Path, tokenizer_json: Path) -> bool:
     reader = gguf.GGUFReader(path, "r+")
     fields = reader.fields
     kind = fields.get("tokenizer.ggml.model")
-    if kind is None or kind.contents() != "llama" or "tokenizer.ggml.scores" not in fields:
+    if (kind is None or kind.contents() != "llama" or "tokenizer.ggml.scores" not in fields
+            or "tokenizer.ggml.token_type" not in fields):
         return False
     rank: dict[int, int] = {}
     for i, m in enumerate(merges):
