@@ -357,6 +357,19 @@ def completion_logps(model, batch: Batch, mode: str = "chunked", chunk_size: int
     return logps_math.sequence_logps_from_hidden(hidden, lm_head, batch.input_ids, batch.completion_mask, chunk_size)
 
 
+def agrees_with_padded(model, batch: Batch, layout_logps, mode: str = "chunked", chunk_size: int = 256,
+                       rtol: float = 2 * 2.0**-8) -> tuple[bool, float]:
+    """(agrees, max relative difference) of another layout's summed log-probs (`layout_logps()`: [2B], in the
+    padded order) against the padded path's, one no_grad forward each on a real micro-batch. A forward that
+    lets the layout's sequences see each other misses by far more than rounding. rtol: 2 bfloat16 units of
+    roundoff (the GPU suite's bound on summed log-probs)."""
+    with torch.no_grad():
+        padded = completion_logps(model, batch, mode, chunk_size)
+        other = layout_logps()
+    diff = ((other - padded).abs() / padded.abs().clamp_min(1.0)).max().item()
+    return diff <= rtol, diff
+
+
 def backbone_hidden(model, batch: Batch):
     """(hidden[R, T, H] of the last layer, the LM head): one backbone forward, no logits yet, so that
     any number of token masks can then be scored from it (`sequence_logps_from_hidden`)."""

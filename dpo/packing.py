@@ -231,15 +231,9 @@ def token_counts(batch: Batch) -> tuple[int, int]:
 
 def packing_agrees(model, batch: Batch, mode: str = "chunked", chunk_size: int = 256,
                    rtol: float = 2 * 2.0**-8) -> tuple[bool, float]:
-    """Does this model keep packed sequences apart? (agrees, max relative difference of log-probs)
-
-    One no_grad forward each way on a real micro-batch. A model whose forward ignores position_ids
-    or builds its own causal mask (a patched forward, say) lets sequences see each other: the
-    log-probs then differ by far more than rounding, and the trainer falls back to padding.
-    rtol: 2 bfloat16 units of roundoff by default (the GPU suite's bound on summed log-probs).
-    """
-    with torch.no_grad():
-        padded = models.completion_logps(model, batch, mode, chunk_size)
-        packed = packed_completion_logps(model, pack_batch(batch), mode, chunk_size)
-    diff = ((packed - padded).abs() / padded.abs().clamp_min(1.0)).max().item()
-    return diff <= rtol, diff
+    """Does this model keep packed sequences apart? (agrees, max relative difference of log-probs from the
+    padded path: models.agrees_with_padded). A model whose forward ignores position_ids or builds its own
+    causal mask (a patched forward, say) lets sequences see each other, and the trainer falls back to padding."""
+    def packed_logps():
+        return packed_completion_logps(model, pack_batch(batch), mode, chunk_size)
+    return models.agrees_with_padded(model, batch, packed_logps, mode, chunk_size, rtol)

@@ -193,12 +193,9 @@ def segment_lengths(batch: Batch) -> list[int]:
 
 def sharing_agrees(model, batch: Batch, mode: str = "chunked", chunk_size: int = 256,
                    rtol: float = 2 * 2.0**-8, route: str = "masked") -> tuple[bool, float]:
-    """Does this model's forward honour the shared layout's mask and positions? (agrees, max relative
-    difference of log-probs from the padded path). One no_grad forward each way on a real micro-batch; a
-    forward that builds its own causal mask lets the rejected side see the chosen one, far past rounding.
-    rtol: 2 bfloat16 units of roundoff (the GPU suite's bound on summed log-probs)."""
-    with torch.no_grad():
-        padded = models.completion_logps(model, batch, mode, chunk_size)
-        shared = shared_completion_logps(model, share_batch(batch, one_row=route == "flex"), mode, chunk_size, route)
-    diff = ((shared - padded).abs() / padded.abs().clamp_min(1.0)).max().item()
-    return diff <= rtol, diff
+    """Does this model's forward honour the shared layout's mask and positions by this route? (agrees, max
+    relative difference of log-probs from the padded path: models.agrees_with_padded). A forward that builds
+    its own causal mask lets the rejected side see the chosen one, far past rounding."""
+    def shared_logps():
+        return shared_completion_logps(model, share_batch(batch, one_row=route == "flex"), mode, chunk_size, route)
+    return models.agrees_with_padded(model, batch, shared_logps, mode, chunk_size, rtol)
