@@ -165,6 +165,18 @@ def _gguf_out(run: Run, out, suffix: str) -> Path:
     return out / f"{run.name}-{suffix}.gguf" if out.is_dir() else out
 
 
+def _convert(run: Run, model, tokenizer, name: str, dst: Path, quantization: str, then=None) -> None:
+    """`model` saved as a float32 HF folder `name` in a scratch folder beside `dst` (the converter takes the
+    model's name from it), converted to GGUF `quantization` at `dst`, and handed to `then(folder)` (another
+    converter that reads it) before the scratch folder goes."""
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".dpo-export-") as scratch:
+        folder = Path(scratch) / name
+        save_folder(model, tokenizer, folder, "float32", tokenizer_sources(run))
+        convert_folder(folder, dst, quantization, Path(scratch))
+        if then is not None:
+            then(folder)
+
+
 def export_gguf(run: Run, out, quantization: str = "f16", overwrite: bool = False, model=None, tokenizer=None):
     """Write the run as GGUF (and its Modelfile); returns (path, summary, float32 merged model, tokenizer)."""
     out = _gguf_out(run, out, quantization)
@@ -173,10 +185,7 @@ def export_gguf(run: Run, out, quantization: str = "f16", overwrite: bool = Fals
     model = merged_model(run) if model is None else model
     tokenizer = load_run_tokenizer(run) if tokenizer is None else tokenizer
     try:
-        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".dpo-export-") as scratch:
-            folder = Path(scratch) / "merged"
-            save_folder(model, tokenizer, folder, "float32", tokenizer_sources(run))
-            convert_folder(folder, tmp, quantization, Path(scratch))
+        _convert(run, model, tokenizer, "merged", tmp, quantization)
         move_into_place(tmp, out)
         summary = gguf_summary(out, quantization)
         summary["modelfile"] = _write_modelfile(out, tokenizer)
@@ -199,11 +208,8 @@ def export_gguf_lora(run: Run, out, quantization: str = "f16", overwrite: bool =
     base = base_model(run)
     tokenizer = load_run_tokenizer(run) if tokenizer is None else tokenizer
     try:
-        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".dpo-export-") as scratch:
-            folder = Path(scratch) / "base"
-            save_folder(base, tokenizer, folder, "float32", tokenizer_sources(run))
-            convert_folder(folder, base_tmp, quantization, Path(scratch))
-            _llama_cpp(llamacpp_convert.convert_lora, run.adapter_dir, folder, tmp, "f32")
+        _convert(run, base, tokenizer, "base", base_tmp, quantization,
+                 then=lambda folder: _llama_cpp(llamacpp_convert.convert_lora, run.adapter_dir, folder, tmp, "f32"))
         move_into_place(base_tmp, base_out)
         move_into_place(tmp, out)
         summary = gguf_summary(base_out, quantization)
