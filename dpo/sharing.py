@@ -95,20 +95,22 @@ def share_batch(batch: Batch, one_row: bool = False) -> SharedBatch:
     b = batch.num_pairs
     attention, completion, ids = (t.cpu() for t in (batch.attention_mask.bool(), batch.completion_mask.bool(),
                                                      batch.input_ids))
-    rows = []
+    rows, segments = [], []  # segments: [B] (prompt, chosen, rejected) tokens
     for i in range(b):
         prompt = ids[i][attention[i] & ~completion[i]]
         if not torch.equal(prompt, ids[b + i][attention[b + i] & ~completion[b + i]]):
             raise ValueError(f"pair {i}: its chosen and rejected rows differ in their prompt tokens")
         if prompt.numel() == 0:
             raise ValueError(f"pair {i}: no prompt token to score the first completion token from")
-        rows.append(_pair_row(prompt, *(ids[r][attention[r] & completion[r]] for r in (i, b + i))))
+        chosen, rejected = (ids[r][attention[r] & completion[r]] for r in (i, b + i))
+        rows.append(_pair_row(prompt, chosen, rejected))
+        segments.append((prompt.numel(), chosen.numel(), rejected.numel()))
     lengths = [t.numel() for t, _, _, _ in rows]
     width = sum(lengths) if one_row else max(lengths)
     shape = (1 if one_row else b, width)
     input_ids, position_ids = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
     part, pair = torch.full(shape, PAD, dtype=torch.long), torch.full(shape, PAD, dtype=torch.long)
-    predictor, target, sequence, segments = [], [], [], []
+    predictor, target, sequence = [], [], []
     start = 0
     for i, (tokens, positions, parts, scored) in enumerate(rows):
         row, begin = (0, start) if one_row else (i, 0)
@@ -119,7 +121,6 @@ def share_batch(batch: Batch, one_row: bool = False) -> SharedBatch:
             predictor.append(row * width + begin + columns)
             target.append(targets)
             sequence.append(torch.full((targets.numel(),), side * b + i))
-        segments.append(tuple(int((parts == k).sum()) for k in (PROMPT, CHOSEN, REJECTED)))
         start += tokens.numel()
     empty = torch.zeros(0, dtype=torch.long)
     shared = SharedBatch(input_ids, position_ids, part, pair, torch.cat(predictor) if predictor else empty,
