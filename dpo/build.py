@@ -242,6 +242,25 @@ def plan_run(cfg: TrainConfig, items: list, device: torch.device, reference_free
     return dataclasses.replace(cfg, **chosen.config_changes()), chosen
 
 
+def peak_after_layout(chosen, layout: str) -> float | None:
+    """The predicted peak (GiB) of the rows that run: the plan's, or, where the plan counted prefix-shared rows
+    and the first micro-batch's self-check left the run padded, that padded setting's. None: not planned.
+    Raises ConfigError where those padded rows do not fit the budget the plan kept to."""
+    if not isinstance(chosen, plan_mod.Plan):  # no plan, or the CPU plan (its peak counts the layout it was given)
+        return getattr(chosen, "peak_gib", None)
+    unshared = chosen.unshared() if layout != "shared" else None
+    if unshared is None:
+        return chosen.peak_gib
+    if unshared.peak_gib > chosen.limit_gib:
+        raise ConfigError(f"--memory-budget: the plan counted prefix-shared rows, which this model does not take "
+                          f"(see above); padded, micro-batch {unshared.choice.micro_batch} needs {unshared.peak_gib:.2f} "
+                          f"GiB, over the limit of {chosen.limit_gib:.2f} GiB. Run with --prefix-sharing off, so the "
+                          f"plan counts padded rows")
+    print(f"dpo: the plan's setting with padded rows instead of shared ones: {unshared.peak_gib:.2f} GiB predicted, "
+          f"within the limit of {chosen.limit_gib:.2f} GiB")
+    return unshared.peak_gib
+
+
 def plan_cpu_run(cfg: TrainConfig, shape, lengths):
     """(cfg with the CPU plan's checkpointing, the CpuPlan): the budget is --memory-budget, or with auto the
     machine's available memory (MemAvailable); the largest training forward is the worst micro-batch."""

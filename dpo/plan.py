@@ -305,6 +305,15 @@ class Plan:
     def peak_gib(self) -> float:
         return self.chosen.peak_gib
 
+    def unshared(self) -> Candidate | None:
+        """The chosen setting with padded rows instead of prefix-shared ones: what runs where sharing's
+        first-micro-batch self-check fails (Trainer.choose_layout). None where the choice does not share, or
+        the user fixed sharing on (a failed check is then refused, so nothing runs unshared)."""
+        if not self.choice.sharing:
+            return None
+        want = replace(self.choice, sharing="")
+        return next((k for k in self.considered if k.choice == want), None)
+
     def config_changes(self) -> dict:
         """TrainConfig field updates that run this plan (`packing` is the field the lead adds)."""
         c = self.choice

@@ -46,7 +46,7 @@ from dpo.run import diskspace
 from dpo.data import tasks
 from dpo.run import trackers
 from dpo.build import (PreparedData, build_model, check_before_loading, check_same_tokenization, cpu_threads,
-                       plan_run, planned_as_before, prepare_data, read_rows)
+                       peak_after_layout, plan_run, planned_as_before, prepare_data, read_rows)
 from dpo.run.checkpoint import Checkpoint, CheckpointError
 from dpo.run.state import restore_rng
 from dpo.run.card import write_run_card
@@ -200,7 +200,7 @@ def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None 
     with StopSignals() as signals:  # 4. the model, the loop and the saves
         saver = Checkpointer(cfg, run_config, signals, commands, enabled=dist.is_main, checkpoints=checked.checkpoints)
         session = _Session(cfg, cfg.loss_settings(), run_config, resumed, data, writer, saver, signals, commands, dist,
-                           checked.device, hooks)
+                           checked.device, hooks, chosen)
         try:
             result = session.train_and_save()
         except StopNow as e:  # a signal before the first step, or a second one: out at once
@@ -210,7 +210,7 @@ def run(cfg: TrainConfig, argv: list[str] | None = None, hooks: RunHooks | None 
             writer.close(session.files)  # the trackers get curves.png (if drawn) and end, however the run ended
             distributed.teardown(dist)
     result["seconds"] = time.time() - started
-    result["predicted_peak_gib"] = chosen.peak_gib if chosen is not None else None
+    result["predicted_peak_gib"] = session.predicted_peak_gib
     return finish(result, cfg, resumed, dist)
 
 
@@ -296,10 +296,11 @@ class _Session:
 
     def __init__(self, cfg: TrainConfig, loss: LossSettings, run_config: dict, resumed: Checkpoint | None,
                  data: PreparedData, writer: RunWriter, saver: Checkpointer, signals: StopSignals, commands: Commands,
-                 dist: distributed.DistInfo, device: torch.device, hooks: RunHooks):
+                 dist: distributed.DistInfo, device: torch.device, hooks: RunHooks, plan=None):
         self.cfg, self.loss, self.run_config, self.resumed, self.data = cfg, loss, run_config, resumed, data
         self.writer, self.saver, self.signals, self.commands = writer, saver, signals, commands
-        self.dist, self.device, self.hooks = dist, device, hooks
+        self.dist, self.device, self.hooks, self.plan = dist, device, hooks, plan
+        self.predicted_peak_gib = getattr(plan, "peak_gib", None)  # of the layout that runs (build_trainer)
         self.trainer: Trainer | None = None
         self.files: list[str] = []  # what the trackers also keep (curves.png)
 
@@ -352,6 +353,7 @@ class _Session:
             trainer.choose_layout()
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        self.predicted_peak_gib = peak_after_layout(self.plan, trainer.scorer.layout)
         if self.resumed is not None:
             trainer.load_state(self.resumed)
             if cfg.precompute_ref and self.loss.needs_reference:

@@ -249,6 +249,32 @@ def test_the_plan_shares_prefixes_where_the_route_can_and_says_why():
     assert unavailable.config_changes()["prefix_sharing"] == "off"
 
 
+
+def test_a_planned_run_whose_sharing_check_fails_runs_padded_only_where_padded_rows_fit(capsys):
+    """The plan counts shared rows; where the first micro-batch's self-check turns sharing off, the padded rows
+    of the same setting run instead: their predicted peak becomes the run's, and a budget they exceed is refused
+    (the plan's rows are not the rows that run) rather than left to run out of memory."""
+    from dpo.build import peak_after_layout
+    from dpo.config import ConfigError
+
+    lengths = [(300, 40, 30)] * 64
+    plan = P.plan(shape("llama3.2-1b-lora", load_in_4bit=False), lengths, 137, pairs_per_step=8, max_length=1024,
+                  sharing_available=True)
+    padded = plan.unshared()
+    assert plan.choice.sharing == "flex" and padded.choice == dataclasses.replace(plan.choice, sharing="")
+    assert padded.peak_gib > plan.peak_gib  # each prompt twice
+    assert peak_after_layout(plan, "shared") == plan.peak_gib
+    assert peak_after_layout(plan, "padded") == padded.peak_gib
+    assert "within the limit" in capsys.readouterr().out
+    tight = dataclasses.replace(plan, limit_gib=(plan.peak_gib + padded.peak_gib) / 2)
+    assert peak_after_layout(tight, "shared") == plan.peak_gib
+    with pytest.raises(ConfigError, match="--prefix-sharing off"):
+        peak_after_layout(tight, "padded")
+    unshared_plan = P.plan(shape("llama3.2-1b-lora", load_in_4bit=False), lengths, 137, pairs_per_step=8,
+                           max_length=1024)
+    assert unshared_plan.unshared() is None and peak_after_layout(unshared_plan, "padded") == unshared_plan.peak_gib
+    assert peak_after_layout(None, "padded") is None
+
 # --- the CPU plan (dpo.cpu_plan) -----------------------------------------------------------------
 
 from dpo import cpu_plan as C  # noqa: E402
