@@ -2,6 +2,7 @@
 
     python -m benchmarks.run --list-suites                  # the suites by name (benchmarks/suites.py)
     python -m benchmarks.run --suite gpu-8b-vs-peers        # one suite into its results file
+    python -m benchmarks.run --suite gpu-tests --budget-s 400   # within a shorter device call
     python -m benchmarks.run --shape llama3-8b-qlora --runs trl-unsloth:base:2x4 ours-cli:base:2x4 \
         --out benchmarks/results/gpu_runs.json [--merge] [--deadline-s 540]   # rows by hand
     python -m benchmarks.run --render benchmarks/results/gpu_h200_vs_peers.json --section gpu-h200-vs-peers \
@@ -14,6 +15,7 @@ Results are written after every run, so a call that runs out of time keeps what 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import importlib.util
 import os
@@ -430,6 +432,8 @@ def main() -> None:
     ap.add_argument("--list-suites", action="store_true", help="show each suite's question, rows and results file")
     ap.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"),
                     help="with --suite: where its results file goes")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="with --suite: its time budget in seconds instead of the declared one (a shorter device call)")
     ap.add_argument("--shape", choices=list(SHAPES))
     ap.add_argument("--runs", nargs="+", default=[])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_runs.json"))
@@ -454,7 +458,12 @@ def main() -> None:
         print("\n\n".join(s.describe() for s in SUITES.values()))
         return
     if args.suite:
-        run_suite(SUITES[args.suite], Path(args.results_dir), args.model_root)
+        suite = SUITES[args.suite]
+        if args.budget_s is not None:
+            if args.budget_s <= 0:
+                ap.error(f"--budget-s must be > 0 seconds, got {args.budget_s:g}")
+            suite = dataclasses.replace(suite, budget_s=args.budget_s)
+        run_suite(suite, Path(args.results_dir), args.model_root)
         return
     if args.render:
         try:

@@ -359,6 +359,19 @@ def test_a_suite_scales_its_timeouts_to_the_card_and_sets_a_budget_at_the_peak_i
     assert all(r["batch"] == results["batch"] and r["device"] == "NVIDIA H100 80GB HBM3" for r in results["runs"])
 
 
+def test_a_suite_runs_within_a_budget_given_on_the_command_line(tmp_path, monkeypatch):
+    """--budget-s replaces the suite's declared budget (a shorter device call): rows past it are not started,
+    and a budget of zero or less is refused in one line."""
+    seen = []
+    monkeypatch.setattr(run, "run_suite", lambda suite, results_dir, model_root: seen.append(suite))
+    monkeypatch.setattr(sys, "argv", ["run", "--suite", "gpu-8b-vs-peers", "--budget-s", "300"])
+    run.main()
+    assert seen[0].budget_s == 300 and seen[0].rows == run.SUITES["gpu-8b-vs-peers"].rows
+    monkeypatch.setattr(sys, "argv", ["run", "--suite", "gpu-tests", "--budget-s", "0"])
+    with pytest.raises(SystemExit) as refused:
+        run.main()
+    assert refused.value.code == 2 and len(seen) == 1
+
 def test_our_row_is_written_at_its_last_step_before_the_run_returns(tmp_path, monkeypatch):
     """A run that hangs after its last step (saving the adapter, closing, exiting) still leaves its numbers."""
     import dpo.train
