@@ -6,6 +6,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
+from dpo.export import gguf_layout
 from dpo.export import gguf_weights
 from dpo.export import llamacpp
 from dpo.export import llamacpp_convert
@@ -99,10 +102,9 @@ def match_transformers_vocab(path: Path, tokenizer_json: Path) -> bool:
     # SentencePiece BPE falls back to bytes in transformers; byte-level BPE (llama.cpp's "gpt2") never does
     if model.get("type") != "BPE" or not model.get("byte_fallback") or not merges or not isinstance(vocab, dict):
         return False
-    reader = gguf.GGUFReader(path, "r+")
-    fields = reader.fields
-    kind = fields.get("tokenizer.ggml.model")
-    if (kind is None or kind.contents() != "llama" or "tokenizer.ggml.scores" not in fields
+    layout = gguf_layout.read_layout(path)
+    fields = layout.fields
+    if (fields.get("tokenizer.ggml.model") != "llama" or "tokenizer.ggml.scores" not in fields
             or "tokenizer.ggml.token_type" not in fields):
         return False
     rank: dict[int, int] = {}
@@ -111,30 +113,34 @@ def match_transformers_vocab(path: Path, tokenizer_json: Path) -> bool:
         token_id = vocab.get(left + right)
         if token_id is not None:
             rank.setdefault(token_id, i)
-    scores, types = fields["tokenizer.ggml.scores"], fields["tokenizer.ggml.token_type"]
-    for token_id, part in enumerate(scores.data):
-        scores.parts[part][0] = -float(rank[token_id]) if token_id in rank else -float(len(merges))
+    scores, types = layout.array("tokenizer.ggml.scores", "r+"), layout.array("tokenizer.ggml.token_type", "r+")
+    scores[:] = -float(len(merges))
+    made = np.fromiter(rank, dtype=np.int64, count=len(rank))
+    made = made[made < len(scores)]
+    scores[made] = -np.array([rank[int(i)] for i in made], dtype=np.float32)
     for added in tok.get("added_tokens") or []:
         i = added["id"]
-        if (not added.get("special") and "\u2581" not in added["content"] and i < len(types.data)
-                and types.parts[types.data[i]][0] == gguf.TokenType.NORMAL):
-            types.parts[types.data[i]][0] = gguf.TokenType.USER_DEFINED
-    reader.data.flush()
+        if (not added.get("special") and "\u2581" not in added["content"] and i < len(types)
+                and types[i] == gguf.TokenType.NORMAL):
+            types[i] = gguf.TokenType.USER_DEFINED
+    scores.flush()
+    types.flush()
     return True
 
 
 def gguf_summary(path: Path, quantization: str) -> dict:
     """What the converter wrote: architecture, llama.cpp's pre-tokenizer name, tensor types, notes."""
-    reader = gguf_weights.open_reader(path)
-    fields = reader.fields
+    import gguf
+
+    layout = gguf_layout.read_layout(path)
+    fields = layout.fields
     types: dict[str, int] = {}
-    for t in reader.tensors:
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-    pre = fields.get("tokenizer.ggml.pre")
+    for t in layout.tensors:
+        name = gguf.GGMLQuantizationType(t.ggml_type).name
+        types[name] = types.get(name, 0) + 1
     note = _k_quant_note(quantization, types) if quantization in K_QUANTS else None
-    return {"architecture": fields["general.architecture"].contents(), "pre": pre.contents() if pre else None,
-            "tokenizer": fields["tokenizer.ggml.model"].contents(), "tensor_types": types,
-            "notes": [note] if note else []}
+    return {"architecture": fields["general.architecture"], "pre": fields.get("tokenizer.ggml.pre"),
+            "tokenizer": fields["tokenizer.ggml.model"], "tensor_types": types, "notes": [note] if note else []}
 
 
 def _k_quant_note(quantization: str, types: dict[str, int]) -> str | None:

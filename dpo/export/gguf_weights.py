@@ -16,8 +16,9 @@ and skipped, as are tensors whose names or sizes do not map.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
+
+from dpo.export import gguf_layout
 
 Z_DECIDES = 5.0  # |z| above this decides; below, the weights cannot tell (and the check does not fail)
 ALIGNED = 0.5  # a tensor is compared only if the file is within this relative distance of the merged or base one
@@ -82,44 +83,29 @@ def changed_tensors(merged, base) -> dict[str, tuple]:
     return out
 
 
-def open_reader(path):
-    """A `gguf.GGUFReader` of the file, parsed once per path, size and time (parsing walks the vocabulary
-    item by item: seconds for 49k tokens) and kept for the next question about the same file."""
-    import os
-
-    st = os.stat(path)
-    return _reader(os.path.realpath(path), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=2)
-def _reader(path: str, size: int, mtime_ns: int):
-    import gguf
-
-    return gguf.GGUFReader(path)
-
-
 def file_triples(path, changed: dict[str, tuple]):
     """(file, merged, base) arrays for each changed tensor the GGUF file holds under llama.cpp's name for it."""
     import gguf
     import numpy as np
 
-    reader = open_reader(path)
-    arch = reader.fields["general.architecture"].contents()
+    layout = gguf_layout.read_layout(path)
+    arch = layout.fields["general.architecture"]
     arch_enum = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}.get(arch)
-    blocks = reader.fields.get(f"{arch}.block_count")
+    blocks = layout.fields.get(f"{arch}.block_count")
     if arch_enum is None or blocks is None:
         return  # a family this gguf package does not know: nothing compared
-    names = gguf.get_tensor_name_map(arch_enum, int(blocks.contents()))
+    names = gguf.get_tensor_name_map(arch_enum, int(blocks))
     wanted = {}
     for hf_name, pair in changed.items():
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is not None:
             wanted[gguf_name] = pair
-    for t in reader.tensors:
+    for t in layout.tensors:
         pair = wanted.get(t.name)
         if pair is None:
             continue
-        g = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        kind = gguf.GGMLQuantizationType(t.ggml_type)
+        g = np.asarray(gguf.quants.dequantize(gguf_layout.tensor_data(layout, t), kind), dtype=np.float32)
         if g.size == pair[0].size:
             yield g.reshape(pair[0].shape), pair[0], pair[1]
 
