@@ -115,9 +115,10 @@ def match_transformers_vocab(path: Path, tokenizer_json: Path) -> bool:
             rank.setdefault(token_id, i)
     scores, types = layout.array("tokenizer.ggml.scores", "r+"), layout.array("tokenizer.ggml.token_type", "r+")
     scores[:] = -float(len(merges))
-    made = np.fromiter(rank, dtype=np.int64, count=len(rank))
-    made = made[made < len(scores)]
-    scores[made] = -np.array([rank[int(i)] for i in made], dtype=np.float32)
+    ids = np.fromiter(rank.keys(), dtype=np.int64, count=len(rank))
+    first = np.fromiter(rank.values(), dtype=np.float32, count=len(rank))
+    inside = ids < len(scores)
+    scores[ids[inside]] = -first[inside]
     for added in tok.get("added_tokens") or []:
         i = added["id"]
         if (not added.get("special") and "\u2581" not in added["content"] and i < len(types)
