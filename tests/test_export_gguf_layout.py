@@ -109,6 +109,10 @@ def test_a_file_that_is_not_gguf_or_is_cut_short_is_refused_in_one_line(tmp_path
     other.write_bytes(b"PK\x03\x04" + b"\0" * 64)
     with pytest.raises(gguf_layout.GGUFLayoutError, match="not a GGUF file"):
         gguf_layout.read_layout(other)
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    with pytest.raises(gguf_layout.GGUFLayoutError, match="not a GGUF file"):
+        gguf_layout.read_layout(empty)
     whole = write_file(tmp_path / "m.gguf", ["a", "b"], [0.0, -1.0]).read_bytes()
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(whole[:60])

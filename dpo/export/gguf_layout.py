@@ -111,6 +111,8 @@ class _Cursor:
 def read_layout(path) -> GGUFLayout:
     """The metadata and tensor table of the GGUF file at `path` (version 2 or 3)."""
     path = Path(path)
+    if path.stat().st_size < 24:  # magic, version and the two counts; mmap refuses an empty file
+        raise GGUFLayoutError(f"{path}: not a GGUF file (shorter than a GGUF header)")
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         c = _Cursor(memoryview(buf))
         try:
