@@ -300,7 +300,7 @@ class _Session:
         self.cfg, self.loss, self.run_config, self.resumed, self.data = cfg, loss, run_config, resumed, data
         self.writer, self.saver, self.signals, self.commands = writer, saver, signals, commands
         self.dist, self.device, self.hooks, self.plan = dist, device, hooks, plan
-        self.predicted_peak_gib = getattr(plan, "peak_gib", None)  # of the layout that runs (build_trainer)
+        self.predicted_peak_gib: float | None = None  # of the layout that runs: set once build_trainer chose it
         self.trainer: Trainer | None = None
         self.files: list[str] = []  # what the trackers also keep (curves.png)
 
